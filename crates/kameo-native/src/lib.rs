@@ -1,0 +1,51 @@
+//! `kameo._native`: the Rust core of kameo, exposed to Python.
+//!
+//! * [`codec`]: serde_py, Python values to and from the wire encoding.
+//! * [`core`]: the parent's pool core (connections, reply slots, request queue).
+//! * [`channel`]: the worker's end of the connection.
+//! * [`spawn`]: starting worker processes.
+
+mod channel;
+mod codec;
+mod core;
+mod errors;
+mod spawn;
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+/// Encode a Python value with kameo's codec (inline; no shared memory).
+#[pyfunction]
+fn encode<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    let buf =
+        codec::encode_to_vec(obj).map_err(|e| errors::serialization(py, e.describe("value")))?;
+    Ok(PyBytes::new(py, &buf))
+}
+
+/// Decode bytes produced by [`encode`].
+#[pyfunction]
+fn decode<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    codec::decode(py, data).map_err(|e| errors::serialization(py, format!("cannot decode: {e}")))
+}
+
+#[pymodule]
+mod _native {
+    #[pymodule_export]
+    use super::channel::Channel;
+    #[pymodule_export]
+    use super::core::PoolCore;
+    #[pymodule_export]
+    use super::decode;
+    #[pymodule_export]
+    use super::encode;
+    #[pymodule_export]
+    use super::spawn::{die_with_parent, spawn_worker};
+
+    #[pymodule_init]
+    fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+        use pyo3::types::PyModuleMethods;
+        m.add("PROTOCOL_VERSION", kameo_proto::PROTOCOL_VERSION)?;
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        Ok(())
+    }
+}

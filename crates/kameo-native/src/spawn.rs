@@ -1,0 +1,111 @@
+//! Starting worker processes: socketpair, stderr pipe, fork + immediate exec.
+//!
+//! The child end of the socketpair is the only descriptor the worker inherits (its number is
+//! in `KAMEO_FD`). Between fork and exec the child only makes async-signal-safe calls:
+//! it joins a new process group (so the pool can signal the worker and anything it starts),
+//! asks the kernel for SIGKILL when the parent thread dies, and checks that the parent did not
+//! die already.
+
+use pyo3::exceptions::PyOSError;
+use pyo3::prelude::*;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+/// A started worker: its pid, the parent's socket end and the read end of its stderr pipe.
+/// The caller owns both descriptors.
+#[pyfunction]
+#[pyo3(signature = (argv, env, cwd=None))]
+pub fn spawn_worker(
+    py: Python<'_>,
+    argv: Vec<String>,
+    mut env: Vec<(String, String)>,
+    cwd: Option<String>,
+) -> PyResult<(u32, i32, i32)> {
+    if argv.is_empty() {
+        return Err(PyOSError::new_err("empty argv"));
+    }
+    let (parent_end, child_end) = UnixStream::pair()?; // both close-on-exec
+    let child_fd = child_end.as_raw_fd();
+    env.push(("KAMEO_FD".into(), child_fd.to_string()));
+    let parent_pid = std::process::id() as libc::pid_t;
+
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped());
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions (fcntl, setpgid, prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(child_fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::setpgid(0, 0);
+            #[cfg(target_os = "linux")]
+            {
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                if libc::getppid() != parent_pid {
+                    libc::_exit(1);
+                }
+            }
+            Ok(())
+        });
+    }
+    let _ = parent_pid;
+    let mut child = py.detach(|| cmd.spawn()).map_err(|e| {
+        PyOSError::new_err(format!("cannot start worker process {:?}: {e}", argv[0]))
+    })?;
+    drop(child_end);
+    let stderr: OwnedFd = child.stderr.take().expect("stderr is piped").into();
+    let pid = child.id();
+    // The pool reaps the child itself (waitpid on its pidfd); dropping `Child` neither kills
+    // nor waits.
+    drop(child);
+    parent_end.set_nonblocking(true)?;
+    set_nonblocking(stderr.as_raw_fd())?;
+    Ok((pid, parent_end.into_raw_fd(), stderr.into_raw_fd()))
+}
+
+fn set_nonblocking(fd: i32) -> std::io::Result<()> {
+    // SAFETY: fd is a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags == -1 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == -1 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Make this process (a worker) exit when its parent dies, and check it has not already.
+/// Called by the worker at start-up as well, for interpreters started by wrappers.
+#[pyfunction]
+pub fn die_with_parent(expected_parent: u32) -> bool {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+    }
+    // SAFETY: plain syscall.
+    (unsafe { libc::getppid() }) as u32 == expected_parent
+}

@@ -1,0 +1,529 @@
+//! Frames and envelopes.
+//!
+//! ```text
+//! frame    = len:u32le  envelope            (len = size of envelope in bytes)
+//! envelope = kind:u8  flags:u8  id:u64le  [trace_len:u8 trace:trace_len bytes]  body
+//! ```
+//! `trace` is present when `flags & FLAG_TRACE` is set (a W3C `traceparent` string).
+
+use std::fmt;
+use std::io::{self, Read};
+
+/// Bytes before the envelope: the little-endian `u32` length.
+pub const LEN_PREFIX: usize = 4;
+/// Fixed envelope header: kind, flags, correlation id.
+pub const ENVELOPE_HEADER: usize = 1 + 1 + 8;
+/// Smallest possible frame on the wire.
+pub const MIN_FRAME: usize = LEN_PREFIX + ENVELOPE_HEADER;
+/// Flag bit: a trace context follows the header.
+pub const FLAG_TRACE: u8 = 0x01;
+/// Longest accepted trace context.
+pub const MAX_TRACE_LEN: usize = 255;
+
+/// Frame kinds. Numbers are part of the protocol and never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    /// worker → parent: first frame, see [`crate::handshake::Hello`].
+    Hello = 1,
+    /// parent → worker: handshake accepted; body = encoded config dict.
+    Welcome = 2,
+    /// parent → worker: handshake refused; body = UTF-8 reason.
+    Reject = 3,
+    /// worker → parent: target imported, ready for requests; body = encoded info dict.
+    Ready = 4,
+    /// worker → parent: the target could not be loaded; body = encoded error dict.
+    StartupFailed = 5,
+    /// parent → worker: run the handler on the body (an encoded value).
+    Request = 16,
+    /// worker → parent: the request with this id has started running (empty body).
+    Started = 17,
+    /// worker → parent: the handler returned; body = encoded value.
+    Reply = 18,
+    /// worker → parent: the request failed; body = encoded error dict.
+    Error = 19,
+    /// parent → worker: cancel the request with this id (empty body).
+    Cancel = 20,
+    /// parent → worker: finish in-flight work, then exit (empty body).
+    Shutdown = 32,
+}
+
+impl Kind {
+    /// Decode a kind byte; `None` for a kind this version does not know.
+    pub fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Hello,
+            2 => Kind::Welcome,
+            3 => Kind::Reject,
+            4 => Kind::Ready,
+            5 => Kind::StartupFailed,
+            16 => Kind::Request,
+            17 => Kind::Started,
+            18 => Kind::Reply,
+            19 => Kind::Error,
+            20 => Kind::Cancel,
+            32 => Kind::Shutdown,
+            _ => return None,
+        })
+    }
+
+    /// Lower-case name used in logs and error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Hello => "hello",
+            Kind::Welcome => "welcome",
+            Kind::Reject => "reject",
+            Kind::Ready => "ready",
+            Kind::StartupFailed => "startup_failed",
+            Kind::Request => "request",
+            Kind::Started => "started",
+            Kind::Reply => "reply",
+            Kind::Error => "error",
+            Kind::Cancel => "cancel",
+            Kind::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Append one frame to `out`. Returns the size of the whole frame in bytes.
+///
+/// Panics only if the frame is larger than `u32::MAX` (callers check `max_frame_bytes`
+/// first) or the trace context is longer than [`MAX_TRACE_LEN`].
+pub fn write_frame(
+    out: &mut Vec<u8>,
+    kind: u8,
+    id: u64,
+    trace: Option<&[u8]>,
+    body: &[u8],
+) -> usize {
+    let start = begin_frame(out, kind, id, trace);
+    out.extend_from_slice(body);
+    finish_frame(out, start).expect("frame larger than 4 GiB")
+}
+
+/// Start a frame whose body the caller appends directly to `out` (no intermediate copy).
+/// Returns the offset to pass to [`finish_frame`].
+pub fn begin_frame(out: &mut Vec<u8>, kind: u8, id: u64, trace: Option<&[u8]>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0, 0, 0, kind]);
+    match trace {
+        Some(t) => {
+            assert!(
+                t.len() <= MAX_TRACE_LEN,
+                "trace context longer than 255 bytes"
+            );
+            out.push(FLAG_TRACE);
+            out.extend_from_slice(&id.to_le_bytes());
+            out.push(t.len() as u8);
+            out.extend_from_slice(t);
+        }
+        None => {
+            out.push(0);
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+    }
+    start
+}
+
+/// Patch the length prefix of the frame started at `start`. Returns the frame's total size,
+/// or `None` if it does not fit the `u32` length (the caller must truncate `out` to `start`).
+pub fn finish_frame(out: &mut [u8], start: usize) -> Option<usize> {
+    let total = out.len() - start;
+    let len = u32::try_from(total - LEN_PREFIX).ok()?;
+    out[start..start + LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
+    Some(total)
+}
+
+/// A decoded envelope borrowing its body from the reader's buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    /// Raw kind byte (unknown kinds are delivered so the receiver can answer them).
+    pub kind: u8,
+    pub flags: u8,
+    pub id: u64,
+    pub trace: Option<&'a [u8]>,
+    pub body: &'a [u8],
+}
+
+impl Envelope<'_> {
+    pub fn kind(&self) -> Option<Kind> {
+        Kind::from_u8(self.kind)
+    }
+}
+
+/// Something the reader found in the stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A complete frame.
+    Frame(Envelope<'a>),
+    /// A frame over the size limit. Its body is being discarded as it arrives, without
+    /// buffering it, so the stream stays in sync and other requests are unaffected.
+    Oversize {
+        kind: u8,
+        id: u64,
+        size: usize,
+        limit: usize,
+    },
+}
+
+/// A stream that cannot be decoded any further: the connection must be dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// The length prefix is shorter than an envelope header.
+    TooShort { len: usize },
+    /// Flags name a trace context longer than the frame.
+    BadTrace { id: u64 },
+    /// Unknown flag bits.
+    BadFlags { flags: u8 },
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::TooShort { len } => {
+                write!(f, "malformed frame: length {len} is shorter than the {ENVELOPE_HEADER}-byte envelope header")
+            }
+            FrameError::BadTrace { id } => {
+                write!(f, "malformed frame {id}: trace context overruns the frame")
+            }
+            FrameError::BadFlags { flags } => {
+                write!(f, "malformed frame: unknown flag bits {flags:#04x}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// Initial buffer size and minimum free space offered to each `read`.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Incremental frame reader.
+///
+/// Bytes are appended by [`FrameReader::read_from`] (one `read` call) or [`FrameReader::feed`];
+/// [`FrameReader::next_event`] yields only complete frames, so a read interrupted at any point
+/// loses nothing: partial frames stay buffered until the rest arrives.
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Remaining bytes of an oversize frame to discard.
+    skip: usize,
+    max_frame: usize,
+}
+
+impl FrameReader {
+    /// `max_frame` limits the envelope size (the length prefix value) accepted.
+    pub fn new(max_frame: usize) -> Self {
+        FrameReader {
+            buf: vec![0; READ_CHUNK],
+            start: 0,
+            end: 0,
+            skip: 0,
+            max_frame,
+        }
+    }
+
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// Change the size limit for frames not yet started.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
+    /// Bytes buffered but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Make room for at least `want` more bytes after `end`.
+    fn reserve(&mut self, want: usize) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.buf.len() - self.end >= want {
+            return;
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() - self.end < want {
+            self.buf.resize(self.end + want, 0);
+        }
+    }
+
+    /// How many bytes the next read should ask for: the rest of the current frame if known and
+    /// large, else a chunk.
+    fn wanted(&self) -> usize {
+        let have = self.end - self.start;
+        if self.skip == 0 && have >= LEN_PREFIX {
+            let len = frame_len(&self.buf[self.start..]) as usize;
+            if len <= self.max_frame {
+                let need = (LEN_PREFIX + len).saturating_sub(have);
+                return need.max(READ_CHUNK);
+            }
+        }
+        READ_CHUNK
+    }
+
+    /// One `read` call into the buffer. Returns the byte count (0 = end of stream).
+    /// `WouldBlock` and `Interrupted` are returned to the caller unchanged.
+    pub fn read_from<R: Read>(&mut self, r: &mut R) -> io::Result<usize> {
+        let want = self.wanted();
+        self.reserve(want);
+        let n = r.read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Append bytes received by other means.
+    pub fn feed(&mut self, data: &[u8]) {
+        self.reserve(data.len());
+        self.buf[self.end..self.end + data.len()].copy_from_slice(data);
+        self.end += data.len();
+    }
+
+    /// The next complete event, or `None` when more bytes are needed.
+    pub fn next_event(&mut self) -> Result<Option<Event<'_>>, FrameError> {
+        if self.skip > 0 {
+            let n = self.skip.min(self.end - self.start);
+            self.start += n;
+            self.skip -= n;
+            if self.skip > 0 {
+                return Ok(None);
+            }
+        }
+        let avail = self.end - self.start;
+        if avail < LEN_PREFIX {
+            return Ok(None);
+        }
+        let b = &self.buf[self.start..self.end];
+        let len = frame_len(b) as usize;
+        if len < ENVELOPE_HEADER {
+            return Err(FrameError::TooShort { len });
+        }
+        if len > self.max_frame {
+            if avail < MIN_FRAME {
+                return Ok(None);
+            }
+            let kind = b[4];
+            let id = u64::from_le_bytes(b[6..14].try_into().expect("8 bytes"));
+            let total = LEN_PREFIX + len;
+            let here = total.min(avail);
+            self.start += here;
+            self.skip = total - here;
+            return Ok(Some(Event::Oversize {
+                kind,
+                id,
+                size: len,
+                limit: self.max_frame,
+            }));
+        }
+        if avail < LEN_PREFIX + len {
+            return Ok(None);
+        }
+        let frame_start = self.start;
+        self.start += LEN_PREFIX + len;
+        let env =
+            parse_envelope(&self.buf[frame_start + LEN_PREFIX..frame_start + LEN_PREFIX + len])?;
+        Ok(Some(Event::Frame(env)))
+    }
+}
+
+fn frame_len(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
+}
+
+/// Parse one envelope (the bytes after the length prefix).
+pub fn parse_envelope(e: &[u8]) -> Result<Envelope<'_>, FrameError> {
+    if e.len() < ENVELOPE_HEADER {
+        return Err(FrameError::TooShort { len: e.len() });
+    }
+    let kind = e[0];
+    let flags = e[1];
+    let id = u64::from_le_bytes(e[2..10].try_into().expect("8 bytes"));
+    if flags & !FLAG_TRACE != 0 {
+        return Err(FrameError::BadFlags { flags });
+    }
+    let mut pos = ENVELOPE_HEADER;
+    let trace = if flags & FLAG_TRACE != 0 {
+        let tl = *e.get(pos).ok_or(FrameError::BadTrace { id })? as usize;
+        pos += 1;
+        let t = e.get(pos..pos + tl).ok_or(FrameError::BadTrace { id })?;
+        pos += tl;
+        Some(t)
+    } else {
+        None
+    };
+    Ok(Envelope {
+        kind,
+        flags,
+        id,
+        trace,
+        body: &e[pos..],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Owned = (u8, u64, Option<Vec<u8>>, Vec<u8>);
+
+    fn frames(r: &mut FrameReader) -> Vec<Owned> {
+        let mut out = Vec::new();
+        while let Some(ev) = r.next_event().unwrap() {
+            match ev {
+                Event::Frame(e) => {
+                    out.push((e.kind, e.id, e.trace.map(|t| t.to_vec()), e.body.to_vec()))
+                }
+                Event::Oversize { .. } => panic!("unexpected oversize"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn round_trip_with_and_without_trace() {
+        let mut w = Vec::new();
+        write_frame(&mut w, Kind::Request as u8, 7, None, b"hello");
+        write_frame(
+            &mut w,
+            Kind::Reply as u8,
+            u64::MAX,
+            Some(b"00-abc-def-01"),
+            b"",
+        );
+        let mut r = FrameReader::new(1024);
+        r.feed(&w);
+        let got = frames(&mut r);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], (16, 7, None, b"hello".to_vec()));
+        assert_eq!(
+            got[1],
+            (18, u64::MAX, Some(b"00-abc-def-01".to_vec()), vec![])
+        );
+        assert_eq!(r.buffered(), 0);
+    }
+
+    #[test]
+    fn byte_at_a_time_delivery_loses_nothing() {
+        let mut w = Vec::new();
+        for i in 0..50u64 {
+            write_frame(
+                &mut w,
+                Kind::Reply as u8,
+                i,
+                None,
+                &vec![i as u8; i as usize * 3],
+            );
+        }
+        let mut r = FrameReader::new(1 << 20);
+        let mut got = Vec::new();
+        for b in &w {
+            r.feed(std::slice::from_ref(b));
+            got.extend(frames(&mut r));
+        }
+        assert_eq!(got.len(), 50);
+        for (i, f) in got.iter().enumerate() {
+            assert_eq!(f.1, i as u64);
+            assert_eq!(f.3, vec![i as u8; i * 3]);
+        }
+    }
+
+    #[test]
+    fn oversize_frame_is_skipped_without_buffering_and_stream_stays_in_sync() {
+        let mut w = Vec::new();
+        write_frame(&mut w, Kind::Reply as u8, 1, None, b"small");
+        write_frame(&mut w, Kind::Reply as u8, 2, None, &vec![9u8; 10_000]);
+        write_frame(&mut w, Kind::Reply as u8, 3, None, b"after");
+        let mut r = FrameReader::new(100);
+        let mut seen = Vec::new();
+        for chunk in w.chunks(333) {
+            r.feed(chunk);
+            while let Some(ev) = r.next_event().unwrap() {
+                match ev {
+                    Event::Frame(e) => seen.push(format!("frame {} {}", e.id, e.body.len())),
+                    Event::Oversize {
+                        id, size, limit, ..
+                    } => seen.push(format!("oversize {id} {size} {limit}")),
+                }
+            }
+            assert!(
+                r.buf.len() <= READ_CHUNK + 333,
+                "oversize body must not be buffered"
+            );
+        }
+        assert_eq!(seen, vec!["frame 1 5", "oversize 2 10010 100", "frame 3 5"]);
+    }
+
+    #[test]
+    fn malformed_frames_are_errors_not_panics() {
+        let mut r = FrameReader::new(100);
+        r.feed(&3u32.to_le_bytes());
+        r.feed(&[1, 2, 3]);
+        assert_eq!(r.next_event(), Err(FrameError::TooShort { len: 3 }));
+
+        let mut w = Vec::new();
+        write_frame(&mut w, 16, 5, None, b"");
+        w[5] = 0x80;
+        let mut r = FrameReader::new(100);
+        r.feed(&w);
+        assert_eq!(r.next_event(), Err(FrameError::BadFlags { flags: 0x80 }));
+
+        let mut w = Vec::new();
+        write_frame(&mut w, 16, 5, Some(b"abc"), b"");
+        w[14] = 200; // trace length past the end
+        let mut r = FrameReader::new(100);
+        r.feed(&w);
+        assert_eq!(r.next_event(), Err(FrameError::BadTrace { id: 5 }));
+    }
+
+    #[test]
+    fn unknown_kinds_are_delivered() {
+        let mut w = Vec::new();
+        write_frame(&mut w, 250, 9, None, b"x");
+        let mut r = FrameReader::new(100);
+        r.feed(&w);
+        match r.next_event().unwrap() {
+            Some(Event::Frame(e)) => {
+                assert_eq!(e.kind, 250);
+                assert_eq!(e.kind(), None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_from_reads_whole_large_frame() {
+        let mut w = Vec::new();
+        write_frame(&mut w, 18, 1, None, &vec![1u8; 300_000]);
+        let mut src = &w[..];
+        let mut r = FrameReader::new(1 << 20);
+        let mut n = 0;
+        loop {
+            let k = r.read_from(&mut src).unwrap();
+            if k == 0 {
+                break;
+            }
+            n += 1;
+        }
+        assert!(n <= 3, "large frame read in few calls, got {n}");
+        assert_eq!(frames(&mut r)[0].3.len(), 300_000);
+    }
+
+    #[test]
+    fn kinds_round_trip() {
+        for b in 0..=255u8 {
+            if let Some(k) = Kind::from_u8(b) {
+                assert_eq!(k as u8, b);
+                assert!(!k.name().is_empty());
+            }
+        }
+    }
+}
