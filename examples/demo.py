@@ -1,0 +1,52 @@
+"""kameo tour: start a pool, ask, fan out, handle a remote error. Run with `make demo`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workers inherit sys.path
+
+import kameo  # noqa: E402
+
+
+async def main() -> None:
+    t0 = time.perf_counter()
+    async with kameo.Pool("pricing:quote", size=2) as pool:
+        print(f"pool of {pool.size} workers ready in {(time.perf_counter() - t0) * 1000:.0f} ms")
+        for w in pool.workers:
+            print(f"  worker {w.id}: pid {w.pid}, {w.state}")
+
+        order = {"symbol": "AAPL", "spot": 187.25, "strike": 190.0, "years": 0.5, "vol": 0.3}
+        print("one ask:", await pool.ask(order, timeout=5.0))
+
+        t = time.perf_counter()
+        orders = [{**order, "strike": 150.0 + i % 80} for i in range(10_000)]
+        replies = await asyncio.gather(*(pool.ask(o) for o in orders))
+        dt = time.perf_counter() - t
+        pids = {r["worker_pid"] for r in replies}
+        print(f"10,000 asks in {dt * 1000:.0f} ms ({len(orders) / dt:,.0f}/s) across {len(pids)} workers")
+        print("completed per worker:", {w.id: w.completed for w in pool.workers})
+
+    async with kameo.Pool("pricing:enrich", size=1, max_concurrency=20) as pool:
+        t = time.perf_counter()
+        out = await asyncio.gather(*(pool.ask({"id": i}) for i in range(20)))
+        print(
+            f"20 async asks of 50 ms each on one worker: {(time.perf_counter() - t) * 1000:.0f} ms,"
+            f" all enriched: {all(o['enriched'] for o in out)}"
+        )
+
+    async with kameo.Pool("pricing:reject", size=1) as pool:
+        try:
+            await pool.ask({"symbol": "TSLA", "qty": 10**9})
+        except ValueError as exc:  # a remote ValueError is still a ValueError
+            assert isinstance(exc, kameo.RemoteError)
+            print(f"remote error caught: {exc.remote_type}: {exc.remote_message}")
+            print("  from worker", exc.worker_id, "pid", exc.pid)
+    print("all pools closed; no worker left running")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
