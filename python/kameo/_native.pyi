@@ -4,6 +4,17 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, ClassVar, final
 
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Channel",
+    "PoolCore",
+    "__version__",
+    "decode",
+    "die_with_parent",
+    "encode",
+    "spawn_worker",
+]
+
 PROTOCOL_VERSION: int
 __version__: str
 
@@ -14,6 +25,7 @@ def spawn_worker(
 ) -> tuple[int, int, int]: ...
 def die_with_parent(expected_parent: int) -> bool: ...
 
+@final
 class PoolCore:
     def __new__(
         cls,
