@@ -1,0 +1,150 @@
+"""Shared helpers for the kameo test suite.
+
+Everything here inspects real processes through /proc; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def pid_exists(pid: int) -> bool:
+    """True if /proc/<pid> exists (a zombie still exists)."""
+    return os.path.exists(f"/proc/{pid}")
+
+
+def pid_state(pid: int) -> str | None:
+    """The one-letter state from /proc/<pid>/status, or None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("State:"):
+                    return line.split()[1]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True if the process exists and is not a zombie."""
+    state = pid_state(pid)
+    return state is not None and state not in ("Z", "X")
+
+
+def pid_gone_or_zombie(pid: int) -> bool:
+    return not pid_alive(pid)
+
+
+def socket_fd_count() -> int:
+    """Number of open socket file descriptors in this process."""
+    count = 0
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{entry}").startswith("socket:"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+def fd_count() -> int:
+    n = 0
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            os.readlink(f"/proc/self/fd/{entry}")
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def child_pids() -> set[int]:
+    """Direct children (live or zombie) of this process, across all its threads."""
+    pids: set[int] = set()
+    for path in glob.glob("/proc/self/task/*/children"):
+        try:
+            with open(path) as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    return pids
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Blocking poll; returns the final value of predicate()."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+async def async_wait_until(
+    predicate: Callable[[], bool], timeout: float, interval: float = 0.02
+) -> bool:
+    """Asyncio poll (lets the pool keep running); returns the final value of predicate()."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return predicate()
+
+
+async def timed(awaitable: Awaitable[Any]) -> tuple[Any, float]:
+    start = time.monotonic()
+    result = await awaitable
+    return result, time.monotonic() - start
+
+
+def assert_identical(got: Any, expected: Any, path: str = "") -> None:
+    """Recursive equality that also requires identical types at every level.
+
+    Floats compare bit-for-bit in the ways that matter: NaN matches NaN and the
+    sign of zero must be preserved. Dict key order must also be preserved.
+    """
+    where = path or "<root>"
+    assert type(got) is type(expected), (
+        f"type mismatch at {where}: got {type(got).__name__} {got!r}, "
+        f"expected {type(expected).__name__} {expected!r}"
+    )
+    if isinstance(expected, float):
+        if math.isnan(expected):
+            assert math.isnan(got), f"at {where}: expected nan, got {got!r}"
+        else:
+            assert got == expected, f"at {where}: got {got!r}, expected {expected!r}"
+            assert math.copysign(1.0, got) == math.copysign(1.0, expected), (
+                f"sign of zero lost at {where}: got {got!r}, expected {expected!r}"
+            )
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected), f"length mismatch at {where}"
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            assert_identical(g, e, f"{path}[{i}]")
+    elif isinstance(expected, dict):
+        assert len(got) == len(expected), f"dict size mismatch at {where}"
+        for i, ((gk, gv), (ek, ev)) in enumerate(zip(got.items(), expected.items(), strict=True)):
+            assert_identical(gk, ek, f"{path}<key #{i}>")
+            assert_identical(gv, ev, f"{path}[{ek!r}]")
+    else:
+        assert got == expected, f"at {where}: got {got!r}, expected {expected!r}"
+
+
+@pytest.fixture
+def baseline_children() -> set[int]:
+    """Direct children of the test process before the test body runs.
+
+    (Socket fds are counted inside async test bodies instead: the event loop's
+    own self-pipe is a socketpair created after sync fixtures run.)
+    """
+    return child_pids()

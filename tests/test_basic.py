@@ -1,0 +1,219 @@
+"""Requests, replies, scheduling, worker bookkeeping and pool options."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import kameo
+import pytest
+from conftest import async_wait_until, pid_alive
+
+BASIC = "handlers.basic"
+
+
+async def test_sync_handler_echo():
+    async with kameo.Pool(f"{BASIC}:echo", size=1) as pool:
+        assert await pool.ask({"symbol": "AAPL"}, timeout=5.0) == {"symbol": "AAPL"}
+        assert await pool.ask("second", timeout=5.0) == "second"
+
+
+async def test_async_handler_echo():
+    async with kameo.Pool(f"{BASIC}:aecho", size=1) as pool:
+        assert await pool.ask({"symbol": "MSFT", "qty": 3}, timeout=5.0) == {
+            "symbol": "MSFT",
+            "qty": 3,
+        }
+
+
+async def test_handler_runs_in_worker_process():
+    async with kameo.Pool(f"{BASIC}:whoami", size=2) as pool:
+        reply = await pool.ask("hi", timeout=5.0)
+        assert reply["msg"] == "hi"
+        assert reply["pid"] != os.getpid()
+        assert reply["pid"] in {w.pid for w in pool.workers}
+
+
+async def test_explicit_start_and_close():
+    pool = kameo.Pool(f"{BASIC}:echo", size=1)
+    await pool.start()
+    try:
+        assert await pool.ask(7, timeout=5.0) == 7
+    finally:
+        await pool.close()
+
+
+async def test_default_size_is_cpu_count():
+    async with kameo.Pool(f"{BASIC}:echo") as pool:
+        assert pool.size == os.cpu_count()
+        assert len(pool.workers) == os.cpu_count()
+
+
+async def test_thousand_concurrent_asks_over_two_workers():
+    async with kameo.Pool(f"{BASIC}:whoami", size=2) as pool:
+        assert pool.size == 2
+        msgs = [{"i": i, "s": f"payload-{i}"} for i in range(1000)]
+        replies = await asyncio.wait_for(
+            asyncio.gather(*(pool.ask(m, timeout=30.0) for m in msgs)), 45
+        )
+        assert [r["msg"] for r in replies] == msgs
+        worker_pids = {w.pid for w in pool.workers}
+        used = {r["pid"] for r in replies}
+        assert used == worker_pids, "both workers should have served requests"
+
+
+async def test_workers_fields():
+    async with kameo.Pool(f"{BASIC}:whoami", size=2) as pool:
+        workers = pool.workers
+        assert len(workers) == 2
+        ids = [w.id for w in workers]
+        assert all(isinstance(i, int) for i in ids)
+        assert len(set(ids)) == 2
+        pids = [w.pid for w in workers]
+        assert all(isinstance(p, int) for p in pids)
+        assert len(set(pids)) == 2
+        for w in workers:
+            assert w.pid != os.getpid()
+            assert pid_alive(w.pid), f"worker pid {w.pid} is not a live process"
+            assert isinstance(w.state, str)
+            assert w.state == "ready"
+            assert w.in_flight == 0
+            assert isinstance(w.completed, int)
+            assert w.completed == 0
+
+        replies = [await pool.ask(i, timeout=5.0) for i in range(10)]
+        per_pid: dict[int, int] = {}
+        for r in replies:
+            per_pid[r["pid"]] = per_pid.get(r["pid"], 0) + 1
+
+        await async_wait_until(lambda: sum(w.completed for w in pool.workers) >= 10, 2.0)
+        after = {w.pid: w for w in pool.workers}
+        assert sum(w.completed for w in after.values()) == 10
+        for pid, n in per_pid.items():
+            assert after[pid].completed == n
+        for w in after.values():
+            assert w.in_flight == 0
+            assert w.state == "ready"
+
+
+async def test_worker_in_flight_and_busy_state():
+    async with kameo.Pool(f"{BASIC}:cmd", size=1) as pool:
+        task = asyncio.ensure_future(pool.ask({"op": "sleep", "seconds": 0.6}, timeout=10.0))
+        assert await async_wait_until(lambda: pool.workers[0].in_flight == 1, 3.0)
+        assert pool.workers[0].state == "busy"
+        await task
+        assert await async_wait_until(lambda: pool.workers[0].in_flight == 0, 3.0)
+        assert pool.workers[0].state == "ready"
+        assert pool.workers[0].completed == 1
+
+
+async def test_fifo_order_with_single_worker():
+    async with kameo.Pool(f"{BASIC}:seq", size=1) as pool:
+        n = 50
+        replies = await asyncio.gather(*(pool.ask(i, timeout=20.0) for i in range(n)))
+        assert [r[1] for r in replies] == list(range(n))
+        seqs = [r[0] for r in replies]
+        assert seqs == sorted(seqs), f"requests did not run in issue order: {seqs}"
+        assert len(set(seqs)) == n
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+async def test_parent_queue_never_exceeds_worker_window(prefetch: int):
+    # A worker holds at most max_concurrency running + prefetch queued requests;
+    # the rest wait in the parent.
+    window = 2 + prefetch
+    async with kameo.Pool(f"{BASIC}:track", size=1, max_concurrency=2, prefetch=prefetch) as pool:
+        observed: list[int] = []
+
+        async def sample():
+            while True:
+                observed.append(pool.workers[0].in_flight)
+                await asyncio.sleep(0.01)
+
+        sampler = asyncio.ensure_future(sample())
+        try:
+            replies = await asyncio.gather(
+                *(pool.ask({"seconds": 0.15, "value": i}, timeout=20.0) for i in range(6))
+            )
+        finally:
+            sampler.cancel()
+        assert [r["value"] for r in replies] == list(range(6))
+        assert max(r["max_running"] for r in replies) == 2
+        assert max(observed) <= window, f"in_flight exceeded {window}: {observed}"
+        assert window in observed
+
+
+async def test_max_concurrency_runs_async_handlers_concurrently():
+    async with kameo.Pool(f"{BASIC}:track", size=1, max_concurrency=4) as pool:
+        start = time.monotonic()
+        replies = await asyncio.gather(
+            *(pool.ask({"seconds": 0.3, "value": i}, timeout=10.0) for i in range(4))
+        )
+        elapsed = time.monotonic() - start
+        assert [r["value"] for r in replies] == list(range(4))
+        assert max(r["max_running"] for r in replies) == 4
+        assert elapsed < 1.0, f"4 concurrent 0.3 s handlers took {elapsed:.2f} s"
+
+
+async def test_default_max_concurrency_is_one():
+    async with kameo.Pool(f"{BASIC}:track", size=1) as pool:
+        replies = await asyncio.gather(
+            *(pool.ask({"seconds": 0.05, "value": i}, timeout=10.0) for i in range(4))
+        )
+        assert [r["value"] for r in replies] == list(range(4))
+        assert max(r["max_running"] for r in replies) == 1
+
+
+async def test_least_loaded_worker_is_chosen():
+    async with kameo.Pool(f"{BASIC}:cmd", size=2, max_concurrency=4) as pool:
+        long = asyncio.ensure_future(pool.ask({"op": "sleep", "seconds": 1.0}, timeout=10.0))
+        assert await async_wait_until(
+            lambda: sorted(w.in_flight for w in pool.workers) == [0, 1], 3.0
+        )
+        busy_pid = next(w.pid for w in pool.workers if w.in_flight == 1)
+        idle_pid = next(w.pid for w in pool.workers if w.in_flight == 0)
+        for _ in range(5):
+            pid = await pool.ask({"op": "pid"}, timeout=5.0)
+            assert pid == idle_pid, "request went to the busier worker"
+        assert await long == busy_pid
+
+
+async def test_workers_start_concurrently():
+    # Each worker spends 1 s importing the handler module; sequential startup
+    # of two workers would need at least 2 s.
+    start = time.monotonic()
+    async with kameo.Pool("handlers.slow_import:handler", size=2) as pool:
+        elapsed = time.monotonic() - start
+        assert await pool.ask("ok", timeout=5.0) == "ok"
+        assert all(w.state == "ready" for w in pool.workers)
+    assert elapsed < 1.8, f"startup of 2 workers took {elapsed:.2f} s"
+
+
+async def test_env_is_added_to_worker_environment(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("KAMEO_TEST_INHERITED", "from-parent")
+    async with kameo.Pool(f"{BASIC}:cmd", size=1, env={"KAMEO_TEST_X": "hello wörld"}) as pool:
+        assert await pool.ask({"op": "env", "name": "KAMEO_TEST_X"}, timeout=5.0) == "hello wörld"
+        inherited = await pool.ask({"op": "env", "name": "KAMEO_TEST_INHERITED"}, timeout=5.0)
+        assert inherited == "from-parent"
+    assert "KAMEO_TEST_X" not in os.environ
+
+
+async def test_env_defaults_to_parent_environment(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("KAMEO_TEST_ONLY_PARENT", "yes")
+    async with kameo.Pool(f"{BASIC}:cmd", size=1) as pool:
+        assert await pool.ask({"op": "env", "name": "KAMEO_TEST_ONLY_PARENT"}, timeout=5.0) == "yes"
+        assert await pool.ask({"op": "env", "name": "KAMEO_TEST_X"}, timeout=5.0) is None
+
+
+async def test_cwd_option(tmp_path):
+    async with kameo.Pool(f"{BASIC}:cmd", size=1, cwd=str(tmp_path)) as pool:
+        got = await pool.ask({"op": "cwd"}, timeout=5.0)
+        assert os.path.realpath(got) == os.path.realpath(tmp_path)
+    assert os.path.realpath(os.getcwd()) != os.path.realpath(tmp_path)
+
+
+async def test_cwd_defaults_to_parent_cwd():
+    async with kameo.Pool(f"{BASIC}:cmd", size=1) as pool:
+        got = await pool.ask({"op": "cwd"}, timeout=5.0)
+        assert os.path.realpath(got) == os.path.realpath(os.getcwd())
