@@ -4,9 +4,15 @@
 ...     reply = await pool.ask({"symbol": "AAPL"}, timeout=5.0)
 """
 
+from typing import Any
+
+from kameo import _runtime
 from kameo._native import PROTOCOL_VERSION, decode, encode
+from kameo.callbacks import Callbacks
 from kameo.errors import (
+    CallbackNotFound,
     CallTimeout,
+    HandlerTypeError,
     KameoError,
     PoolClosed,
     ProtocolError,
@@ -16,22 +22,55 @@ from kameo.errors import (
     WorkerStartupError,
 )
 from kameo.pool import Pool, WorkerInfo
+from kameo.stream import Stream
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PROTOCOL_VERSION",
     "CallTimeout",
+    "CallbackNotFound",
+    "Callbacks",
+    "HandlerTypeError",
     "KameoError",
     "Pool",
     "PoolClosed",
     "ProtocolError",
     "RemoteError",
     "SerializationError",
+    "Stream",
     "WorkerCrashed",
     "WorkerInfo",
     "WorkerStartupError",
     "__version__",
+    "callback_handle",
+    "current_traceparent",
     "decode",
     "encode",
 ]
+
+
+async def callback_handle(path: str, data: Any = None) -> _runtime.CallbackCall:
+    """In a worker: call the parent handler registered at ``path`` ("module.Type") and return
+    an iterator of its items (``async for`` in async handlers, ``for`` in sync ones).
+
+    Raises :class:`CallbackNotFound` for a path the parent did not register.
+    """
+    rt = _runtime.current()
+    if rt is None:
+        raise KameoError("callback_handle() can only be used inside a kameo worker")
+    return rt.new_call(path, data)
+
+
+def current_traceparent() -> str | None:
+    """The W3C traceparent of the request (in a worker) or callback (in the parent) being
+    handled, if the caller sent one."""
+    return _runtime.traceparent.get()
+
+
+def __getattr__(name: str) -> Any:
+    # In a worker, `kameo.<module>` exists for each registered callback module.
+    rt = _runtime.current()
+    if rt is not None and name in rt.modules:
+        return _runtime.CallbackModule(name, rt.modules[name])
+    raise AttributeError(f"module 'kameo' has no attribute {name!r}")

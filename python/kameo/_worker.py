@@ -5,8 +5,9 @@ target, then serves requests until the parent sends SHUTDOWN or goes away.
 
 Two serving modes:
 
-* sync handler and ``max_concurrency == 1``: a blocking loop on the main thread (the socket
-  read releases the GIL), no event loop at all; the fastest path.
+* sync handler (function or generator) and ``max_concurrency == 1``: a blocking loop on the
+  main thread (the socket read releases the GIL), no event loop at all; the fastest path.
+  Callbacks are iterated with ``for``; the loop reads frames while it waits for their items.
 * otherwise: an asyncio loop driving the socket; async handlers run as tasks, sync handlers in
   a thread pool of ``max_concurrency`` threads.
 
@@ -17,37 +18,33 @@ prefetched requests never ran if this process dies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import functools
 import importlib
-import inspect
 import os
 import sys
-import traceback
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kameo import _native
+from kameo._runtime import (
+    END,
+    REQUEST,
+    REQUEST_STREAM,
+    Runtime,
+    current_request,
+    error_info,
+    install,
+    traceparent,
+)
+from kameo.callbacks import handler_kind
 
 Channel = _native.Channel
-REQUEST = Channel.REQUEST
-CANCEL = Channel.CANCEL
-SHUTDOWN = Channel.SHUTDOWN
 HANDSHAKE_MAX_FRAME = 1 << 20
-
-
-def _qualname(t: type) -> str:
-    return f"{t.__module__}.{t.__qualname__}"
-
-
-def error_info(exc: BaseException) -> dict[str, str]:
-    """What the parent needs to rebuild the exception."""
-    return {
-        "kind": "remote",
-        "type": _qualname(type(exc)),
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
-    }
+STREAM_POLL_EVERY = 16
 
 
 def load_target(target: str) -> Callable[[Any], Any]:
@@ -73,60 +70,115 @@ def load_target(target: str) -> Callable[[Any], Any]:
     return obj  # type: ignore[no-any-return]
 
 
-def is_async_handler(fn: Any) -> bool:
-    if inspect.iscoroutinefunction(fn):
-        return True
-    call = getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
-    return call is not None and inspect.iscoroutinefunction(call)
-
-
-def serve_sync(chan: Any, handler: Callable[[Any], Any]) -> None:
-    """One request at a time on this thread; the read blocks with the GIL released."""
-    recv, started, flush, reply, error = chan.recv, chan.started, chan.flush, chan.reply, chan.error
-    while True:
-        frames = recv()
-        if frames is None:
-            return
-        for kind, rid, body in frames:
-            if kind == REQUEST:
-                started(rid)
-                flush()
-                try:
-                    result = handler(body)
-                except BaseException as exc:
-                    error(rid, error_info(exc))
-                else:
-                    reply(rid, result)
-            elif kind == SHUTDOWN:
-                flush()
-                return
-            elif kind == CANCEL:
-                continue  # nothing runs concurrently in this mode
-            else:
-                unexpected(chan, kind, rid, body)
-        flush()
-
-
-def unexpected(chan: Any, kind: int, rid: int, body: Any) -> None:
-    if kind in (Channel.OVERSIZE, Channel.UNDECODABLE):
-        chan.error(rid, {"kind": "protocol", "type": "", "message": str(body), "traceback": ""})
+def mismatch(kind: str, frame_kind: int, target: str) -> dict[str, str] | None:
+    """The error for ask() on a generator or stream() on a plain function, if any."""
+    is_gen = kind in ("gen", "asyncgen")
+    if frame_kind == REQUEST and is_gen:
+        message = f"handler {target!r} is a generator: use pool.stream(), not pool.ask()"
+    elif frame_kind == REQUEST_STREAM and not is_gen:
+        message = f"handler {target!r} is not a generator: use pool.ask(), not pool.stream()"
     else:
-        message = f"worker does not understand frame kind {kind}"
-        chan.error(rid, {"kind": "protocol", "type": "", "message": message, "traceback": ""})
+        return None
+    return {"kind": "handler_type", "type": "", "message": message, "traceback": ""}
+
+
+# ---------------------------------------------------------------------------------- sync mode
+
+
+def serve_sync(rt: Runtime, handler: Callable[[Any], Any], kind: str, target: str) -> None:
+    """One request at a time on this thread; reads block with the GIL released."""
+    chan = rt.chan
+    pending = rt.pending
+    while not rt.eof:
+        if not pending:
+            if rt.shutdown:
+                break
+            chan.flush()
+            rt.pump(block=True)
+            continue
+        frame_kind, rid, body, trace = pending.popleft()
+        if rid in rt.cancelled:
+            rt.cancelled.discard(rid)
+            chan.error(rid, {"kind": "cancelled", "type": "", "message": "", "traceback": ""})
+            continue
+        chan.signal(Channel.STARTED, rid)
+        chan.flush()  # STARTED (with the previous reply) is on the wire before the handler runs
+        wrong = mismatch(kind, frame_kind, target)
+        current_request.set(rid)
+        traceparent.set(trace)
+        if wrong is not None:
+            chan.error(rid, wrong)
+        elif frame_kind == REQUEST:
+            try:
+                result = handler(body)
+            except BaseException as exc:
+                chan.error(rid, error_info(exc))
+            else:
+                chan.reply(rid, result)
+        else:
+            stream_sync(rt, rid, handler, body)
+        rt.cancelled.discard(rid)
+        rt.end_request(rid)
+    chan.flush()
+
+
+def stream_sync(rt: Runtime, rid: int, handler: Callable[[Any], Any], body: Any) -> None:
+    chan = rt.chan
+    credit = rt.stream_window
+    count = 0
+    gen = None
+    try:
+        gen = handler(body)
+        for item in gen:
+            chan.item(rid, item)
+            chan.flush()
+            count += 1
+            credit -= 1
+            if count % STREAM_POLL_EVERY == 0 or credit <= 0:
+                rt.pump(block=False)
+            credit += rt.credits.pop(rid, 0)
+            while credit <= 0 and rid not in rt.cancelled and not rt.eof:
+                rt.pump(block=True)
+                credit += rt.credits.pop(rid, 0)
+            if rid in rt.cancelled or rt.eof:
+                break
+    except BaseException as exc:
+        if gen is not None:
+            with contextlib.suppress(BaseException):
+                gen.close()
+        chan.error(rid, error_info(exc))
+        return
+    if gen is not None:
+        gen.close()  # runs the generator's finally when we stopped early
+    rt.credits.pop(rid, None)
+    chan.signal(END, rid)
+
+
+# --------------------------------------------------------------------------------- async mode
 
 
 async def serve_async(
-    chan: Any, handler: Callable[[Any], Any], is_async: bool, max_concurrency: int
+    rt: Runtime, handler: Callable[[Any], Any], kind: str, target: str, max_concurrency: int
 ) -> None:
     """Requests as tasks on an event loop, at most ``max_concurrency`` at once."""
+    import threading
+
     loop = asyncio.get_running_loop()
+    chan = rt.chan
     chan.set_blocking(False)
     fd = chan.fileno()
     finished: asyncio.Future[None] = loop.create_future()
-    waiting: deque[tuple[int, Any]] = deque()
+    waiting: deque[tuple[int, int, Any, str | None]] = deque()
     tasks: dict[int, asyncio.Task[None]] = {}
-    executor = None if is_async else ThreadPoolExecutor(max_concurrency, "kameo-handler")
-    state = {"shutdown": False, "flush_scheduled": False, "writer": False}
+    credits: dict[int, list[Any]] = {}  # rid -> [credit, asyncio.Event]
+    executor = (
+        None if kind in ("async", "asyncgen") else ThreadPoolExecutor(max_concurrency, "kameo")
+    )
+    state = {"flush_scheduled": False, "writer": False}
+
+    def stop() -> None:
+        if not finished.done():
+            finished.set_result(None)
 
     def flush() -> None:
         state["flush_scheduled"] = False
@@ -149,64 +201,132 @@ async def serve_async(
             state["writer"] = False
             loop.remove_writer(fd)
 
-    def schedule_flush() -> None:
-        if not state["flush_scheduled"]:
+    def flush_soon(now: bool = False) -> None:
+        if now:
+            flush()
+        elif not state["flush_scheduled"]:
             state["flush_scheduled"] = True
             loop.call_soon(flush)
 
-    def stop() -> None:
-        if not finished.done():
-            finished.set_result(None)
-
-    async def run(rid: int, body: Any) -> None:
+    async def run(frame_kind: int, rid: int, body: Any, trace: str | None) -> None:
+        current_request.set(rid)
+        traceparent.set(trace)
         try:
-            if is_async:
-                result = await handler(body)
+            wrong = mismatch(kind, frame_kind, target)
+            if wrong is not None:
+                chan.error(rid, wrong)
+            elif frame_kind == REQUEST:
+                if executor is None:
+                    result = await handler(body)
+                else:
+                    ctx = contextvars.copy_context()
+                    result = await loop.run_in_executor(executor, ctx.run, handler, body)
+                chan.reply(rid, result)
             else:
-                result = await loop.run_in_executor(executor, handler, body)
+                await stream_async(rid, body)
+        except asyncio.CancelledError:
+            chan.error(rid, {"kind": "cancelled", "type": "", "message": "", "traceback": ""})
         except BaseException as exc:
             chan.error(rid, error_info(exc))
-        else:
-            chan.reply(rid, result)
         finally:
             tasks.pop(rid, None)
+            credits.pop(rid, None)
+            rt.end_request(rid)
             pump()
-            schedule_flush()
+            flush_soon()
+
+    async def stream_async(rid: int, body: Any) -> None:
+        holder = credits[rid] = [rt.stream_window, asyncio.Event()]
+        count = 0
+        if executor is None:
+            agen = handler(body)
+            async with contextlib.aclosing(agen):
+                async for item in agen:
+                    chan.item(rid, item)
+                    count += 1
+                    holder[0] -= 1
+                    await pace(holder, count)
+        else:
+            ctx = contextvars.copy_context()
+            gen = await loop.run_in_executor(executor, ctx.run, handler, body)
+            done = object()
+            try:
+                while True:
+                    step = functools.partial(ctx.run, next, gen, done)
+                    item = await loop.run_in_executor(executor, step)
+                    if item is done:
+                        break
+                    chan.item(rid, item)
+                    count += 1
+                    holder[0] -= 1
+                    await pace(holder, count)
+            finally:
+                await loop.run_in_executor(executor, gen.close)
+        chan.signal(END, rid)
+
+    async def pace(holder: list[Any], count: int) -> None:
+        """Write items promptly but in batches, and wait for credit at the window's end."""
+        if count % 64 == 0:
+            flush()
+            await asyncio.sleep(0)  # let the reader see CANCEL and CREDIT
+        else:
+            flush_soon()
+        while holder[0] <= 0:
+            flush()
+            holder[1].clear()
+            await holder[1].wait()
 
     def pump() -> None:
         started_any = False
         while waiting and len(tasks) < max_concurrency:
-            rid, body = waiting.popleft()
-            chan.started(rid)
+            frame_kind, rid, body, trace = waiting.popleft()
+            chan.signal(Channel.STARTED, rid)
             started_any = True
-            tasks[rid] = loop.create_task(run(rid, body))
+            tasks[rid] = loop.create_task(run(frame_kind, rid, body, trace))
         if started_any:
             flush()  # STARTED is on the wire before any handler runs
-        if state["shutdown"] and not waiting and not tasks:
+        if rt.shutdown and not waiting and not tasks:
             stop()
+
+    def on_request(frame_kind: int, rid: int, body: Any, trace: str | None) -> None:
+        waiting.append((frame_kind, rid, body, trace))
+
+    def on_cancel(rid: int) -> None:
+        task = tasks.get(rid)
+        if task is not None:
+            task.cancel()
+            return
+        for i, entry in enumerate(waiting):
+            if entry[1] == rid:
+                del waiting[i]
+                chan.error(rid, {"kind": "cancelled", "type": "", "message": "", "traceback": ""})
+                flush_soon()
+                return
+
+    def on_credit(rid: int, n: int) -> None:
+        holder = credits.get(rid)
+        if holder is not None:
+            holder[0] += n
+            holder[1].set()
 
     def on_readable() -> None:
         try:
-            frames = chan.recv()
+            frames = chan.recv(False)
         except OSError:
             frames = None
         if frames is None:
             stop()
             return
-        for kind, rid, body in frames:
-            if kind == REQUEST:
-                waiting.append((rid, body))
-            elif kind == SHUTDOWN:
-                state["shutdown"] = True
-            elif kind == CANCEL:
-                task = tasks.get(rid)
-                if task is not None:
-                    task.cancel()
-            else:
-                unexpected(chan, kind, rid, body)
-                schedule_flush()
+        rt.route(frames)
         pump()
+        flush_soon()
 
+    rt.loop = loop
+    rt.loop_thread = threading.get_ident()
+    rt.on_request = on_request
+    rt.on_cancel = on_cancel
+    rt.on_credit = on_credit
+    rt.flush_soon = flush_soon
     loop.add_reader(fd, on_readable)
     try:
         await finished
@@ -216,11 +336,12 @@ async def serve_async(
             task.cancel()
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
-        try:
+        with contextlib.suppress(OSError):
             chan.set_blocking(True)
             chan.flush()
-        except OSError:
-            pass
+
+
+# ---------------------------------------------------------------------------------- start-up
 
 
 def main() -> int:
@@ -238,9 +359,9 @@ def main() -> int:
     frames = chan.recv()
     if not frames:
         return 1
-    kind, _, body = frames[0]
-    if kind != Channel.WELCOME:
-        reason = body if kind == Channel.REJECT else f"unexpected frame kind {kind}"
+    first, _, _, body, _ = frames[0]
+    if first != Channel.WELCOME:
+        reason = body if first == Channel.REJECT else f"unexpected frame kind {first}"
         print(f"kameo worker {worker_id}: handshake refused: {reason}", file=sys.stderr)
         return 2
     config: dict[str, Any] = body
@@ -248,6 +369,8 @@ def main() -> int:
     for path in reversed(config.get("sys_path") or []):
         if path not in sys.path:
             sys.path.insert(0, path)
+    rt = Runtime(chan, config, worker_id)
+    install(rt)
 
     target = str(config["target"])
     try:
@@ -256,15 +379,18 @@ def main() -> int:
         chan.send(Channel.STARTUP_FAILED, 0, error_info(exc))
         chan.flush()
         return 3
-    is_async = is_async_handler(handler)
+    kind = handler_kind(handler)
     max_concurrency = int(config.get("max_concurrency", 1))
-    chan.send(Channel.READY, 0, {"async": is_async, "python": sys.version.split()[0]})
+    chan.send(Channel.READY, 0, {"kind": kind, "python": sys.version.split()[0]})
     chan.flush()
 
-    if not is_async and max_concurrency == 1:
-        serve_sync(chan, handler)
-    else:
-        asyncio.run(serve_async(chan, handler, is_async, max_concurrency))
+    try:
+        if kind in ("sync", "gen") and max_concurrency == 1:
+            serve_sync(rt, handler, kind, target)
+        else:
+            asyncio.run(serve_async(rt, handler, kind, target, max_concurrency))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the parent went away
     return 0
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 __all__ = [
     "CallTimeout",
+    "CallbackNotFound",
+    "HandlerTypeError",
     "KameoError",
     "PoolClosed",
     "ProtocolError",
@@ -39,6 +41,14 @@ class SerializationError(KameoError, TypeError):
 
 class CallTimeout(KameoError, TimeoutError):
     """A request did not complete within its timeout."""
+
+
+class CallbackNotFound(KameoError, LookupError):
+    """A worker called a parent handler path that is not registered."""
+
+
+class HandlerTypeError(KameoError, TypeError):
+    """The call does not fit the handler: ``ask`` on a generator, ``stream`` on a function."""
 
 
 class WorkerStartupError(KameoError):
@@ -73,15 +83,16 @@ class RemoteError(KameoError):
     remote_type: str
     remote_message: str
     remote_traceback: str
+    #: The worker that raised; -1 when the parent raised (a callback handler's error).
     worker_id: int
     pid: int
+    location: str = "the worker"
 
     def __init__(self, message: str, *args: Any) -> None:
         super().__init__(message, *args)
 
     def __str__(self) -> str:
-        where = f"in worker {self.worker_id}, pid {self.pid}"
-        base = f"{self.remote_type}: {self.remote_message} ({where})"
+        base = f"{self.remote_type}: {self.remote_message} (in {self.location}, pid {self.pid})"
         if self.remote_traceback:
             return f"{base}\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
         return base
@@ -111,7 +122,7 @@ def _builtin_exception(qualname: str) -> type[BaseException] | None:
     return None
 
 
-def _remote(info: dict[str, Any], worker_id: int, pid: int) -> RemoteError:
+def _remote(info: dict[str, Any], worker_id: int, pid: int, location: str) -> RemoteError:
     remote_type = str(info.get("type", "builtins.Exception"))
     message = str(info.get("message", ""))
     builtin = _builtin_exception(remote_type)
@@ -125,17 +136,34 @@ def _remote(info: dict[str, Any], worker_id: int, pid: int) -> RemoteError:
     exc.remote_traceback = str(info.get("traceback", ""))
     exc.worker_id = worker_id
     exc.pid = pid
+    exc.location = location
     return exc
 
 
-def _from_worker(info: Any, worker_id: int, pid: int) -> KameoError:
-    """Build the exception for an ERROR frame (called by the Rust core)."""
+def _from_worker(info: Any, worker_id: int, pid: int) -> BaseException:
+    """Build the exception for an ERROR frame from a worker (called by the Rust core)."""
+    return _build(info, f"worker {worker_id}", worker_id, pid)
+
+
+def _from_peer(info: Any, location: str, pid: int) -> BaseException:
+    """Build the exception for an ERROR frame from the parent (a callback handler's error)."""
+    return _build(info, location, -1, pid)
+
+
+def _build(info: Any, location: str, worker_id: int, pid: int) -> BaseException:
+    where = f"{location} (pid {pid})"
     if not isinstance(info, dict):
-        return ProtocolError(f"worker {worker_id} (pid {pid}) sent a malformed error reply")
+        return ProtocolError(f"{where} sent a malformed error reply")
     kind = info.get("kind", "remote")
-    where = f"worker {worker_id} (pid {pid})"
+    message = str(info.get("message", ""))
     if kind == "protocol":
-        return ProtocolError(f"{info.get('message', '')} [{where}]")
+        return ProtocolError(f"{message} [{where}]")
     if kind == "serialization":
-        return SerializationError(f"{info.get('message', '')} [{where}]")
-    return _remote(info, worker_id, pid)
+        return SerializationError(f"{message} [{where}]")
+    if kind == "callback_not_found":
+        return CallbackNotFound(message)
+    if kind == "handler_type":
+        return HandlerTypeError(message)
+    if kind == "cancelled":
+        return KameoError(f"the call was cancelled in {where}")
+    return _remote(info, worker_id, pid, location)

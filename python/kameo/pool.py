@@ -18,12 +18,16 @@ from types import TracebackType
 from typing import Any
 
 from kameo import _native
+from kameo._runtime import traceparent as _traceparent
+from kameo.callbacks import CallbackRunner, Callbacks
 from kameo.errors import (
     CallTimeout,
+    HandlerTypeError,
     PoolClosed,
     WorkerCrashed,
     WorkerStartupError,
 )
+from kameo.stream import Stream
 
 __all__ = ["Pool", "WorkerInfo"]
 
@@ -33,6 +37,7 @@ worker_log = logging.getLogger("kameo.worker")
 MiB = 1024 * 1024
 STDERR_TAIL_LINES = 20
 DEFAULT_PREFETCH = 16
+DEFAULT_STREAM_WINDOW = 64
 # Bounds on waiting for a worker to go once it has been told to (each step of close()).
 EXIT_WAIT = 1.0
 KILL_WAIT = 5.0
@@ -101,6 +106,8 @@ class Pool:
         max_concurrency: int = 1,
         max_frame_bytes: int = 64 * MiB,
         prefetch: int = DEFAULT_PREFETCH,
+        callbacks: Callbacks | None = None,
+        stream_window: int = DEFAULT_STREAM_WINDOW,
     ) -> None:
         module, sep, attr = target.partition(":")
         if not sep or not module or not attr:
@@ -112,6 +119,10 @@ class Pool:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        if stream_window < 1:
+            raise ValueError(f"stream_window must be at least 1, got {stream_window}")
+        if callbacks is not None and not isinstance(callbacks, Callbacks):
+            raise TypeError("callbacks must be a kameo.Callbacks registry")
         if not 1024 <= max_frame_bytes <= 0xFFFF_FFFF:
             raise ValueError("max_frame_bytes must be between 1 KiB and 4 GiB")
         self.target = target
@@ -123,6 +134,10 @@ class Pool:
         self._max_concurrency = max_concurrency
         self._max_frame_bytes = max_frame_bytes
         self._window = max_concurrency + prefetch
+        self._stream_window = stream_window
+        self._callbacks = callbacks or Callbacks()
+        self._runner: CallbackRunner | None = None
+        self._handler_kind = ""
         self._secret = secrets.token_bytes(32)
         self._workers: dict[int, _Worker] = {}
         self._next_worker_id = 0
@@ -178,6 +193,10 @@ class Pool:
             self._welcome(),
             self._max_frame_bytes,
             self._window,
+            self._stream_window,
+        )
+        self._runner = CallbackRunner(
+            self._callbacks, self._core, loop, self._stream_window, _native.Channel
         )
         _live_pools.add(self)
         try:
@@ -188,24 +207,57 @@ class Pool:
             raise
         self._state = "running"
 
-    async def ask(self, msg: Any, *, timeout: float | None = None) -> Any:
+    async def ask(
+        self, msg: Any, *, timeout: float | None = None, traceparent: str | None = None
+    ) -> Any:
         """Run the handler on ``msg`` in a worker and return its result.
 
         Raises :class:`RemoteError` (also an instance of the built-in type when the handler
         raised a built-in exception), :class:`CallTimeout`, :class:`WorkerCrashed`,
-        :class:`SerializationError`, :class:`ProtocolError` or :class:`PoolClosed`.
+        :class:`SerializationError`, :class:`ProtocolError` or :class:`PoolClosed`. Cancelling
+        the awaiting task, or the timeout, cancels the request in the worker.
         """
         if self._state != "running":
             raise PoolClosed(self._not_running())
-        fut = self._loop.create_future()  # type: ignore[union-attr]
-        self._core.submit(msg, fut)
+        if self._handler_kind in ("gen", "asyncgen"):
+            raise HandlerTypeError(
+                f"handler {self.target!r} is a generator: use pool.stream(), not pool.ask()"
+            )
+        loop = self._loop
+        assert loop is not None
+        fut = loop.create_future()
+        rid = self._core.submit(msg, fut, traceparent or _traceparent.get())
         if timeout is None:
-            return await fut
-        handle = self._loop.call_later(timeout, _expire, fut, timeout)  # type: ignore[union-attr]
+            try:
+                return await fut
+            except asyncio.CancelledError:
+                self._core.cancel(rid)
+                raise
+        handle = loop.call_later(timeout, _expire, fut, timeout)
         try:
             return await fut
+        except (asyncio.CancelledError, CallTimeout):
+            self._core.cancel(rid)
+            raise
         finally:
             handle.cancel()
+
+    def stream(
+        self, msg: Any, *, timeout: float | None = None, traceparent: str | None = None
+    ) -> Stream:
+        """Run a generator handler on ``msg`` and iterate its items as the worker yields them:
+        ``async for item in pool.stream(msg): ...``.
+
+        ``timeout`` bounds the whole stream (:class:`CallTimeout`). Leaving the loop early,
+        cancellation or the timeout cancel the generator in the worker.
+        """
+        if self._state != "running":
+            raise PoolClosed(self._not_running())
+        if self._handler_kind not in ("gen", "asyncgen"):
+            raise HandlerTypeError(
+                f"handler {self.target!r} is not a generator: use pool.ask(), not pool.stream()"
+            )
+        return Stream(self, msg, timeout, traceparent or _traceparent.get())
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop the pool: refuse new asks, let in-flight ones finish within ``grace`` seconds,
@@ -249,6 +301,8 @@ class Pool:
             "max_concurrency": self._max_concurrency,
             "max_frame_bytes": self._max_frame_bytes,
             "sys_path": sys_path,
+            "callbacks": self._callbacks.paths,
+            "stream_window": self._stream_window,
         }
 
     def _spawn(self) -> _Worker:
@@ -304,7 +358,18 @@ class Pool:
         w = self._workers.get(worker_id)
         if w is None:
             return
-        if name == "ready":
+        if name == "callback":
+            assert self._runner is not None
+            self._runner.start(worker_id, payload)
+        elif name == "callback_credit":
+            assert self._runner is not None
+            self._runner.credit(worker_id, payload)
+        elif name == "callback_cancel":
+            assert self._runner is not None
+            self._runner.cancel(worker_id, payload)
+        elif name == "ready":
+            if isinstance(payload, dict):
+                self._handler_kind = str(payload.get("kind", ""))
             if not w.ready.done():
                 w.ready.set_result(payload)
             self._respawn_failures = 0
@@ -435,6 +500,8 @@ class Pool:
             stderr_tail=tail,
         )
         self._core.remove_worker(w.id, exc)
+        if self._runner is not None:
+            self._runner.worker_gone(w.id)
         self._close_stderr(w)
         self._workers.pop(w.id, None)
         if self._state == "running":
@@ -509,9 +576,9 @@ class Pool:
             if task.get_coro().__name__ == "_replace":  # type: ignore[union-attr]
                 task.cancel()
         if core is not None and grace > 0:
-            pending = core.pending_futures()
-            if pending:
-                await asyncio.wait(pending, timeout=grace)
+            deadline = loop.time() + grace
+            while core.outstanding() and loop.time() < deadline:
+                await asyncio.sleep(0.005)
         closed = PoolClosed("the pool was closed before the request completed")
         if core is not None:
             core.fail_queued(closed)
@@ -540,6 +607,8 @@ class Pool:
             if core is not None:
                 core.remove_worker(w.id, closed)
             self._workers.pop(w.id, None)
+        if self._runner is not None:
+            self._runner.cancel_all()
         for task in list(self._background):
             task.cancel()
         if self._background:

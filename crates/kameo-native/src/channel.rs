@@ -62,17 +62,16 @@ impl Channel {
     ) -> Result<Vec<u8>, String> {
         let mut buf = Vec::with_capacity(128);
         let start = frame::begin_frame(&mut buf, kind as u8, id, None);
-        codec::encode_into(&mut buf, value).map_err(|e| {
-            e.describe(if kind == Kind::Reply {
-                "reply"
-            } else {
-                "value"
-            })
-        })?;
+        let what = match kind {
+            Kind::Reply => "reply",
+            Kind::Item => "item",
+            _ => "value",
+        };
+        codec::encode_into(&mut buf, value).map_err(|e| e.describe(what))?;
         let size = buf.len() - frame::LEN_PREFIX;
         if size > self.max_frame() {
             return Err(format!(
-                "the reply frame is {size} bytes, over max_frame_bytes={}; raise Pool(max_frame_bytes=...) or return less",
+                "the {what} frame is {size} bytes, over max_frame_bytes={}; raise Pool(max_frame_bytes=...) or send less",
                 self.max_frame()
             ));
         }
@@ -160,13 +159,6 @@ impl Channel {
         Ok(())
     }
 
-    /// Queue STARTED for request `id`.
-    fn started(&self, py: Python<'_>, id: u64) {
-        let mut buf = Vec::with_capacity(16);
-        frame::write_frame(&mut buf, Kind::Started as u8, id, None, b"");
-        self.push_frame(py, buf);
-    }
-
     /// Queue the reply to `id`. A value that cannot be encoded, or is over the frame limit,
     /// becomes an error reply naming the problem, so the caller always gets an answer.
     fn reply(&self, py: Python<'_>, id: u64, value: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -226,11 +218,13 @@ impl Channel {
 
     /// Read what is available and decode every complete frame.
     ///
-    /// Returns a list of `(kind, id, body)` tuples (body decoded for REQUEST and WELCOME, a str
-    /// for REJECT and for the pseudo-kinds OVERSIZE/UNDECODABLE, else None), or None at end of
-    /// stream. Blocking mode waits (GIL released) until at least one frame or EOF arrives;
-    /// non-blocking mode may return an empty list.
-    fn recv<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyList>>> {
+    /// Returns a list of `(kind, id, final, body, trace)` tuples, or None at end of stream.
+    /// `body` is decoded for REQUEST, REQUEST_STREAM, WELCOME, ITEM and ERROR, an int for
+    /// CREDIT, a str for REJECT and for the pseudo-kinds OVERSIZE/UNDECODABLE, else None;
+    /// `trace` is the envelope's traceparent or None. With `block`, waits (GIL released) until
+    /// at least one frame or EOF arrives; without, returns what is already there (maybe []).
+    #[pyo3(signature = (block=true))]
+    fn recv<'py>(&self, py: Python<'py>, block: bool) -> PyResult<Option<Bound<'py, PyList>>> {
         let out = PyList::empty(py);
         let mut guard = lock(&self.reader);
         let reader: &mut FrameReader = &mut guard;
@@ -239,44 +233,61 @@ impl Channel {
                 .next_event()
                 .map_err(|e| errors::protocol(py, e.to_string()))?
             {
-                let (kind, id, body): (u32, u64, Bound<'py, PyAny>) = match ev {
-                    Event::Frame(env) => match env.kind() {
-                        Some(Kind::Request) | Some(Kind::Welcome) => {
-                            match codec::decode(py, env.body) {
-                                Ok(v) => (u32::from(env.kind), env.id, v),
+                let item = match ev {
+                    Event::Frame(env) => {
+                        let trace = match env.trace {
+                            Some(t) => PyString::new(py, &String::from_utf8_lossy(t)).into_any(),
+                            None => py.None().into_bound(py),
+                        };
+                        let (kind, body) = match env.kind() {
+                            Some(
+                                Kind::Request
+                                | Kind::RequestStream
+                                | Kind::Welcome
+                                | Kind::Item
+                                | Kind::Error,
+                            ) => match codec::decode(py, env.body) {
+                                Ok(v) => (u32::from(env.kind), v),
                                 Err(e) => {
-                                    let msg =
-                                        format!("request {} could not be decoded: {e}", env.id);
-                                    (UNDECODABLE, env.id, PyString::new(py, &msg).into_any())
+                                    let msg = format!("frame {} could not be decoded: {e}", env.id);
+                                    (UNDECODABLE, PyString::new(py, &msg).into_any())
                                 }
+                            },
+                            Some(Kind::Credit) => {
+                                let n = env
+                                    .body
+                                    .get(..4)
+                                    .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4")));
+                                (u32::from(env.kind), n.into_pyobject(py)?.into_any())
                             }
-                        }
-                        Some(Kind::Reject) => {
-                            let reason = String::from_utf8_lossy(env.body);
-                            (
-                                u32::from(env.kind),
-                                env.id,
-                                PyString::new(py, &reason).into_any(),
-                            )
-                        }
-                        _ => (u32::from(env.kind), env.id, py.None().into_bound(py)),
-                    },
+                            Some(Kind::Reject) => {
+                                let reason = String::from_utf8_lossy(env.body);
+                                (u32::from(env.kind), PyString::new(py, &reason).into_any())
+                            }
+                            _ => (u32::from(env.kind), py.None().into_bound(py)),
+                        };
+                        (kind, env.id, env.is_final(), body, trace).into_pyobject(py)?
+                    }
                     Event::Oversize {
                         id, size, limit, ..
                     } => {
-                        let msg = format!(
-                            "request frame of {size} bytes is over max_frame_bytes={limit}"
-                        );
-                        (OVERSIZE, id, PyString::new(py, &msg).into_any())
+                        let msg = format!("frame of {size} bytes is over max_frame_bytes={limit}");
+                        (OVERSIZE, id, true, msg, py.None()).into_pyobject(py)?
                     }
                 };
-                out.append((kind, id, body))?;
+                out.append(item)?;
             }
             if !out.is_empty() {
                 return Ok(Some(out));
             }
-            let mut sock = &self.sock;
-            match py.detach(|| reader.read_from(&mut sock)) {
+            let fd = self.sock.as_raw_fd();
+            let result = if block {
+                let mut sock = &self.sock;
+                py.detach(|| reader.read_from(&mut sock))
+            } else {
+                reader.read_from(&mut NoWait(fd))
+            };
+            match result {
                 Ok(0) => return Ok(None),
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {
@@ -288,6 +299,80 @@ impl Channel {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Queue one stream item for call `id` (FLAG_FINAL with `final`). A value that cannot be
+    /// encoded raises SerializationError (nothing is queued).
+    #[pyo3(signature = (id, value, is_final=false))]
+    fn item(
+        &self,
+        py: Python<'_>,
+        id: u64,
+        value: &Bound<'_, PyAny>,
+        is_final: bool,
+    ) -> PyResult<()> {
+        let mut buf = self
+            .encode_value_frame(Kind::Item, id, value)
+            .map_err(|m| {
+                if m.contains("max_frame_bytes") {
+                    errors::protocol(py, m)
+                } else {
+                    errors::serialization(py, m)
+                }
+            })?;
+        if is_final {
+            frame::mark_final(&mut buf, 0);
+        }
+        self.push_frame(py, buf);
+        Ok(())
+    }
+
+    /// Queue a frame with an empty body (END, CANCEL, STARTED, ...).
+    fn signal(&self, py: Python<'_>, kind: u8, id: u64) {
+        let mut buf = Vec::with_capacity(16);
+        frame::write_frame(&mut buf, kind, id, None, b"");
+        self.push_frame(py, buf);
+    }
+
+    /// Queue CREDIT for `n` more items of call `id`.
+    fn credit(&self, py: Python<'_>, id: u64, n: u32) {
+        let mut buf = Vec::with_capacity(20);
+        frame::write_frame(&mut buf, Kind::Credit as u8, id, None, &n.to_le_bytes());
+        self.push_frame(py, buf);
+    }
+
+    /// Queue CALLBACK `id` for the parent handler at `path`, on behalf of request `request_id`.
+    #[pyo3(signature = (id, path, data, request_id, trace=None))]
+    fn callback(
+        &self,
+        py: Python<'_>,
+        id: u64,
+        path: &str,
+        data: &Bound<'_, PyAny>,
+        request_id: u64,
+        trace: Option<&str>,
+    ) -> PyResult<()> {
+        let mut buf = Vec::with_capacity(128);
+        let trace = trace
+            .map(str::as_bytes)
+            .filter(|t| t.len() <= frame::MAX_TRACE_LEN);
+        let start = frame::begin_frame(&mut buf, Kind::Callback as u8, id, trace);
+        let body = (path, data, request_id).into_pyobject(py)?;
+        codec::encode_into(&mut buf, body.as_any())
+            .map_err(|e| errors::serialization(py, e.describe("callback data")))?;
+        let size = buf.len() - frame::LEN_PREFIX;
+        if size > self.max_frame() {
+            return Err(errors::protocol(
+                py,
+                format!(
+                    "the callback frame is {size} bytes, over max_frame_bytes={}",
+                    self.max_frame()
+                ),
+            ));
+        }
+        frame::finish_frame(&mut buf, start).expect("checked");
+        self.push_frame(py, buf);
+        Ok(())
     }
 
     /// Kinds, for the Python side.
@@ -306,7 +391,41 @@ impl Channel {
     #[classattr]
     const STARTUP_FAILED: u8 = Kind::StartupFailed as u8;
     #[classattr]
+    const REQUEST_STREAM: u8 = Kind::RequestStream as u8;
+    #[classattr]
+    const ITEM: u8 = Kind::Item as u8;
+    #[classattr]
+    const END: u8 = Kind::End as u8;
+    #[classattr]
+    const ERROR: u8 = Kind::Error as u8;
+    #[classattr]
+    const CREDIT: u8 = Kind::Credit as u8;
+    #[classattr]
+    const STARTED: u8 = Kind::Started as u8;
+    #[classattr]
     const OVERSIZE: u32 = OVERSIZE;
     #[classattr]
     const UNDECODABLE: u32 = UNDECODABLE;
+}
+
+/// `read` with MSG_DONTWAIT on a socket left in blocking mode.
+struct NoWait(i32);
+
+impl std::io::Read for NoWait {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: buf is a valid writable slice; fd is our socket.
+        let n = unsafe {
+            libc::recv(
+                self.0,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
 }

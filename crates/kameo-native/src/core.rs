@@ -1,5 +1,5 @@
 //! The parent's hot path: one `PoolCore` per pool owns every worker connection, the reply slots
-//! keyed by correlation id, and the FIFO of requests waiting for a worker.
+//! keyed by correlation id, the stream buffers, and the FIFO of requests waiting for a worker.
 //!
 //! There is no I/O thread. The asyncio loop watches each worker socket (`loop.add_reader`) and
 //! calls [`PoolCore::on_readable`], which reads what is there, decodes every complete frame and
@@ -13,99 +13,66 @@
 
 use crate::codec;
 use crate::errors;
-use kameo_proto::frame::{self, Event, FrameReader, Kind};
+use crate::link::{Link, LinkState, Slot, Target};
+use kameo_proto::frame::{self, Event, Kind};
 use kameo_proto::handshake::{secrets_equal, Hello};
 use kameo_proto::PROTOCOL_VERSION;
+use pyo3::exceptions::PyKeyError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyTuple};
+use pyo3::types::{PyList, PyString, PyTuple};
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum LinkState {
-    /// Spawned, waiting for HELLO.
-    Connecting,
-    /// HELLO accepted, WELCOME sent, waiting for READY.
-    Loading,
-    /// Serving requests.
-    Ready,
-    /// No new requests (shutting down or retiring).
-    Draining,
-}
-
-struct Slot {
-    fut: Py<PyAny>,
-    /// The encoded frame, kept until the worker says it started the request so that an
-    /// unstarted request can be sent to another worker if this one dies.
-    frame: Option<Vec<u8>>,
-}
+type PyObject = Py<PyAny>;
 
 struct Queued {
     id: u64,
     frame: Vec<u8>,
-    fut: Py<PyAny>,
+    target: Target,
 }
 
-struct Link {
-    id: u32,
-    pid: u32,
-    sock: UnixStream,
-    state: LinkState,
-    /// Taken out while its frames are handled, so the handler can borrow the link.
-    reader: Option<FrameReader>,
-    out: Vec<u8>,
-    out_pos: usize,
-    writer_armed: bool,
-    slots: HashMap<u64, Slot>,
-    completed: u64,
+/// Items of one `pool.stream()` call, between the socket and the Python iterator.
+struct StreamBuf {
+    items: VecDeque<PyObject>,
+    waiter: Option<PyObject>,
+    /// None while the worker is still producing; Some(Err(exception)) if it failed.
+    outcome: Option<Result<(), PyObject>>,
+    cancelled: bool,
+    /// Items taken by the consumer since the last CREDIT.
+    taken: u32,
+    /// The worker running it, once sent.
+    worker: Option<u32>,
 }
 
-impl Link {
-    fn in_flight(&self) -> usize {
-        self.slots.len()
+impl StreamBuf {
+    fn new() -> Self {
+        StreamBuf {
+            items: VecDeque::new(),
+            waiter: None,
+            outcome: None,
+            cancelled: false,
+            taken: 0,
+            worker: None,
+        }
     }
 
-    fn pending_out(&self) -> bool {
-        self.out_pos < self.out.len()
-    }
-
-    /// Write as much of `out` as the socket takes. Err only for a broken connection.
-    fn write_out(&mut self) -> io::Result<()> {
-        while self.out_pos < self.out.len() {
-            match self.sock.write(&self.out[self.out_pos..]) {
-                Ok(n) => self.out_pos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+    fn wake(&mut self, py: Python<'_>) {
+        if let Some(w) = self.waiter.take() {
+            let w = w.bind(py);
+            if !is_done(py, w) {
+                set_result(py, w, &py.None().into_bound(py));
             }
         }
-        if self.out_pos == self.out.len() {
-            self.out.clear();
-            self.out_pos = 0;
-        }
-        Ok(())
     }
 
-    /// Send `data` now if nothing is queued before it, buffering what the socket does not take.
-    fn send_now(&mut self, data: &[u8]) -> io::Result<()> {
-        if self.pending_out() {
-            self.out.extend_from_slice(data);
-            return self.write_out();
+    fn finish(&mut self, py: Python<'_>, outcome: Result<(), PyObject>) {
+        if self.outcome.is_none() {
+            self.outcome = Some(outcome);
         }
-        let mut pos = 0;
-        while pos < data.len() {
-            match self.sock.write(&data[pos..]) {
-                Ok(n) => pos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        self.out.extend_from_slice(&data[pos..]);
-        Ok(())
+        self.wake(py);
     }
 }
 
@@ -119,15 +86,15 @@ struct Effects {
     schedule_flush: bool,
 }
 
-type PyObject = Py<PyAny>;
-
 #[pyclass(module = "kameo._native")]
 pub struct PoolCore {
     links: Vec<Link>,
     queue: VecDeque<Queued>,
+    streams: HashMap<u64, StreamBuf>,
     next_id: u64,
     max_frame: usize,
     window: usize,
+    stream_window: u32,
     secret: Vec<u8>,
     welcome: Vec<u8>,
     flush_scheduled: bool,
@@ -137,9 +104,32 @@ pub struct PoolCore {
 }
 
 fn oversize_message(what: &str, size: usize, limit: usize) -> String {
-    format!(
-        "{what} is {size} bytes, over max_frame_bytes={limit}; raise Pool(max_frame_bytes=...) or send less"
-    )
+    format!("{what} is {size} bytes, over max_frame_bytes={limit}; raise Pool(max_frame_bytes=...) or send less")
+}
+
+fn pystr(py: Python<'_>, s: &str) -> PyObject {
+    PyString::new(py, s).into_any().unbind()
+}
+
+fn is_done(py: Python<'_>, fut: &Bound<'_, PyAny>) -> bool {
+    fut.call_method0(intern!(py, "done"))
+        .and_then(|d| d.is_truthy())
+        .unwrap_or(true)
+}
+
+fn set_result(py: Python<'_>, fut: &Bound<'_, PyAny>, v: &Bound<'_, PyAny>) {
+    if let Err(e) = fut.call_method1(intern!(py, "set_result"), (v,)) {
+        e.write_unraisable(py, Some(fut));
+    }
+}
+
+fn set_exception_obj(py: Python<'_>, fut: &Bound<'_, PyAny>, exc: &Bound<'_, PyAny>) {
+    if is_done(py, fut) {
+        return;
+    }
+    if let Err(e) = fut.call_method1(intern!(py, "set_exception"), (exc,)) {
+        e.write_unraisable(py, Some(fut));
+    }
 }
 
 impl PoolCore {
@@ -161,19 +151,32 @@ impl PoolCore {
         best.map(|(i, _)| i)
     }
 
+    /// The request's waiter is gone (cancelled future, cancelled stream): do not send it.
+    fn abandoned(&self, py: Python<'_>, id: u64, target: &Target) -> bool {
+        match target {
+            Target::Ask(fut) => is_done(py, fut.bind(py)),
+            Target::Stream => self.streams.get(&id).is_none_or(|s| s.cancelled),
+        }
+    }
+
     /// Register the slot, then write (or coalesce) the frame.
     fn send_to(
         &mut self,
+        py: Python<'_>,
         idx: usize,
         id: u64,
         frame: Vec<u8>,
-        fut: PyObject,
+        target: Target,
         fx: &mut Effects,
-        coalesce: bool,
     ) {
         let link = &mut self.links[idx];
+        if let Target::Stream = target {
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.worker = Some(link.id);
+            }
+        }
         let busy = link.in_flight() > 0;
-        let result = if coalesce && busy {
+        let result = if busy {
             link.out.extend_from_slice(&frame);
             if !self.flush_scheduled {
                 self.flush_scheduled = true;
@@ -186,20 +189,19 @@ impl PoolCore {
         link.slots.insert(
             id,
             Slot {
-                fut,
+                target,
                 frame: Some(frame),
             },
         );
         match result {
-            Ok(()) => {
-                if link.pending_out() && !link.writer_armed && !(coalesce && busy) {
-                    link.writer_armed = true;
-                    fx.arm_writers.push((link.id, link.sock.as_raw_fd()));
-                }
+            Ok(()) if !busy && link.pending_out() && !link.writer_armed => {
+                link.writer_armed = true;
+                fx.arm_writers.push((link.id, link.sock.as_raw_fd()));
             }
+            Ok(()) => {}
             Err(e) => fx
                 .events
-                .push((link.id, "io_error", lazy_str(e.to_string()))),
+                .push((link.id, "io_error", pystr(py, &e.to_string()))),
         }
     }
 
@@ -208,14 +210,15 @@ impl PoolCore {
         while !self.queue.is_empty() {
             let Some(idx) = self.pick() else { break };
             let q = self.queue.pop_front().expect("not empty");
-            if is_done(py, q.fut.bind(py)) {
-                continue; // cancelled while waiting
+            if self.abandoned(py, q.id, &q.target) {
+                self.streams.remove(&q.id);
+                continue;
             }
-            self.send_to(idx, q.id, q.frame, q.fut, fx, true);
+            self.send_to(py, idx, q.id, q.frame, q.target, fx);
         }
     }
 
-    fn flush_links(&mut self, fx: &mut Effects) {
+    fn flush_links(&mut self, py: Python<'_>, fx: &mut Effects) {
         for link in &mut self.links {
             if link.pending_out() && !link.writer_armed {
                 match link.write_out() {
@@ -226,7 +229,75 @@ impl PoolCore {
                     Ok(()) => {}
                     Err(e) => fx
                         .events
-                        .push((link.id, "io_error", lazy_str(e.to_string()))),
+                        .push((link.id, "io_error", pystr(py, &e.to_string()))),
+                }
+            }
+        }
+    }
+
+    /// Queue a small control frame (CREDIT, CANCEL, ...) to a worker and write it now.
+    fn control(
+        &mut self,
+        py: Python<'_>,
+        worker_id: u32,
+        kind: Kind,
+        id: u64,
+        body: &[u8],
+        fx: &mut Effects,
+    ) {
+        if let Some(idx) = self.link_index(worker_id) {
+            let link = &mut self.links[idx];
+            let mut f = Vec::with_capacity(16 + body.len());
+            frame::write_frame(&mut f, kind as u8, id, None, body);
+            match link.send_now(&f) {
+                Ok(()) if link.pending_out() && !link.writer_armed => {
+                    link.writer_armed = true;
+                    fx.arm_writers.push((link.id, link.sock.as_raw_fd()));
+                }
+                Ok(()) => {}
+                Err(e) => fx
+                    .events
+                    .push((link.id, "io_error", pystr(py, &e.to_string()))),
+            }
+        }
+    }
+
+    /// A request finished on a worker (REPLY, ITEM+final, END or ERROR): free its slot.
+    fn finish_slot(&mut self, idx: usize, id: u64) -> Option<Slot> {
+        let link = &mut self.links[idx];
+        let slot = link.slots.remove(&id)?;
+        link.completed += 1;
+        Some(slot)
+    }
+
+    /// Resolve a finished request with a value (`Ok`) or an exception (`Err`).
+    fn resolve(
+        &mut self,
+        py: Python<'_>,
+        id: u64,
+        target: Target,
+        outcome: Result<Bound<'_, PyAny>, PyErr>,
+    ) {
+        match target {
+            Target::Ask(fut) => {
+                let fut = fut.bind(py);
+                if !is_done(py, fut) {
+                    match outcome {
+                        Ok(v) => set_result(py, fut, &v),
+                        Err(e) => set_exception_obj(py, fut, e.into_value(py).bind(py)),
+                    }
+                }
+            }
+            Target::Stream => {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    if s.cancelled {
+                        self.streams.remove(&id);
+                    } else {
+                        s.finish(
+                            py,
+                            outcome.map(|_| ()).map_err(|e| e.into_value(py).into_any()),
+                        );
+                    }
                 }
             }
         }
@@ -239,97 +310,125 @@ impl PoolCore {
         env: &frame::Envelope<'_>,
         fx: &mut Effects,
     ) {
-        let link = &mut self.links[idx];
-        let wid = link.id;
-        match (env.kind(), link.state) {
-            (Some(Kind::Reply), LinkState::Ready | LinkState::Draining) => {
-                if let Some(slot) = link.slots.remove(&env.id) {
-                    link.completed += 1;
-                    let fut = slot.fut.bind(py);
-                    if !is_done(py, fut) {
-                        match codec::decode(py, env.body) {
-                            Ok(v) => set_result(py, fut, &v),
-                            Err(e) => set_exception(
-                                py,
-                                fut,
-                                errors::serialization(
-                                    py,
-                                    format!("reply from worker {wid} (pid {}) could not be decoded: {e}", link.pid),
-                                ),
+        let (wid, pid, state) = (
+            self.links[idx].id,
+            self.links[idx].pid,
+            self.links[idx].state,
+        );
+        let serving = matches!(state, LinkState::Ready | LinkState::Draining);
+        match env.kind() {
+            Some(Kind::Reply) if serving => {
+                if let Some(slot) = self.finish_slot(idx, env.id) {
+                    let v = codec::decode(py, env.body).map_err(|e| {
+                        errors::serialization(
+                            py,
+                            format!(
+                                "reply from worker {wid} (pid {pid}) could not be decoded: {e}"
                             ),
+                        )
+                    });
+                    self.resolve(py, env.id, slot.target, v);
+                }
+            }
+            Some(Kind::Error) if serving => {
+                if let Some(slot) = self.finish_slot(idx, env.id) {
+                    let exc = match codec::decode(py, env.body) {
+                        Ok(info) => errors::make(py, "_from_worker", (info, wid, pid)),
+                        Err(e) => errors::protocol(
+                            py,
+                            format!("error reply from worker {wid} (pid {pid}) could not be decoded: {e}"),
+                        ),
+                    };
+                    self.resolve(py, env.id, slot.target, Err(exc));
+                }
+            }
+            Some(Kind::Item) if serving => {
+                let decoded = codec::decode(py, env.body);
+                let Some(s) = self.streams.get_mut(&env.id) else {
+                    return;
+                };
+                if !s.cancelled {
+                    match decoded {
+                        Ok(v) => {
+                            s.items.push_back(v.unbind());
+                            s.wake(py);
+                        }
+                        Err(e) => {
+                            let exc = errors::serialization(
+                                py,
+                                format!("stream item from worker {wid} (pid {pid}) could not be decoded: {e}"),
+                            );
+                            s.finish(py, Err(exc.into_value(py).into_any()));
                         }
                     }
                 }
-            }
-            (Some(Kind::Error), LinkState::Ready | LinkState::Draining) => {
-                if let Some(slot) = link.slots.remove(&env.id) {
-                    link.completed += 1;
-                    let fut = slot.fut.bind(py);
-                    if !is_done(py, fut) {
-                        let exc = match codec::decode(py, env.body) {
-                            Ok(info) => errors::make(py, "_from_worker", (info, wid, link.pid)),
-                            Err(e) => errors::protocol(
-                                py,
-                                format!("error reply from worker {wid} (pid {}) could not be decoded: {e}", link.pid),
-                            ),
-                        };
-                        set_exception(py, fut, exc);
+                if env.is_final() {
+                    if let Some(slot) = self.finish_slot(idx, env.id) {
+                        self.resolve(py, env.id, slot.target, Ok(py.None().into_bound(py)));
                     }
                 }
             }
-            (Some(Kind::Started), LinkState::Ready | LinkState::Draining) => {
-                if let Some(slot) = link.slots.get_mut(&env.id) {
+            Some(Kind::End) if serving => {
+                if let Some(slot) = self.finish_slot(idx, env.id) {
+                    self.resolve(py, env.id, slot.target, Ok(py.None().into_bound(py)));
+                }
+            }
+            Some(Kind::Started) if serving => {
+                if let Some(slot) = self.links[idx].slots.get_mut(&env.id) {
                     slot.frame = None;
                 }
             }
-            (Some(Kind::Hello), LinkState::Connecting) => {
-                let verdict = match Hello::decode(env.body, PROTOCOL_VERSION) {
-                    Err(e) => Err(e.to_string()),
-                    Ok(h) if !secrets_equal(&h.secret, &self.secret) => {
-                        Err("the peer did not present this pool's secret".to_string())
-                    }
-                    Ok(h) if h.worker_id != wid => Err(format!(
-                        "the peer claims worker id {}, expected {wid}",
-                        h.worker_id
-                    )),
-                    Ok(h) if h.pid != link.pid => Err(format!(
-                        "the peer claims pid {}, but worker {wid} is pid {}",
-                        h.pid, link.pid
-                    )),
-                    Ok(_) => Ok(()),
+            Some(Kind::Callback) if serving => {
+                let trace = env.trace.map(|t| String::from_utf8_lossy(t).into_owned());
+                let payload = match codec::decode(py, env.body) {
+                    Ok(body) => (env.id, body, trace)
+                        .into_pyobject(py)
+                        .map(|t| t.into_any().unbind()),
+                    Err(e) => (
+                        env.id,
+                        format!("callback request could not be decoded: {e}"),
+                        trace,
+                    )
+                        .into_pyobject(py)
+                        .map(|t| t.into_any().unbind()),
                 };
-                match verdict {
-                    Ok(()) => {
-                        let mut f = Vec::with_capacity(self.welcome.len() + 16);
-                        frame::write_frame(&mut f, Kind::Welcome as u8, 0, None, &self.welcome);
-                        link.state = LinkState::Loading;
-                        if let Err(e) = link.send_now(&f) {
-                            fx.events.push((wid, "io_error", lazy_str(e.to_string())));
-                        }
-                    }
-                    Err(reason) => {
-                        let mut f = Vec::new();
-                        frame::write_frame(&mut f, Kind::Reject as u8, 0, None, reason.as_bytes());
-                        let _ = link.send_now(&f);
-                        fx.events.push((wid, "rejected", lazy_str(reason)));
-                    }
+                if let Ok(p) = payload {
+                    fx.events.push((wid, "callback", p));
                 }
             }
-            (Some(Kind::Ready), LinkState::Loading) => {
-                link.state = LinkState::Ready;
+            Some(Kind::Credit) if serving => {
+                let n = env
+                    .body
+                    .get(..4)
+                    .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+                if let Ok(p) = (env.id, n).into_pyobject(py) {
+                    fx.events
+                        .push((wid, "callback_credit", p.into_any().unbind()));
+                }
+            }
+            Some(Kind::Cancel) if serving => {
+                let p = env.id.into_pyobject(py).expect("int");
+                fx.events
+                    .push((wid, "callback_cancel", p.into_any().unbind()));
+            }
+            Some(Kind::Hello) if state == LinkState::Connecting => {
+                self.handle_hello(py, idx, env.body, fx)
+            }
+            Some(Kind::Ready) if state == LinkState::Loading => {
+                self.links[idx].state = LinkState::Ready;
                 let info = codec::decode(py, env.body)
                     .map(|v| v.unbind())
                     .unwrap_or_else(|_| py.None());
                 fx.events.push((wid, "ready", info));
             }
-            (Some(Kind::StartupFailed), LinkState::Loading) => {
+            Some(Kind::StartupFailed) if state == LinkState::Loading => {
                 let info = codec::decode(py, env.body)
                     .map(|v| v.unbind())
                     .unwrap_or_else(|_| py.None());
-                link.state = LinkState::Draining;
+                self.links[idx].state = LinkState::Draining;
                 fx.events.push((wid, "startup_failed", info));
             }
-            (kind, state) => {
+            kind => {
                 let what = match kind {
                     Some(k) => format!(
                         "unexpected {} frame while the worker is {state:?}",
@@ -337,25 +436,105 @@ impl PoolCore {
                     ),
                     None => format!("unknown frame kind {}", env.kind),
                 };
-                let message = format!(
-                    "worker {wid} (pid {}) sent {what} (id {})",
-                    link.pid, env.id
-                );
-                if let Some(slot) = link.slots.remove(&env.id) {
-                    set_exception(py, slot.fut.bind(py), errors::protocol(py, message.clone()));
+                let message = format!("worker {wid} (pid {pid}) sent {what} (id {})", env.id);
+                if serving {
+                    if let Some(slot) = self.finish_slot(idx, env.id) {
+                        self.resolve(
+                            py,
+                            env.id,
+                            slot.target,
+                            Err(errors::protocol(py, message.clone())),
+                        );
+                    }
                 }
-                let fatal = state != LinkState::Ready && state != LinkState::Draining;
-                fx.events.push((
-                    wid,
-                    if fatal {
-                        "protocol_error"
-                    } else {
-                        "protocol_warning"
-                    },
-                    lazy_str(message),
-                ));
+                let name = if serving {
+                    "protocol_warning"
+                } else {
+                    "protocol_error"
+                };
+                fx.events.push((wid, name, pystr(py, &message)));
             }
         }
+    }
+
+    fn handle_hello(&mut self, py: Python<'_>, idx: usize, body: &[u8], fx: &mut Effects) {
+        let link = &mut self.links[idx];
+        let wid = link.id;
+        let verdict = match Hello::decode(body, PROTOCOL_VERSION) {
+            Err(e) => Err(e.to_string()),
+            Ok(h) if !secrets_equal(&h.secret, &self.secret) => {
+                Err("the peer did not present this pool's secret".into())
+            }
+            Ok(h) if h.worker_id != wid => Err(format!(
+                "the peer claims worker id {}, expected {wid}",
+                h.worker_id
+            )),
+            Ok(h) if h.pid != link.pid => Err(format!(
+                "the peer claims pid {}, but worker {wid} is pid {}",
+                h.pid, link.pid
+            )),
+            Ok(_) => Ok(()),
+        };
+        match verdict {
+            Ok(()) => {
+                let mut f = Vec::with_capacity(self.welcome.len() + 16);
+                frame::write_frame(&mut f, Kind::Welcome as u8, 0, None, &self.welcome);
+                link.state = LinkState::Loading;
+                if let Err(e) = link.send_now(&f) {
+                    fx.events.push((wid, "io_error", pystr(py, &e.to_string())));
+                }
+            }
+            Err(reason) => {
+                let mut f = Vec::new();
+                frame::write_frame(&mut f, Kind::Reject as u8, 0, None, reason.as_bytes());
+                let _ = link.send_now(&f);
+                fx.events.push((wid, "rejected", pystr(py, &reason)));
+            }
+        }
+    }
+
+    fn encode_request(
+        &self,
+        py: Python<'_>,
+        kind: Kind,
+        id: u64,
+        msg: &Bound<'_, PyAny>,
+        trace: Option<&str>,
+    ) -> PyResult<Vec<u8>> {
+        let mut buf = Vec::with_capacity(128);
+        let trace = trace
+            .map(str::as_bytes)
+            .filter(|t| t.len() <= frame::MAX_TRACE_LEN);
+        let start = frame::begin_frame(&mut buf, kind as u8, id, trace);
+        codec::encode_into(&mut buf, msg)
+            .map_err(|e| errors::serialization(py, e.describe("message")))?;
+        let size = buf.len() - frame::LEN_PREFIX;
+        if size > self.max_frame {
+            return Err(errors::protocol(
+                py,
+                oversize_message("the request frame", size, self.max_frame),
+            ));
+        }
+        frame::finish_frame(&mut buf, start).expect("checked against max_frame");
+        Ok(buf)
+    }
+
+    fn enqueue(
+        &mut self,
+        py: Python<'_>,
+        id: u64,
+        frame: Vec<u8>,
+        target: Target,
+        fx: &mut Effects,
+    ) {
+        self.asks += 1;
+        if self.queue.is_empty() {
+            if let Some(idx) = self.pick() {
+                self.send_to(py, idx, id, frame, target, fx);
+                return;
+            }
+        }
+        self.queue.push_back(Queued { id, frame, target });
     }
 
     fn run_effects(slf: &Bound<'_, Self>, fx: Effects) -> PyResult<()> {
@@ -387,37 +566,27 @@ impl PoolCore {
         }
         Ok(())
     }
-}
 
-fn lazy_str(s: String) -> PyObject {
-    // SAFETY-free: every caller runs with the GIL held (inside a #[pymethods] call).
-    Python::attach(|py| pyo3::types::PyString::new(py, &s).into_any().unbind())
-}
-
-fn is_done(py: Python<'_>, fut: &Bound<'_, PyAny>) -> bool {
-    fut.call_method0(intern!(py, "done"))
-        .and_then(|d| d.is_truthy())
-        .unwrap_or(true)
-}
-
-fn set_result(py: Python<'_>, fut: &Bound<'_, PyAny>, v: &Bound<'_, PyAny>) {
-    if let Err(e) = fut.call_method1(intern!(py, "set_result"), (v,)) {
-        e.write_unraisable(py, Some(fut));
-    }
-}
-
-fn set_exception(py: Python<'_>, fut: &Bound<'_, PyAny>, exc: PyErr) {
-    if is_done(py, fut) {
-        return;
-    }
-    if let Err(e) = fut.call_method1(intern!(py, "set_exception"), (exc.into_value(py),)) {
-        e.write_unraisable(py, Some(fut));
+    /// Run `f` on the borrowed core, then its effects.
+    fn with<'py, R>(
+        slf: &Bound<'py, Self>,
+        f: impl FnOnce(&mut Self, Python<'py>, &mut Effects) -> PyResult<R>,
+    ) -> PyResult<R> {
+        let py = slf.py();
+        let mut fx = Effects::default();
+        let r = {
+            let mut core = slf.borrow_mut();
+            f(&mut core, py, &mut fx)
+        };
+        Self::run_effects(slf, fx)?;
+        r
     }
 }
 
 #[pymethods]
 impl PoolCore {
     /// `window` = requests in flight per worker (max_concurrency + prefetch);
+    /// `stream_window` = stream items a worker may send ahead of the consumer;
     /// `welcome` = the config dict sent to each worker after its HELLO.
     #[new]
     fn new(
@@ -427,6 +596,7 @@ impl PoolCore {
         welcome: &Bound<'_, PyAny>,
         max_frame_bytes: usize,
         window: usize,
+        stream_window: u32,
     ) -> PyResult<Self> {
         let py = welcome.py();
         let welcome = codec::encode_to_vec(welcome)
@@ -434,9 +604,11 @@ impl PoolCore {
         Ok(PoolCore {
             links: Vec::new(),
             queue: VecDeque::new(),
+            streams: HashMap::new(),
             next_id: 1,
             max_frame: max_frame_bytes,
             window: window.max(1),
+            stream_window: stream_window.max(1),
             secret,
             welcome,
             flush_scheduled: false,
@@ -450,106 +622,201 @@ impl PoolCore {
     fn add_worker(&mut self, worker_id: u32, pid: u32, fd: i32) {
         // SAFETY: the caller hands over ownership of fd, a connected Unix stream socket.
         let sock = unsafe { UnixStream::from_raw_fd(fd) };
-        // Worker → parent frames may be as large as the limit plus the reply's envelope.
-        self.links.push(Link {
-            id: worker_id,
-            pid,
-            sock,
-            state: LinkState::Connecting,
-            reader: Some(FrameReader::new(self.max_frame)),
-            out: Vec::new(),
-            out_pos: 0,
-            writer_armed: false,
-            slots: HashMap::new(),
-            completed: 0,
-        });
+        self.links
+            .push(Link::new(worker_id, pid, sock, self.max_frame));
     }
 
     /// Encode `msg` and send it to the least-loaded worker, or queue it (FIFO) until one has
-    /// room. Raises SerializationError or ProtocolError (oversize) without sending anything.
+    /// room; `fut` gets the reply. Raises SerializationError or ProtocolError (oversize)
+    /// without sending anything. Returns the request id.
     #[pyo3(signature = (msg, fut, trace=None))]
     fn submit(
         slf: &Bound<'_, Self>,
         msg: &Bound<'_, PyAny>,
         fut: PyObject,
         trace: Option<&str>,
-    ) -> PyResult<()> {
-        let py = slf.py();
-        let mut fx = Effects::default();
-        {
-            let mut core = slf.borrow_mut();
+    ) -> PyResult<u64> {
+        Self::with(slf, |core, py, fx| {
             let id = core.next_id;
-            let mut buf = Vec::with_capacity(128);
-            let trace = trace
-                .map(str::as_bytes)
-                .filter(|t| t.len() <= frame::MAX_TRACE_LEN);
-            let start = frame::begin_frame(&mut buf, Kind::Request as u8, id, trace);
-            codec::encode_into(&mut buf, msg)
-                .map_err(|e| errors::serialization(py, e.describe("message")))?;
+            let frame = core.encode_request(py, Kind::Request, id, msg, trace)?;
+            core.next_id += 1;
+            core.enqueue(py, id, frame, Target::Ask(fut), fx);
+            Ok(id)
+        })
+    }
+
+    /// Like `submit`, for a generator handler: items collect in a stream buffer read with
+    /// `stream_take`. Returns the request id.
+    #[pyo3(signature = (msg, trace=None))]
+    fn submit_stream(
+        slf: &Bound<'_, Self>,
+        msg: &Bound<'_, PyAny>,
+        trace: Option<&str>,
+    ) -> PyResult<u64> {
+        Self::with(slf, |core, py, fx| {
+            let id = core.next_id;
+            let frame = core.encode_request(py, Kind::RequestStream, id, msg, trace)?;
+            core.next_id += 1;
+            core.streams.insert(id, StreamBuf::new());
+            core.enqueue(py, id, frame, Target::Stream, fx);
+            Ok(id)
+        })
+    }
+
+    /// Take every buffered item of stream `id`. Returns `(items, finished)`; raises the
+    /// stream's exception once its items are exhausted. Taking items grants the worker credit.
+    fn stream_take<'py>(slf: &Bound<'py, Self>, id: u64) -> PyResult<(Bound<'py, PyList>, bool)> {
+        Self::with(slf, |core, py, fx| {
+            let Some(s) = core.streams.get_mut(&id) else {
+                return Err(PyKeyError::new_err(format!("no stream {id}")));
+            };
+            if s.items.is_empty() {
+                return match s.outcome.take() {
+                    None => Ok((PyList::empty(py), false)),
+                    Some(outcome) => {
+                        core.streams.remove(&id);
+                        match outcome {
+                            Ok(()) => Ok((PyList::empty(py), true)),
+                            Err(exc) => Err(PyErr::from_value(exc.into_bound(py))),
+                        }
+                    }
+                };
+            }
+            let n = s.items.len() as u32;
+            let items = PyList::new(py, s.items.drain(..))?;
+            s.taken += n;
+            if s.outcome.is_none() && s.taken >= (core.stream_window / 2).max(1) {
+                let credit = s.taken;
+                s.taken = 0;
+                if let Some(wid) = s.worker {
+                    core.control(py, wid, Kind::Credit, id, &credit.to_le_bytes(), fx);
+                }
+            }
+            Ok((items, false))
+        })
+    }
+
+    /// Resolve `fut` (with None) when stream `id` has items or has finished.
+    fn stream_wait(&mut self, py: Python<'_>, id: u64, fut: PyObject) -> PyResult<()> {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Err(PyKeyError::new_err(format!("no stream {id}")));
+        };
+        s.waiter = Some(fut);
+        if !s.items.is_empty() || s.outcome.is_some() {
+            s.wake(py);
+        }
+        Ok(())
+    }
+
+    /// Stop stream `id`: a queued request is dropped, a running one is cancelled in the worker
+    /// (its generator's `finally` runs); items still arriving are discarded.
+    fn stream_cancel(slf: &Bound<'_, Self>, id: u64) -> PyResult<()> {
+        Self::with(slf, |core, py, fx| {
+            let Some(s) = core.streams.get_mut(&id) else {
+                return Ok(());
+            };
+            s.items.clear();
+            if s.outcome.is_some() || s.worker.is_none() {
+                core.streams.remove(&id); // finished, or still queued (dispatch skips it)
+                return Ok(());
+            }
+            s.cancelled = true;
+            let wid = s.worker.expect("checked");
+            core.control(py, wid, Kind::Cancel, id, b"", fx);
+            Ok(())
+        })
+    }
+
+    /// Cancel request `id` in the worker running it (an `ask` whose caller gave up).
+    fn cancel(slf: &Bound<'_, Self>, id: u64) -> PyResult<()> {
+        Self::with(slf, |core, py, fx| {
+            if let Some(wid) = core
+                .links
+                .iter()
+                .find(|l| l.slots.contains_key(&id))
+                .map(|l| l.id)
+            {
+                core.control(py, wid, Kind::Cancel, id, b"", fx);
+            }
+            Ok(())
+        })
+    }
+
+    /// Send an answer frame for callback `id` to a worker: ITEM (with `final`), END or ERROR.
+    /// Raises SerializationError/ProtocolError for a value that cannot be sent. Returns False
+    /// if the worker is gone.
+    #[pyo3(signature = (worker_id, kind, id, value=None, is_final=false))]
+    fn send(
+        slf: &Bound<'_, Self>,
+        worker_id: u32,
+        kind: u8,
+        id: u64,
+        value: Option<&Bound<'_, PyAny>>,
+        is_final: bool,
+    ) -> PyResult<bool> {
+        Self::with(slf, |core, py, fx| {
+            let Some(idx) = core.link_index(worker_id) else {
+                return Ok(false);
+            };
+            let mut buf = Vec::with_capacity(64);
+            let start = frame::begin_frame(&mut buf, kind, id, None);
+            if is_final {
+                frame::mark_final(&mut buf, start);
+            }
+            if let Some(v) = value {
+                codec::encode_into(&mut buf, v)
+                    .map_err(|e| errors::serialization(py, e.describe("item")))?;
+            }
             let size = buf.len() - frame::LEN_PREFIX;
             if size > core.max_frame {
                 return Err(errors::protocol(
                     py,
-                    oversize_message("the request frame", size, core.max_frame),
+                    oversize_message("the callback item", size, core.max_frame),
                 ));
             }
             frame::finish_frame(&mut buf, start).expect("checked against max_frame");
-            core.next_id += 1;
-            core.asks += 1;
-            if core.queue.is_empty() {
-                if let Some(idx) = core.pick() {
-                    core.send_to(idx, id, buf, fut, &mut fx, true);
-                } else {
-                    core.queue.push_back(Queued {
-                        id,
-                        frame: buf,
-                        fut,
-                    });
+            let link = &mut core.links[idx];
+            match link.send_now(&buf) {
+                Ok(()) if link.pending_out() && !link.writer_armed => {
+                    link.writer_armed = true;
+                    fx.arm_writers.push((link.id, link.sock.as_raw_fd()));
                 }
-            } else {
-                core.queue.push_back(Queued {
-                    id,
-                    frame: buf,
-                    fut,
-                });
+                Ok(()) => {}
+                Err(e) => fx
+                    .events
+                    .push((link.id, "io_error", pystr(py, &e.to_string()))),
             }
-        }
-        Self::run_effects(slf, fx)
+            Ok(true)
+        })
     }
 
     /// Called by the loop when a worker socket is readable.
     fn on_readable(slf: &Bound<'_, Self>, worker_id: u32) -> PyResult<()> {
-        let py = slf.py();
-        let mut fx = Effects::default();
-        {
-            let mut core = slf.borrow_mut();
-            let core = &mut *core;
+        Self::with(slf, |core, py, fx| {
             let Some(idx) = core.link_index(worker_id) else {
                 return Ok(());
             };
             let mut reader = core.links[idx].reader.take().expect("reader present");
+            let (wid, pid) = (core.links[idx].id, core.links[idx].pid);
             loop {
-                let link = &mut core.links[idx];
-                let n = match reader.read_from(&mut link.sock) {
+                let n = match reader.read_from(&mut core.links[idx].sock) {
                     Ok(0) => {
-                        fx.events.push((worker_id, "eof", py.None()));
+                        fx.events.push((wid, "eof", py.None()));
                         break;
                     }
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        fx.events
-                            .push((worker_id, "io_error", lazy_str(e.to_string())));
+                        fx.events.push((wid, "io_error", pystr(py, &e.to_string())));
                         break;
                     }
                 };
-                let (wid, pid) = (link.id, link.pid);
                 let mut broken = None;
                 loop {
                     match reader.next_event() {
                         Ok(None) => break,
-                        Ok(Some(Event::Frame(env))) => core.handle_frame(py, idx, &env, &mut fx),
+                        Ok(Some(Event::Frame(env))) => core.handle_frame(py, idx, &env, fx),
                         Ok(Some(Event::Oversize {
                             kind,
                             id,
@@ -560,14 +827,16 @@ impl PoolCore {
                                 "worker {wid} (pid {pid}) sent a {} frame of {size} bytes, over max_frame_bytes={limit}",
                                 Kind::from_u8(kind).map_or("unknown", |k| k.name())
                             );
-                            if let Some(slot) = core.links[idx].slots.remove(&id) {
-                                set_exception(
+                            if let Some(slot) = core.finish_slot(idx, id) {
+                                core.resolve(
                                     py,
-                                    slot.fut.bind(py),
-                                    errors::protocol(py, message.clone()),
+                                    id,
+                                    slot.target,
+                                    Err(errors::protocol(py, message.clone())),
                                 );
                             }
-                            fx.events.push((wid, "protocol_warning", lazy_str(message)));
+                            fx.events
+                                .push((wid, "protocol_warning", pystr(py, &message)));
                         }
                         Err(e) => {
                             broken = Some(format!("worker {wid} (pid {pid}): {e}"));
@@ -576,7 +845,7 @@ impl PoolCore {
                     }
                 }
                 if let Some(msg) = broken {
-                    fx.events.push((worker_id, "protocol_error", lazy_str(msg)));
+                    fx.events.push((wid, "protocol_error", pystr(py, &msg)));
                     break;
                 }
                 if n < 16 * 1024 {
@@ -584,79 +853,60 @@ impl PoolCore {
                 }
             }
             core.links[idx].reader = Some(reader);
-            core.dispatch(py, &mut fx);
-            core.flush_links(&mut fx);
-        }
-        Self::run_effects(slf, fx)
+            core.dispatch(py, fx);
+            core.flush_links(py, fx);
+            Ok(())
+        })
     }
 
     /// Called by the loop when a worker socket with buffered output is writable.
     fn on_writable(slf: &Bound<'_, Self>, worker_id: u32) -> PyResult<()> {
-        let mut fx = Effects::default();
-        {
-            let mut core = slf.borrow_mut();
+        Self::with(slf, |core, py, fx| {
             if let Some(idx) = core.link_index(worker_id) {
                 let link = &mut core.links[idx];
-                match link.write_out() {
-                    Ok(()) if !link.pending_out() => {
-                        link.writer_armed = false;
-                        fx.disarm_writers.push(link.sock.as_raw_fd());
-                    }
-                    Ok(()) => {}
-                    Err(e) => {
-                        link.writer_armed = false;
-                        fx.disarm_writers.push(link.sock.as_raw_fd());
-                        fx.events
-                            .push((worker_id, "io_error", lazy_str(e.to_string())));
-                    }
+                let result = link.write_out();
+                if result.is_err() || !link.pending_out() {
+                    link.writer_armed = false;
+                    fx.disarm_writers.push(link.sock.as_raw_fd());
+                }
+                if let Err(e) = result {
+                    fx.events
+                        .push((worker_id, "io_error", pystr(py, &e.to_string())));
                 }
             }
-        }
-        Self::run_effects(slf, fx)
+            Ok(())
+        })
     }
 
     /// Write coalesced requests (scheduled once per loop iteration by `submit`).
     fn flush(slf: &Bound<'_, Self>) -> PyResult<()> {
-        let mut fx = Effects::default();
-        {
-            let mut core = slf.borrow_mut();
+        Self::with(slf, |core, py, fx| {
             core.flush_scheduled = false;
-            core.flush_links(&mut fx);
-        }
-        Self::run_effects(slf, fx)
+            core.flush_links(py, fx);
+            Ok(())
+        })
     }
 
     /// Move queued requests to workers with room (after a worker became ready).
     fn dispatch_queued(slf: &Bound<'_, Self>) -> PyResult<()> {
-        let py = slf.py();
-        let mut fx = Effects::default();
-        {
-            let mut core = slf.borrow_mut();
-            core.dispatch(py, &mut fx);
-            core.flush_links(&mut fx);
-        }
-        Self::run_effects(slf, fx)
+        Self::with(slf, |core, py, fx| {
+            core.dispatch(py, fx);
+            core.flush_links(py, fx);
+            Ok(())
+        })
     }
 
-    /// Send a control frame (e.g. SHUTDOWN) to one worker, best effort.
-    fn send_control(&mut self, worker_id: u32, kind: u8) {
-        if let Some(idx) = self.link_index(worker_id) {
-            let link = &mut self.links[idx];
-            let mut f = Vec::with_capacity(16);
-            frame::write_frame(&mut f, kind, 0, None, b"");
-            let _ = link.send_now(&f);
-            let _ = link.write_out();
-            if link.state == LinkState::Ready {
-                link.state = LinkState::Draining;
+    /// Send a control frame (e.g. SHUTDOWN) to one worker, best effort; it gets no new work.
+    fn send_control(slf: &Bound<'_, Self>, worker_id: u32, kind: u8) -> PyResult<()> {
+        Self::with(slf, |core, py, fx| {
+            if let Some(kind) = Kind::from_u8(kind) {
+                core.control(py, worker_id, kind, 0, b"", fx);
             }
-        }
-    }
-
-    /// Stop sending new work to a worker (it keeps its in-flight requests).
-    fn drain_worker(&mut self, worker_id: u32) {
-        if let Some(idx) = self.link_index(worker_id) {
-            self.links[idx].state = LinkState::Draining;
-        }
+            if let Some(idx) = core.link_index(worker_id) {
+                core.links[idx].state = LinkState::Draining;
+            }
+            Ok(())
+        })
     }
 
     /// Forget a worker whose process is gone. Requests it had started fail with `exc`;
@@ -667,10 +917,7 @@ impl PoolCore {
         worker_id: u32,
         exc: &Bound<'_, PyAny>,
     ) -> PyResult<(usize, usize)> {
-        let py = slf.py();
-        let mut fx = Effects::default();
-        let counts = {
-            let mut core = slf.borrow_mut();
+        Self::with(slf, |core, py, fx| {
             let Some(idx) = core.link_index(worker_id) else {
                 return Ok((0, 0));
             };
@@ -685,50 +932,41 @@ impl PoolCore {
                     Some(frame) => unstarted.push(Queued {
                         id,
                         frame,
-                        fut: slot.fut,
+                        target: slot.target,
                     }),
                     None => {
                         failed += 1;
-                        let fut = slot.fut.bind(py);
-                        if !is_done(py, fut) {
-                            let _ = fut.call_method1(intern!(py, "set_exception"), (exc,));
-                        }
+                        core.resolve(py, id, slot.target, Err(PyErr::from_value(exc.clone())));
                     }
                 }
             }
             unstarted.sort_by_key(|q| q.id);
             let requeued = unstarted.len();
             for q in unstarted.into_iter().rev() {
+                if let Some(s) = core.streams.get_mut(&q.id) {
+                    s.worker = None;
+                }
                 core.queue.push_front(q);
             }
-            core.dispatch(py, &mut fx);
-            core.flush_links(&mut fx);
-            (failed, requeued)
-        };
-        Self::run_effects(slf, fx)?;
-        Ok(counts)
+            core.dispatch(py, fx);
+            core.flush_links(py, fx);
+            Ok((failed, requeued))
+        })
     }
 
     /// Fail every queued request with `exc` (no worker can take them). Returns the count.
     fn fail_queued(&mut self, py: Python<'_>, exc: &Bound<'_, PyAny>) -> usize {
-        let n = self.queue.len();
-        for q in self.queue.drain(..) {
-            let fut = q.fut.bind(py);
-            if !is_done(py, fut) {
-                let _ = fut.call_method1(intern!(py, "set_exception"), (exc,));
-            }
+        let queued: Vec<Queued> = self.queue.drain(..).collect();
+        let n = queued.len();
+        for q in queued {
+            self.resolve(py, q.id, q.target, Err(PyErr::from_value(exc.clone())));
         }
         n
     }
 
-    /// Every future still waiting: queued or in flight.
-    fn pending_futures<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let futs = self.queue.iter().map(|q| q.fut.clone_ref(py)).chain(
-            self.links
-                .iter()
-                .flat_map(|l| l.slots.values().map(|s| s.fut.clone_ref(py))),
-        );
-        PyList::new(py, futs)
+    /// Requests not finished yet: queued in the parent or in flight on a worker.
+    fn outstanding(&self) -> usize {
+        self.queue.len() + self.links.iter().map(Link::in_flight).sum::<usize>()
     }
 
     /// (worker_id, pid, state, in_flight, completed) for each connected worker.
@@ -742,16 +980,7 @@ impl PoolCore {
                     LinkState::Ready => "ready",
                     LinkState::Draining => "stopping",
                 };
-                PyTuple::new(
-                    py,
-                    [
-                        l.id.into_pyobject(py)?.into_any(),
-                        l.pid.into_pyobject(py)?.into_any(),
-                        state.into_pyobject(py)?.into_any(),
-                        l.in_flight().into_pyobject(py)?.into_any(),
-                        l.completed.into_pyobject(py)?.into_any(),
-                    ],
-                )
+                (l.id, l.pid, state, l.in_flight(), l.completed).into_pyobject(py)
             })
             .collect()
     }
@@ -766,6 +995,12 @@ impl PoolCore {
     #[getter]
     fn asks(&self) -> u64 {
         self.asks
+    }
+
+    /// Open stream buffers (for tests of flow control).
+    #[getter]
+    fn open_streams(&self) -> usize {
+        self.streams.len()
     }
 
     #[getter]

@@ -9,6 +9,7 @@ mod channel;
 mod codec;
 mod core;
 mod errors;
+mod link;
 mod spawn;
 
 use pyo3::prelude::*;

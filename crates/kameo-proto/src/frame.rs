@@ -17,10 +17,19 @@ pub const ENVELOPE_HEADER: usize = 1 + 1 + 8;
 pub const MIN_FRAME: usize = LEN_PREFIX + ENVELOPE_HEADER;
 /// Flag bit: a trace context follows the header.
 pub const FLAG_TRACE: u8 = 0x01;
+/// Flag bit on ITEM: this is the last item of the stream (an END is implied).
+pub const FLAG_FINAL: u8 = 0x02;
+/// Every flag bit this version knows.
+pub const KNOWN_FLAGS: u8 = FLAG_TRACE | FLAG_FINAL;
 /// Longest accepted trace context.
 pub const MAX_TRACE_LEN: usize = 255;
 
 /// Frame kinds. Numbers are part of the protocol and never reused.
+///
+/// A *call* is opened by REQUEST or REQUEST_STREAM (parent → worker, id chosen by the parent) or
+/// by CALLBACK (worker → parent, id chosen by the worker). The answering side sends REPLY,
+/// ITEM*/END or ERROR with the same id; the calling side sends CREDIT (stream flow control) and
+/// CANCEL. The direction of a frame tells which id space its id belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Kind {
@@ -42,8 +51,18 @@ pub enum Kind {
     Reply = 18,
     /// worker → parent: the request failed; body = encoded error dict.
     Error = 19,
-    /// parent → worker: cancel the request with this id (empty body).
+    /// caller → callee: cancel the call with this id (empty body).
     Cancel = 20,
+    /// parent → worker: run the handler as a generator and stream its items back.
+    RequestStream = 21,
+    /// callee → caller: one stream item (body = encoded value); FLAG_FINAL marks the last.
+    Item = 22,
+    /// callee → caller: the stream ended normally (empty body).
+    End = 23,
+    /// caller → callee: the caller consumed n more items (body = n as u32le).
+    Credit = 24,
+    /// worker → parent: call a parent handler; body = encoded (path, data, request id).
+    Callback = 25,
     /// parent → worker: finish in-flight work, then exit (empty body).
     Shutdown = 32,
 }
@@ -62,6 +81,11 @@ impl Kind {
             18 => Kind::Reply,
             19 => Kind::Error,
             20 => Kind::Cancel,
+            21 => Kind::RequestStream,
+            22 => Kind::Item,
+            23 => Kind::End,
+            24 => Kind::Credit,
+            25 => Kind::Callback,
             32 => Kind::Shutdown,
             _ => return None,
         })
@@ -80,6 +104,11 @@ impl Kind {
             Kind::Reply => "reply",
             Kind::Error => "error",
             Kind::Cancel => "cancel",
+            Kind::RequestStream => "request_stream",
+            Kind::Item => "item",
+            Kind::End => "end",
+            Kind::Credit => "credit",
+            Kind::Callback => "callback",
             Kind::Shutdown => "shutdown",
         }
     }
@@ -125,6 +154,11 @@ pub fn begin_frame(out: &mut Vec<u8>, kind: u8, id: u64, trace: Option<&[u8]>) -
     start
 }
 
+/// Set FLAG_FINAL on the frame started at `start`.
+pub fn mark_final(out: &mut [u8], start: usize) {
+    out[start + LEN_PREFIX + 1] |= FLAG_FINAL;
+}
+
 /// Patch the length prefix of the frame started at `start`. Returns the frame's total size,
 /// or `None` if it does not fit the `u32` length (the caller must truncate `out` to `start`).
 pub fn finish_frame(out: &mut [u8], start: usize) -> Option<usize> {
@@ -148,6 +182,10 @@ pub struct Envelope<'a> {
 impl Envelope<'_> {
     pub fn kind(&self) -> Option<Kind> {
         Kind::from_u8(self.kind)
+    }
+
+    pub fn is_final(&self) -> bool {
+        self.flags & FLAG_FINAL != 0
     }
 }
 
@@ -347,7 +385,7 @@ pub fn parse_envelope(e: &[u8]) -> Result<Envelope<'_>, FrameError> {
     let kind = e[0];
     let flags = e[1];
     let id = u64::from_le_bytes(e[2..10].try_into().expect("8 bytes"));
-    if flags & !FLAG_TRACE != 0 {
+    if flags & !KNOWN_FLAGS != 0 {
         return Err(FrameError::BadFlags { flags });
     }
     let mut pos = ENVELOPE_HEADER;
@@ -468,6 +506,17 @@ mod tests {
         r.feed(&3u32.to_le_bytes());
         r.feed(&[1, 2, 3]);
         assert_eq!(r.next_event(), Err(FrameError::TooShort { len: 3 }));
+
+        let mut w = Vec::new();
+        let start = begin_frame(&mut w, 22, 5, None);
+        mark_final(&mut w, start);
+        finish_frame(&mut w, start).unwrap();
+        let mut r = FrameReader::new(100);
+        r.feed(&w);
+        match r.next_event() {
+            Ok(Some(Event::Frame(e))) => assert!(e.is_final()),
+            other => panic!("{other:?}"),
+        }
 
         let mut w = Vec::new();
         write_frame(&mut w, 16, 5, None, b"");

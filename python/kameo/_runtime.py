@@ -1,0 +1,355 @@
+"""Worker-side runtime: routing of incoming frames, and callbacks into the parent.
+
+One :class:`Runtime` exists per worker process. The serving loop (``kameo._worker``) feeds it
+frames; handlers reach it through ``kameo.<module>.<Type>(data)`` and
+``await kameo.callback_handle(path, data)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import os
+import threading
+import traceback
+from collections import deque
+from typing import Any
+
+from kameo import _native
+from kameo.errors import CallbackNotFound, KameoError, RemoteError, _from_peer
+
+Channel = _native.Channel
+REQUEST = Channel.REQUEST
+REQUEST_STREAM = Channel.REQUEST_STREAM
+CANCEL = Channel.CANCEL
+SHUTDOWN = Channel.SHUTDOWN
+ITEM = Channel.ITEM
+END = Channel.END
+ERROR = Channel.ERROR
+CREDIT = Channel.CREDIT
+
+#: The W3C traceparent of the request being handled (worker) or of the callback being
+#: handled (parent); read it with ``kameo.current_traceparent()``.
+traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "kameo_traceparent", default=None
+)
+#: The id of the request being handled, so callbacks are tied to it.
+current_request: contextvars.ContextVar[int] = contextvars.ContextVar("kameo_request", default=0)
+
+_runtime: Runtime | None = None
+
+
+def current() -> Runtime | None:
+    """The worker runtime, or None outside a kameo worker."""
+    return _runtime
+
+
+def error_info(exc: BaseException) -> dict[str, str]:
+    """What the other side needs to rebuild ``exc``."""
+    if isinstance(exc, RemoteError):
+        type_name = exc.remote_type  # keep the original type through a chain of processes
+    else:
+        type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    kind = "callback_not_found" if isinstance(exc, CallbackNotFound) else "remote"
+    return {
+        "kind": kind,
+        "type": type_name,
+        "message": str(exc) if not isinstance(exc, RemoteError) else exc.remote_message,
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+class Runtime:
+    """Routes frames to requests and callbacks; owns the callback id space."""
+
+    def __init__(self, chan: Any, config: dict[str, Any], worker_id: int) -> None:
+        self.chan = chan
+        self.worker_id = worker_id
+        self.paths = frozenset(config.get("callbacks") or ())
+        self.modules: dict[str, frozenset[str]] = {}
+        for path in self.paths:
+            module, _, name = path.partition(".")
+            self.modules[module] = self.modules.get(module, frozenset()) | {name}
+        self.stream_window = max(1, int(config.get("stream_window", 64)))
+        self.calls: dict[int, CallbackCall] = {}
+        self.calls_by_request: dict[int, set[int]] = {}
+        self._next_cid = 0
+        # Sync mode state.
+        self.pending: deque[tuple[int, int, Any, str | None]] = deque()
+        self.cancelled: set[int] = set()
+        self.credits: dict[int, int] = {}
+        self.shutdown = False
+        self.eof = False
+        # Async mode hooks (set by the async serving loop).
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop_thread: int | None = None
+        self.on_request: Any = None
+        self.on_cancel: Any = None
+        self.on_credit: Any = None
+        self.flush_soon: Any = None
+
+    # -- callbacks ---------------------------------------------------------------------
+
+    def new_call(self, path: str, data: Any) -> CallbackCall:
+        if path not in self.paths:
+            known = ", ".join(sorted(self.paths)) or "none"
+            raise CallbackNotFound(
+                f"no parent handler registered for {path!r} (registered: {known})"
+            )
+        return CallbackCall(self, path, data)
+
+    def open_call(self, call: CallbackCall) -> int:
+        self._next_cid += 1
+        cid = self._next_cid
+        self.calls[cid] = call
+        rid = call.request_id
+        if rid:
+            self.calls_by_request.setdefault(rid, set()).add(cid)
+        self.chan.callback(cid, call.path, call.data, rid, call.trace)
+        self.flush()
+        return cid
+
+    def forget_call(self, cid: int, rid: int) -> None:
+        self.calls.pop(cid, None)
+        cids = self.calls_by_request.get(rid)
+        if cids is not None:
+            cids.discard(cid)
+
+    def end_request(self, rid: int) -> None:
+        """The request finished: cancel the callbacks it left open."""
+        for cid in self.calls_by_request.pop(rid, ()):
+            call = self.calls.pop(cid, None)
+            if call is not None:
+                call._abandon()
+
+    def flush(self) -> None:
+        if self.loop is not None and self.flush_soon is not None:
+            self.flush_soon(now=True)
+        else:
+            self.chan.flush()
+
+    # -- routing -----------------------------------------------------------------------
+
+    def route(self, frames: list[tuple[int, int, bool, Any, str | None]]) -> None:
+        chan = self.chan
+        for kind, fid, final, body, trace in frames:
+            if kind in (REQUEST, REQUEST_STREAM):
+                if self.on_request is not None:
+                    self.on_request(kind, fid, body, trace)
+                else:
+                    self.pending.append((kind, fid, body, trace))
+            elif kind in (ITEM, END, ERROR):
+                call = self.calls.get(fid)
+                if call is not None:
+                    call._deliver(kind, final, body)
+            elif kind == CREDIT:
+                if self.on_credit is not None:
+                    self.on_credit(fid, body)
+                else:
+                    self.credits[fid] = self.credits.get(fid, 0) + body
+            elif kind == CANCEL:
+                if self.on_cancel is not None:
+                    self.on_cancel(fid)
+                else:
+                    self.cancelled.add(fid)
+            elif kind == SHUTDOWN:
+                self.shutdown = True
+            else:
+                message = str(body) if isinstance(body, str) else f"unknown frame kind {kind}"
+                chan.error(
+                    fid, {"kind": "protocol", "type": "", "message": message, "traceback": ""}
+                )
+
+    def pump(self, block: bool) -> None:
+        """Sync mode: read and route frames (waiting for at least one with ``block``)."""
+        frames = self.chan.recv(block)
+        if frames is None:
+            self.eof = True
+            for call in list(self.calls.values()):
+                call._deliver(ERROR, True, {"kind": "protocol", "message": "parent went away"})
+        else:
+            self.route(frames)
+
+
+class CallbackCall:
+    """One call of a parent handler: an iterator of the items it yields.
+
+    Use ``async for`` in async handlers and ``for`` in sync ones. Breaking out of the loop (or
+    ``close()``/``aclose()``) cancels the parent handler.
+    """
+
+    def __init__(self, rt: Runtime, path: str, data: Any) -> None:
+        self.rt = rt
+        self.path = path
+        self.data = data
+        self.request_id = current_request.get()
+        self.trace = traceparent.get()
+        self.cid = 0
+        self.items: deque[Any] = deque()
+        self.done = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.unacked = 0
+
+    def __repr__(self) -> str:
+        return f"<kameo callback {self.path} id={self.cid}>"
+
+    def _deliver(self, kind: int, final: bool, body: Any) -> None:
+        if kind == ITEM:
+            self.items.append(body)
+            if final:
+                self._finish()
+        elif kind == END:
+            self._finish()
+        else:
+            info = body if isinstance(body, dict) else {"message": str(body)}
+            self.error = _from_peer(info, "the parent", os.getppid())
+            self._finish()
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _finish(self) -> None:
+        self.done = True
+        self.rt.forget_call(self.cid, self.request_id)
+
+    def _took(self) -> None:
+        self.unacked += 1
+        if not self.done and self.unacked >= max(1, self.rt.stream_window // 2):
+            self.rt.chan.credit(self.cid, self.unacked)
+            self.unacked = 0
+            self.rt.flush()
+
+    def _next_ready(self) -> tuple[bool, Any]:
+        if self.items:
+            item = self.items.popleft()
+            self._took()
+            return True, item
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+        return False, None
+
+    # sync iteration (sync handlers)
+    def __iter__(self) -> CallbackCall:
+        return self
+
+    def __next__(self) -> Any:
+        rt = self.rt
+        if rt.loop is not None:
+            if threading.get_ident() == rt.loop_thread:
+                raise KameoError(
+                    f"callback {self.path}: use 'async for' inside an async handler, not 'for'"
+                )
+            fut = asyncio.run_coroutine_threadsafe(self._anext_or_stop(), rt.loop)
+            ok, item = fut.result()
+            if not ok:
+                raise StopIteration
+            return item
+        if not self.cid:
+            self.cid = rt.open_call(self)
+        while True:
+            ok, item = self._next_ready()
+            if ok:
+                return item
+            if self.done:
+                raise StopIteration
+            rt.pump(block=True)
+            if self.request_id in rt.cancelled:
+                self.close()
+                raise KameoError(f"callback {self.path}: the request was cancelled by its caller")
+
+    # async iteration (async handlers)
+    def __aiter__(self) -> CallbackCall:
+        return self
+
+    async def _anext_or_stop(self) -> tuple[bool, Any]:
+        try:
+            return True, await self.__anext__()
+        except StopAsyncIteration:
+            return False, None
+
+    async def __anext__(self) -> Any:
+        rt = self.rt
+        if rt.loop is None:
+            raise KameoError(f"callback {self.path}: use 'for' inside a sync handler")
+        if not self.cid:
+            self.cid = rt.open_call(self)
+        while True:
+            ok, item = self._next_ready()
+            if ok:
+                return item
+            if self.done:
+                raise StopAsyncIteration
+            self.waiter = rt.loop.create_future()
+            try:
+                await self.waiter
+            except asyncio.CancelledError:
+                self.close()
+                raise
+            finally:
+                self.waiter = None
+
+    def _abandon(self) -> None:
+        """Cancel in the parent without flushing (the caller flushes)."""
+        if self.cid and not self.done:
+            self.done = True
+            self.rt.chan.signal(CANCEL, self.cid)
+            self.rt.forget_call(self.cid, self.request_id)
+
+    def close(self) -> None:
+        """Stop the call: the parent handler is cancelled (its ``finally`` runs)."""
+        if self.cid and not self.done:
+            self._abandon()
+            with contextlib.suppress(OSError):
+                self.rt.flush()
+        self.done = True
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self.cid and not self.done:
+            with contextlib.suppress(Exception):  # interpreter shutdown
+                self._abandon()
+
+
+class CallbackStub:
+    """``kameo.<module>.<Type>``: calling it starts a callback to the parent handler."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, data: Any = None) -> CallbackCall:
+        rt = current()
+        if rt is None:
+            raise KameoError(f"{self.path}: callbacks can only be made from inside a kameo worker")
+        return rt.new_call(self.path, data)
+
+    def __repr__(self) -> str:
+        return f"<kameo callback stub {self.path}>"
+
+
+class CallbackModule:
+    """``kameo.<module>``: attribute access gives the registered handler stubs."""
+
+    def __init__(self, name: str, types: frozenset[str]) -> None:
+        self._name = name
+        self._types = types
+
+    def __getattr__(self, name: str) -> CallbackStub:
+        if name in self._types:
+            return CallbackStub(f"{self._name}.{name}")
+        raise AttributeError(f"module 'kameo.{self._name}' has no attribute {name!r}")
+
+    def __dir__(self) -> list[str]:
+        return sorted(self._types)
+
+    def __repr__(self) -> str:
+        return f"<kameo callback module {self._name!r}>"
+
+
+def install(rt: Runtime) -> None:
+    global _runtime
+    _runtime = rt

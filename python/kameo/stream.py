@@ -1,0 +1,125 @@
+"""`Stream`: the async iterator returned by ``Pool.stream()``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from kameo.errors import CallTimeout
+
+if TYPE_CHECKING:
+    from kameo.pool import Pool
+
+__all__ = ["Stream"]
+
+
+def _expire(fut: asyncio.Future[None], timeout: float | None) -> None:
+    if not fut.done():
+        fut.set_exception(CallTimeout(f"stream did not finish within timeout={timeout}s"))
+
+
+class Stream:
+    """Items of one generator call, as the worker yields them.
+
+    The request is sent on the first ``__anext__``. Leaving the loop early (``break``, an
+    exception, task cancellation, ``aclose()``, or the timeout) cancels the generator in the
+    worker, whose ``finally`` runs. Use ``async with pool.stream(msg) as s:`` to make the
+    cancellation immediate even while other references to the stream exist.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_core",
+        "_deadline",
+        "_done",
+        "_loop",
+        "_msg",
+        "_rid",
+        "_timeout",
+        "_trace",
+    )
+
+    def __init__(self, pool: Pool, msg: Any, timeout: float | None, trace: str | None) -> None:
+        assert pool._loop is not None
+        self._core = pool._core
+        self._loop: asyncio.AbstractEventLoop = pool._loop
+        self._msg = msg
+        self._timeout = timeout
+        self._trace = trace
+        self._rid = 0
+        self._buf: deque[Any] = deque()
+        self._done = False
+        self._deadline: float | None = None
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        buf = self._buf
+        if buf:
+            return buf.popleft()
+        if self._done:
+            raise StopAsyncIteration
+        core = self._core
+        if not self._rid:
+            self._rid = core.submit_stream(self._msg, self._trace)
+            self._msg = None
+            if self._timeout is not None:
+                self._deadline = self._loop.time() + self._timeout
+        rid = self._rid
+        while True:
+            try:
+                items, finished = core.stream_take(rid)
+            except BaseException:
+                self._done = True
+                raise
+            if items:
+                buf.extend(items)
+                return buf.popleft()
+            if finished:
+                self._done = True
+                raise StopAsyncIteration
+            fut = self._loop.create_future()
+            core.stream_wait(rid, fut)
+            handle = None
+            if self._deadline is not None:
+                remaining = self._deadline - self._loop.time()
+                handle = self._loop.call_later(max(remaining, 0), _expire, fut, self._timeout)
+            try:
+                await fut
+            except BaseException:  # cancellation or timeout: stop the generator in the worker
+                self._cancel()
+                raise
+            finally:
+                if handle is not None:
+                    handle.cancel()
+
+    def _cancel(self) -> None:
+        if not self._done:
+            self._done = True
+            self._buf.clear()
+            if self._rid:
+                self._core.stream_cancel(self._rid)
+
+    async def aclose(self) -> None:
+        """Stop the stream; the worker's generator is cancelled if it is still running."""
+        self._cancel()
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._cancel()
+
+    def __del__(self) -> None:
+        if not self._done and self._rid:
+            with contextlib.suppress(Exception):  # the loop or pool is gone
+                self._cancel()
