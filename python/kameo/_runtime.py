@@ -13,6 +13,7 @@ import contextvars
 import os
 import threading
 import traceback
+import weakref
 from collections import deque
 from typing import Any
 
@@ -72,7 +73,11 @@ class Runtime:
             module, _, name = path.partition(".")
             self.modules[module] = self.modules.get(module, frozenset()) | {name}
         self.stream_window = max(1, int(config.get("stream_window", 64)))
-        self.calls: dict[int, CallbackCall] = {}
+        self.heartbeat_interval = float(config.get("heartbeat_interval") or 0)
+        self.init: str | None = config.get("init")
+        # Weak: a call dropped by its handler (`break` out of the loop) is collected at once,
+        # and its __del__ cancels the parent handler.
+        self.calls: weakref.WeakValueDictionary[int, CallbackCall] = weakref.WeakValueDictionary()
         self.calls_by_request: dict[int, set[int]] = {}
         self._next_cid = 0
         # Sync mode state.
@@ -125,7 +130,10 @@ class Runtime:
 
     def flush(self) -> None:
         if self.loop is not None and self.flush_soon is not None:
-            self.flush_soon(now=True)
+            if threading.get_ident() == self.loop_thread:
+                self.flush_soon(now=True)
+            else:
+                self.loop.call_soon_threadsafe(self.flush_soon)
         else:
             self.chan.flush()
 
@@ -313,6 +321,7 @@ class CallbackCall:
         if self.cid and not self.done:
             with contextlib.suppress(Exception):  # interpreter shutdown
                 self._abandon()
+                self.rt.flush()
 
 
 class CallbackStub:

@@ -11,8 +11,13 @@ Two serving modes:
 * otherwise: an asyncio loop driving the socket; async handlers run as tasks, sync handlers in
   a thread pool of ``max_concurrency`` threads.
 
-Before a request runs, its STARTED frame is on the wire, so the parent knows exactly which
-prefetched requests never ran if this process dies.
+Requests start in the order they arrive, at most ``max_concurrency`` at a time, and every
+reply is on the wire before the next request starts. So if this process dies, the parent knows
+that only its first ``max_concurrency`` unanswered requests can have started; the others go to
+another worker.
+
+Heartbeats tell the parent the worker is alive: from the event loop in async mode (a blocked
+loop stops them), from a thread in sync mode (a long sync handler is not a hang).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import contextlib
 import contextvars
 import functools
 import importlib
+import inspect
 import os
 import sys
 from collections import deque
@@ -101,8 +107,7 @@ def serve_sync(rt: Runtime, handler: Callable[[Any], Any], kind: str, target: st
             rt.cancelled.discard(rid)
             chan.error(rid, {"kind": "cancelled", "type": "", "message": "", "traceback": ""})
             continue
-        chan.signal(Channel.STARTED, rid)
-        chan.flush()  # STARTED (with the previous reply) is on the wire before the handler runs
+        chan.flush()  # every earlier reply is on the wire before this request starts
         wrong = mismatch(kind, frame_kind, target)
         current_request.set(rid)
         traceparent.set(trace)
@@ -158,7 +163,12 @@ def stream_sync(rt: Runtime, rid: int, handler: Callable[[Any], Any], body: Any)
 
 
 async def serve_async(
-    rt: Runtime, handler: Callable[[Any], Any], kind: str, target: str, max_concurrency: int
+    rt: Runtime,
+    handler: Callable[[Any], Any],
+    kind: str,
+    target: str,
+    max_concurrency: int,
+    init: Callable[[], Any] | None,
 ) -> None:
     """Requests as tasks on an event loop, at most ``max_concurrency`` at once."""
     import threading
@@ -200,6 +210,7 @@ async def serve_async(
         if done:
             state["writer"] = False
             loop.remove_writer(fd)
+            pump()
 
     def flush_soon(now: bool = False) -> None:
         if now:
@@ -277,14 +288,14 @@ async def serve_async(
             await holder[1].wait()
 
     def pump() -> None:
-        started_any = False
-        while waiting and len(tasks) < max_concurrency:
-            frame_kind, rid, body, trace = waiting.popleft()
-            chan.signal(Channel.STARTED, rid)
-            started_any = True
-            tasks[rid] = loop.create_task(run(frame_kind, rid, body, trace))
-        if started_any:
-            flush()  # STARTED is on the wire before any handler runs
+        if waiting and len(tasks) < max_concurrency:
+            # Every earlier reply must be on the wire before another request starts.
+            flush()
+            if state["writer"]:
+                return  # on_writable pumps again once the socket drained
+            while waiting and len(tasks) < max_concurrency:
+                frame_kind, rid, body, trace = waiting.popleft()
+                tasks[rid] = loop.create_task(run(frame_kind, rid, body, trace))
         if rt.shutdown and not waiting and not tasks:
             stop()
 
@@ -315,12 +326,30 @@ async def serve_async(
         except OSError:
             frames = None
         if frames is None:
+            rt.eof = True
             stop()
             return
         rt.route(frames)
         pump()
         flush_soon()
 
+    def heartbeat() -> None:
+        chan.signal(Channel.HEARTBEAT, 0)
+        flush_soon()
+        loop.call_later(interval, heartbeat)
+
+    try:
+        if init is not None:
+            result = init()
+            if inspect.isawaitable(result):
+                await result
+    except BaseException as exc:
+        startup_failed(chan, exc, "run init hook", rt.init)
+        return
+    send_ready(chan, kind)
+    interval = rt.heartbeat_interval
+    if interval:
+        loop.call_later(interval, heartbeat)
     rt.loop = loop
     rt.loop_thread = threading.get_ident()
     rt.on_request = on_request
@@ -376,22 +405,70 @@ def main() -> int:
     try:
         handler = load_target(target)
     except BaseException as exc:
-        chan.send(Channel.STARTUP_FAILED, 0, error_info(exc))
-        chan.flush()
+        startup_failed(chan, exc, "load target", target)
         return 3
+    init: Callable[[], Any] | None = None
+    if rt.init:
+        try:
+            init = load_target(rt.init)  # type: ignore[assignment]
+        except BaseException as exc:
+            startup_failed(chan, exc, "load init hook", rt.init)
+            return 3
     kind = handler_kind(handler)
     max_concurrency = int(config.get("max_concurrency", 1))
-    chan.send(Channel.READY, 0, {"kind": kind, "python": sys.version.split()[0]})
-    chan.flush()
 
     try:
         if kind in ("sync", "gen") and max_concurrency == 1:
+            try:
+                if init is not None:
+                    result = init()
+                    if inspect.isawaitable(result):
+                        asyncio.run(result)  # type: ignore[arg-type]
+            except BaseException as exc:
+                startup_failed(chan, exc, "run init hook", rt.init)
+                return 3
+            send_ready(chan, kind)
+            if rt.heartbeat_interval:
+                start_heartbeat_thread(chan, rt.heartbeat_interval)
             serve_sync(rt, handler, kind, target)
         else:
-            asyncio.run(serve_async(rt, handler, kind, target, max_concurrency))
+            asyncio.run(serve_async(rt, handler, kind, target, max_concurrency, init))
     except (EOFError, BrokenPipeError, ConnectionResetError):
-        pass  # the parent went away
+        rt.eof = True
+    if rt.eof and not rt.shutdown:
+        # The parent went away without SHUTDOWN: take the worker's own children with us.
+        _native.kill_own_group()
     return 0
+
+
+def startup_failed(chan: Any, exc: BaseException, stage: str, what: str | None) -> None:
+    info = error_info(exc)
+    info["stage"] = stage
+    info["what"] = repr(what)
+    chan.send(Channel.STARTUP_FAILED, 0, info)
+    chan.flush()
+
+
+def send_ready(chan: Any, kind: str) -> None:
+    chan.send(Channel.READY, 0, {"kind": kind, "python": sys.version.split()[0]})
+    chan.flush()
+
+
+def start_heartbeat_thread(chan: Any, interval: float) -> None:
+    """Sync mode: heartbeats from a daemon thread (a long handler is busy, not hung)."""
+    import threading
+    import time
+
+    def beat() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                chan.signal(Channel.HEARTBEAT, 0)
+                chan.flush()
+            except Exception:
+                return
+
+    threading.Thread(target=beat, name="kameo-heartbeat", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ class CallbackRunner:
                     async for item in agen:
                         await flow.take()
                         send(worker_id, self.item, cid, item)
-                send(worker_id, self.end, cid)
+                send(worker_id, self.end, cid, None)
             else:  # a plain generator: each step in a thread
                 ctx = contextvars.copy_context()
                 gen = fn(data)
@@ -195,7 +195,7 @@ class CallbackRunner:
                         send(worker_id, self.item, cid, item)
                 finally:
                     gen.close()
-                send(worker_id, self.end, cid)
+                send(worker_id, self.end, cid, None)
         except asyncio.CancelledError:
             pass  # the worker stopped listening, or is gone: nothing to send
         except BaseException as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import logging
 import os
 import secrets
@@ -17,7 +16,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from kameo import _native
+from kameo import _native, _signals
+from kameo._future import AskFuture
+from kameo._process import WorkerProcess, exit_text
 from kameo._runtime import traceparent as _traceparent
 from kameo.callbacks import CallbackRunner, Callbacks
 from kameo.errors import (
@@ -29,63 +30,69 @@ from kameo.errors import (
 )
 from kameo.stream import Stream
 
-__all__ = ["Pool", "WorkerInfo"]
+__all__ = ["Pool", "PoolStats", "WorkerInfo"]
 
 log = logging.getLogger("kameo")
-worker_log = logging.getLogger("kameo.worker")
 
 MiB = 1024 * 1024
-STDERR_TAIL_LINES = 20
 DEFAULT_PREFETCH = 16
 DEFAULT_STREAM_WINDOW = 64
 # Bounds on waiting for a worker to go once it has been told to (each step of close()).
 EXIT_WAIT = 1.0
 KILL_WAIT = 5.0
+# Crash-loop protection: this many crashes of one slot within the window back off.
+CRASH_WINDOW = 10.0
+CRASH_FREE_RESTARTS = 3
+MAX_BACKOFF = 5.0
+Channel = _native.Channel
 
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """A snapshot of one worker, from :attr:`Pool.workers`."""
+    """A snapshot of one worker, from :attr:`Pool.workers`.
+
+    ``state`` is one of "starting", "ready", "busy", "retiring" or "dead" (a slot whose
+    process died and whose replacement is not running yet; ``last_exit`` says why).
+    """
 
     id: int
     pid: int
     state: str
     in_flight: int
     completed: int
+    slot: int = 0
+    restarts: int = 0
+    last_exit: str | None = None
 
 
-class _Worker:
-    """The parent's bookkeeping for one worker process."""
+@dataclass(frozen=True)
+class PoolStats:
+    """Counters since the pool started, from :meth:`Pool.stats`."""
 
-    def __init__(self, worker_id: int, pid: int, sock_fd: int, stderr_fd: int) -> None:
-        self.id = worker_id
-        self.pid = pid
-        self.sock_fd = sock_fd
-        self.stderr_fd: int | None = stderr_fd
-        self.pidfd: int | None = None
-        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-        self.stderr_partial = b""
-        self.ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.lost = False
-        self.started_at = time.monotonic()
-
-    def describe(self) -> str:
-        return f"worker {self.id} (pid {self.pid})"
-
-    def tail(self) -> str:
-        return "\n".join(self.stderr_tail)
+    asks: int
+    completed: int
+    errors: int
+    crashes: int
+    retries: int
+    timeouts: int
+    cancelled: int
+    p50: float | None
+    p99: float | None
 
 
-def _status_text(status: int) -> tuple[str, int | None, int | None]:
-    code = os.waitstatus_to_exitcode(status)
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name} ({-code})", None, -code
-    return f"exited with code {code}", code, None
+class _Slot:
+    """One of the ``size`` places in the pool; its process changes when it is replaced."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.worker: WorkerProcess | None = None
+        self.restarts = 0
+        self.crashes: deque[float] = deque(maxlen=CRASH_FREE_RESTARTS + 8)
+        self.last_exit: str | None = None
+        self.last_id = -1
+        self.last_pid = 0
+        self.failures = 0  # consecutive replacements that failed to start
+        self.respawning = False
 
 
 class Pool:
@@ -108,23 +115,36 @@ class Pool:
         prefetch: int = DEFAULT_PREFETCH,
         callbacks: Callbacks | None = None,
         stream_window: int = DEFAULT_STREAM_WINDOW,
+        init: str | None = None,
+        default_timeout: float | None = None,
+        cancel_grace: float = 2.0,
+        max_retries: int = 2,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+        max_tasks_per_worker: int | None = None,
+        max_memory_per_worker: int | None = None,
     ) -> None:
         module, sep, attr = target.partition(":")
         if not sep or not module or not attr:
             raise ValueError(f"target must be 'module:function', got {target!r}")
+        if init is not None and ":" not in init:
+            raise ValueError(f"init must be 'module:function', got {init!r}")
         size = os.cpu_count() or 1 if size is None else size
-        if size < 1:
-            raise ValueError(f"size must be at least 1, got {size}")
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
-        if prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
-        if stream_window < 1:
-            raise ValueError(f"stream_window must be at least 1, got {stream_window}")
-        if callbacks is not None and not isinstance(callbacks, Callbacks):
-            raise TypeError("callbacks must be a kameo.Callbacks registry")
+        for name, value, low in (
+            ("size", size, 1),
+            ("max_concurrency", max_concurrency, 1),
+            ("prefetch", prefetch, 0),
+            ("stream_window", stream_window, 1),
+            ("max_retries", max_retries, 0),
+        ):
+            if value < low:
+                raise ValueError(f"{name} must be at least {low}, got {value}")
         if not 1024 <= max_frame_bytes <= 0xFFFF_FFFF:
             raise ValueError("max_frame_bytes must be between 1 KiB and 4 GiB")
+        if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
+            raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
+        if callbacks is not None and not isinstance(callbacks, Callbacks):
+            raise TypeError("callbacks must be a kameo.Callbacks registry")
         self.target = target
         self._size = size
         self._python = python or sys.executable
@@ -136,18 +156,29 @@ class Pool:
         self._window = max_concurrency + prefetch
         self._stream_window = stream_window
         self._callbacks = callbacks or Callbacks()
-        self._runner: CallbackRunner | None = None
-        self._handler_kind = ""
+        self._init = init
+        self._default_timeout = default_timeout
+        self._cancel_grace = cancel_grace
+        self._max_retries = max_retries
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat_timeout = heartbeat_timeout
+        self._max_tasks = max_tasks_per_worker or 0
+        self._max_memory = max_memory_per_worker
         self._secret = secrets.token_bytes(32)
-        self._workers: dict[int, _Worker] = {}
+        self._slots = [_Slot(i) for i in range(size)]
+        self._workers: dict[int, WorkerProcess] = {}
         self._next_worker_id = 0
         self._core: Any = None
+        self._runner: CallbackRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = "new"  # new -> starting -> running -> closing -> closed
         self._closed_event: asyncio.Event | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._recent_crashes: deque[float] = deque(maxlen=8)
-        self._respawn_failures = 0
+        self._handler_kind = ""
+        self._crashes = 0
+        self._timeouts = 0
+        self._cancelled = 0
+        self._abandon_cb = self._abandon
 
     # ----------------------------------------------------------------- public API
 
@@ -158,10 +189,62 @@ class Pool:
 
     @property
     def workers(self) -> list[WorkerInfo]:
-        """A snapshot of each worker: id, pid, state, in_flight, completed."""
+        """A snapshot of each worker process (and of each slot waiting for a replacement)."""
         if self._core is None:
             return []
-        return [WorkerInfo(*row) for row in self._core.worker_stats()]
+        live = {row[0]: row for row in self._core.worker_stats()}
+        out = []
+        for slot in self._slots:
+            procs = [w for w in self._workers.values() if w.slot == slot.index and not w.lost]
+            for w in sorted(procs, key=lambda w: w.id):
+                wid, pid, state, in_flight, completed = live.get(
+                    w.id, (w.id, w.pid, "starting", 0, 0)
+                )
+                if w.retiring:
+                    state = "retiring"
+                out.append(
+                    WorkerInfo(
+                        wid,
+                        pid,
+                        state,
+                        in_flight,
+                        completed,
+                        slot.index,
+                        slot.restarts,
+                        slot.last_exit,
+                    )
+                )
+            if not procs and slot.last_id >= 0:
+                out.append(
+                    WorkerInfo(
+                        slot.last_id,
+                        slot.last_pid,
+                        "dead",
+                        0,
+                        0,
+                        slot.index,
+                        slot.restarts,
+                        slot.last_exit,
+                    )
+                )
+        return out
+
+    def stats(self) -> PoolStats:
+        """Counters since the pool started, and request latency percentiles (seconds)."""
+        if self._core is None:
+            return PoolStats(0, 0, 0, 0, 0, 0, 0, None, None)
+        completed, errors, retries, p50, p99 = self._core.stats()
+        return PoolStats(
+            self._core.asks,
+            completed,
+            errors,
+            self._crashes,
+            retries,
+            self._timeouts,
+            self._cancelled,
+            p50,
+            p99,
+        )
 
     async def __aenter__(self) -> Pool:
         await self.start()
@@ -191,56 +274,71 @@ class Pool:
             self._on_event,
             self._secret,
             self._welcome(),
-            self._max_frame_bytes,
-            self._window,
-            self._stream_window,
+            max_frame_bytes=self._max_frame_bytes,
+            max_concurrency=self._max_concurrency,
+            window=self._window,
+            stream_window=self._stream_window,
+            max_tasks=self._max_tasks,
         )
         self._runner = CallbackRunner(
-            self._callbacks, self._core, loop, self._stream_window, _native.Channel
+            self._callbacks, self._core, loop, self._stream_window, Channel
         )
         _live_pools.add(self)
+        _signals.acquire(loop, lambda: list(_live_pools))
         try:
-            workers = [self._spawn() for _ in range(self._size)]
+            workers = [self._spawn(slot) for slot in self._slots]
             await self._await_ready(workers)
         except BaseException:
             await self.close(grace=0)
             raise
         self._state = "running"
+        self._background_task(self._supervise())
 
-    async def ask(
-        self, msg: Any, *, timeout: float | None = None, traceparent: str | None = None
-    ) -> Any:
-        """Run the handler on ``msg`` in a worker and return its result.
+    def ask(
+        self,
+        msg: Any,
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        traceparent: str | None = None,
+    ) -> AskFuture:
+        """Run the handler on ``msg`` in a worker; await the result: ``await pool.ask(msg)``.
 
-        Raises :class:`RemoteError` (also an instance of the built-in type when the handler
-        raised a built-in exception), :class:`CallTimeout`, :class:`WorkerCrashed`,
+        The awaitable raises :class:`RemoteError` (also an instance of the built-in type when
+        the handler raised a built-in exception), :class:`CallTimeout`, :class:`WorkerCrashed`,
         :class:`SerializationError`, :class:`ProtocolError` or :class:`PoolClosed`. Cancelling
-        the awaiting task, or the timeout, cancels the request in the worker.
+        it (or the task awaiting it), and the timeout, cancel the request in the worker.
+        ``idempotent=True`` lets the request run again on another worker (up to
+        ``max_retries`` times) if its worker dies; other requests never run twice.
         """
-        if self._state != "running":
-            raise PoolClosed(self._not_running())
-        if self._handler_kind in ("gen", "asyncgen"):
-            raise HandlerTypeError(
-                f"handler {self.target!r} is a generator: use pool.stream(), not pool.ask()"
-            )
         loop = self._loop
-        assert loop is not None
-        fut = loop.create_future()
-        rid = self._core.submit(msg, fut, traceparent or _traceparent.get())
-        if timeout is None:
-            try:
-                return await fut
-            except asyncio.CancelledError:
-                self._core.cancel(rid)
-                raise
-        handle = loop.call_later(timeout, _expire, fut, timeout)
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        fut = AskFuture(loop=loop)
+        if self._state != "running":
+            fut.set_exception(PoolClosed(self._not_running()))
+            return fut
+        if self._handler_kind in ("gen", "asyncgen"):
+            fut.set_exception(
+                HandlerTypeError(
+                    f"handler {self.target!r} is a generator: use pool.stream(), not pool.ask()"
+                )
+            )
+            return fut
+        retries = self._max_retries if idempotent else 0
         try:
-            return await fut
-        except (asyncio.CancelledError, CallTimeout):
-            self._core.cancel(rid)
-            raise
-        finally:
-            handle.cancel()
+            rid = self._core.submit(msg, fut, traceparent or _traceparent.get(), retries)
+        except Exception as exc:
+            fut.set_exception(exc)
+            return fut
+        fut._kameo_rid = rid
+        fut._kameo_abandon = self._abandon_cb
+        if timeout is None:
+            timeout = self._default_timeout
+        if timeout is not None:
+            handle = loop.call_later(timeout, self._expire, fut, timeout)
+            fut.add_done_callback(lambda _: handle.cancel())
+        return fut
 
     def stream(
         self, msg: Any, *, timeout: float | None = None, traceparent: str | None = None
@@ -257,6 +355,8 @@ class Pool:
             raise HandlerTypeError(
                 f"handler {self.target!r} is not a generator: use pool.ask(), not pool.stream()"
             )
+        if timeout is None:
+            timeout = self._default_timeout
         return Stream(self, msg, timeout, traceparent or _traceparent.get())
 
     async def close(self, grace: float = 5.0) -> None:
@@ -277,9 +377,44 @@ class Pool:
             self._state = "closed"
             self._closed_event.set()
             _live_pools.discard(self)
+            _signals.release()
 
     def __repr__(self) -> str:
         return f"<kameo.Pool {self.target!r} size={self._size} {self._state}>"
+
+    # ----------------------------------------------------------------- requests
+
+    def _expire(self, fut: AskFuture, timeout: float) -> None:
+        if not fut.done():
+            self._timeouts += 1
+            fut.set_exception(CallTimeout(f"no reply within timeout={timeout}s"))
+            self._abandon(fut._kameo_rid)
+
+    def _abandon(self, rid: int) -> None:
+        """The caller gave up on request ``rid``: cancel it in its worker, and if the worker
+        does not let go within ``cancel_grace`` (a sync handler cannot be interrupted),
+        replace the worker."""
+        core = self._core
+        if core is None or self._loop is None:
+            return
+        self._cancelled += 1
+        wid = core.running_on(rid)
+        if wid is None:
+            return  # still queued (it will be skipped) or already answered
+        core.cancel(rid)
+        self._loop.call_later(self._cancel_grace, self._enforce_cancel, wid, rid)
+
+    def _enforce_cancel(self, wid: int, rid: int) -> None:
+        if self._core is None or self._core.running_on(rid) != wid:
+            return
+        w = self._workers.get(wid)
+        if w is not None and not w.lost:
+            log.warning(
+                "%s did not stop a cancelled request within cancel_grace=%ss; replacing it",
+                w.describe(),
+                self._cancel_grace,
+            )
+            w.kill(signal.SIGKILL)
 
     # ----------------------------------------------------------------- internals
 
@@ -290,6 +425,13 @@ class Pool:
             return "the pool is still starting"
         return "the pool is closed"
 
+    def _background_task(self, coro: Any) -> asyncio.Task[Any]:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
     def _welcome(self) -> dict[str, Any]:
         same_interpreter = os.path.realpath(self._python) == os.path.realpath(sys.executable)
         sys_path = None
@@ -298,14 +440,16 @@ class Pool:
             sys_path = [os.path.join(cwd, p) if not os.path.isabs(p) else p for p in sys.path]
         return {
             "target": self.target,
+            "init": self._init,
             "max_concurrency": self._max_concurrency,
             "max_frame_bytes": self._max_frame_bytes,
             "sys_path": sys_path,
             "callbacks": self._callbacks.paths,
             "stream_window": self._stream_window,
+            "heartbeat_interval": self._heartbeat_interval,
         }
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self, slot: _Slot) -> WorkerProcess:
         loop = self._loop
         assert loop is not None
         worker_id = self._next_worker_id
@@ -322,19 +466,16 @@ class Pool:
             raise WorkerStartupError(
                 f"cannot start a worker for {self.target!r} with python {self._python!r}: {exc}"
             ) from exc
-        w = _Worker(worker_id, pid, sock_fd, stderr_fd)
+        w = WorkerProcess(loop, worker_id, slot.index, pid, sock_fd, stderr_fd)
         self._workers[worker_id] = w
+        if not w.retiring:
+            slot.worker = w
         self._core.add_worker(worker_id, pid, sock_fd)
         loop.add_reader(sock_fd, self._core.on_readable, worker_id)
-        loop.add_reader(stderr_fd, self._on_stderr, w)
-        try:
-            w.pidfd = os.pidfd_open(pid)
-            loop.add_reader(w.pidfd, self._on_exit, w)
-        except OSError:  # no pidfd (old kernel): exits are found through EOF and waitpid
-            w.pidfd = None
+        w.watch(self._on_exit)
         return w
 
-    async def _await_ready(self, workers: list[_Worker]) -> None:
+    async def _await_ready(self, workers: list[WorkerProcess]) -> None:
         waits = [w.ready for w in workers]
         done, pending = await asyncio.wait(waits, timeout=self._startup_timeout)
         failures = [f.exception() for f in done if f.exception() is not None]
@@ -348,6 +489,8 @@ class Pool:
             late = [w for w in workers if not w.ready.done()]
             names = ", ".join(w.describe() for w in late)
             tail = late[0].tail()
+            for w in late:
+                w.kill(signal.SIGKILL)
             raise WorkerStartupError(
                 f"{names} did not finish starting {self.target!r} within "
                 f"startup_timeout={self._startup_timeout}s"
@@ -358,26 +501,26 @@ class Pool:
         w = self._workers.get(worker_id)
         if w is None:
             return
+        runner = self._runner
+        assert runner is not None
         if name == "callback":
-            assert self._runner is not None
-            self._runner.start(worker_id, payload)
+            runner.start(worker_id, payload)
         elif name == "callback_credit":
-            assert self._runner is not None
-            self._runner.credit(worker_id, payload)
+            runner.credit(worker_id, payload)
         elif name == "callback_cancel":
-            assert self._runner is not None
-            self._runner.cancel(worker_id, payload)
+            runner.cancel(worker_id, payload)
         elif name == "ready":
             if isinstance(payload, dict):
                 self._handler_kind = str(payload.get("kind", ""))
             if not w.ready.done():
                 w.ready.set_result(payload)
-            self._respawn_failures = 0
+            self._slots[w.slot].failures = 0
             self._core.dispatch_queued()
         elif name == "startup_failed":
             info = payload if isinstance(payload, dict) else {}
             message = (
-                f"{w.describe()} could not load target {self.target!r}: "
+                f"{w.describe()} could not {info.get('stage', 'load target')} "
+                f"{info.get('what', repr(self.target))}: "
                 f"{info.get('type', '?')}: {info.get('message', '')}"
             )
             tb = info.get("traceback")
@@ -394,78 +537,60 @@ class Pool:
             self._lose(w, reason)
         elif name == "protocol_warning":
             log.warning("%s", payload)
+        elif name == "retire":
+            self._retire(w, str(payload))
+        elif name == "drained" and w.retiring:
+            self._core.send_control(w.id, Channel.SHUTDOWN)
 
-    def _fail_startup(self, w: _Worker, exc: BaseException) -> None:
+    def _fail_startup(self, w: WorkerProcess, exc: BaseException) -> None:
         if not w.ready.done():
             w.ready.set_exception(exc)
             w.ready.exception()  # retrieved: the waiter may be gone already
 
-    def _on_stderr(self, w: _Worker) -> None:
-        fd = w.stderr_fd
-        if fd is None:
+    # ----------------------------------------------------------------- supervision
+
+    async def _supervise(self) -> None:
+        """Heartbeats and memory limits, checked a few times per heartbeat timeout."""
+        tick = min(self._heartbeat_timeout / 4, 0.5)
+        while self._state == "running":
+            await asyncio.sleep(tick)
+            for wid in self._core.silent_workers(self._heartbeat_timeout):
+                w = self._workers.get(wid)
+                if w is not None and not w.lost:
+                    log.error(
+                        "%s sent nothing for heartbeat_timeout=%ss; killing it",
+                        w.describe(),
+                        self._heartbeat_timeout,
+                    )
+                    w.hung = True
+                    w.kill(signal.SIGKILL)
+            if self._max_memory is not None:
+                for w in list(self._workers.values()):
+                    if not w.lost and not w.retiring and w.ready.done():
+                        rss = _rss(w.pid)
+                        if rss is not None and rss > self._max_memory:
+                            self._core.retire(w.id)
+                            self._retire(
+                                w, f"max_memory_per_worker ({rss} > {self._max_memory} bytes)"
+                            )
+
+    def _retire(self, w: WorkerProcess, why: str) -> None:
+        """Replace ``w`` gracefully: its successor starts now, it leaves once idle."""
+        if w.retiring or w.lost or self._state != "running":
             return
-        chunks = []
-        eof = False
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                break
-            except OSError:
-                data = b""
-            if not data:
-                eof = True
-                break
-            chunks.append(data)
-            if len(data) < 65536:
-                break
-        if chunks:
-            data = w.stderr_partial + b"".join(chunks)
-            *lines, w.stderr_partial = data.split(b"\n")
-            for raw in lines:
-                self._stderr_line(w, raw)
-        if eof:
-            if w.stderr_partial:
-                self._stderr_line(w, w.stderr_partial)
-                w.stderr_partial = b""
-            self._close_stderr(w)
+        log.info("%s retires: %s", w.describe(), why)
+        w.retiring = True
+        slot = self._slots[w.slot]
+        slot.last_exit = f"retired: {why}"
+        self._background_task(self._replace(slot, 0.0))
 
-    def _stderr_line(self, w: _Worker, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace").rstrip("\r")
-        w.stderr_tail.append(line)
-        worker_log.warning(
-            "[worker %d pid %d] %s", w.id, w.pid, line, extra={"worker_id": w.id, "pid": w.pid}
-        )
-
-    def _close_stderr(self, w: _Worker) -> None:
-        if w.stderr_fd is not None and self._loop is not None:
-            self._loop.remove_reader(w.stderr_fd)
-            os.close(w.stderr_fd)
-            w.stderr_fd = None
-
-    def _on_exit(self, w: _Worker) -> None:
+    def _on_exit(self, w: WorkerProcess) -> None:
         """The pidfd is readable: the process has exited. Reap it."""
-        self._reap(w)
+        w.reap()
         if not w.lost:
             self._lose(w, "exited")
 
-    def _reap(self, w: _Worker, block: bool = False) -> bool:
-        if w.exited.done():
-            return True
-        try:
-            pid, status = os.waitpid(w.pid, 0 if block else os.WNOHANG)
-        except ChildProcessError:  # reaped by someone else (a foreign SIGCHLD handler)
-            pid, status = w.pid, -1
-        if pid == 0:
-            return False
-        if w.pidfd is not None and self._loop is not None:
-            self._loop.remove_reader(w.pidfd)
-            os.close(w.pidfd)
-            w.pidfd = None
-        w.exited.set_result(status)
-        return True
-
-    def _lose(self, w: _Worker, reason: str) -> None:
+    def _lose(self, w: WorkerProcess, reason: str) -> None:
         """The worker is gone or unusable: reap it, fail what it had started, requeue the rest,
         and start a replacement."""
         if w.lost:
@@ -473,16 +598,19 @@ class Pool:
         w.lost = True
         assert self._loop is not None
         self._loop.remove_reader(w.sock_fd)
-        task = self._loop.create_task(self._finish_loss(w, reason))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background_task(self._finish_loss(w, reason))
 
-    async def _finish_loss(self, w: _Worker, reason: str) -> None:
-        if not await self._wait_exit(w, 0.5 if self._state != "closing" else EXIT_WAIT):
-            self._kill(w, signal.SIGKILL)
-            await self._wait_exit(w, KILL_WAIT)
-        self._on_stderr(w)  # collect the last lines
-        what, exitcode, sig = self._exit_text(w, reason)
+    async def _finish_loss(self, w: WorkerProcess, reason: str) -> None:
+        if not await w.wait_exit(0.5 if self._state != "closing" else EXIT_WAIT):
+            w.kill(signal.SIGKILL)
+            await w.wait_exit(KILL_WAIT)
+        w.read_stderr()  # collect the last lines
+        if w.exited.done() and w.exited.result() >= 0:
+            what, exitcode, sig = exit_text(w.exited.result())
+        else:
+            what, exitcode, sig = reason, None, None
+        if w.hung:
+            what = f"stopped sending heartbeats for {self._heartbeat_timeout}s and was killed"
         tail = w.tail()
         suffix = f"; last stderr lines:\n{tail}" if tail else ""
         self._fail_startup(
@@ -502,79 +630,79 @@ class Pool:
         self._core.remove_worker(w.id, exc)
         if self._runner is not None:
             self._runner.worker_gone(w.id)
-        self._close_stderr(w)
+        w.close_stderr()
         self._workers.pop(w.id, None)
-        if self._state == "running":
-            self._recent_crashes.append(time.monotonic())
-            self._start_replacement()
-        if not self._workers:
+        slot = self._slots[w.slot]
+        if slot.worker is w:
+            slot.worker = None
+        slot.last_id, slot.last_pid = w.id, w.pid
+        if w.retiring:
+            return  # its successor is already running
+        crashed = self._state == "running" and w.ready.done() and not w.ready.exception()
+        if crashed:
+            self._crashes += 1
+            slot.restarts += 1
+            slot.last_exit = what
+            slot.crashes.append(time.monotonic())
+            log.warning("%s %s; starting a replacement", w.describe(), what)
+        if self._state == "running" and not slot.respawning:
+            self._background_task(self._replace(slot, self._backoff(slot)))
+        if not any(not x.lost for x in self._workers.values()) and not self._respawn_pending():
             self._core.fail_queued(exc)
 
-    @staticmethod
-    def _exit_text(w: _Worker, reason: str) -> tuple[str, int | None, int | None]:
-        if w.exited.done() and w.exited.result() >= 0:
-            return _status_text(w.exited.result())
-        return reason, None, None
+    def _respawn_pending(self) -> bool:
+        return self._state == "running" and any(s.respawning for s in self._slots)
 
-    async def _wait_exit(self, w: _Worker, timeout: float) -> bool:
-        if self._reap(w):
-            return True
-        if w.pidfd is None:  # poll
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-                if self._reap(w):
-                    return True
-            return False
-        try:
-            await asyncio.wait_for(asyncio.shield(w.exited), timeout)
-        except TimeoutError:
-            return self._reap(w)
-        return True
-
-    def _kill(self, w: _Worker, sig: int) -> None:
-        if w.exited.done():
-            return
-        # The worker leads its own process group: signal it and whatever it started.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(w.pid, sig)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(w.pid, sig)
-
-    def _start_replacement(self) -> None:
-        assert self._loop is not None
+    def _backoff(self, slot: _Slot) -> float:
         now = time.monotonic()
-        recent = [t for t in self._recent_crashes if now - t < 10.0]
-        delay = 0.0 if len(recent) < 3 else min(0.1 * 2 ** (len(recent) - 3), 5.0)
-        if self._respawn_failures:
-            delay = max(delay, min(0.1 * 2**self._respawn_failures, 5.0))
-        task = self._loop.create_task(self._replace(delay))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _replace(self, delay: float) -> None:
+        recent = sum(1 for t in slot.crashes if now - t < CRASH_WINDOW)
+        delay = 0.0
+        if recent > CRASH_FREE_RESTARTS:
+            delay = min(0.1 * 2 ** (recent - CRASH_FREE_RESTARTS), MAX_BACKOFF)
+        if slot.failures:
+            delay = max(delay, min(0.1 * 2**slot.failures, MAX_BACKOFF))
         if delay:
-            await asyncio.sleep(delay)
-        if self._state != "running":
-            return
+            slot.last_exit = (
+                f"{slot.last_exit or 'crashed'}; crash loop: next start in {delay:.1f}s"
+            )
+            log.error(
+                "worker slot %d crashed %d times in %ss; backing off %.1fs",
+                slot.index,
+                recent,
+                CRASH_WINDOW,
+                delay,
+            )
+        return delay
+
+    async def _replace(self, slot: _Slot, delay: float) -> None:
+        slot.respawning = True
         try:
-            w = self._spawn()
-            await self._await_ready([w])
-        except WorkerStartupError as exc:
-            self._respawn_failures += 1
-            log.error("could not start a replacement worker: %s", exc)
-            if not any(x.ready.done() and not x.lost for x in self._workers.values()):
-                self._core.fail_queued(exc)
-            if self._state == "running":
-                self._start_replacement()
+            if delay:
+                await asyncio.sleep(delay)
+            if self._state != "running":
+                return
+            try:
+                w = self._spawn(slot)
+                await self._await_ready([w])
+            except WorkerStartupError as exc:
+                slot.failures += 1
+                slot.last_exit = f"replacement failed to start: {exc}"
+                log.error("could not start a replacement worker: %s", exc)
+                if not any(not x.lost and x.ready.done() for x in self._workers.values()):
+                    self._core.fail_queued(exc)
+                if self._state == "running":
+                    self._background_task(self._replace(slot, self._backoff(slot)))
+        finally:
+            slot.respawning = False
+
+    # ----------------------------------------------------------------- shutdown
 
     async def _shutdown(self, grace: float) -> None:
         loop = self._loop
         assert loop is not None
         core = self._core
         for task in list(self._background):
-            if task.get_coro().__name__ == "_replace":  # type: ignore[union-attr]
-                task.cancel()
+            task.cancel()
         if core is not None and grace > 0:
             deadline = loop.time() + grace
             while core.outstanding() and loop.time() < deadline:
@@ -582,50 +710,48 @@ class Pool:
         closed = PoolClosed("the pool was closed before the request completed")
         if core is not None:
             core.fail_queued(closed)
+        if self._runner is not None:
+            self._runner.cancel_all()
         workers = list(self._workers.values())
         for w in workers:
-            if not w.lost:
-                core.send_control(w.id, _native.Channel.SHUTDOWN)
+            if not w.lost and core is not None:
+                core.send_control(w.id, Channel.SHUTDOWN)
         for step, sig in ((EXIT_WAIT, signal.SIGTERM), (EXIT_WAIT, signal.SIGKILL)):
             alive = [w for w in workers if not w.exited.done()]
             if not alive:
                 break
-            await asyncio.wait([asyncio.ensure_future(self._wait_exit(w, step)) for w in alive])
+            await asyncio.wait([loop.create_task(w.wait_exit(step)) for w in alive])
             for w in alive:
                 if not w.exited.done():
-                    self._kill(w, sig)
+                    w.kill(sig)
         for w in workers:
-            if not w.exited.done() and not await self._wait_exit(w, KILL_WAIT):
+            if not w.exited.done() and not await w.wait_exit(KILL_WAIT):
                 log.error("%s did not exit after SIGKILL", w.describe())
         for w in workers:
             if not w.lost:
                 w.lost = True
                 loop.remove_reader(w.sock_fd)
             self._fail_startup(w, closed)
-            self._on_stderr(w)
-            self._close_stderr(w)
+            w.read_stderr()
+            w.close_stderr()
             if core is not None:
                 core.remove_worker(w.id, closed)
             self._workers.pop(w.id, None)
-        if self._runner is not None:
-            self._runner.cancel_all()
-        for task in list(self._background):
-            task.cancel()
         if self._background:
             await asyncio.wait(list(self._background), timeout=KILL_WAIT)
 
     def _kill_now(self) -> None:
-        """Last resort at interpreter exit: SIGKILL and reap every worker."""
         for w in list(self._workers.values()):
-            if not w.exited.done():
-                self._kill(w, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(w.pid, 0)
+            w.kill_now()
 
 
-def _expire(fut: asyncio.Future[Any], timeout: float) -> None:
-    if not fut.done():
-        fut.set_exception(CallTimeout(f"no reply within timeout={timeout}s"))
+def _rss(pid: int) -> int | None:
+    """Resident set size of ``pid`` in bytes."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()

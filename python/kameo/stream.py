@@ -60,6 +60,8 @@ class Stream:
     async def __anext__(self) -> Any:
         buf = self._buf
         if buf:
+            if self._deadline is not None and self._loop.time() >= self._deadline:
+                self._expired()
             return buf.popleft()
         if self._done:
             raise StopAsyncIteration
@@ -77,6 +79,8 @@ class Stream:
                 self._done = True
                 raise
             if items:
+                if self._deadline is not None and self._loop.time() >= self._deadline:
+                    self._expired()
                 buf.extend(items)
                 return buf.popleft()
             if finished:
@@ -96,6 +100,10 @@ class Stream:
             finally:
                 if handle is not None:
                     handle.cancel()
+
+    def _expired(self) -> None:
+        self._cancel()
+        raise CallTimeout(f"stream did not finish within timeout={self._timeout}s")
 
     def _cancel(self) -> None:
         if not self._done:

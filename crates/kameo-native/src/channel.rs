@@ -401,7 +401,7 @@ impl Channel {
     #[classattr]
     const CREDIT: u8 = Kind::Credit as u8;
     #[classattr]
-    const STARTED: u8 = Kind::Started as u8;
+    const HEARTBEAT: u8 = Kind::Heartbeat as u8;
     #[classattr]
     const OVERSIZE: u32 = OVERSIZE;
     #[classattr]

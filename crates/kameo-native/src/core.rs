@@ -25,13 +25,61 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 type PyObject = Py<PyAny>;
+
+/// Counters and a latency histogram for `Pool.stats()`.
+struct Stats {
+    completed: u64,
+    errors: u64,
+    retries: u64,
+    /// Geometric buckets, eight per power of two of the latency in nanoseconds (~9% wide).
+    buckets: Vec<u64>,
+}
+
+impl Stats {
+    const PER_OCTAVE: f64 = 8.0;
+
+    fn new() -> Self {
+        Stats {
+            completed: 0,
+            errors: 0,
+            retries: 0,
+            buckets: vec![0; 64 * 8],
+        }
+    }
+
+    fn record(&mut self, d: Duration) {
+        self.completed += 1;
+        let ns = d.as_nanos().max(1) as f64;
+        let i = ((ns.log2() * Self::PER_OCTAVE) as usize).min(self.buckets.len() - 1);
+        self.buckets[i] += 1;
+    }
+
+    /// The latency (seconds) below which a fraction `q` of completed requests fell.
+    fn quantile(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(2f64.powf((i as f64 + 1.0) / Self::PER_OCTAVE) / 1e9);
+            }
+        }
+        None
+    }
+}
 
 struct Queued {
     id: u64,
     frame: Vec<u8>,
     target: Target,
+    retries: u32,
 }
 
 /// Items of one `pool.stream()` call, between the socket and the Python iterator.
@@ -41,8 +89,10 @@ struct StreamBuf {
     /// None while the worker is still producing; Some(Err(exception)) if it failed.
     outcome: Option<Result<(), PyObject>>,
     cancelled: bool,
-    /// Items taken by the consumer since the last CREDIT.
+    /// Items consumed since the last CREDIT.
     taken: u32,
+    /// Items handed to the consumer by the last `stream_take`, credited at the next one.
+    handed_out: u32,
     /// The worker running it, once sent.
     worker: Option<u32>,
 }
@@ -55,6 +105,7 @@ impl StreamBuf {
             outcome: None,
             cancelled: false,
             taken: 0,
+            handed_out: 0,
             worker: None,
         }
     }
@@ -93,8 +144,11 @@ pub struct PoolCore {
     streams: HashMap<u64, StreamBuf>,
     next_id: u64,
     max_frame: usize,
+    max_concurrency: usize,
     window: usize,
     stream_window: u32,
+    max_tasks: u64,
+    stats: Stats,
     secret: Vec<u8>,
     welcome: Vec<u8>,
     flush_scheduled: bool,
@@ -160,15 +214,13 @@ impl PoolCore {
     }
 
     /// Register the slot, then write (or coalesce) the frame.
-    fn send_to(
-        &mut self,
-        py: Python<'_>,
-        idx: usize,
-        id: u64,
-        frame: Vec<u8>,
-        target: Target,
-        fx: &mut Effects,
-    ) {
+    fn send_to(&mut self, py: Python<'_>, idx: usize, q: Queued, fx: &mut Effects) {
+        let Queued {
+            id,
+            frame,
+            target,
+            retries,
+        } = q;
         let link = &mut self.links[idx];
         if let Target::Stream = target {
             if let Some(s) = self.streams.get_mut(&id) {
@@ -186,11 +238,16 @@ impl PoolCore {
         } else {
             link.send_now(&frame)
         };
+        let seq = link.next_seq;
+        link.next_seq += 1;
         link.slots.insert(
             id,
             Slot {
                 target,
-                frame: Some(frame),
+                frame,
+                seq,
+                retries,
+                sent: Instant::now(),
             },
         );
         match result {
@@ -214,7 +271,7 @@ impl PoolCore {
                 self.streams.remove(&q.id);
                 continue;
             }
-            self.send_to(py, idx, q.id, q.frame, q.target, fx);
+            self.send_to(py, idx, q, fx);
         }
     }
 
@@ -262,11 +319,28 @@ impl PoolCore {
         }
     }
 
-    /// A request finished on a worker (REPLY, ITEM+final, END or ERROR): free its slot.
-    fn finish_slot(&mut self, idx: usize, id: u64) -> Option<Slot> {
+    /// A request finished on a worker (REPLY, ITEM+final, END or ERROR): free its slot, and
+    /// retire the worker when it reached `max_tasks`.
+    fn finish_slot(
+        &mut self,
+        py: Python<'_>,
+        idx: usize,
+        id: u64,
+        fx: &mut Effects,
+    ) -> Option<Slot> {
         let link = &mut self.links[idx];
         let slot = link.slots.remove(&id)?;
         link.completed += 1;
+        self.stats.record(slot.sent.elapsed());
+        if self.max_tasks > 0 && link.completed >= self.max_tasks && link.state == LinkState::Ready
+        {
+            link.state = LinkState::Draining;
+            fx.events
+                .push((link.id, "retire", pystr(py, "max_tasks_per_worker")));
+        }
+        if link.state == LinkState::Draining && link.slots.is_empty() {
+            fx.events.push((link.id, "drained", py.None()));
+        }
         Some(slot)
     }
 
@@ -318,7 +392,7 @@ impl PoolCore {
         let serving = matches!(state, LinkState::Ready | LinkState::Draining);
         match env.kind() {
             Some(Kind::Reply) if serving => {
-                if let Some(slot) = self.finish_slot(idx, env.id) {
+                if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
                     let v = codec::decode(py, env.body).map_err(|e| {
                         errors::serialization(
                             py,
@@ -331,7 +405,8 @@ impl PoolCore {
                 }
             }
             Some(Kind::Error) if serving => {
-                if let Some(slot) = self.finish_slot(idx, env.id) {
+                self.stats.errors += 1;
+                if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
                     let exc = match codec::decode(py, env.body) {
                         Ok(info) => errors::make(py, "_from_worker", (info, wid, pid)),
                         Err(e) => errors::protocol(
@@ -363,21 +438,17 @@ impl PoolCore {
                     }
                 }
                 if env.is_final() {
-                    if let Some(slot) = self.finish_slot(idx, env.id) {
+                    if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
                         self.resolve(py, env.id, slot.target, Ok(py.None().into_bound(py)));
                     }
                 }
             }
             Some(Kind::End) if serving => {
-                if let Some(slot) = self.finish_slot(idx, env.id) {
+                if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
                     self.resolve(py, env.id, slot.target, Ok(py.None().into_bound(py)));
                 }
             }
-            Some(Kind::Started) if serving => {
-                if let Some(slot) = self.links[idx].slots.get_mut(&env.id) {
-                    slot.frame = None;
-                }
-            }
+            Some(Kind::Heartbeat) => {} // last_seen is updated for every read
             Some(Kind::Callback) if serving => {
                 let trace = env.trace.map(|t| String::from_utf8_lossy(t).into_owned());
                 let payload = match codec::decode(py, env.body) {
@@ -438,7 +509,7 @@ impl PoolCore {
                 };
                 let message = format!("worker {wid} (pid {pid}) sent {what} (id {})", env.id);
                 if serving {
-                    if let Some(slot) = self.finish_slot(idx, env.id) {
+                    if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
                         self.resolve(
                             py,
                             env.id,
@@ -519,22 +590,15 @@ impl PoolCore {
         Ok(buf)
     }
 
-    fn enqueue(
-        &mut self,
-        py: Python<'_>,
-        id: u64,
-        frame: Vec<u8>,
-        target: Target,
-        fx: &mut Effects,
-    ) {
+    fn enqueue(&mut self, py: Python<'_>, q: Queued, fx: &mut Effects) {
         self.asks += 1;
         if self.queue.is_empty() {
             if let Some(idx) = self.pick() {
-                self.send_to(py, idx, id, frame, target, fx);
+                self.send_to(py, idx, q, fx);
                 return;
             }
         }
-        self.queue.push_back(Queued { id, frame, target });
+        self.queue.push_back(q);
     }
 
     fn run_effects(slf: &Bound<'_, Self>, fx: Effects) -> PyResult<()> {
@@ -587,16 +651,21 @@ impl PoolCore {
 impl PoolCore {
     /// `window` = requests in flight per worker (max_concurrency + prefetch);
     /// `stream_window` = stream items a worker may send ahead of the consumer;
+    /// `max_tasks` = requests after which a worker retires (0: never);
     /// `welcome` = the config dict sent to each worker after its HELLO.
     #[new]
+    #[pyo3(signature = (loop_, on_event, secret, welcome, *, max_frame_bytes, max_concurrency, window, stream_window, max_tasks=0))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         loop_: PyObject,
         on_event: PyObject,
         secret: Vec<u8>,
         welcome: &Bound<'_, PyAny>,
         max_frame_bytes: usize,
+        max_concurrency: usize,
         window: usize,
         stream_window: u32,
+        max_tasks: u64,
     ) -> PyResult<Self> {
         let py = welcome.py();
         let welcome = codec::encode_to_vec(welcome)
@@ -607,8 +676,11 @@ impl PoolCore {
             streams: HashMap::new(),
             next_id: 1,
             max_frame: max_frame_bytes,
+            max_concurrency: max_concurrency.max(1),
             window: window.max(1),
             stream_window: stream_window.max(1),
+            max_tasks,
+            stats: Stats::new(),
             secret,
             welcome,
             flush_scheduled: false,
@@ -629,18 +701,28 @@ impl PoolCore {
     /// Encode `msg` and send it to the least-loaded worker, or queue it (FIFO) until one has
     /// room; `fut` gets the reply. Raises SerializationError or ProtocolError (oversize)
     /// without sending anything. Returns the request id.
-    #[pyo3(signature = (msg, fut, trace=None))]
+    #[pyo3(signature = (msg, fut, trace=None, retries=0))]
     fn submit(
         slf: &Bound<'_, Self>,
         msg: &Bound<'_, PyAny>,
         fut: PyObject,
         trace: Option<&str>,
+        retries: u32,
     ) -> PyResult<u64> {
         Self::with(slf, |core, py, fx| {
             let id = core.next_id;
             let frame = core.encode_request(py, Kind::Request, id, msg, trace)?;
             core.next_id += 1;
-            core.enqueue(py, id, frame, Target::Ask(fut), fx);
+            core.enqueue(
+                py,
+                Queued {
+                    id,
+                    frame,
+                    target: Target::Ask(fut),
+                    retries,
+                },
+                fx,
+            );
             Ok(id)
         })
     }
@@ -658,7 +740,16 @@ impl PoolCore {
             let frame = core.encode_request(py, Kind::RequestStream, id, msg, trace)?;
             core.next_id += 1;
             core.streams.insert(id, StreamBuf::new());
-            core.enqueue(py, id, frame, Target::Stream, fx);
+            core.enqueue(
+                py,
+                Queued {
+                    id,
+                    frame,
+                    target: Target::Stream,
+                    retries: 0,
+                },
+                fx,
+            );
             Ok(id)
         })
     }
@@ -670,8 +761,18 @@ impl PoolCore {
             let Some(s) = core.streams.get_mut(&id) else {
                 return Err(PyKeyError::new_err(format!("no stream {id}")));
             };
-            if s.items.is_empty() {
-                return match s.outcome.take() {
+            // The consumer takes again only once it has used every item handed out before:
+            // credit that batch now, so the worker never runs more than the window ahead.
+            let n = s.items.len() as u32;
+            s.taken += std::mem::replace(&mut s.handed_out, n);
+            let mut grant = None;
+            if s.outcome.is_none() && s.taken >= (core.stream_window / 2).max(1) {
+                grant = s.worker.map(|wid| (wid, std::mem::take(&mut s.taken)));
+            }
+            let result = if n > 0 {
+                PyList::new(py, s.items.drain(..)).map(|items| (items, false))
+            } else {
+                match s.outcome.take() {
                     None => Ok((PyList::empty(py), false)),
                     Some(outcome) => {
                         core.streams.remove(&id);
@@ -680,19 +781,12 @@ impl PoolCore {
                             Err(exc) => Err(PyErr::from_value(exc.into_bound(py))),
                         }
                     }
-                };
-            }
-            let n = s.items.len() as u32;
-            let items = PyList::new(py, s.items.drain(..))?;
-            s.taken += n;
-            if s.outcome.is_none() && s.taken >= (core.stream_window / 2).max(1) {
-                let credit = s.taken;
-                s.taken = 0;
-                if let Some(wid) = s.worker {
-                    core.control(py, wid, Kind::Credit, id, &credit.to_le_bytes(), fx);
                 }
+            };
+            if let Some((wid, credit)) = grant {
+                core.control(py, wid, Kind::Credit, id, &credit.to_le_bytes(), fx);
             }
-            Ok((items, false))
+            result
         })
     }
 
@@ -745,13 +839,14 @@ impl PoolCore {
     /// Send an answer frame for callback `id` to a worker: ITEM (with `final`), END or ERROR.
     /// Raises SerializationError/ProtocolError for a value that cannot be sent. Returns False
     /// if the worker is gone.
-    #[pyo3(signature = (worker_id, kind, id, value=None, is_final=false))]
+    /// END carries no body; for ITEM and ERROR `value` is encoded, `None` included.
+    #[pyo3(signature = (worker_id, kind, id, value, is_final=false))]
     fn send(
         slf: &Bound<'_, Self>,
         worker_id: u32,
         kind: u8,
         id: u64,
-        value: Option<&Bound<'_, PyAny>>,
+        value: &Bound<'_, PyAny>,
         is_final: bool,
     ) -> PyResult<bool> {
         Self::with(slf, |core, py, fx| {
@@ -763,8 +858,8 @@ impl PoolCore {
             if is_final {
                 frame::mark_final(&mut buf, start);
             }
-            if let Some(v) = value {
-                codec::encode_into(&mut buf, v)
+            if kind != Kind::End as u8 {
+                codec::encode_into(&mut buf, value)
                     .map_err(|e| errors::serialization(py, e.describe("item")))?;
             }
             let size = buf.len() - frame::LEN_PREFIX;
@@ -804,7 +899,10 @@ impl PoolCore {
                         fx.events.push((wid, "eof", py.None()));
                         break;
                     }
-                    Ok(n) => n,
+                    Ok(n) => {
+                        core.links[idx].last_seen = Instant::now();
+                        n
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -827,7 +925,7 @@ impl PoolCore {
                                 "worker {wid} (pid {pid}) sent a {} frame of {size} bytes, over max_frame_bytes={limit}",
                                 Kind::from_u8(kind).map_or("unknown", |k| k.name())
                             );
-                            if let Some(slot) = core.finish_slot(idx, id) {
+                            if let Some(slot) = core.finish_slot(py, idx, id, fx) {
                                 core.resolve(
                                     py,
                                     id,
@@ -909,9 +1007,14 @@ impl PoolCore {
         })
     }
 
-    /// Forget a worker whose process is gone. Requests it had started fail with `exc`;
-    /// requests it had not started go back to the front of the queue, in their order.
-    /// Returns (failed, requeued) counts. The socket is closed.
+    /// Forget a worker whose process is gone; its socket is closed.
+    ///
+    /// Workers start requests in the order they receive them, at most `max_concurrency` at a
+    /// time, and write every reply before starting the next request. So of the requests still
+    /// unanswered, only the first `max_concurrency` (in send order) can have started: those
+    /// fail with `exc` (or run again elsewhere if they have retries left, i.e. idempotent asks);
+    /// the rest never ran and go back to the front of the queue, in their order.
+    /// Returns (failed, requeued) counts.
     fn remove_worker(
         slf: &Bound<'_, Self>,
         worker_id: u32,
@@ -925,24 +1028,34 @@ impl PoolCore {
             if link.writer_armed {
                 fx.disarm_writers.push(link.sock.as_raw_fd());
             }
-            let mut unstarted = Vec::new();
+            let mut slots: Vec<(u64, Slot)> = link.slots.into_iter().collect();
+            slots.sort_by_key(|(_, s)| s.seq);
+            let mut again = Vec::new();
             let mut failed = 0;
-            for (id, slot) in link.slots {
-                match slot.frame {
-                    Some(frame) => unstarted.push(Queued {
+            for (n, (id, slot)) in slots.into_iter().enumerate() {
+                let maybe_started = n < core.max_concurrency;
+                if !maybe_started {
+                    again.push(Queued {
                         id,
-                        frame,
+                        frame: slot.frame,
                         target: slot.target,
-                    }),
-                    None => {
-                        failed += 1;
-                        core.resolve(py, id, slot.target, Err(PyErr::from_value(exc.clone())));
-                    }
+                        retries: slot.retries,
+                    });
+                } else if slot.retries > 0 {
+                    core.stats.retries += 1;
+                    again.push(Queued {
+                        id,
+                        frame: slot.frame,
+                        target: slot.target,
+                        retries: slot.retries - 1,
+                    });
+                } else {
+                    failed += 1;
+                    core.resolve(py, id, slot.target, Err(PyErr::from_value(exc.clone())));
                 }
             }
-            unstarted.sort_by_key(|q| q.id);
-            let requeued = unstarted.len();
-            for q in unstarted.into_iter().rev() {
+            let requeued = again.len();
+            for q in again.into_iter().rev() {
                 if let Some(s) = core.streams.get_mut(&q.id) {
                     s.worker = None;
                 }
@@ -967,6 +1080,55 @@ impl PoolCore {
     /// Requests not finished yet: queued in the parent or in flight on a worker.
     fn outstanding(&self) -> usize {
         self.queue.len() + self.links.iter().map(Link::in_flight).sum::<usize>()
+    }
+
+    /// Workers (by id) from which nothing arrived for `timeout` seconds.
+    fn silent_workers(&self, timeout: f64) -> Vec<u32> {
+        let limit = Duration::from_secs_f64(timeout.max(0.0));
+        self.links
+            .iter()
+            .filter(|l| {
+                matches!(l.state, LinkState::Ready | LinkState::Draining)
+                    && l.last_seen.elapsed() > limit
+            })
+            .map(|l| l.id)
+            .collect()
+    }
+
+    /// Stop giving a worker new requests (it finishes what it has, then `drained` fires).
+    fn retire(slf: &Bound<'_, Self>, worker_id: u32) -> PyResult<()> {
+        Self::with(slf, |core, py, fx| {
+            if let Some(idx) = core.link_index(worker_id) {
+                let link = &mut core.links[idx];
+                if link.state == LinkState::Ready {
+                    link.state = LinkState::Draining;
+                }
+                if link.slots.is_empty() {
+                    fx.events.push((worker_id, "drained", py.None()));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether request `id` is still in flight on some worker (returns its worker id).
+    fn running_on(&self, id: u64) -> Option<u32> {
+        self.links
+            .iter()
+            .find(|l| l.slots.contains_key(&id))
+            .map(|l| l.id)
+    }
+
+    /// (completed, errors, retries, p50 seconds, p99 seconds) since the pool started.
+    fn stats(&self) -> (u64, u64, u64, Option<f64>, Option<f64>) {
+        let s = &self.stats;
+        (
+            s.completed,
+            s.errors,
+            s.retries,
+            s.quantile(0.5),
+            s.quantile(0.99),
+        )
     }
 
     /// (worker_id, pid, state, in_flight, completed) for each connected worker.

@@ -40,7 +40,7 @@ mod _native {
     #[pymodule_export]
     use super::encode;
     #[pymodule_export]
-    use super::spawn::{die_with_parent, spawn_worker};
+    use super::spawn::{die_with_parent, kill_own_group, spawn_worker};
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum LinkState {
@@ -29,9 +30,14 @@ pub enum Target {
 
 pub struct Slot {
     pub target: Target,
-    /// The encoded frame, kept until the worker says it started the request so that an
-    /// unstarted request can be sent to another worker if this one dies.
-    pub frame: Option<Vec<u8>>,
+    /// The encoded frame, kept until the answer arrives so that a request the worker never
+    /// started can be sent to another worker if this one dies.
+    pub frame: Vec<u8>,
+    /// Send order on this link: workers start requests in the order they receive them.
+    pub seq: u64,
+    /// How many more times the request may run elsewhere if this worker dies (idempotent asks).
+    pub retries: u32,
+    pub sent: Instant,
 }
 
 pub struct Link {
@@ -46,6 +52,9 @@ pub struct Link {
     pub writer_armed: bool,
     pub slots: HashMap<u64, Slot>,
     pub completed: u64,
+    pub next_seq: u64,
+    /// When a frame last arrived (heartbeats included).
+    pub last_seen: Instant,
 }
 
 impl Link {
@@ -61,6 +70,8 @@ impl Link {
             writer_armed: false,
             slots: HashMap::new(),
             completed: 0,
+            next_seq: 0,
+            last_seen: Instant::now(),
         }
     }
 

@@ -12,6 +12,7 @@ use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A started worker: its pid, the parent's socket end and the read end of its stderr pipe.
 /// The caller owns both descriptors.
@@ -30,6 +31,7 @@ pub fn spawn_worker(
     let child_fd = child_end.as_raw_fd();
     env.push(("KAMEO_FD".into(), child_fd.to_string()));
     let parent_pid = std::process::id() as libc::pid_t;
+    let death_signal = parent_death_signal();
 
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
@@ -53,7 +55,7 @@ pub fn spawn_worker(
             {
                 libc::prctl(
                     libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
+                    death_signal as libc::c_ulong,
                     0,
                     0,
                     0,
@@ -65,7 +67,6 @@ pub fn spawn_worker(
             Ok(())
         });
     }
-    let _ = parent_pid;
     let mut child = py.detach(|| cmd.spawn()).map_err(|e| {
         PyOSError::new_err(format!("cannot start worker process {:?}: {e}", argv[0]))
     })?;
@@ -91,21 +92,61 @@ fn set_nonblocking(fd: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Make this process (a worker) exit when its parent dies, and check it has not already.
-/// Called by the worker at start-up as well, for interpreters started by wrappers.
-#[pyfunction]
-pub fn die_with_parent(expected_parent: u32) -> bool {
+/// The signal the kernel sends a worker when its parent dies: a real-time signal no Python
+/// code uses, whose default action (before the worker installs its handler) terminates.
+fn parent_death_signal() -> libc::c_int {
     #[cfg(target_os = "linux")]
+    {
+        libc::SIGRTMIN() + 7
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        libc::SIGKILL
+    }
+}
+
+static GROUP_LEADER: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_parent_death(_: libc::c_int) {
+    // Async-signal-safe only: kill(2) and _exit(2).
     // SAFETY: plain syscalls.
     unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        );
+        if GROUP_LEADER.load(Ordering::Relaxed) {
+            libc::kill(0, libc::SIGKILL); // the worker and everything it started
+        }
+        libc::_exit(128 + libc::SIGKILL);
     }
-    // SAFETY: plain syscall.
-    (unsafe { libc::getppid() }) as u32 == expected_parent
+}
+
+/// Called by the worker at start-up: when the parent dies, kill this worker's whole process
+/// group (the worker and any process it started), even if the parent died by SIGKILL.
+/// Returns False if the parent is already gone.
+#[pyfunction]
+pub fn die_with_parent(expected_parent: u32) -> bool {
+    // SAFETY: installing a handler that only makes async-signal-safe calls; plain syscalls.
+    unsafe {
+        let leader = libc::getpgid(0) == libc::getpid();
+        GROUP_LEADER.store(leader, Ordering::Relaxed);
+        #[cfg(target_os = "linux")]
+        {
+            let sig = parent_death_signal();
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_parent_death as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+            libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0);
+        }
+        libc::getppid() as u32 == expected_parent
+    }
+}
+
+/// Kill this worker's process group (after the parent went away), if it leads one.
+#[pyfunction]
+pub fn kill_own_group() {
+    if GROUP_LEADER.load(Ordering::Relaxed) {
+        // SAFETY: plain syscall.
+        unsafe {
+            libc::kill(0, libc::SIGKILL);
+        }
+    }
 }

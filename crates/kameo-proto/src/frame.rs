@@ -45,8 +45,6 @@ pub enum Kind {
     StartupFailed = 5,
     /// parent → worker: run the handler on the body (an encoded value).
     Request = 16,
-    /// worker → parent: the request with this id has started running (empty body).
-    Started = 17,
     /// worker → parent: the handler returned; body = encoded value.
     Reply = 18,
     /// worker → parent: the request failed; body = encoded error dict.
@@ -63,6 +61,8 @@ pub enum Kind {
     Credit = 24,
     /// worker → parent: call a parent handler; body = encoded (path, data, request id).
     Callback = 25,
+    /// worker → parent: the worker is alive (empty body, id 0), sent every heartbeat interval.
+    Heartbeat = 26,
     /// parent → worker: finish in-flight work, then exit (empty body).
     Shutdown = 32,
 }
@@ -77,7 +77,6 @@ impl Kind {
             4 => Kind::Ready,
             5 => Kind::StartupFailed,
             16 => Kind::Request,
-            17 => Kind::Started,
             18 => Kind::Reply,
             19 => Kind::Error,
             20 => Kind::Cancel,
@@ -86,6 +85,7 @@ impl Kind {
             23 => Kind::End,
             24 => Kind::Credit,
             25 => Kind::Callback,
+            26 => Kind::Heartbeat,
             32 => Kind::Shutdown,
             _ => return None,
         })
@@ -100,7 +100,6 @@ impl Kind {
             Kind::Ready => "ready",
             Kind::StartupFailed => "startup_failed",
             Kind::Request => "request",
-            Kind::Started => "started",
             Kind::Reply => "reply",
             Kind::Error => "error",
             Kind::Cancel => "cancel",
@@ -109,6 +108,7 @@ impl Kind {
             Kind::End => "end",
             Kind::Credit => "credit",
             Kind::Callback => "callback",
+            Kind::Heartbeat => "heartbeat",
             Kind::Shutdown => "shutdown",
         }
     }

@@ -1,0 +1,53 @@
+"""`AskFuture`: what ``Pool.ask`` returns.
+
+An ask is a plain asyncio future resolved by the Rust core, not a coroutine: awaiting it, or
+gathering thousands of them, costs no task per request. Cancelling it (directly, through the
+awaiting task, ``asyncio.wait_for`` or ``gather``) cancels the request in the worker. It also
+speaks the coroutine protocol, so ``asyncio.create_task(pool.ask(...))`` and
+``TaskGroup.create_task`` accept it like the coroutine an ``async def ask`` would return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["AskFuture"]
+
+
+class AskFuture(asyncio.Future[Any]):
+    """The pending reply of one ``Pool.ask``."""
+
+    _kameo_abandon: Callable[[int], None] | None = None
+    _kameo_rid: int = 0
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        abandon = self._kameo_abandon
+        if abandon is not None:
+            self._kameo_abandon = None
+            abandon(self._kameo_rid)
+        return True
+
+    # The coroutine protocol, driven by a Task: yield this future until it is done.
+    def send(self, value: Any) -> Any:
+        if not self.done():
+            self._asyncio_future_blocking = True
+            return self
+        raise StopIteration(self.result())
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if val is None:
+            val = typ() if isinstance(typ, type) else typ
+        if tb is not None:
+            val = val.with_traceback(tb)
+        raise val
+
+    def close(self) -> None:
+        pass
+
+
+collections.abc.Coroutine.register(AskFuture)

@@ -1,0 +1,187 @@
+"""The parent's view of one worker process: descriptors, stderr capture, exit status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections import deque
+from typing import Any
+
+__all__ = ["STDERR_TAIL_LINES", "WorkerProcess", "exit_text"]
+
+STDERR_TAIL_LINES = 20
+worker_log = logging.getLogger("kameo.worker")
+
+
+def exit_text(status: int) -> tuple[str, int | None, int | None]:
+    """("exited with code 3", 3, None) or ("was killed by SIGKILL (9)", None, 9)."""
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} ({-code})", None, -code
+    return f"exited with code {code}", code, None
+
+
+class WorkerProcess:
+    """One spawned worker: its socket (owned by the Rust core), stderr pipe and pidfd."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        worker_id: int,
+        slot: int,
+        pid: int,
+        sock_fd: int,
+        stderr_fd: int,
+    ) -> None:
+        self.loop = loop
+        self.id = worker_id
+        self.slot = slot
+        self.pid = pid
+        self.sock_fd = sock_fd
+        self.stderr_fd: int | None = stderr_fd
+        self.pidfd: int | None = None
+        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self.stderr_partial = b""
+        self.ready: asyncio.Future[Any] = loop.create_future()
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.lost = False
+        self.retiring = False
+        self.hung = False
+        self.started_at = time.monotonic()
+
+    def describe(self) -> str:
+        return f"worker {self.id} (pid {self.pid})"
+
+    def tail(self) -> str:
+        return "\n".join(self.stderr_tail)
+
+    def watch(self, on_exit: Any) -> None:
+        """Watch stderr, and the process exit through a pidfd."""
+        assert self.stderr_fd is not None
+        self.loop.add_reader(self.stderr_fd, self.read_stderr)
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+            self.loop.add_reader(self.pidfd, on_exit, self)
+        except OSError:  # no pidfd (old kernel): exits are found through EOF and waitpid
+            self.pidfd = None
+
+    # -- stderr --------------------------------------------------------------------------
+
+    def read_stderr(self) -> None:
+        fd = self.stderr_fd
+        if fd is None:
+            return
+        chunks = []
+        eof = False
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                eof = True
+                break
+            chunks.append(data)
+            if len(data) < 65536:
+                break
+        if chunks:
+            data = self.stderr_partial + b"".join(chunks)
+            *lines, self.stderr_partial = data.split(b"\n")
+            for raw in lines:
+                self._line(raw)
+        if eof:
+            if self.stderr_partial:
+                self._line(self.stderr_partial)
+                self.stderr_partial = b""
+            self.close_stderr()
+
+    def _line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        self.stderr_tail.append(line)
+        worker_log.warning(
+            "[worker %d pid %d] %s",
+            self.id,
+            self.pid,
+            line,
+            extra={"worker_id": self.id, "pid": self.pid},
+        )
+
+    def close_stderr(self) -> None:
+        if self.stderr_fd is not None:
+            self.loop.remove_reader(self.stderr_fd)
+            os.close(self.stderr_fd)
+            self.stderr_fd = None
+
+    # -- exit ----------------------------------------------------------------------------
+
+    def reap(self) -> bool:
+        """Collect the exit status if the process has exited. Anything left in its process
+        group (the worker's own children) is killed first, while the pid cannot be reused."""
+        if self.exited.done():
+            return True
+        try:
+            res = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped by someone else (a foreign SIGCHLD handler)
+            self._finish(-1)
+            return True
+        if res is None:
+            return False
+        self.kill_group(signal.SIGKILL)
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            status = -1
+        self._finish(status)
+        return True
+
+    def _finish(self, status: int) -> None:
+        if self.pidfd is not None:
+            self.loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+        self.exited.set_result(status)
+
+    async def wait_exit(self, timeout: float) -> bool:
+        if self.reap():
+            return True
+        if self.pidfd is None:  # poll
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+                if self.reap():
+                    return True
+            return False
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        except TimeoutError:
+            return self.reap()
+        return True
+
+    def kill_group(self, sig: int) -> None:
+        # The worker leads its own process group: signal it and whatever it started.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def kill(self, sig: int) -> None:
+        if self.exited.done():
+            return
+        self.kill_group(sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
+    def kill_now(self) -> None:
+        """Last resort at interpreter exit: SIGKILL and reap."""
+        if not self.exited.done():
+            self.kill(signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
