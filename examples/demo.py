@@ -9,7 +9,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workers inherit sys.path
 
-import kameo  # noqa: E402
+import kameo
 
 
 async def main() -> None:
@@ -27,7 +27,8 @@ async def main() -> None:
         replies = await asyncio.gather(*(pool.ask(o) for o in orders))
         dt = time.perf_counter() - t
         pids = {r["worker_pid"] for r in replies}
-        print(f"10,000 asks in {dt * 1000:.0f} ms ({len(orders) / dt:,.0f}/s) across {len(pids)} workers")
+        rate = len(orders) / dt
+        print(f"10,000 asks in {dt * 1000:.0f} ms ({rate:,.0f}/s) across {len(pids)} workers")
         print("completed per worker:", {w.id: w.completed for w in pool.workers})
 
     async with kameo.Pool("pricing:enrich", size=1, max_concurrency=20) as pool:
