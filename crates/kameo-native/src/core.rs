@@ -177,15 +177,6 @@ fn set_result(py: Python<'_>, fut: &Bound<'_, PyAny>, v: &Bound<'_, PyAny>) {
     }
 }
 
-fn set_exception_obj(py: Python<'_>, fut: &Bound<'_, PyAny>, exc: &Bound<'_, PyAny>) {
-    if is_done(py, fut) {
-        return;
-    }
-    if let Err(e) = fut.call_method1(intern!(py, "set_exception"), (exc,)) {
-        e.write_unraisable(py, Some(fut));
-    }
-}
-
 impl PoolCore {
     fn link_index(&self, worker_id: u32) -> Option<usize> {
         self.links.iter().position(|l| l.id == worker_id)
@@ -354,11 +345,16 @@ impl PoolCore {
     ) {
         match target {
             Target::Ask(fut) => {
+                // No done() check first: a future the caller already gave up on (cancelled,
+                // timed out) refuses the result with InvalidStateError, which is ignored.
                 let fut = fut.bind(py);
-                if !is_done(py, fut) {
-                    match outcome {
-                        Ok(v) => set_result(py, fut, &v),
-                        Err(e) => set_exception_obj(py, fut, e.into_value(py).bind(py)),
+                let r = match outcome {
+                    Ok(v) => fut.call_method1(intern!(py, "set_result"), (v,)),
+                    Err(e) => fut.call_method1(intern!(py, "set_exception"), (e.into_value(py),)),
+                };
+                if let Err(e) = r {
+                    if !e.is_instance_of::<pyo3::exceptions::asyncio::InvalidStateError>(py) {
+                        e.write_unraisable(py, Some(fut));
                     }
                 }
             }
