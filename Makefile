@@ -6,7 +6,7 @@ export CARGO_BUILD_JOBS ?= 2
 STAMP := $(VENV)/.deps-stamp
 NATIVE_SRC := $(shell find crates -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 
-.PHONY: all venv develop test test-rust test-python demo bench lint fmt clean
+.PHONY: all venv develop test test-rust test-python demo bench lint fmt fuzz clean
 
 all: develop
 
@@ -41,7 +41,9 @@ demo: develop
 
 bench: develop
 	$(BIN)/python benches/bench_pool.py
+	$(BIN)/python benches/bench_resilience.py
 	$(BIN)/python benches/compare_codec.py
+	$(BIN)/python -m pytest benches/test_bench_ask.py --benchmark-only -q
 	cargo bench -p kameo-proto
 
 lint: develop
@@ -51,6 +53,19 @@ lint: develop
 	$(BIN)/ruff format --check python tests benches examples
 	$(BIN)/mypy --strict python/
 	$(BIN)/python -m mypy.stubtest kameo._native
+
+# Fuzz the frame reader, the handshake and the value decoder (cargo-fuzz, libFuzzer + ASan).
+# The toolchain is stable: RUSTC_BOOTSTRAP lets cargo-fuzz pass its sanitizer flags.
+FUZZ_SECONDS ?= 20
+FUZZ_TARGETS := frame_reader handshake value_decode
+fuzz:
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	mkdir -p fuzz/logs
+	for t in $(FUZZ_TARGETS); do \
+		RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz $$t -- -max_total_time=$(FUZZ_SECONDS) \
+			> fuzz/logs/$$t.log 2>&1 || { tail -n 60 fuzz/logs/$$t.log; exit 1; }; \
+		echo "fuzz $$t: $$(grep -E '^Done [0-9]+ runs' fuzz/logs/$$t.log)"; \
+	done
 
 fmt: $(STAMP)
 	cargo fmt --all
