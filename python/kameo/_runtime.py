@@ -72,7 +72,7 @@ class Runtime:
         for path in self.paths:
             module, _, name = path.partition(".")
             self.modules[module] = self.modules.get(module, frozenset()) | {name}
-        self.stream_window = max(1, int(config.get("stream_window", 64)))
+        self.stream_window = max(1, int(config.get("stream_window", 256)))
         self.heartbeat_interval = float(config.get("heartbeat_interval") or 0)
         self.init: str | None = config.get("init")
         # Weak: a call dropped by its handler (`break` out of the loop) is collected at once,

@@ -36,7 +36,7 @@ log = logging.getLogger("kameo")
 
 MiB = 1024 * 1024
 DEFAULT_PREFETCH = 16
-DEFAULT_STREAM_WINDOW = 64
+DEFAULT_STREAM_WINDOW = 256
 # Bounds on waiting for a worker to go once it has been told to (each step of close()).
 EXIT_WAIT = 1.0
 KILL_WAIT = 5.0
@@ -627,6 +627,7 @@ class Pool:
             signal=sig,
             stderr_tail=tail,
         )
+        completed = next((row[4] for row in self._core.worker_stats() if row[0] == w.id), 0)
         self._core.remove_worker(w.id, exc)
         if self._runner is not None:
             self._runner.worker_gone(w.id)
@@ -643,7 +644,11 @@ class Pool:
             self._crashes += 1
             slot.restarts += 1
             slot.last_exit = what
-            slot.crashes.append(time.monotonic())
+            if not completed:
+                # A worker that dies before finishing a single request is what a crash loop
+                # looks like (a broken handler or environment); one killed after doing work
+                # (OOM, an operator, chaos) is replaced at once.
+                slot.crashes.append(time.monotonic())
             log.warning("%s %s; starting a replacement", w.describe(), what)
         if self._state == "running" and not slot.respawning:
             self._background_task(self._replace(slot, self._backoff(slot)))
@@ -714,8 +719,12 @@ class Pool:
             self._runner.cancel_all()
         workers = list(self._workers.values())
         for w in workers:
-            if not w.lost and core is not None:
+            if w.lost or core is None:
+                continue
+            if w.ready.done():
                 core.send_control(w.id, Channel.SHUTDOWN)
+            else:
+                w.kill(signal.SIGKILL)  # still starting: nothing to finish
         for step, sig in ((EXIT_WAIT, signal.SIGTERM), (EXIT_WAIT, signal.SIGKILL)):
             alive = [w for w in workers if not w.exited.done()]
             if not alive:

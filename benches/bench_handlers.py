@@ -1,0 +1,88 @@
+"""Worker handlers used by the kameo benchmarks.
+
+The benchmark scripts put this directory on ``sys.path`` so that worker processes (which inherit
+the parent's ``sys.path``) can import ``bench_handlers:echo`` and the others below.
+"""
+
+import os
+import signal
+import time
+
+import kameo
+
+
+def echo(msg):
+    return msg
+
+
+async def aecho(msg):
+    return msg
+
+
+# ------------------------------------------------------------------------------ W4 streaming
+
+
+def gen(m):
+    yield from range(m["n"])
+
+
+async def agen(m):
+    for i in range(m["n"]):
+        yield i
+
+
+# ------------------------------------------------------------------------------ W5 callbacks
+
+
+def cb_loop(n):
+    """``n`` sequential one-item callbacks into the parent; returns the time they took (ns),
+    measured in the worker."""
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        for _x in kameo.bench.Ping({}):
+            pass
+    return time.perf_counter_ns() - t0
+
+
+# ------------------------------------------------------------------------------ resilience
+
+_ledger_fd = None
+
+
+def chaos(msg):
+    """Append the request id to the ledger (one O_APPEND write: atomic for a short line), then
+    a short sleep so that requests are running when workers are killed; returns msg*2.
+
+    The ledger path comes from the environment (``KAMEO_BENCH_LEDGER``)."""
+    global _ledger_fd
+    if _ledger_fd is None:
+        _ledger_fd = os.open(
+            os.environ["KAMEO_BENCH_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+        )
+    os.write(_ledger_fd, b"%d\n" % msg)
+    time.sleep(0.0002)
+    return msg * 2
+
+
+def die_now(msg):
+    """Write CLOCK_MONOTONIC (ns) to ``msg["path"]``, then SIGKILL this process."""
+    with open(msg["path"], "w") as f:
+        f.write(str(time.clock_gettime_ns(time.CLOCK_MONOTONIC)))
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)  # not reached
+
+
+def peer_task(msg):
+    """With ``msg["path"]``: the victim. Write this process's pid there (write, then rename, so
+    a reader never sees a partial file), sleep ``msg["sleep"]`` seconds (until killed), return
+    the pid. Otherwise a short task: sleep ``msg["sleep"]`` seconds, return ``msg["x"] * 2``.
+    Module-level so that ProcessPoolExecutor and loky can pickle it by reference."""
+    path = msg.get("path")
+    if path:
+        with open(path + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(path + ".tmp", path)
+        time.sleep(msg["sleep"])
+        return os.getpid()
+    time.sleep(msg["sleep"])
+    return msg["x"] * 2
