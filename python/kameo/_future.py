@@ -40,6 +40,10 @@ class AskFuture(asyncio.Future[Any]):
         raise StopIteration(self.result())
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if isinstance(typ, asyncio.CancelledError) or (
+            isinstance(typ, type) and issubclass(typ, asyncio.CancelledError)
+        ):
+            self.cancel()  # the task was cancelled before it awaited us: cancel the request
         if val is None:
             val = typ() if isinstance(typ, type) else typ
         if tb is not None:

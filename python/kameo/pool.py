@@ -569,10 +569,9 @@ class Pool:
                     if not w.lost and not w.retiring and w.ready.done():
                         rss = _rss(w.pid)
                         if rss is not None and rss > self._max_memory:
+                            why = f"max_memory_per_worker ({rss} > {self._max_memory} bytes)"
+                            self._retire(w, why)  # first: the core may report it drained at once
                             self._core.retire(w.id)
-                            self._retire(
-                                w, f"max_memory_per_worker ({rss} > {self._max_memory} bytes)"
-                            )
 
     def _retire(self, w: WorkerProcess, why: str) -> None:
         """Replace ``w`` gracefully: its successor starts now, it leaves once idle."""
@@ -582,7 +581,7 @@ class Pool:
         w.retiring = True
         slot = self._slots[w.slot]
         slot.last_exit = f"retired: {why}"
-        self._background_task(self._replace(slot, 0.0))
+        self._schedule_replace(slot, 0.0)
 
     def _on_exit(self, w: WorkerProcess) -> None:
         """The pidfd is readable: the process has exited. Reap it."""
@@ -607,6 +606,8 @@ class Pool:
         w.read_stderr()  # collect the last lines
         if w.exited.done() and w.exited.result() >= 0:
             what, exitcode, sig = exit_text(w.exited.result())
+            if reason not in ("exited", "closed its connection"):
+                what = f"was dropped ({reason}) and {what}"
         else:
             what, exitcode, sig = reason, None, None
         if w.hung:
@@ -651,7 +652,7 @@ class Pool:
                 slot.crashes.append(time.monotonic())
             log.warning("%s %s; starting a replacement", w.describe(), what)
         if self._state == "running" and not slot.respawning:
-            self._background_task(self._replace(slot, self._backoff(slot)))
+            self._schedule_replace(slot, self._backoff(slot))
         if not any(not x.lost for x in self._workers.values()) and not self._respawn_pending():
             self._core.fail_queued(exc)
 
@@ -679,8 +680,14 @@ class Pool:
             )
         return delay
 
-    async def _replace(self, slot: _Slot, delay: float) -> None:
+    def _schedule_replace(self, slot: _Slot, delay: float) -> None:
+        """Start a replacement for ``slot`` after ``delay``; until it is ready or gives up, the
+        slot counts as respawning (so queued requests wait for it rather than fail)."""
         slot.respawning = True
+        self._background_task(self._replace(slot, delay))
+
+    async def _replace(self, slot: _Slot, delay: float) -> None:
+        again = False
         try:
             if delay:
                 await asyncio.sleep(delay)
@@ -696,9 +703,11 @@ class Pool:
                 if not any(not x.lost and x.ready.done() for x in self._workers.values()):
                     self._core.fail_queued(exc)
                 if self._state == "running":
-                    self._background_task(self._replace(slot, self._backoff(slot)))
+                    again = True
+                    self._schedule_replace(slot, self._backoff(slot))
         finally:
-            slot.respawning = False
+            if not again:
+                slot.respawning = False
 
     # ----------------------------------------------------------------- shutdown
 

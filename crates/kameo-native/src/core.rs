@@ -917,20 +917,33 @@ impl PoolCore {
                             size,
                             limit,
                         })) => {
+                            // A kameo worker checks sizes before sending, so this peer is
+                            // broken: fail that request, and replace the worker rather than
+                            // trust the rest of its stream.
                             let message = format!(
                                 "worker {wid} (pid {pid}) sent a {} frame of {size} bytes, over max_frame_bytes={limit}",
                                 Kind::from_u8(kind).map_or("unknown", |k| k.name())
                             );
-                            if let Some(slot) = core.finish_slot(py, idx, id, fx) {
-                                core.resolve(
-                                    py,
-                                    id,
-                                    slot.target,
-                                    Err(errors::protocol(py, message.clone())),
-                                );
+                            let serving = matches!(
+                                core.links[idx].state,
+                                LinkState::Ready | LinkState::Draining
+                            );
+                            if serving {
+                                if let Some(slot) = core.finish_slot(py, idx, id, fx) {
+                                    core.resolve(
+                                        py,
+                                        id,
+                                        slot.target,
+                                        Err(errors::protocol(py, message.clone())),
+                                    );
+                                }
+                                broken = Some(message);
+                            } else {
+                                broken = Some(format!(
+                                    "{message} during the handshake: not a kameo worker"
+                                ));
                             }
-                            fx.events
-                                .push((wid, "protocol_warning", pystr(py, &message)));
+                            break;
                         }
                         Err(e) => {
                             broken = Some(format!("worker {wid} (pid {pid}): {e}"));
