@@ -725,3 +725,52 @@ async def test_stats_after_a_scripted_sequence():
         assert 6 <= s.completed <= 9, s  # the six replies; never the crashed one
         assert s.p50 is not None and s.p99 is not None
         assert 0 < s.p50 <= s.p99 < 60, s
+
+
+SIGINT_TAIL = textwrap.dedent(
+    """
+    import os as _os
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        # `async with` has closed the pool by now: its workers must be reaped already.
+        def _alive(pid):
+            try:
+                _os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            return True
+        print(json.dumps({"alive_after_close": [p for p in WORKERS if _alive(p)]}), flush=True)
+    """
+)
+
+
+def test_sigint_to_the_parent_closes_the_pool_cleanly(tmp_path: Path):
+    script = tmp_path / "parent.py"
+    body = PARENT_SCRIPT.replace("asyncio.run(main())", "WORKERS = []\n")
+    body = body.replace(
+        '"workers": [w.pid for w in pool.workers],',
+        '"workers": WORKERS.extend(w.pid for w in pool.workers) or WORKERS,',
+    )
+    script.write_text(body + SIGINT_TAIL)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=script_env(),
+        cwd=str(tmp_path),
+    )
+    try:
+        report = read_json_line(proc)
+        pids = report["workers"] + report["grandchildren"]
+        assert len(report["workers"]) == 2 and all(pid_alive(p) for p in pids)
+        os.kill(proc.pid, signal.SIGINT)
+        after = read_json_line(proc)
+        assert after["alive_after_close"] == [], after
+        proc.wait(10)
+        gone = wait_until(lambda: all(pid_gone_or_zombie(p) for p in pids), 2.0)
+        assert gone, f"still alive after SIGINT: {[p for p in pids if pid_alive(p)]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
