@@ -161,6 +161,20 @@ fn oversize_message(what: &str, size: usize, limit: usize) -> String {
     format!("{what} is {size} bytes, over max_frame_bytes={limit}; raise Pool(max_frame_bytes=...) or send less")
 }
 
+/// After a write attempt: arm the loop's writer if output is left over, report a broken socket.
+fn settle_write(py: Python<'_>, link: &mut Link, result: io::Result<()>, fx: &mut Effects) {
+    match result {
+        Ok(()) if link.pending_out() && !link.writer_armed => {
+            link.writer_armed = true;
+            fx.arm_writers.push((link.id, link.sock.as_raw_fd()));
+        }
+        Ok(()) => {}
+        Err(e) => fx
+            .events
+            .push((link.id, "io_error", pystr(py, &e.to_string()))),
+    }
+}
+
 fn pystr(py: Python<'_>, s: &str) -> PyObject {
     PyString::new(py, s).into_any().unbind()
 }
@@ -269,16 +283,8 @@ impl PoolCore {
     fn flush_links(&mut self, py: Python<'_>, fx: &mut Effects) {
         for link in &mut self.links {
             if link.pending_out() && !link.writer_armed {
-                match link.write_out() {
-                    Ok(()) if link.pending_out() => {
-                        link.writer_armed = true;
-                        fx.arm_writers.push((link.id, link.sock.as_raw_fd()));
-                    }
-                    Ok(()) => {}
-                    Err(e) => fx
-                        .events
-                        .push((link.id, "io_error", pystr(py, &e.to_string()))),
-                }
+                let result = link.write_out();
+                settle_write(py, link, result, fx);
             }
         }
     }
@@ -297,16 +303,8 @@ impl PoolCore {
             let link = &mut self.links[idx];
             let mut f = Vec::with_capacity(16 + body.len());
             frame::write_frame(&mut f, kind as u8, id, None, body);
-            match link.send_now(&f) {
-                Ok(()) if link.pending_out() && !link.writer_armed => {
-                    link.writer_armed = true;
-                    fx.arm_writers.push((link.id, link.sock.as_raw_fd()));
-                }
-                Ok(()) => {}
-                Err(e) => fx
-                    .events
-                    .push((link.id, "io_error", pystr(py, &e.to_string()))),
-            }
+            let result = link.send_now(&f);
+            settle_write(py, link, result, fx);
         }
     }
 
@@ -867,16 +865,8 @@ impl PoolCore {
             }
             frame::finish_frame(&mut buf, start).expect("checked against max_frame");
             let link = &mut core.links[idx];
-            match link.send_now(&buf) {
-                Ok(()) if link.pending_out() && !link.writer_armed => {
-                    link.writer_armed = true;
-                    fx.arm_writers.push((link.id, link.sock.as_raw_fd()));
-                }
-                Ok(()) => {}
-                Err(e) => fx
-                    .events
-                    .push((link.id, "io_error", pystr(py, &e.to_string()))),
-            }
+            let result = link.send_now(&buf);
+            settle_write(py, link, result, fx);
             Ok(true)
         })
     }
