@@ -287,7 +287,8 @@ unsafe fn encode_dict(
 /// Decode one value spanning all of `buf`.
 pub fn decode<'py>(py: Python<'py>, buf: &[u8]) -> Result<Bound<'py, PyAny>, DecodeError> {
     let mut r = Reader::new(buf);
-    let v = decode_value(py, &mut r, 0)?;
+    let mut keys = KeyCache::default();
+    let v = decode_value(py, &mut r, 0, &mut keys)?;
     r.finish()?;
     Ok(v)
 }
@@ -310,10 +311,55 @@ fn owned<'py>(
     }
 }
 
-fn decode_value<'py>(
+/// Short str dict keys already decoded in this message: a list of records repeats the same keys,
+/// and reusing one str object per key saves the UTF-8 decode and the allocation (pickle gets
+/// the same effect from its memo).
+/// A short list searched linearly: records have a handful of keys, and a hash map would cost
+/// more than it saves on small messages.
+#[derive(Default)]
+struct KeyCache<'b, 'py> {
+    keys: Vec<(&'b [u8], Bound<'py, PyAny>)>,
+}
+
+const CACHED_KEY_MAX: usize = 32;
+const CACHED_KEYS_MAX: usize = 32;
+
+fn decode_key<'b, 'py>(
     py: Python<'py>,
-    r: &mut Reader<'_>,
+    r: &mut Reader<'b>,
+    keys: &mut KeyCache<'b, 'py>,
+) -> Result<Bound<'py, PyAny>, DecodeError> {
+    let at = r.pos();
+    r.u8()?; // TAG_STR, checked by the caller
+    let n = r.len(1)?;
+    let b = r.take(n)?;
+    if let Some((_, k)) = keys.keys.iter().find(|(kb, _)| *kb == b) {
+        return Ok(k.clone());
+    }
+    // SAFETY: the GIL is held; b outlives the call.
+    let p = unsafe {
+        ffi::PyUnicode_DecodeUTF8(
+            b.as_ptr() as *const c_char,
+            n as ffi::Py_ssize_t,
+            std::ptr::null(),
+        )
+    };
+    if p.is_null() {
+        let _ = PyErr::take(py);
+        return Err(DecodeError::BadUtf8 { at });
+    }
+    let k = owned(py, p, at)?;
+    if n <= CACHED_KEY_MAX && keys.keys.len() < CACHED_KEYS_MAX {
+        keys.keys.push((b, k.clone()));
+    }
+    Ok(k)
+}
+
+fn decode_value<'b, 'py>(
+    py: Python<'py>,
+    r: &mut Reader<'b>,
     depth: usize,
+    keys: &mut KeyCache<'b, 'py>,
 ) -> Result<Bound<'py, PyAny>, DecodeError> {
     let at = r.pos();
     let tag = r.u8()?;
@@ -383,7 +429,7 @@ fn decode_value<'py>(
                 let n = r.len(1)?;
                 let list = owned(py, ffi::PyList_New(n as ffi::Py_ssize_t), at)?;
                 for i in 0..n {
-                    let item = decode_value(py, r, depth + 1)?;
+                    let item = decode_value(py, r, depth + 1, keys)?;
                     ffi::PyList_SET_ITEM(list.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr());
                 }
                 Ok(list)
@@ -395,7 +441,7 @@ fn decode_value<'py>(
                 let n = r.len(1)?;
                 let tuple = owned(py, ffi::PyTuple_New(n as ffi::Py_ssize_t), at)?;
                 for i in 0..n {
-                    let item = decode_value(py, r, depth + 1)?;
+                    let item = decode_value(py, r, depth + 1, keys)?;
                     ffi::PyTuple_SET_ITEM(tuple.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr());
                 }
                 Ok(tuple)
@@ -407,8 +453,12 @@ fn decode_value<'py>(
                 let n = r.len(2)?;
                 let dict = PyDict::new(py);
                 for _ in 0..n {
-                    let k = decode_value(py, r, depth + 1)?;
-                    let v = decode_value(py, r, depth + 1)?;
+                    let k = if r.peek() == Some(wire::TAG_STR) {
+                        decode_key(py, r, keys)?
+                    } else {
+                        decode_value(py, r, depth + 1, keys)?
+                    };
+                    let v = decode_value(py, r, depth + 1, keys)?;
                     if ffi::PyDict_SetItem(dict.as_ptr(), k.as_ptr(), v.as_ptr()) != 0 {
                         let _ = PyErr::take(py);
                         return Err(DecodeError::Invalid {

@@ -106,6 +106,12 @@ impl<'a> Reader<'a> {
         self.buf.len() - self.pos
     }
 
+    /// The next byte, without consuming it.
+    #[inline]
+    pub fn peek(&self) -> Option<u8> {
+        self.buf.get(self.pos).copied()
+    }
+
     #[inline]
     pub fn u8(&mut self) -> Result<u8, DecodeError> {
         let b = *self
