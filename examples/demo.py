@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workers inherit sys.path
 
@@ -46,6 +47,29 @@ async def main() -> None:
             assert isinstance(exc, kameo.RemoteError)
             print(f"remote error caught: {exc.remote_type}: {exc.remote_message}")
             print("  from worker", exc.worker_id, "pid", exc.pid)
+    # Workers call back into the parent: a streaming market-data handler and a one-shot one.
+    callbacks = kameo.Callbacks()
+    stopped = []
+
+    @callbacks.handler("trading.DataFetch")
+    async def data_fetch(req: dict[str, str]) -> Any:
+        try:
+            for i in range(10):
+                yield {"symbol": req["symbol"], "price": 150.0 + i}
+                await asyncio.sleep(0.001)
+        finally:
+            stopped.append(req["symbol"])
+
+    @callbacks.handler("weather.CurrentConditions")
+    async def conditions(req: dict[str, str]) -> dict[str, Any]:
+        return {"city": req["city"], "temp": 21}
+
+    async with kameo.Pool("strategy:execute_trade", size=2, callbacks=callbacks) as pool:
+        fill = await pool.ask({"symbol": "AAPL", "limit": 154.0})
+        print("trade:", fill)
+        print("market-data handlers closed in the parent:", stopped)
+    async with kameo.Pool("strategy:execute_trade_sync", size=1, callbacks=callbacks) as pool:
+        print("sync worker saw a best price of", await pool.ask({"symbol": "MSFT"}))
     print("all pools closed; no worker left running")
 
 
