@@ -40,6 +40,7 @@ demo: develop
 	$(BIN)/python examples/demo.py
 
 bench: develop
+	$(BIN)/python -m pip install --quiet loky  # the peer compared against in bench_resilience
 	$(BIN)/python benches/bench_pool.py
 	$(BIN)/python benches/bench_resilience.py
 	$(BIN)/python benches/compare_codec.py
