@@ -42,9 +42,8 @@ impl Channel {
         self.max_frame.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Append a frame whose body is produced by `body` (with the GIL, before locking).
-    fn push_frame(&self, py: Python<'_>, buf: Vec<u8>) {
-        let _ = py;
+    /// Queue an encoded frame (encoded with the GIL before the writer lock is taken).
+    fn push_frame(&self, buf: Vec<u8>) {
         let mut w = lock(&self.writer);
         if w.out.is_empty() {
             w.out = buf;
@@ -144,7 +143,7 @@ impl Channel {
         .encode();
         let mut buf = Vec::new();
         frame::write_frame(&mut buf, Kind::Hello as u8, 0, None, &body);
-        self.push_frame(py, buf);
+        self.push_frame(buf);
         self.flush(py).map(|_| ())
     }
 
@@ -155,7 +154,7 @@ impl Channel {
         codec::encode_into(&mut buf, value)
             .map_err(|e| errors::serialization(py, e.describe("value")))?;
         frame::finish_frame(&mut buf, start).expect("small");
-        self.push_frame(py, buf);
+        self.push_frame(buf);
         Ok(())
     }
 
@@ -173,7 +172,7 @@ impl Channel {
                 Self::error_frame(py, id, kind, "", &msg)?
             }
         };
-        self.push_frame(py, buf);
+        self.push_frame(buf);
         Ok(())
     }
 
@@ -183,7 +182,7 @@ impl Channel {
             Ok(b) => b,
             Err(msg) => Self::error_frame(py, id, "serialization", "", &msg)?,
         };
-        self.push_frame(py, buf);
+        self.push_frame(buf);
         Ok(())
     }
 
@@ -323,22 +322,22 @@ impl Channel {
         if is_final {
             frame::mark_final(&mut buf, 0);
         }
-        self.push_frame(py, buf);
+        self.push_frame(buf);
         Ok(())
     }
 
     /// Queue a frame with an empty body (END, CANCEL, STARTED, ...).
-    fn signal(&self, py: Python<'_>, kind: u8, id: u64) {
+    fn signal(&self, kind: u8, id: u64) {
         let mut buf = Vec::with_capacity(16);
         frame::write_frame(&mut buf, kind, id, None, b"");
-        self.push_frame(py, buf);
+        self.push_frame(buf);
     }
 
     /// Queue CREDIT for `n` more items of call `id`.
-    fn credit(&self, py: Python<'_>, id: u64, n: u32) {
+    fn credit(&self, id: u64, n: u32) {
         let mut buf = Vec::with_capacity(20);
         frame::write_frame(&mut buf, Kind::Credit as u8, id, None, &n.to_le_bytes());
-        self.push_frame(py, buf);
+        self.push_frame(buf);
     }
 
     /// Queue CALLBACK `id` for the parent handler at `path`, on behalf of request `request_id`.
@@ -371,7 +370,7 @@ impl Channel {
             ));
         }
         frame::finish_frame(&mut buf, start).expect("checked");
-        self.push_frame(py, buf);
+        self.push_frame(buf);
         Ok(())
     }
 

@@ -232,6 +232,8 @@ impl PoolCore {
                 s.worker = Some(link.id);
             }
         }
+        // An idle worker gets the frame now; a busy one gets it with the other frames of this
+        // loop iteration, in one write by `flush`.
         let busy = link.in_flight() > 0;
         let result = if busy {
             link.out.extend_from_slice(&frame);
@@ -239,9 +241,9 @@ impl PoolCore {
                 self.flush_scheduled = true;
                 fx.schedule_flush = true;
             }
-            Ok(())
+            None
         } else {
-            link.send_now(&frame)
+            Some(link.send_now(&frame))
         };
         let seq = link.next_seq;
         link.next_seq += 1;
@@ -255,15 +257,8 @@ impl PoolCore {
                 sent: Instant::now(),
             },
         );
-        match result {
-            Ok(()) if !busy && link.pending_out() && !link.writer_armed => {
-                link.writer_armed = true;
-                fx.arm_writers.push((link.id, link.sock.as_raw_fd()));
-            }
-            Ok(()) => {}
-            Err(e) => fx
-                .events
-                .push((link.id, "io_error", pystr(py, &e.to_string()))),
+        if let Some(result) = result {
+            settle_write(py, link, result, fx);
         }
     }
 
