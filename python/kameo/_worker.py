@@ -30,6 +30,8 @@ import importlib
 import inspect
 import os
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -171,8 +173,6 @@ async def serve_async(
     init: Callable[[], Any] | None,
 ) -> None:
     """Requests as tasks on an event loop, at most ``max_concurrency`` at once."""
-    import threading
-
     loop = asyncio.get_running_loop()
     chan = rt.chan
     chan.set_blocking(False)
@@ -456,8 +456,6 @@ def send_ready(chan: Any, kind: str) -> None:
 
 def start_heartbeat_thread(chan: Any, interval: float) -> None:
     """Sync mode: heartbeats from a daemon thread (a long handler is busy, not hung)."""
-    import threading
-    import time
 
     def beat() -> None:
         while True:
