@@ -45,7 +45,6 @@ import collections
 import concurrent.futures
 import gc
 import importlib
-import json
 import multiprocessing
 import os
 import pickle
@@ -58,6 +57,8 @@ import subprocess
 import sys
 import time
 import traceback
+
+from _report import emit
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 # Worker processes inherit the parent's sys.path, so this makes "bench_handlers:echo" importable.
@@ -121,13 +122,6 @@ SIZES = {
 }
 
 WORKLOADS = ("W1", "W2", "W4", "W5", "W7")
-
-
-def emit(workload, impl, metric, value, unit, **extra):
-    rec = {"workload": workload, "impl": impl, "metric": metric, "value": value, "unit": unit}
-    rec.update(extra)
-    print(json.dumps(rec), flush=True)
-    return rec
 
 
 def handlers():

@@ -42,7 +42,6 @@ import collections
 import concurrent.futures
 import contextlib
 import importlib
-import json
 import multiprocessing
 import os
 import platform
@@ -56,6 +55,8 @@ import sys
 import tempfile
 import time
 import traceback
+
+from _report import emit
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 # Worker processes inherit the parent's sys.path, so this makes "bench_handlers:chaos" importable.
@@ -89,13 +90,6 @@ clock = time.perf_counter_ns
 def mono_ns():
     """CLOCK_MONOTONIC, the same clock in every process of this machine."""
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-
-
-def emit(workload, impl, metric, value, unit, **extra):
-    rec = {"workload": workload, "impl": impl, "metric": metric, "value": value, "unit": unit}
-    rec.update(extra)
-    print(json.dumps(rec), flush=True)
-    return rec
 
 
 def emit_summary(workload, name, value, unit, target, passed, **extra):

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import pickle
 import statistics
 import sys
 import timeit
+
+from _report import emit
 
 MSG = {
     "symbol": "AAPL",
@@ -39,13 +40,6 @@ PAYLOADS = {
     # Same data, but every key a distinct str object: no memo hits for pickle.
     "list_1000x100B_distinct_keys": [{"".join(list(k)): v for k, v in d.items()} for d in LIST],
 }
-
-
-def emit(workload, impl, metric, value, unit, **extra):
-    rec = {"workload": workload, "impl": impl, "metric": metric, "value": value, "unit": unit}
-    rec.update(extra)
-    print(json.dumps(rec), flush=True)
-    return rec
 
 
 def load_codecs():
