@@ -13,10 +13,11 @@ all: develop
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "maturin>=1.9,<2" "pytest>=8" "pytest-asyncio>=1.0" \
-		"pytest-timeout>=2.3" "pytest-benchmark>=4" "hypothesis>=6" "ruff>=0.6" "mypy>=1.11"
+		"pytest-timeout>=2.3" "pytest-benchmark>=4" "hypothesis>=6" "ruff>=0.6" "mypy>=1.11" \
+		"numpy>=1.24"  # optional for users; the codec tests cover arrays
 	touch $@
 
 venv: $(STAMP)
@@ -40,10 +41,11 @@ demo: develop
 	$(BIN)/python examples/demo.py
 
 bench: develop
-	$(BIN)/python -m pip install --quiet loky  # the peer compared against in bench_resilience
+	# the peers compared against: loky in bench_resilience, the msgpack/JSON codecs in bench_codec
+	$(BIN)/python -m pip install --quiet loky ormsgpack msgpack orjson
 	$(BIN)/python benches/bench_pool.py
 	$(BIN)/python benches/bench_resilience.py
-	$(BIN)/python benches/compare_codec.py
+	$(BIN)/python benches/bench_codec.py
 	$(BIN)/python -m pytest benches/test_bench_ask.py --benchmark-only -q
 	cargo bench -p kameo-proto
 

@@ -126,6 +126,9 @@ def serve_sync(rt: Runtime, handler: Callable[[Any], Any], kind: str, target: st
             stream_sync(rt, rid, handler, body)
         rt.cancelled.discard(rid)
         rt.end_request(rid)
+        # Drop the request and its result now, not when the next request arrives: they may
+        # hold shared-memory mappings.
+        body = result = None
     chan.flush()
 
 
@@ -395,6 +398,7 @@ def main() -> int:
         return 2
     config: dict[str, Any] = body
     chan.set_max_frame(int(config["max_frame_bytes"]))
+    chan.set_codec(bool(config.get("allow_pickle")), config.get("shm_threshold"))
     for path in reversed(config.get("sys_path") or []):
         if path not in sys.path:
             sys.path.insert(0, path)

@@ -36,6 +36,8 @@ log = logging.getLogger("kameo")
 
 MiB = 1024 * 1024
 DEFAULT_PREFETCH = 16
+#: Bytes-like values and numpy arrays from this size travel in shared memory.
+DEFAULT_SHM_THRESHOLD = 1 * MiB
 DEFAULT_STREAM_WINDOW = 256
 # Bounds on waiting for a worker to go once it has been told to (each step of close()).
 EXIT_WAIT = 1.0
@@ -130,6 +132,8 @@ class Pool:
         heartbeat_timeout: float = 10.0,
         max_tasks_per_worker: int | None = None,
         max_memory_per_worker: int | None = None,
+        allow_pickle: bool = False,
+        shm_threshold: int | None = DEFAULT_SHM_THRESHOLD,
     ) -> None:
         module, sep, attr = target.partition(":")
         if not sep or not module or not attr:
@@ -148,6 +152,8 @@ class Pool:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
         if not 1024 <= max_frame_bytes <= 0xFFFF_FFFF:
             raise ValueError("max_frame_bytes must be between 1 KiB and 4 GiB")
+        if shm_threshold is not None and shm_threshold < 1:
+            raise ValueError("shm_threshold must be at least 1 byte, or None to disable")
         if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         if callbacks is not None and not isinstance(callbacks, Callbacks):
@@ -171,6 +177,8 @@ class Pool:
         self._heartbeat_timeout = heartbeat_timeout
         self._max_tasks = max_tasks_per_worker or 0
         self._max_memory = max_memory_per_worker
+        self._allow_pickle = allow_pickle
+        self._shm_threshold = shm_threshold
         self._secret = secrets.token_bytes(32)
         self._slots = [_Slot(i) for i in range(size)]
         self._workers: dict[int, WorkerProcess] = {}
@@ -286,6 +294,8 @@ class Pool:
             window=self._window,
             stream_window=self._stream_window,
             max_tasks=self._max_tasks,
+            allow_pickle=self._allow_pickle,
+            shm_threshold=self._shm_threshold,
         )
         self._runner = CallbackRunner(
             self._callbacks, self._core, loop, self._stream_window, Channel
@@ -454,6 +464,8 @@ class Pool:
             "callbacks": self._callbacks.paths,
             "stream_window": self._stream_window,
             "heartbeat_interval": self._heartbeat_interval,
+            "allow_pickle": self._allow_pickle,
+            "shm_threshold": self._shm_threshold,
         }
 
     def _spawn(self, slot: _Slot) -> WorkerProcess:

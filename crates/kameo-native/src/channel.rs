@@ -4,16 +4,19 @@
 //! locks, so a handler thread can reply while the main thread waits for input. Blocking calls
 //! release the GIL; no lock is ever held while the GIL is being acquired.
 
-use crate::codec;
+use crate::codec::{self, Options, Segments};
 use crate::errors;
+use crate::fdio;
 use kameo_proto::frame::{self, Event, FrameReader, Kind};
 use kameo_proto::handshake::Hello;
 use kameo_proto::PROTOCOL_VERSION;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
-use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Pseudo-kinds reported by `recv` for events that are not frames.
@@ -23,14 +26,24 @@ const UNDECODABLE: u32 = 0x101;
 struct WriteHalf {
     out: Vec<u8>,
     pos: usize,
+    /// Segments of queued frames, attached to the next write.
+    fds: Segments,
+}
+
+struct ReadHalf {
+    frames: FrameReader,
+    /// Descriptors received for frames not yet complete.
+    fds: VecDeque<OwnedFd>,
 }
 
 #[pyclass(module = "kameo._native", frozen)]
 pub struct Channel {
     sock: UnixStream,
-    reader: Mutex<FrameReader>,
+    reader: Mutex<ReadHalf>,
     writer: Mutex<WriteHalf>,
-    max_frame: std::sync::atomic::AtomicUsize,
+    max_frame: AtomicUsize,
+    allow_pickle: AtomicBool,
+    shm_threshold: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -39,11 +52,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Channel {
     fn max_frame(&self) -> usize {
-        self.max_frame.load(std::sync::atomic::Ordering::Relaxed)
+        self.max_frame.load(Ordering::Relaxed)
+    }
+
+    fn opts(&self) -> Options {
+        Options {
+            allow_pickle: self.allow_pickle.load(Ordering::Relaxed),
+            shm_threshold: self.shm_threshold.load(Ordering::Relaxed),
+        }
     }
 
     /// Queue an encoded frame (encoded with the GIL before the writer lock is taken).
     fn push_frame(&self, buf: Vec<u8>) {
+        self.push_frame_with(buf, Segments::new());
+    }
+
+    fn push_frame_with(&self, buf: Vec<u8>, segs: Segments) {
         let mut w = lock(&self.writer);
         if w.out.is_empty() {
             w.out = buf;
@@ -51,6 +75,27 @@ impl Channel {
         } else {
             w.out.extend_from_slice(&buf);
         }
+        w.fds.extend(segs);
+    }
+
+    /// Encode `value` into `buf` after a frame header begun at `start`, declaring any
+    /// shared-memory segments it needs.
+    fn encode_body(
+        &self,
+        buf: &mut Vec<u8>,
+        start: usize,
+        value: &Bound<'_, PyAny>,
+        what: &str,
+    ) -> Result<Segments, String> {
+        let opts = self.opts();
+        let mut segs = Segments::new();
+        codec::Encoder::new(buf, &opts, &mut segs)
+            .encode(value)
+            .map_err(|e| e.describe(what))?;
+        if !segs.is_empty() {
+            frame::set_fds(buf, start, segs.len());
+        }
+        Ok(segs)
     }
 
     fn encode_value_frame(
@@ -58,7 +103,7 @@ impl Channel {
         kind: Kind,
         id: u64,
         value: &Bound<'_, PyAny>,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<(Vec<u8>, Segments), String> {
         let mut buf = Vec::with_capacity(128);
         let start = frame::begin_frame(&mut buf, kind as u8, id, None);
         let what = match kind {
@@ -66,7 +111,7 @@ impl Channel {
             Kind::Item => "item",
             _ => "value",
         };
-        codec::encode_into(&mut buf, value).map_err(|e| e.describe(what))?;
+        let segs = self.encode_body(&mut buf, start, value, what)?;
         let size = buf.len() - frame::LEN_PREFIX;
         if size > self.max_frame() {
             return Err(format!(
@@ -75,7 +120,7 @@ impl Channel {
             ));
         }
         frame::finish_frame(&mut buf, start).expect("checked against max_frame");
-        Ok(buf)
+        Ok((buf, segs))
     }
 
     fn error_frame(
@@ -92,7 +137,8 @@ impl Channel {
         info.set_item("traceback", "")?;
         let mut buf = Vec::with_capacity(128);
         let start = frame::begin_frame(&mut buf, Kind::Error as u8, id, None);
-        codec::encode_into(&mut buf, info.as_any())
+        codec::Encoder::new(&mut buf, &Options::INLINE, &mut Segments::new())
+            .encode(info.as_any())
             .map_err(|e| errors::serialization(py, e.describe("error")))?;
         frame::finish_frame(&mut buf, start).expect("small");
         Ok(buf)
@@ -108,12 +154,18 @@ impl Channel {
         let sock = unsafe { UnixStream::from_raw_fd(fd) };
         Ok(Channel {
             sock,
-            reader: Mutex::new(FrameReader::new(max_frame_bytes)),
+            reader: Mutex::new(ReadHalf {
+                frames: FrameReader::new(max_frame_bytes),
+                fds: VecDeque::new(),
+            }),
             writer: Mutex::new(WriteHalf {
                 out: Vec::new(),
                 pos: 0,
+                fds: Vec::new(),
             }),
             max_frame: max_frame_bytes.into(),
+            allow_pickle: AtomicBool::new(false),
+            shm_threshold: AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -127,9 +179,19 @@ impl Channel {
 
     /// Adopt the pool's frame limit (after WELCOME).
     fn set_max_frame(&self, max_frame_bytes: usize) {
-        self.max_frame
-            .store(max_frame_bytes, std::sync::atomic::Ordering::Relaxed);
-        lock(&self.reader).set_max_frame(max_frame_bytes);
+        self.max_frame.store(max_frame_bytes, Ordering::Relaxed);
+        lock(&self.reader).frames.set_max_frame(max_frame_bytes);
+    }
+
+    /// Adopt the pool's codec options (after WELCOME): pickle, and the size from which
+    /// buffers travel in shared memory (None: never).
+    #[pyo3(signature = (allow_pickle, shm_threshold=None))]
+    fn set_codec(&self, allow_pickle: bool, shm_threshold: Option<usize>) {
+        self.allow_pickle.store(allow_pickle, Ordering::Relaxed);
+        self.shm_threshold.store(
+            shm_threshold.unwrap_or(usize::MAX).max(1),
+            Ordering::Relaxed,
+        );
     }
 
     /// Send HELLO.
@@ -151,7 +213,8 @@ impl Channel {
     fn send(&self, py: Python<'_>, kind: u8, id: u64, value: &Bound<'_, PyAny>) -> PyResult<()> {
         let mut buf = Vec::with_capacity(64);
         let start = frame::begin_frame(&mut buf, kind, id, None);
-        codec::encode_into(&mut buf, value)
+        codec::Encoder::new(&mut buf, &Options::INLINE, &mut Segments::new())
+            .encode(value)
             .map_err(|e| errors::serialization(py, e.describe("value")))?;
         frame::finish_frame(&mut buf, start).expect("small");
         self.push_frame(buf);
@@ -161,7 +224,7 @@ impl Channel {
     /// Queue the reply to `id`. A value that cannot be encoded, or is over the frame limit,
     /// becomes an error reply naming the problem, so the caller always gets an answer.
     fn reply(&self, py: Python<'_>, id: u64, value: &Bound<'_, PyAny>) -> PyResult<()> {
-        let buf = match self.encode_value_frame(Kind::Reply, id, value) {
+        let (buf, segs) = match self.encode_value_frame(Kind::Reply, id, value) {
             Ok(b) => b,
             Err(msg) => {
                 let kind = if msg.contains("max_frame_bytes") {
@@ -169,20 +232,23 @@ impl Channel {
                 } else {
                     "serialization"
                 };
-                Self::error_frame(py, id, kind, "", &msg)?
+                (Self::error_frame(py, id, kind, "", &msg)?, Segments::new())
             }
         };
-        self.push_frame(buf);
+        self.push_frame_with(buf, segs);
         Ok(())
     }
 
     /// Queue an error reply; `info` is a dict {kind, type, message, traceback}.
     fn error(&self, py: Python<'_>, id: u64, info: &Bound<'_, PyAny>) -> PyResult<()> {
-        let buf = match self.encode_value_frame(Kind::Error, id, info) {
+        let (buf, segs) = match self.encode_value_frame(Kind::Error, id, info) {
             Ok(b) => b,
-            Err(msg) => Self::error_frame(py, id, "serialization", "", &msg)?,
+            Err(msg) => (
+                Self::error_frame(py, id, "serialization", "", &msg)?,
+                Segments::new(),
+            ),
         };
-        self.push_frame(buf);
+        self.push_frame_with(buf, segs);
         Ok(())
     }
 
@@ -191,10 +257,15 @@ impl Channel {
     fn flush(&self, py: Python<'_>) -> PyResult<bool> {
         let done = py.detach(|| -> io::Result<bool> {
             let mut w = lock(&self.writer);
+            let sock = self.sock.as_raw_fd();
             while w.pos < w.out.len() {
                 let pos = w.pos;
-                match (&self.sock).write(&w.out[pos..]) {
-                    Ok(n) => w.pos += n,
+                let fds: Vec<RawFd> = w.fds.iter().map(|f| f.as_raw_fd()).collect();
+                match fdio::send(sock, &w.out[pos..], &fds, 0) {
+                    Ok(n) => {
+                        w.pos += n;
+                        w.fds.clear();
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                     Err(e) => return Err(e),
@@ -226,7 +297,11 @@ impl Channel {
     fn recv<'py>(&self, py: Python<'py>, block: bool) -> PyResult<Option<Bound<'py, PyList>>> {
         let out = PyList::empty(py);
         let mut guard = lock(&self.reader);
-        let reader: &mut FrameReader = &mut guard;
+        let ReadHalf {
+            frames: reader,
+            fds,
+        } = &mut *guard;
+        let opts = self.opts();
         loop {
             while let Some(ev) = reader
                 .next_event()
@@ -234,6 +309,8 @@ impl Channel {
             {
                 let item = match ev {
                     Event::Frame(env) => {
+                        let segs =
+                            fdio::take(fds, env.nfds).map_err(|e| errors::protocol(py, e))?;
                         let trace = match env.trace {
                             Some(t) => PyString::new(py, &String::from_utf8_lossy(t)).into_any(),
                             None => py.None().into_bound(py),
@@ -245,7 +322,7 @@ impl Channel {
                                 | Kind::Welcome
                                 | Kind::Item
                                 | Kind::Error,
-                            ) => match codec::decode(py, env.body) {
+                            ) => match codec::decode(py, env.body, &opts, &segs) {
                                 Ok(v) => (u32::from(env.kind), v),
                                 Err(e) => {
                                     let msg = format!("frame {} could not be decoded: {e}", env.id);
@@ -268,8 +345,13 @@ impl Channel {
                         (kind, env.id, env.is_final(), body, trace).into_pyobject(py)?
                     }
                     Event::Oversize {
-                        id, size, limit, ..
+                        id,
+                        size,
+                        limit,
+                        nfds,
+                        ..
                     } => {
+                        drop(fdio::take(fds, nfds));
                         let msg = format!("frame of {size} bytes is over max_frame_bytes={limit}");
                         (OVERSIZE, id, true, msg, py.None()).into_pyobject(py)?
                     }
@@ -281,10 +363,9 @@ impl Channel {
             }
             let fd = self.sock.as_raw_fd();
             let result = if block {
-                let mut sock = &self.sock;
-                py.detach(|| reader.read_from(&mut sock))
+                py.detach(|| reader.read_with(|buf| fdio::recv(fd, buf, fds, 0)))
             } else {
-                reader.read_from(&mut NoWait(fd))
+                reader.read_with(|buf| fdio::recv(fd, buf, fds, libc::MSG_DONTWAIT))
             };
             match result {
                 Ok(0) => return Ok(None),
@@ -310,7 +391,7 @@ impl Channel {
         value: &Bound<'_, PyAny>,
         is_final: bool,
     ) -> PyResult<()> {
-        let mut buf = self
+        let (mut buf, segs) = self
             .encode_value_frame(Kind::Item, id, value)
             .map_err(|m| {
                 if m.contains("max_frame_bytes") {
@@ -322,7 +403,7 @@ impl Channel {
         if is_final {
             frame::mark_final(&mut buf, 0);
         }
-        self.push_frame(buf);
+        self.push_frame_with(buf, segs);
         Ok(())
     }
 
@@ -357,8 +438,9 @@ impl Channel {
             .filter(|t| t.len() <= frame::MAX_TRACE_LEN);
         let start = frame::begin_frame(&mut buf, Kind::Callback as u8, id, trace);
         let body = (path, data, request_id).into_pyobject(py)?;
-        codec::encode_into(&mut buf, body.as_any())
-            .map_err(|e| errors::serialization(py, e.describe("callback data")))?;
+        let segs = self
+            .encode_body(&mut buf, start, body.as_any(), "callback data")
+            .map_err(|e| errors::serialization(py, e))?;
         let size = buf.len() - frame::LEN_PREFIX;
         if size > self.max_frame() {
             return Err(errors::protocol(
@@ -370,7 +452,7 @@ impl Channel {
             ));
         }
         frame::finish_frame(&mut buf, start).expect("checked");
-        self.push_frame(buf);
+        self.push_frame_with(buf, segs);
         Ok(())
     }
 
@@ -405,26 +487,4 @@ impl Channel {
     const OVERSIZE: u32 = OVERSIZE;
     #[classattr]
     const UNDECODABLE: u32 = UNDECODABLE;
-}
-
-/// `read` with MSG_DONTWAIT on a socket left in blocking mode.
-struct NoWait(i32);
-
-impl std::io::Read for NoWait {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: buf is a valid writable slice; fd is our socket.
-        let n = unsafe {
-            libc::recv(
-                self.0,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }
 }

@@ -11,8 +11,9 @@
 //! what to do while the core is borrowed and do it after the borrow ends, so Python code never
 //! re-enters a borrowed core.
 
-use crate::codec;
+use crate::codec::{self, Options, Segments};
 use crate::errors;
+use crate::fdio;
 use crate::link::{Link, LinkState, Slot, Target};
 use kameo_proto::frame::{self, Event, Kind};
 use kameo_proto::handshake::{secrets_equal, Hello};
@@ -78,6 +79,7 @@ impl Stats {
 struct Queued {
     id: u64,
     frame: Vec<u8>,
+    segs: Segments,
     target: Target,
     retries: u32,
 }
@@ -152,6 +154,8 @@ pub struct PoolCore {
     secret: Vec<u8>,
     welcome: Vec<u8>,
     flush_scheduled: bool,
+    /// Codec options of every connection (pickle, shared-memory threshold).
+    opts: Options,
     loop_: PyObject,
     on_event: PyObject,
     asks: u64,
@@ -223,6 +227,7 @@ impl PoolCore {
         let Queued {
             id,
             frame,
+            segs,
             target,
             retries,
         } = q;
@@ -236,14 +241,14 @@ impl PoolCore {
         // loop iteration, in one write by `flush`.
         let busy = link.in_flight() > 0;
         let result = if busy {
-            link.out.extend_from_slice(&frame);
+            link.buffer(&frame, &segs);
             if !self.flush_scheduled {
                 self.flush_scheduled = true;
                 fx.schedule_flush = true;
             }
             None
         } else {
-            Some(link.send_now(&frame))
+            Some(link.send_now(&frame, &segs))
         };
         let seq = link.next_seq;
         link.next_seq += 1;
@@ -252,6 +257,7 @@ impl PoolCore {
             Slot {
                 target,
                 frame,
+                segs,
                 seq,
                 retries,
                 sent: Instant::now(),
@@ -298,7 +304,7 @@ impl PoolCore {
             let link = &mut self.links[idx];
             let mut f = Vec::with_capacity(16 + body.len());
             frame::write_frame(&mut f, kind as u8, id, None, body);
-            let result = link.send_now(&f);
+            let result = link.send_now(&f, &Vec::new());
             settle_write(py, link, result, fx);
         }
     }
@@ -371,8 +377,10 @@ impl PoolCore {
         py: Python<'_>,
         idx: usize,
         env: &frame::Envelope<'_>,
+        segs: &Segments,
         fx: &mut Effects,
     ) {
+        let opts = self.opts;
         let (wid, pid, state) = (
             self.links[idx].id,
             self.links[idx].pid,
@@ -382,7 +390,7 @@ impl PoolCore {
         match env.kind() {
             Some(Kind::Reply) if serving => {
                 if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
-                    let v = codec::decode(py, env.body).map_err(|e| {
+                    let v = codec::decode(py, env.body, &opts, segs).map_err(|e| {
                         errors::serialization(
                             py,
                             format!(
@@ -396,7 +404,7 @@ impl PoolCore {
             Some(Kind::Error) if serving => {
                 self.stats.errors += 1;
                 if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
-                    let exc = match codec::decode(py, env.body) {
+                    let exc = match codec::decode(py, env.body, &opts, segs) {
                         Ok(info) => errors::make(py, "_from_worker", (info, wid, pid)),
                         Err(e) => errors::protocol(
                             py,
@@ -407,7 +415,7 @@ impl PoolCore {
                 }
             }
             Some(Kind::Item) if serving => {
-                let decoded = codec::decode(py, env.body);
+                let decoded = codec::decode(py, env.body, &opts, segs);
                 let Some(s) = self.streams.get_mut(&env.id) else {
                     return;
                 };
@@ -440,7 +448,7 @@ impl PoolCore {
             Some(Kind::Heartbeat) => {} // last_seen is updated for every read
             Some(Kind::Callback) if serving => {
                 let trace = env.trace.map(|t| String::from_utf8_lossy(t).into_owned());
-                let payload = match codec::decode(py, env.body) {
+                let payload = match codec::decode(py, env.body, &opts, segs) {
                     Ok(body) => (env.id, body, trace)
                         .into_pyobject(py)
                         .map(|t| t.into_any().unbind()),
@@ -476,13 +484,13 @@ impl PoolCore {
             }
             Some(Kind::Ready) if state == LinkState::Loading => {
                 self.links[idx].state = LinkState::Ready;
-                let info = codec::decode(py, env.body)
+                let info = codec::decode(py, env.body, &opts, segs)
                     .map(|v| v.unbind())
                     .unwrap_or_else(|_| py.None());
                 fx.events.push((wid, "ready", info));
             }
             Some(Kind::StartupFailed) if state == LinkState::Loading => {
-                let info = codec::decode(py, env.body)
+                let info = codec::decode(py, env.body, &opts, segs)
                     .map(|v| v.unbind())
                     .unwrap_or_else(|_| py.None());
                 self.links[idx].state = LinkState::Draining;
@@ -540,14 +548,14 @@ impl PoolCore {
                 let mut f = Vec::with_capacity(self.welcome.len() + 16);
                 frame::write_frame(&mut f, Kind::Welcome as u8, 0, None, &self.welcome);
                 link.state = LinkState::Loading;
-                if let Err(e) = link.send_now(&f) {
+                if let Err(e) = link.send_now(&f, &Vec::new()) {
                     fx.events.push((wid, "io_error", pystr(py, &e.to_string())));
                 }
             }
             Err(reason) => {
                 let mut f = Vec::new();
                 frame::write_frame(&mut f, Kind::Reject as u8, 0, None, reason.as_bytes());
-                let _ = link.send_now(&f);
+                let _ = link.send_now(&f, &Vec::new());
                 fx.events.push((wid, "rejected", pystr(py, &reason)));
             }
         }
@@ -560,14 +568,19 @@ impl PoolCore {
         id: u64,
         msg: &Bound<'_, PyAny>,
         trace: Option<&str>,
-    ) -> PyResult<Vec<u8>> {
+    ) -> PyResult<(Vec<u8>, Segments)> {
         let mut buf = Vec::with_capacity(128);
         let trace = trace
             .map(str::as_bytes)
             .filter(|t| t.len() <= frame::MAX_TRACE_LEN);
         let start = frame::begin_frame(&mut buf, kind as u8, id, trace);
-        codec::encode_into(&mut buf, msg)
+        let mut segs = Segments::new();
+        codec::Encoder::new(&mut buf, &self.opts, &mut segs)
+            .encode(msg)
             .map_err(|e| errors::serialization(py, e.describe("message")))?;
+        if !segs.is_empty() {
+            frame::set_fds(&mut buf, start, segs.len());
+        }
         let size = buf.len() - frame::LEN_PREFIX;
         if size > self.max_frame {
             return Err(errors::protocol(
@@ -576,7 +589,7 @@ impl PoolCore {
             ));
         }
         frame::finish_frame(&mut buf, start).expect("checked against max_frame");
-        Ok(buf)
+        Ok((buf, segs))
     }
 
     fn enqueue(&mut self, py: Python<'_>, q: Queued, fx: &mut Effects) {
@@ -643,7 +656,7 @@ impl PoolCore {
     /// `max_tasks` = requests after which a worker retires (0: never);
     /// `welcome` = the config dict sent to each worker after its HELLO.
     #[new]
-    #[pyo3(signature = (loop_, on_event, secret, welcome, *, max_frame_bytes, max_concurrency, window, stream_window, max_tasks=0))]
+    #[pyo3(signature = (loop_, on_event, secret, welcome, *, max_frame_bytes, max_concurrency, window, stream_window, max_tasks=0, allow_pickle=false, shm_threshold=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         loop_: PyObject,
@@ -655,9 +668,11 @@ impl PoolCore {
         window: usize,
         stream_window: u32,
         max_tasks: u64,
+        allow_pickle: bool,
+        shm_threshold: Option<usize>,
     ) -> PyResult<Self> {
         let py = welcome.py();
-        let welcome = codec::encode_to_vec(welcome)
+        let welcome = codec::encode_to_vec(welcome, &Options::INLINE)
             .map_err(|e| errors::serialization(py, e.describe("config")))?;
         Ok(PoolCore {
             links: Vec::new(),
@@ -673,6 +688,10 @@ impl PoolCore {
             secret,
             welcome,
             flush_scheduled: false,
+            opts: Options {
+                allow_pickle,
+                shm_threshold: shm_threshold.unwrap_or(usize::MAX).max(1),
+            },
             loop_,
             on_event,
             asks: 0,
@@ -700,13 +719,14 @@ impl PoolCore {
     ) -> PyResult<u64> {
         Self::with(slf, |core, py, fx| {
             let id = core.next_id;
-            let frame = core.encode_request(py, Kind::Request, id, msg, trace)?;
+            let (frame, segs) = core.encode_request(py, Kind::Request, id, msg, trace)?;
             core.next_id += 1;
             core.enqueue(
                 py,
                 Queued {
                     id,
                     frame,
+                    segs,
                     target: Target::Ask(fut),
                     retries,
                 },
@@ -726,7 +746,7 @@ impl PoolCore {
     ) -> PyResult<u64> {
         Self::with(slf, |core, py, fx| {
             let id = core.next_id;
-            let frame = core.encode_request(py, Kind::RequestStream, id, msg, trace)?;
+            let (frame, segs) = core.encode_request(py, Kind::RequestStream, id, msg, trace)?;
             core.next_id += 1;
             core.streams.insert(id, StreamBuf::new());
             core.enqueue(
@@ -734,6 +754,7 @@ impl PoolCore {
                 Queued {
                     id,
                     frame,
+                    segs,
                     target: Target::Stream,
                     retries: 0,
                 },
@@ -847,9 +868,14 @@ impl PoolCore {
             if is_final {
                 frame::mark_final(&mut buf, start);
             }
+            let mut segs = Segments::new();
             if kind != Kind::End as u8 {
-                codec::encode_into(&mut buf, value)
+                codec::Encoder::new(&mut buf, &core.opts, &mut segs)
+                    .encode(value)
                     .map_err(|e| errors::serialization(py, e.describe("item")))?;
+                if !segs.is_empty() {
+                    frame::set_fds(&mut buf, start, segs.len());
+                }
             }
             let size = buf.len() - frame::LEN_PREFIX;
             if size > core.max_frame {
@@ -860,7 +886,7 @@ impl PoolCore {
             }
             frame::finish_frame(&mut buf, start).expect("checked against max_frame");
             let link = &mut core.links[idx];
-            let result = link.send_now(&buf);
+            let result = link.send_now(&buf, &segs);
             settle_write(py, link, result, fx);
             Ok(true)
         })
@@ -875,7 +901,10 @@ impl PoolCore {
             let mut reader = core.links[idx].reader.take().expect("reader present");
             let (wid, pid) = (core.links[idx].id, core.links[idx].pid);
             loop {
-                let n = match reader.read_from(&mut core.links[idx].sock) {
+                let link = &mut core.links[idx];
+                let sock = link.sock.as_raw_fd();
+                let in_fds = &mut link.in_fds;
+                let n = match reader.read_with(|buf| fdio::recv(sock, buf, in_fds, 0)) {
                     Ok(0) => {
                         fx.events.push((wid, "eof", py.None()));
                         break;
@@ -895,13 +924,23 @@ impl PoolCore {
                 loop {
                     match reader.next_event() {
                         Ok(None) => break,
-                        Ok(Some(Event::Frame(env))) => core.handle_frame(py, idx, &env, fx),
+                        Ok(Some(Event::Frame(env))) => {
+                            match fdio::take(&mut core.links[idx].in_fds, env.nfds) {
+                                Ok(segs) => core.handle_frame(py, idx, &env, &segs, fx),
+                                Err(e) => {
+                                    broken = Some(format!("worker {wid} (pid {pid}): {e}"));
+                                    break;
+                                }
+                            }
+                        }
                         Ok(Some(Event::Oversize {
                             kind,
                             id,
+                            nfds,
                             size,
                             limit,
                         })) => {
+                            let _ = fdio::take(&mut core.links[idx].in_fds, nfds);
                             // A kameo worker checks sizes before sending, so this peer is
                             // broken: fail that request, and replace the worker rather than
                             // trust the rest of its stream.
@@ -1032,6 +1071,7 @@ impl PoolCore {
                     again.push(Queued {
                         id,
                         frame: slot.frame,
+                        segs: slot.segs,
                         target: slot.target,
                         retries: slot.retries,
                     });
@@ -1040,6 +1080,7 @@ impl PoolCore {
                     again.push(Queued {
                         id,
                         frame: slot.frame,
+                        segs: slot.segs,
                         target: slot.target,
                         retries: slot.retries - 1,
                     });

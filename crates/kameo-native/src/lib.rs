@@ -9,24 +9,40 @@ mod channel;
 mod codec;
 mod core;
 mod errors;
+mod fdio;
 mod link;
+mod shm;
 mod spawn;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+fn options(allow_pickle: bool) -> codec::Options {
+    codec::Options {
+        allow_pickle,
+        ..codec::Options::INLINE
+    }
+}
+
 /// Encode a Python value with kameo's codec (inline; no shared memory).
 #[pyfunction]
-fn encode<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
-    let buf =
-        codec::encode_to_vec(obj).map_err(|e| errors::serialization(py, e.describe("value")))?;
+#[pyo3(signature = (obj, *, allow_pickle=false))]
+fn encode<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    allow_pickle: bool,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let buf = codec::encode_to_vec(obj, &options(allow_pickle))
+        .map_err(|e| errors::serialization(py, e.describe("value")))?;
     Ok(PyBytes::new(py, &buf))
 }
 
 /// Decode bytes produced by [`encode`].
 #[pyfunction]
-fn decode<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-    codec::decode(py, data).map_err(|e| errors::serialization(py, format!("cannot decode: {e}")))
+#[pyo3(signature = (data, *, allow_pickle=false))]
+fn decode<'py>(py: Python<'py>, data: &[u8], allow_pickle: bool) -> PyResult<Bound<'py, PyAny>> {
+    codec::decode(py, data, &options(allow_pickle), &[])
+        .map_err(|e| errors::serialization(py, format!("cannot decode: {e}")))
 }
 
 #[pymodule]

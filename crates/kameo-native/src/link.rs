@@ -1,10 +1,13 @@
 //! One worker connection as the parent sees it: socket, frame reader, output buffer and the
 //! calls in flight on it.
 
+use crate::codec::Segments;
+use crate::fdio;
 use kameo_proto::frame::FrameReader;
 use pyo3::prelude::*;
-use std::collections::HashMap;
-use std::io::{self, Write};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -33,6 +36,8 @@ pub struct Slot {
     /// The encoded frame, kept until the answer arrives so that a request the worker never
     /// started can be sent to another worker if this one dies.
     pub frame: Vec<u8>,
+    /// The shared-memory segments the frame refers to (kept for a resend, like the frame).
+    pub segs: Segments,
     /// Send order on this link: workers start requests in the order they receive them.
     pub seq: u64,
     /// How many more times the request may run elsewhere if this worker dies (idempotent asks).
@@ -49,6 +54,10 @@ pub struct Link {
     pub reader: Option<FrameReader>,
     pub out: Vec<u8>,
     pub out_pos: usize,
+    /// Segments of frames in `out` not yet sent: attached to the next write.
+    pub out_fds: Segments,
+    /// Descriptors received for frames not yet complete.
+    pub in_fds: VecDeque<OwnedFd>,
     pub writer_armed: bool,
     pub slots: HashMap<u64, Slot>,
     pub completed: u64,
@@ -67,6 +76,8 @@ impl Link {
             reader: Some(FrameReader::new(max_frame)),
             out: Vec::new(),
             out_pos: 0,
+            out_fds: Vec::new(),
+            in_fds: VecDeque::new(),
             writer_armed: false,
             slots: HashMap::new(),
             completed: 0,
@@ -83,10 +94,24 @@ impl Link {
         self.out_pos < self.out.len()
     }
 
+    /// One write of `data`, carrying the pending descriptors (which are then sent).
+    fn write_some(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.out_fds.is_empty() {
+            return fdio::send(self.sock.as_raw_fd(), data, &[], 0);
+        }
+        let fds: Vec<RawFd> = self.out_fds.iter().map(|f| f.as_raw_fd()).collect();
+        let n = fdio::send(self.sock.as_raw_fd(), data, &fds, 0)?;
+        self.out_fds.clear();
+        Ok(n)
+    }
+
     /// Write as much of `out` as the socket takes. Err only for a broken connection.
     pub fn write_out(&mut self) -> io::Result<()> {
         while self.out_pos < self.out.len() {
-            match self.sock.write(&self.out[self.out_pos..]) {
+            let out = std::mem::take(&mut self.out);
+            let r = self.write_some(&out[self.out_pos..]);
+            self.out = out;
+            match r {
                 Ok(n) => self.out_pos += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -100,15 +125,22 @@ impl Link {
         Ok(())
     }
 
+    /// Queue `data` (and its segments) behind what is already buffered.
+    pub fn buffer(&mut self, data: &[u8], segs: &Segments) {
+        self.out.extend_from_slice(data);
+        self.out_fds.extend(segs.iter().cloned());
+    }
+
     /// Send `data` now if nothing is queued before it, buffering what the socket does not take.
-    pub fn send_now(&mut self, data: &[u8]) -> io::Result<()> {
+    pub fn send_now(&mut self, data: &[u8], segs: &Segments) -> io::Result<()> {
         if self.pending_out() {
-            self.out.extend_from_slice(data);
+            self.buffer(data, segs);
             return self.write_out();
         }
+        self.out_fds.extend(segs.iter().cloned());
         let mut pos = 0;
         while pos < data.len() {
-            match self.sock.write(&data[pos..]) {
+            match self.write_some(&data[pos..]) {
                 Ok(n) => pos += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

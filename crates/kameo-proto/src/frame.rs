@@ -2,8 +2,12 @@
 //!
 //! ```text
 //! frame    = len:u32le  envelope            (len = size of envelope in bytes)
-//! envelope = kind:u8  flags:u8  id:u64le  [trace_len:u8 trace:trace_len bytes]  body
+//! envelope = kind:u8  flags:u8  id:u64le  [nfds:u8]  [trace_len:u8 trace:trace_len bytes]  body
 //! ```
+//! `nfds` is present when `flags & FLAG_FDS` is set: that many file descriptors (shared memory
+//! segments, see `wire`) travel with the frame as SCM_RIGHTS ancillary data, attached to a
+//! write that carries the frame's first byte or an earlier one, so a receiver that queues the
+//! descriptors it gets in arrival order finds the frame's own at the head of its queue.
 //! `trace` is present when `flags & FLAG_TRACE` is set (a W3C `traceparent` string).
 
 use std::fmt;
@@ -19,8 +23,12 @@ pub const MIN_FRAME: usize = LEN_PREFIX + ENVELOPE_HEADER;
 pub const FLAG_TRACE: u8 = 0x01;
 /// Flag bit on ITEM: this is the last item of the stream (an END is implied).
 pub const FLAG_FINAL: u8 = 0x02;
+/// Flag bit: a descriptor count follows the id.
+pub const FLAG_FDS: u8 = 0x04;
 /// Every flag bit this version knows.
-pub const KNOWN_FLAGS: u8 = FLAG_TRACE | FLAG_FINAL;
+pub const KNOWN_FLAGS: u8 = FLAG_TRACE | FLAG_FINAL | FLAG_FDS;
+/// Most descriptors one frame may carry (the kernel's SCM_MAX_FD is 253).
+pub const MAX_FDS: usize = 64;
 /// Longest accepted trace context.
 pub const MAX_TRACE_LEN: usize = 255;
 
@@ -159,6 +167,14 @@ pub fn mark_final(out: &mut [u8], start: usize) {
     out[start + LEN_PREFIX + 1] |= FLAG_FINAL;
 }
 
+/// Declare that `n` (1..=[`MAX_FDS`]) descriptors travel with the frame started at `start`:
+/// inserts the count after the id. Call before [`finish_frame`].
+pub fn set_fds(out: &mut Vec<u8>, start: usize, n: usize) {
+    assert!((1..=MAX_FDS).contains(&n), "descriptor count out of range");
+    out[start + LEN_PREFIX + 1] |= FLAG_FDS;
+    out.insert(start + LEN_PREFIX + ENVELOPE_HEADER, n as u8);
+}
+
 /// Patch the length prefix of the frame started at `start`. Returns the frame's total size,
 /// or `None` if it does not fit the `u32` length (the caller must truncate `out` to `start`).
 pub fn finish_frame(out: &mut [u8], start: usize) -> Option<usize> {
@@ -175,6 +191,8 @@ pub struct Envelope<'a> {
     pub kind: u8,
     pub flags: u8,
     pub id: u64,
+    /// Descriptors that travel with this frame.
+    pub nfds: u8,
     pub trace: Option<&'a [u8]>,
     pub body: &'a [u8],
 }
@@ -199,6 +217,8 @@ pub enum Event<'a> {
     Oversize {
         kind: u8,
         id: u64,
+        /// Descriptors that travelled with the frame (the receiver must drop them).
+        nfds: u8,
         size: usize,
         limit: usize,
     },
@@ -213,6 +233,8 @@ pub enum FrameError {
     BadTrace { id: u64 },
     /// Unknown flag bits.
     BadFlags { flags: u8 },
+    /// A descriptor count of zero or over [`MAX_FDS`].
+    BadFds { id: u64, nfds: u8 },
 }
 
 impl fmt::Display for FrameError {
@@ -226,6 +248,12 @@ impl fmt::Display for FrameError {
             }
             FrameError::BadFlags { flags } => {
                 write!(f, "malformed frame: unknown flag bits {flags:#04x}")
+            }
+            FrameError::BadFds { id, nfds } => {
+                write!(
+                    f,
+                    "malformed frame {id}: {nfds} descriptors (at most {MAX_FDS})"
+                )
             }
         }
     }
@@ -319,6 +347,19 @@ impl FrameReader {
         Ok(n)
     }
 
+    /// One read by `read` (e.g. a `recvmsg` that also collects descriptors) into the buffer.
+    /// Returns the byte count (0 = end of stream); errors are returned unchanged.
+    pub fn read_with<F: FnOnce(&mut [u8]) -> io::Result<usize>>(
+        &mut self,
+        read: F,
+    ) -> io::Result<usize> {
+        let want = self.wanted();
+        self.reserve(want);
+        let n = read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+
     /// Append bytes received by other means.
     pub fn feed(&mut self, data: &[u8]) {
         self.reserve(data.len());
@@ -346,11 +387,16 @@ impl FrameReader {
             return Err(FrameError::TooShort { len });
         }
         if len > self.max_frame {
-            if avail < MIN_FRAME {
+            let has_fds = avail > 5 && b[5] & FLAG_FDS != 0;
+            if avail < MIN_FRAME + usize::from(has_fds) {
                 return Ok(None);
             }
             let kind = b[4];
             let id = u64::from_le_bytes(b[6..14].try_into().expect("8 bytes"));
+            let nfds = if has_fds { b[MIN_FRAME] } else { 0 };
+            if has_fds && (nfds == 0 || usize::from(nfds) > MAX_FDS) {
+                return Err(FrameError::BadFds { id, nfds });
+            }
             let total = LEN_PREFIX + len;
             let here = total.min(avail);
             self.start += here;
@@ -358,6 +404,7 @@ impl FrameReader {
             return Ok(Some(Event::Oversize {
                 kind,
                 id,
+                nfds,
                 size: len,
                 limit: self.max_frame,
             }));
@@ -389,6 +436,16 @@ pub fn parse_envelope(e: &[u8]) -> Result<Envelope<'_>, FrameError> {
         return Err(FrameError::BadFlags { flags });
     }
     let mut pos = ENVELOPE_HEADER;
+    let nfds = if flags & FLAG_FDS != 0 {
+        let n = *e.get(pos).ok_or(FrameError::BadFds { id, nfds: 0 })?;
+        if n == 0 || usize::from(n) > MAX_FDS {
+            return Err(FrameError::BadFds { id, nfds: n });
+        }
+        pos += 1;
+        n
+    } else {
+        0
+    };
     let trace = if flags & FLAG_TRACE != 0 {
         let tl = *e.get(pos).ok_or(FrameError::BadTrace { id })? as usize;
         pos += 1;
@@ -402,6 +459,7 @@ pub fn parse_envelope(e: &[u8]) -> Result<Envelope<'_>, FrameError> {
         kind,
         flags,
         id,
+        nfds,
         trace,
         body: &e[pos..],
     })
@@ -498,6 +556,43 @@ mod tests {
             );
         }
         assert_eq!(seen, vec!["frame 1 5", "oversize 2 10010 100", "frame 3 5"]);
+    }
+
+    #[test]
+    fn descriptor_counts_survive_traces_and_oversize_skips() {
+        let mut w = Vec::new();
+        let start = begin_frame(&mut w, Kind::Request as u8, 7, Some(b"00-trace"));
+        w.extend_from_slice(b"body");
+        set_fds(&mut w, start, 3);
+        finish_frame(&mut w, start).unwrap();
+        let start = begin_frame(&mut w, Kind::Reply as u8, 8, None);
+        w.extend_from_slice(&[1u8; 500]);
+        set_fds(&mut w, start, 2);
+        finish_frame(&mut w, start).unwrap();
+        let mut r = FrameReader::new(100);
+        r.feed(&w);
+        match r.next_event().unwrap() {
+            Some(Event::Frame(e)) => {
+                assert_eq!(
+                    (e.id, e.nfds, e.trace, e.body),
+                    (7, 3, Some(&b"00-trace"[..]), &b"body"[..])
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match r.next_event().unwrap() {
+            Some(Event::Oversize { id, nfds, .. }) => assert_eq!((id, nfds), (8, 2)),
+            other => panic!("{other:?}"),
+        }
+        // A zero or huge count is malformed.
+        let mut bad = Vec::new();
+        let start = begin_frame(&mut bad, Kind::Reply as u8, 9, None);
+        bad[start + LEN_PREFIX + 1] |= FLAG_FDS;
+        bad.push(0);
+        finish_frame(&mut bad, start).unwrap();
+        let mut r = FrameReader::new(100);
+        r.feed(&bad);
+        assert_eq!(r.next_event(), Err(FrameError::BadFds { id: 9, nfds: 0 }));
     }
 
     #[test]

@@ -15,6 +15,34 @@
 //! | 0x08 | list | varint n, n values |
 //! | 0x09 | tuple | varint n, n values |
 //! | 0x0A | dict | varint n, n × (key value) in insertion order |
+//! | 0x0B | complex | 2 × 8 bytes binary64 (real, imag) |
+//! | 0x0C | set | varint n, n values |
+//! | 0x0D | frozenset | varint n, n values |
+//! | 0x0E | bytearray | varint n, n bytes |
+//! | 0x0F | datetime.datetime | u16 year, u8 month, day, hour, minute, second, u32 µs, u8 fold, tz |
+//! | 0x10 | datetime.date | u16 year, u8 month, u8 day |
+//! | 0x11 | datetime.time | u8 hour, minute, second, u32 µs, u8 fold, tz |
+//! | 0x12 | datetime.timedelta | i32 days, i32 seconds, i32 µs |
+//! | 0x13 | decimal.Decimal | varint n, n bytes ASCII (`str(d)`) |
+//! | 0x14 | uuid.UUID | 16 bytes, big-endian |
+//! | 0x15 | enum member | class, value (the member's value) |
+//! | 0x16 | dataclass instance | class, varint n, n × (str name, value) |
+//! | 0x17 | NamedTuple instance | class, varint n, n values |
+//! | 0x18 | numpy.ndarray | descr value, varint ndim, ndim × varint dim, u8 order (0 C, 1 F), data |
+//! | 0x19 | numpy scalar | as 0x18, a 0-d array |
+//! | 0x1A | pickled object | varint n, n bytes of pickle (refused unless allowed) |
+//! | 0x1B | bytes-like in shared memory | u8 kind (0 bytes, 1 bytearray), shm-ref |
+//!
+//! ```text
+//! tz      = 0 (naive) | 1 (UTC) | 2 offset:i64 µs  named:u8 [varint n, name UTF-8]
+//!         | 3 varint n, zoneinfo key UTF-8
+//! class   = varint n, module UTF-8, varint n, qualname UTF-8
+//! data    = 0 varint n, n bytes  |  1 shm-ref
+//! shm-ref = varint fd index (into the frame's descriptors), varint offset, varint len
+//! descr   = a str or a list value: numpy.lib.format.dtype_to_descr(dtype)
+//! ```
+//!
+//! All fixed-width integers are little-endian.
 //!
 //! Varints are unsigned LEB128, at most 10 bytes. Decoders refuse nesting deeper than
 //! [`MAX_DEPTH`] and any length that overruns the input.
@@ -32,6 +60,39 @@ pub const TAG_BYTES: u8 = 0x07;
 pub const TAG_LIST: u8 = 0x08;
 pub const TAG_TUPLE: u8 = 0x09;
 pub const TAG_DICT: u8 = 0x0A;
+pub const TAG_COMPLEX: u8 = 0x0B;
+pub const TAG_SET: u8 = 0x0C;
+pub const TAG_FROZENSET: u8 = 0x0D;
+pub const TAG_BYTEARRAY: u8 = 0x0E;
+pub const TAG_DATETIME: u8 = 0x0F;
+pub const TAG_DATE: u8 = 0x10;
+pub const TAG_TIME: u8 = 0x11;
+pub const TAG_TIMEDELTA: u8 = 0x12;
+pub const TAG_DECIMAL: u8 = 0x13;
+pub const TAG_UUID: u8 = 0x14;
+pub const TAG_ENUM: u8 = 0x15;
+pub const TAG_DATACLASS: u8 = 0x16;
+pub const TAG_NAMEDTUPLE: u8 = 0x17;
+pub const TAG_NDARRAY: u8 = 0x18;
+pub const TAG_NPSCALAR: u8 = 0x19;
+pub const TAG_PICKLE: u8 = 0x1A;
+pub const TAG_SHM_BYTES: u8 = 0x1B;
+
+/// `tz` kinds of datetime and time values.
+pub const TZ_NAIVE: u8 = 0;
+pub const TZ_UTC: u8 = 1;
+pub const TZ_FIXED: u8 = 2;
+pub const TZ_ZONE: u8 = 3;
+
+/// `data` storage of ndarray payloads.
+pub const DATA_INLINE: u8 = 0;
+pub const DATA_SHM: u8 = 1;
+
+/// Bytes of the fixed part of temporal payloads (before any tz).
+pub const DATETIME_FIXED: usize = 2 + 5 + 4 + 1;
+pub const DATE_FIXED: usize = 4;
+pub const TIME_FIXED: usize = 3 + 4 + 1;
+pub const TIMEDELTA_FIXED: usize = 12;
 
 /// Deepest nesting of containers accepted by encoders and decoders.
 pub const MAX_DEPTH: usize = 512;
@@ -53,6 +114,8 @@ pub enum DecodeError {
     TrailingBytes { at: usize },
     /// A value that is well-formed but not acceptable (e.g. an unhashable dict key).
     Invalid { at: usize, why: &'static str },
+    /// As `Invalid`, with a message built at run time (e.g. naming a class).
+    Refused { at: usize, why: String },
 }
 
 impl fmt::Display for DecodeError {
@@ -69,6 +132,7 @@ impl fmt::Display for DecodeError {
                 write!(f, "unexpected bytes after the value at byte {at}")
             }
             DecodeError::Invalid { at, why } => write!(f, "invalid value at byte {at}: {why}"),
+            DecodeError::Refused { at, why } => write!(f, "value at byte {at} refused: {why}"),
         }
     }
 }
@@ -134,6 +198,33 @@ impl<'a> Reader<'a> {
             .ok_or(DecodeError::Truncated { at: self.pos })?;
         self.pos = end;
         Ok(s)
+    }
+
+    #[inline]
+    pub fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+
+    #[inline]
+    pub fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    #[inline]
+    pub fn i32(&mut self) -> Result<i32, DecodeError> {
+        Ok(self.u32()? as i32)
+    }
+
+    /// A varint-prefixed UTF-8 string.
+    #[inline]
+    pub fn str(&mut self) -> Result<&'a str, DecodeError> {
+        let at = self.pos;
+        let n = self.len(1)?;
+        std::str::from_utf8(self.take(n)?).map_err(|_| DecodeError::BadUtf8 { at })
     }
 
     #[inline]
@@ -208,6 +299,141 @@ pub enum Value {
     List(Vec<Value>),
     Tuple(Vec<Value>),
     Dict(Vec<(Value, Value)>),
+    Complex(f64, f64),
+    Set(Vec<Value>),
+    FrozenSet(Vec<Value>),
+    ByteArray(Vec<u8>),
+    /// datetime, date, time or timedelta: the tag, the fixed-width part, and the tz of
+    /// datetime and time values.
+    Temporal {
+        tag: u8,
+        fixed: Vec<u8>,
+        tz: Option<Tz>,
+    },
+    Decimal(String),
+    Uuid([u8; 16]),
+    /// An enum member (one unnamed field), a dataclass (named fields) or a NamedTuple.
+    Object {
+        tag: u8,
+        class: (String, String),
+        fields: Vec<(Option<String>, Value)>,
+    },
+    /// A numpy array or scalar (TAG_NDARRAY / TAG_NPSCALAR).
+    Array {
+        tag: u8,
+        descr: Box<Value>,
+        shape: Vec<u64>,
+        fortran: bool,
+        data: Data,
+    },
+    Pickle(Vec<u8>),
+    ShmBytes {
+        bytearray: bool,
+        shm: ShmRef,
+    },
+}
+
+/// The tzinfo of a datetime or time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tz {
+    Naive,
+    Utc,
+    Fixed {
+        offset_us: i64,
+        name: Option<String>,
+    },
+    Zone(String),
+}
+
+/// Where the bytes of an array live.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Data {
+    Inline(Vec<u8>),
+    Shm(ShmRef),
+}
+
+/// A byte range of one of the descriptors sent with the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShmRef {
+    pub fd: u64,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl ShmRef {
+    pub fn read(r: &mut Reader<'_>) -> Result<ShmRef, DecodeError> {
+        Ok(ShmRef {
+            fd: r.varint()?,
+            offset: r.varint()?,
+            len: r.varint()?,
+        })
+    }
+
+    pub fn write(&self, out: &mut Vec<u8>) {
+        put_varint(out, self.fd);
+        put_varint(out, self.offset);
+        put_varint(out, self.len);
+    }
+}
+
+impl Tz {
+    pub fn read(r: &mut Reader<'_>) -> Result<Tz, DecodeError> {
+        let at = r.pos();
+        Ok(match r.u8()? {
+            TZ_NAIVE => Tz::Naive,
+            TZ_UTC => Tz::Utc,
+            TZ_FIXED => {
+                let offset_us = r.i64()?;
+                let name = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.str()?.to_owned()),
+                    _ => {
+                        return Err(DecodeError::Invalid {
+                            at,
+                            why: "bad tz name flag",
+                        })
+                    }
+                };
+                Tz::Fixed { offset_us, name }
+            }
+            TZ_ZONE => Tz::Zone(r.str()?.to_owned()),
+            _ => {
+                return Err(DecodeError::Invalid {
+                    at,
+                    why: "unknown tz kind",
+                })
+            }
+        })
+    }
+
+    pub fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Tz::Naive => out.push(TZ_NAIVE),
+            Tz::Utc => out.push(TZ_UTC),
+            Tz::Fixed { offset_us, name } => {
+                out.push(TZ_FIXED);
+                out.extend_from_slice(&offset_us.to_le_bytes());
+                match name {
+                    None => out.push(0),
+                    Some(n) => {
+                        out.push(1);
+                        put_str(out, n);
+                    }
+                }
+            }
+            Tz::Zone(k) => {
+                out.push(TZ_ZONE);
+                put_str(out, k);
+            }
+        }
+    }
+}
+
+/// Append a varint-prefixed UTF-8 string (no tag).
+#[inline]
+pub fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
 }
 
 impl Value {
@@ -258,6 +484,92 @@ impl Value {
                     v.encode(out);
                 }
             }
+            Value::Complex(re, im) => {
+                out.push(TAG_COMPLEX);
+                out.extend_from_slice(&re.to_le_bytes());
+                out.extend_from_slice(&im.to_le_bytes());
+            }
+            Value::Set(items) | Value::FrozenSet(items) => {
+                out.push(if matches!(self, Value::Set(_)) {
+                    TAG_SET
+                } else {
+                    TAG_FROZENSET
+                });
+                put_varint(out, items.len() as u64);
+                for v in items {
+                    v.encode(out);
+                }
+            }
+            Value::ByteArray(b) => {
+                out.push(TAG_BYTEARRAY);
+                put_varint(out, b.len() as u64);
+                out.extend_from_slice(b);
+            }
+            Value::Temporal { tag, fixed, tz } => {
+                out.push(*tag);
+                out.extend_from_slice(fixed);
+                if let Some(tz) = tz {
+                    tz.write(out);
+                }
+            }
+            Value::Decimal(d) => {
+                out.push(TAG_DECIMAL);
+                put_str(out, d);
+            }
+            Value::Uuid(b) => {
+                out.push(TAG_UUID);
+                out.extend_from_slice(b);
+            }
+            Value::Object { tag, class, fields } => {
+                out.push(*tag);
+                put_str(out, &class.0);
+                put_str(out, &class.1);
+                if *tag != TAG_ENUM {
+                    put_varint(out, fields.len() as u64);
+                }
+                for (name, v) in fields {
+                    if let Some(name) = name {
+                        put_str(out, name);
+                    }
+                    v.encode(out);
+                }
+            }
+            Value::Array {
+                tag,
+                descr,
+                shape,
+                fortran,
+                data,
+            } => {
+                out.push(*tag);
+                descr.encode(out);
+                put_varint(out, shape.len() as u64);
+                for d in shape {
+                    put_varint(out, *d);
+                }
+                out.push(u8::from(*fortran));
+                match data {
+                    Data::Inline(b) => {
+                        out.push(DATA_INLINE);
+                        put_varint(out, b.len() as u64);
+                        out.extend_from_slice(b);
+                    }
+                    Data::Shm(r) => {
+                        out.push(DATA_SHM);
+                        r.write(out);
+                    }
+                }
+            }
+            Value::Pickle(b) => {
+                out.push(TAG_PICKLE);
+                put_varint(out, b.len() as u64);
+                out.extend_from_slice(b);
+            }
+            Value::ShmBytes { bytearray, shm } => {
+                out.push(TAG_SHM_BYTES);
+                out.push(u8::from(*bytearray));
+                shm.write(out);
+            }
         }
     }
 
@@ -299,7 +611,7 @@ impl Value {
                     let mut items = Vec::with_capacity(n);
                     for _ in 0..n {
                         let k = Value::read(r, depth + 1)?;
-                        if matches!(k, Value::List(_) | Value::Dict(_)) {
+                        if !k.hashable() {
                             return Err(DecodeError::Invalid {
                                 at,
                                 why: "unhashable dict key",
@@ -321,8 +633,164 @@ impl Value {
                     }
                 }
             }
+            tag => Value::read_ext(r, tag, at, depth)?,
+        })
+    }
+
+    /// The tags beyond the JSON-like core, kept out of [`Value::read`] so that its stack frame
+    /// stays small for deep nesting.
+    #[inline(never)]
+    fn read_ext(
+        r: &mut Reader<'_>,
+        tag: u8,
+        at: usize,
+        depth: usize,
+    ) -> Result<Value, DecodeError> {
+        Ok(match tag {
+            TAG_COMPLEX => Value::Complex(r.f64()?, r.f64()?),
+            tag @ (TAG_SET | TAG_FROZENSET) => {
+                if depth >= MAX_DEPTH {
+                    return Err(DecodeError::TooDeep);
+                }
+                let n = r.len(1)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let v = Value::read(r, depth + 1)?;
+                    if !v.hashable() {
+                        return Err(DecodeError::Invalid {
+                            at,
+                            why: "unhashable set member",
+                        });
+                    }
+                    items.push(v);
+                }
+                if tag == TAG_SET {
+                    Value::Set(items)
+                } else {
+                    Value::FrozenSet(items)
+                }
+            }
+            TAG_BYTEARRAY => {
+                let n = r.len(1)?;
+                Value::ByteArray(r.take(n)?.to_vec())
+            }
+            tag @ (TAG_DATETIME | TAG_DATE | TAG_TIME | TAG_TIMEDELTA) => {
+                let n = match tag {
+                    TAG_DATETIME => DATETIME_FIXED,
+                    TAG_DATE => DATE_FIXED,
+                    TAG_TIME => TIME_FIXED,
+                    _ => TIMEDELTA_FIXED,
+                };
+                let fixed = r.take(n)?.to_vec();
+                let tz = if matches!(tag, TAG_DATETIME | TAG_TIME) {
+                    Some(Tz::read(r)?)
+                } else {
+                    None
+                };
+                Value::Temporal { tag, fixed, tz }
+            }
+            TAG_DECIMAL => Value::Decimal(r.str()?.to_owned()),
+            TAG_UUID => Value::Uuid(r.take(16)?.try_into().expect("16 bytes")),
+            tag @ (TAG_ENUM | TAG_DATACLASS | TAG_NAMEDTUPLE) => {
+                if depth >= MAX_DEPTH {
+                    return Err(DecodeError::TooDeep);
+                }
+                let class = (r.str()?.to_owned(), r.str()?.to_owned());
+                let mut fields = Vec::new();
+                if tag == TAG_ENUM {
+                    fields.push((None, Value::read(r, depth + 1)?));
+                } else {
+                    let n = r.len(1)?;
+                    for _ in 0..n {
+                        let name = if tag == TAG_DATACLASS {
+                            Some(r.str()?.to_owned())
+                        } else {
+                            None
+                        };
+                        fields.push((name, Value::read(r, depth + 1)?));
+                    }
+                }
+                Value::Object { tag, class, fields }
+            }
+            tag @ (TAG_NDARRAY | TAG_NPSCALAR) => {
+                if depth >= MAX_DEPTH {
+                    return Err(DecodeError::TooDeep);
+                }
+                let descr = Box::new(Value::read(r, depth + 1)?);
+                let ndim = r.len(1)?;
+                let mut shape = Vec::with_capacity(ndim);
+                for _ in 0..ndim {
+                    shape.push(r.varint()?);
+                }
+                let fortran = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => {
+                        return Err(DecodeError::Invalid {
+                            at,
+                            why: "bad array order",
+                        })
+                    }
+                };
+                let data = match r.u8()? {
+                    DATA_INLINE => {
+                        let n = r.len(1)?;
+                        Data::Inline(r.take(n)?.to_vec())
+                    }
+                    DATA_SHM => Data::Shm(ShmRef::read(r)?),
+                    _ => {
+                        return Err(DecodeError::Invalid {
+                            at,
+                            why: "bad array storage",
+                        })
+                    }
+                };
+                Value::Array {
+                    tag,
+                    descr,
+                    shape,
+                    fortran,
+                    data,
+                }
+            }
+            TAG_PICKLE => {
+                let n = r.len(1)?;
+                Value::Pickle(r.take(n)?.to_vec())
+            }
+            TAG_SHM_BYTES => {
+                let bytearray = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => {
+                        return Err(DecodeError::Invalid {
+                            at,
+                            why: "bad shared bytes kind",
+                        })
+                    }
+                };
+                Value::ShmBytes {
+                    bytearray,
+                    shm: ShmRef::read(r)?,
+                }
+            }
             tag => return Err(DecodeError::UnknownTag { tag, at }),
         })
+    }
+
+    /// Whether Python could hash the decoded value (containers of mutable types cannot).
+    fn hashable(&self) -> bool {
+        match self {
+            Value::List(_)
+            | Value::Dict(_)
+            | Value::Set(_)
+            | Value::ByteArray(_)
+            | Value::Array {
+                tag: TAG_NDARRAY, ..
+            } => false,
+            Value::ShmBytes { bytearray, .. } => !bytearray,
+            Value::Tuple(items) | Value::FrozenSet(items) => items.iter().all(Value::hashable),
+            _ => true,
+        }
     }
 }
 
@@ -342,15 +810,84 @@ mod tests {
                 .prop_map(Value::Float),
             ".*".prop_map(Value::Str),
             proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::Bytes),
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::ByteArray),
+            (-1e9f64..1e9, -1e9f64..1e9).prop_map(|(a, b)| Value::Complex(a, b)),
+            "-?[0-9]{1,30}(\\.[0-9]{1,10})?".prop_map(Value::Decimal),
+            any::<[u8; 16]>().prop_map(Value::Uuid),
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::Pickle),
+            (any::<bool>(), any::<(u64, u64, u64)>()).prop_map(|(b, (fd, offset, len))| {
+                Value::ShmBytes {
+                    bytearray: b,
+                    shm: ShmRef { fd, offset, len },
+                }
+            }),
+            (
+                proptest::collection::vec(any::<u8>(), DATETIME_FIXED),
+                arb_tz()
+            )
+                .prop_map(|(fixed, tz)| Value::Temporal {
+                    tag: TAG_DATETIME,
+                    fixed,
+                    tz: Some(tz)
+                }),
+            proptest::collection::vec(any::<u8>(), TIMEDELTA_FIXED).prop_map(|fixed| {
+                Value::Temporal {
+                    tag: TAG_TIMEDELTA,
+                    fixed,
+                    tz: None,
+                }
+            }),
         ];
         leaf.prop_recursive(4, 64, 8, |inner| {
             prop_oneof![
                 proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::List),
                 proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Tuple),
-                proptest::collection::vec((any::<i64>().prop_map(Value::Int), inner), 0..8)
+                proptest::collection::vec((any::<i64>().prop_map(Value::Int), inner.clone()), 0..8)
                     .prop_map(Value::Dict),
+                proptest::collection::vec(any::<i64>().prop_map(Value::Int), 0..8)
+                    .prop_map(Value::FrozenSet),
+                (
+                    "[a-z.]{1,10}",
+                    "[A-Za-z.]{1,10}",
+                    proptest::collection::vec(("[a-z_]{1,8}", inner.clone()), 0..4)
+                )
+                    .prop_map(|(m, q, f)| Value::Object {
+                        tag: TAG_DATACLASS,
+                        class: (m, q),
+                        fields: f.into_iter().map(|(n, v)| (Some(n), v)).collect(),
+                    }),
+                ("[a-z.]{1,10}", "[A-Za-z.]{1,10}", inner.clone()).prop_map(|(m, q, v)| {
+                    Value::Object {
+                        tag: TAG_ENUM,
+                        class: (m, q),
+                        fields: vec![(None, v)],
+                    }
+                }),
+                (
+                    inner,
+                    proptest::collection::vec(0u64..100, 0..4),
+                    any::<bool>(),
+                    proptest::collection::vec(any::<u8>(), 0..32)
+                )
+                    .prop_map(|(d, shape, fortran, data)| Value::Array {
+                        tag: TAG_NDARRAY,
+                        descr: Box::new(d),
+                        shape,
+                        fortran,
+                        data: Data::Inline(data),
+                    }),
             ]
         })
+    }
+
+    fn arb_tz() -> impl Strategy<Value = Tz> {
+        prop_oneof![
+            Just(Tz::Naive),
+            Just(Tz::Utc),
+            (any::<i64>(), proptest::option::of("[A-Z]{0,5}"))
+                .prop_map(|(offset_us, name)| Tz::Fixed { offset_us, name }),
+            "[A-Za-z/_]{1,20}".prop_map(Tz::Zone),
+        ]
     }
 
     proptest! {

@@ -1,0 +1,765 @@
+//! Bytes to Python values.
+//!
+//! Every length is checked against the input before anything is allocated, every constructor
+//! failure becomes a [`DecodeError`], and a pickled value is refused unless the connection
+//! allows pickle. Classes named by enum, dataclass and NamedTuple values are imported by module
+//! and qualname and must be of that kind; nothing else named in the input is ever called.
+
+use super::{refs, Options};
+use crate::shm::{self, ShmView};
+use kameo_proto::wire::{self, DecodeError, Reader, ShmRef, Tz, MAX_DEPTH};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple, PyType};
+use std::cell::RefCell;
+use std::ffi::c_char;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+unsafe extern "C" {
+    /// A dict with room for `minused` items (CPython 3.8-3.12 export it; saves resizes).
+    fn _PyDict_NewPresized(minused: ffi::Py_ssize_t) -> *mut ffi::PyObject;
+}
+
+/// Decode one value spanning all of `buf`; `segs` are the shared-memory segments that came
+/// with the frame.
+pub fn decode<'py>(
+    py: Python<'py>,
+    buf: &[u8],
+    opts: &Options,
+    segs: &[Arc<OwnedFd>],
+) -> Result<Bound<'py, PyAny>, DecodeError> {
+    let mut d = Decoder {
+        py,
+        r: Reader::new(buf),
+        opts,
+        segs,
+    };
+    let v = d.value(0)?;
+    d.r.finish()?;
+    Ok(v)
+}
+
+struct Decoder<'b, 'py> {
+    py: Python<'py>,
+    r: Reader<'b>,
+    opts: &'b Options,
+    segs: &'b [Arc<OwnedFd>],
+}
+
+fn owned<'py>(
+    py: Python<'py>,
+    p: *mut ffi::PyObject,
+    at: usize,
+) -> Result<Bound<'py, PyAny>, DecodeError> {
+    // SAFETY: p is a new reference returned by a C API constructor (or null on failure).
+    match unsafe { Bound::from_owned_ptr_or_opt(py, p) } {
+        Some(b) => Ok(b),
+        None => Err(refused(at, PyErr::take(py))),
+    }
+}
+
+fn refused(at: usize, err: Option<PyErr>) -> DecodeError {
+    DecodeError::Refused {
+        at,
+        why: match err {
+            Some(e) => format!("value rejected by Python: {e}"),
+            None => "value rejected by Python".into(),
+        },
+    }
+}
+
+fn py_refused(at: usize) -> impl Fn(PyErr) -> DecodeError {
+    move |e| DecodeError::Refused {
+        at,
+        why: e.to_string(),
+    }
+}
+
+/// Short strs decoded recently, reused across messages: records repeat the same keys and many
+/// of the same values, and one lookup is cheaper than decoding and allocating a new str
+/// (pickle gets a similar effect within one message from its memo). Direct-mapped by a hash
+/// of the bytes; a collision just replaces the entry.
+const STR_CACHE_SLOTS: usize = 1024;
+const STR_CACHE_MAX_LEN: usize = 32;
+
+/// (hash of the bytes, the str) per slot.
+type StrSlot = Option<(u64, Py<PyAny>)>;
+
+thread_local! {
+    static STR_CACHE: RefCell<Vec<StrSlot>> =
+        RefCell::new((0..STR_CACHE_SLOTS).map(|_| None).collect());
+}
+
+#[inline]
+fn hash_bytes(b: &[u8]) -> u64 {
+    // FxHash-style mixing, 8 bytes at a time.
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mut h = b.len() as u64;
+    let mut chunks = b.chunks_exact(8);
+    for c in &mut chunks {
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(c.try_into().expect("8"))).wrapping_mul(K);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut tail = [0u8; 8];
+        tail[..rest.len()].copy_from_slice(rest);
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(tail)).wrapping_mul(K);
+    }
+    h
+}
+
+/// A new str from UTF-8 bytes, with a copy (no validation pass) for pure ASCII.
+unsafe fn new_str(b: &[u8]) -> *mut ffi::PyObject {
+    if b.is_ascii() {
+        let p = ffi::PyUnicode_New(b.len() as ffi::Py_ssize_t, 127);
+        if !p.is_null() {
+            std::ptr::copy_nonoverlapping(b.as_ptr(), ffi::PyUnicode_1BYTE_DATA(p), b.len());
+        }
+        p
+    } else {
+        ffi::PyUnicode_DecodeUTF8(
+            b.as_ptr() as *const c_char,
+            b.len() as ffi::Py_ssize_t,
+            std::ptr::null(),
+        )
+    }
+}
+
+/// The str for `b`, from the cache when it is short.
+unsafe fn cached_str(b: &[u8]) -> *mut ffi::PyObject {
+    if b.len() > STR_CACHE_MAX_LEN {
+        return new_str(b);
+    }
+    let h = hash_bytes(b);
+    STR_CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let slot = &mut cache[(h as usize) % STR_CACHE_SLOTS];
+        if let Some((eh, s)) = slot {
+            if *eh == h {
+                let mut size: ffi::Py_ssize_t = 0;
+                let p = ffi::PyUnicode_AsUTF8AndSize(s.as_ptr(), &mut size);
+                if !p.is_null() && std::slice::from_raw_parts(p as *const u8, size as usize) == b {
+                    return ffi::Py_NewRef(s.as_ptr());
+                }
+            }
+        }
+        let p = new_str(b);
+        if !p.is_null() {
+            *slot = Some((
+                h,
+                Bound::from_borrowed_ptr(Python::assume_attached(), p).unbind(),
+            ));
+        }
+        p
+    })
+}
+
+impl<'b, 'py> Decoder<'b, 'py> {
+    fn value(&mut self, depth: usize) -> Result<Bound<'py, PyAny>, DecodeError> {
+        let py = self.py;
+        let r = &mut self.r;
+        let at = r.pos();
+        let tag = r.u8()?;
+        // SAFETY (all blocks below): the GIL is held; every pointer passed to the C API is
+        // either a fresh reference we own or a buffer slice that outlives the call.
+        unsafe {
+            match tag {
+                wire::TAG_NONE => Ok(py.None().into_bound(py)),
+                wire::TAG_FALSE => owned(py, ffi::Py_NewRef(ffi::Py_False()), at),
+                wire::TAG_TRUE => owned(py, ffi::Py_NewRef(ffi::Py_True()), at),
+                wire::TAG_INT => {
+                    let v = r.i64()?;
+                    owned(py, ffi::PyLong_FromLongLong(v), at)
+                }
+                wire::TAG_FLOAT => {
+                    let v = r.f64()?;
+                    owned(py, ffi::PyFloat_FromDouble(v), at)
+                }
+                wire::TAG_STR => {
+                    let n = r.len(1)?;
+                    let b = r.take(n)?;
+                    if std::str::from_utf8(b).is_err() {
+                        return Err(DecodeError::BadUtf8 { at });
+                    }
+                    owned(py, cached_str(b), at)
+                }
+                wire::TAG_BYTES => {
+                    let n = r.len(1)?;
+                    let b = r.take(n)?;
+                    owned(
+                        py,
+                        ffi::PyBytes_FromStringAndSize(
+                            b.as_ptr() as *const c_char,
+                            n as ffi::Py_ssize_t,
+                        ),
+                        at,
+                    )
+                }
+                wire::TAG_LIST => {
+                    if depth >= MAX_DEPTH {
+                        return Err(DecodeError::TooDeep);
+                    }
+                    let n = r.len(1)?;
+                    let list = owned(py, ffi::PyList_New(n as ffi::Py_ssize_t), at)?;
+                    for i in 0..n {
+                        let item = self.value(depth + 1)?;
+                        ffi::PyList_SET_ITEM(list.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr());
+                    }
+                    Ok(list)
+                }
+                wire::TAG_TUPLE => {
+                    if depth >= MAX_DEPTH {
+                        return Err(DecodeError::TooDeep);
+                    }
+                    let n = r.len(1)?;
+                    self.tuple_items(n, depth, at)
+                }
+                wire::TAG_DICT => {
+                    if depth >= MAX_DEPTH {
+                        return Err(DecodeError::TooDeep);
+                    }
+                    let n = r.len(2)?;
+                    let dict = owned(py, _PyDict_NewPresized(n as ffi::Py_ssize_t), at)?;
+                    for _ in 0..n {
+                        let k = self.value(depth + 1)?;
+                        let v = self.value(depth + 1)?;
+                        if ffi::PyDict_SetItem(dict.as_ptr(), k.as_ptr(), v.as_ptr()) != 0 {
+                            let _ = PyErr::take(py);
+                            return Err(DecodeError::Invalid {
+                                at,
+                                why: "unhashable dict key",
+                            });
+                        }
+                    }
+                    Ok(dict)
+                }
+                tag => self.other(tag, at, depth),
+            }
+        }
+    }
+
+    unsafe fn tuple_items(
+        &mut self,
+        n: usize,
+        depth: usize,
+        at: usize,
+    ) -> Result<Bound<'py, PyAny>, DecodeError> {
+        let tuple = owned(self.py, ffi::PyTuple_New(n as ffi::Py_ssize_t), at)?;
+        for i in 0..n {
+            let item = self.value(depth + 1)?;
+            ffi::PyTuple_SET_ITEM(tuple.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr());
+        }
+        Ok(tuple)
+    }
+
+    /// Everything beyond the JSON-like core, out of line to keep `value`'s frame small.
+    #[inline(never)]
+    fn other(
+        &mut self,
+        tag: u8,
+        at: usize,
+        depth: usize,
+    ) -> Result<Bound<'py, PyAny>, DecodeError> {
+        let py = self.py;
+        // SAFETY: as in `value`.
+        unsafe {
+            match tag {
+                wire::TAG_BIGINT => {
+                    let n = self.r.len(1)?;
+                    let b = self.r.take(n)?;
+                    let kwargs = PyDict::new(py);
+                    kwargs.set_item("signed", true).map_err(py_refused(at))?;
+                    py.get_type::<pyo3::types::PyInt>()
+                        .call_method("from_bytes", (PyBytes::new(py, b), "little"), Some(&kwargs))
+                        .map_err(py_refused(at))
+                }
+                wire::TAG_COMPLEX => {
+                    let re = self.r.f64()?;
+                    let im = self.r.f64()?;
+                    owned(py, ffi::PyComplex_FromDoubles(re, im), at)
+                }
+                wire::TAG_SET | wire::TAG_FROZENSET => {
+                    if depth >= MAX_DEPTH {
+                        return Err(DecodeError::TooDeep);
+                    }
+                    let n = self.r.len(1)?;
+                    let set = if tag == wire::TAG_SET {
+                        owned(py, ffi::PySet_New(std::ptr::null_mut()), at)?
+                    } else {
+                        owned(py, ffi::PyFrozenSet_New(std::ptr::null_mut()), at)?
+                    };
+                    for _ in 0..n {
+                        let item = self.value(depth + 1)?;
+                        if ffi::PySet_Add(set.as_ptr(), item.as_ptr()) != 0 {
+                            let _ = PyErr::take(py);
+                            return Err(DecodeError::Invalid {
+                                at,
+                                why: "unhashable set member",
+                            });
+                        }
+                    }
+                    Ok(set)
+                }
+                wire::TAG_BYTEARRAY => {
+                    let n = self.r.len(1)?;
+                    let b = self.r.take(n)?;
+                    owned(
+                        py,
+                        ffi::PyByteArray_FromStringAndSize(
+                            b.as_ptr() as *const c_char,
+                            n as ffi::Py_ssize_t,
+                        ),
+                        at,
+                    )
+                }
+                wire::TAG_DATETIME | wire::TAG_DATE | wire::TAG_TIME | wire::TAG_TIMEDELTA => {
+                    self.temporal(tag, at)
+                }
+                wire::TAG_DECIMAL => {
+                    let s = self.r.str()?;
+                    refs::decimal_class(py)
+                        .and_then(|c| c.call1((s,)))
+                        .map_err(py_refused(at))
+                }
+                wire::TAG_UUID => {
+                    let b = self.r.take(16)?;
+                    let kwargs = PyDict::new(py);
+                    kwargs
+                        .set_item("bytes", PyBytes::new(py, b))
+                        .map_err(py_refused(at))?;
+                    refs::uuid_class(py)
+                        .and_then(|c| c.call((), Some(&kwargs)))
+                        .map_err(py_refused(at))
+                }
+                wire::TAG_ENUM | wire::TAG_DATACLASS | wire::TAG_NAMEDTUPLE => {
+                    if depth >= MAX_DEPTH {
+                        return Err(DecodeError::TooDeep);
+                    }
+                    self.object(tag, at, depth)
+                }
+                wire::TAG_NDARRAY | wire::TAG_NPSCALAR => {
+                    if depth >= MAX_DEPTH {
+                        return Err(DecodeError::TooDeep);
+                    }
+                    self.ndarray(tag, at, depth)
+                }
+                wire::TAG_PICKLE => {
+                    let n = self.r.len(1)?;
+                    let b = self.r.take(n)?;
+                    if !self.opts.allow_pickle {
+                        return Err(DecodeError::Refused {
+                            at,
+                            why: "the value is pickled (sent with allow_pickle=True) but this side does not allow pickle; pass allow_pickle=True to accept it".into(),
+                        });
+                    }
+                    refs::pickle_loads(py)
+                        .and_then(|f| f.call1((PyBytes::new(py, b),)))
+                        .map_err(py_refused(at))
+                }
+                wire::TAG_SHM_BYTES => {
+                    let bytearray = match self.r.u8()? {
+                        0 => false,
+                        1 => true,
+                        _ => {
+                            return Err(DecodeError::Invalid {
+                                at,
+                                why: "bad shared bytes kind",
+                            })
+                        }
+                    };
+                    let shm = ShmRef::read(&mut self.r)?;
+                    self.shm_bytes(bytearray, shm, at)
+                }
+                tag => Err(DecodeError::UnknownTag { tag, at }),
+            }
+        }
+    }
+
+    fn segment(&self, shm: &ShmRef, at: usize) -> Result<(Arc<OwnedFd>, u64), DecodeError> {
+        let fd = usize::try_from(shm.fd)
+            .ok()
+            .and_then(|i| self.segs.get(i))
+            .ok_or(DecodeError::Invalid {
+                at,
+                why: "shared memory reference to a descriptor the frame did not carry",
+            })?;
+        let size =
+            shm::verify(fd, shm.offset, shm.len).map_err(|why| DecodeError::Refused { at, why })?;
+        Ok((fd.clone(), size))
+    }
+
+    unsafe fn shm_bytes(
+        &mut self,
+        bytearray: bool,
+        shm: ShmRef,
+        at: usize,
+    ) -> Result<Bound<'py, PyAny>, DecodeError> {
+        let py = self.py;
+        let (fd, _) = self.segment(&shm, at)?;
+        let len = usize::try_from(shm.len).map_err(|_| DecodeError::Truncated { at })?;
+        let (obj, p) = if bytearray {
+            let o = owned(
+                py,
+                ffi::PyByteArray_FromStringAndSize(std::ptr::null(), len as ffi::Py_ssize_t),
+                at,
+            )?;
+            let p = ffi::PyByteArray_AsString(o.as_ptr()) as usize;
+            (o, p)
+        } else {
+            let o = owned(
+                py,
+                ffi::PyBytes_FromStringAndSize(std::ptr::null(), len as ffi::Py_ssize_t),
+                at,
+            )?;
+            let p = ffi::PyBytes_AS_STRING(o.as_ptr()) as usize;
+            (o, p)
+        };
+        if len > 0 {
+            // The object is new and referenced only here: nobody else touches its buffer while
+            // the GIL is released for the copy.
+            let offset = shm.offset;
+            py.detach(|| {
+                shm::read_into(
+                    &fd,
+                    offset,
+                    std::slice::from_raw_parts_mut(p as *mut u8, len),
+                )
+            })
+            .map_err(|e| DecodeError::Refused {
+                at,
+                why: format!("cannot read shared memory: {e}"),
+            })?;
+        }
+        Ok(obj)
+    }
+
+    unsafe fn temporal(&mut self, tag: u8, at: usize) -> Result<Bound<'py, PyAny>, DecodeError> {
+        let py = self.py;
+        if ffi::PyDateTimeAPI().is_null() {
+            ffi::PyDateTime_IMPORT();
+            if ffi::PyDateTimeAPI().is_null() {
+                return Err(refused(at, PyErr::take(py)));
+            }
+        }
+        let api = &*ffi::PyDateTimeAPI();
+        let r = &mut self.r;
+        match tag {
+            wire::TAG_DATE => {
+                let (y, m, d) = (r.u16()?, r.u8()?, r.u8()?);
+                owned(
+                    py,
+                    (api.Date_FromDate)(y.into(), m.into(), d.into(), api.DateType),
+                    at,
+                )
+            }
+            wire::TAG_TIMEDELTA => {
+                let (d, s, us) = (r.i32()?, r.i32()?, r.i32()?);
+                owned(py, (api.Delta_FromDelta)(d, s, us, 1, api.DeltaType), at)
+            }
+            wire::TAG_DATETIME => {
+                let (y, mo, d) = (r.u16()?, r.u8()?, r.u8()?);
+                let (h, mi, s) = (r.u8()?, r.u8()?, r.u8()?);
+                let (us, fold) = (r.u32()?, r.u8()?);
+                let tz = self.tz(at)?;
+                let us = i32::try_from(us).map_err(|_| DecodeError::Invalid {
+                    at,
+                    why: "bad microsecond",
+                })?;
+                owned(
+                    py,
+                    (api.DateTime_FromDateAndTimeAndFold)(
+                        y.into(),
+                        mo.into(),
+                        d.into(),
+                        h.into(),
+                        mi.into(),
+                        s.into(),
+                        us,
+                        tz.as_ptr(),
+                        fold.into(),
+                        api.DateTimeType,
+                    ),
+                    at,
+                )
+            }
+            _ => {
+                let (h, mi, s) = (r.u8()?, r.u8()?, r.u8()?);
+                let (us, fold) = (r.u32()?, r.u8()?);
+                let tz = self.tz(at)?;
+                let us = i32::try_from(us).map_err(|_| DecodeError::Invalid {
+                    at,
+                    why: "bad microsecond",
+                })?;
+                owned(
+                    py,
+                    (api.Time_FromTimeAndFold)(
+                        h.into(),
+                        mi.into(),
+                        s.into(),
+                        us,
+                        tz.as_ptr(),
+                        fold.into(),
+                        api.TimeType,
+                    ),
+                    at,
+                )
+            }
+        }
+    }
+
+    unsafe fn tz(&mut self, at: usize) -> Result<Bound<'py, PyAny>, DecodeError> {
+        let py = self.py;
+        let api = &*ffi::PyDateTimeAPI();
+        match Tz::read(&mut self.r)? {
+            Tz::Naive => Ok(py.None().into_bound(py)),
+            Tz::Utc => owned(py, ffi::Py_NewRef(api.TimeZone_UTC), at),
+            Tz::Fixed { offset_us, name } => {
+                let days = offset_us.div_euclid(86_400_000_000);
+                let rest = offset_us.rem_euclid(86_400_000_000);
+                let days = i32::try_from(days).map_err(|_| DecodeError::Invalid {
+                    at,
+                    why: "bad tz offset",
+                })?;
+                let delta = owned(
+                    py,
+                    (api.Delta_FromDelta)(
+                        days,
+                        (rest / 1_000_000) as i32,
+                        (rest % 1_000_000) as i32,
+                        1,
+                        api.DeltaType,
+                    ),
+                    at,
+                )?;
+                let name = name.map(|n| pyo3::types::PyString::new(py, &n));
+                let name_ptr = name.as_ref().map_or(std::ptr::null_mut(), |n| n.as_ptr());
+                owned(
+                    py,
+                    (api.TimeZone_FromTimeZone)(delta.as_ptr(), name_ptr),
+                    at,
+                )
+            }
+            Tz::Zone(key) => refs::zoneinfo_class(py)
+                .and_then(|c| c.call1((key,)))
+                .map_err(py_refused(at)),
+        }
+    }
+
+    fn object(
+        &mut self,
+        tag: u8,
+        at: usize,
+        depth: usize,
+    ) -> Result<Bound<'py, PyAny>, DecodeError> {
+        let py = self.py;
+        let module = self.r.str()?;
+        let qualname = self.r.str()?;
+        let class = |accept: &dyn Fn(&Bound<'py, PyAny>) -> bool, what: &str| {
+            refs::resolve_class(py, module, qualname, accept, what)
+                .map_err(|why| DecodeError::Refused { at, why })
+        };
+        match tag {
+            wire::TAG_ENUM => {
+                let enum_cls = refs::enum_class(py).map_err(py_refused(at))?;
+                let cls = class(
+                    &|c| {
+                        c.is_instance_of::<PyType>()
+                            && c.cast::<PyType>()
+                                .is_ok_and(|t| t.is_subclass(&enum_cls).unwrap_or(false))
+                    },
+                    "an Enum class",
+                )?;
+                let value = self.value(depth + 1)?;
+                cls.call1((value,)).map_err(py_refused(at))
+            }
+            wire::TAG_NAMEDTUPLE => {
+                let cls = class(
+                    &|c| {
+                        c.cast::<PyType>()
+                            .is_ok_and(|t| t.is_subclass_of::<PyTuple>().unwrap_or(false))
+                            && c.hasattr("_fields").unwrap_or(false)
+                    },
+                    "a NamedTuple class",
+                )?;
+                let n = self.r.len(1)?;
+                // SAFETY: GIL held; tuple_items builds a fresh tuple.
+                let items = unsafe { self.tuple_items(n, depth, at)? };
+                let nfields = cls
+                    .getattr("_fields")
+                    .and_then(|f| f.len())
+                    .map_err(py_refused(at))?;
+                if nfields != n {
+                    return Err(DecodeError::Refused {
+                        at,
+                        why: format!("{module}.{qualname} has {nfields} fields, the value has {n}"),
+                    });
+                }
+                py.get_type::<PyTuple>()
+                    .call_method1("__new__", (cls, items))
+                    .map_err(py_refused(at))
+            }
+            _ => {
+                let cls = class(
+                    &|c| {
+                        c.is_instance_of::<PyType>()
+                            && c.hasattr("__dataclass_fields__").unwrap_or(false)
+                    },
+                    "a dataclass",
+                )?;
+                let known = cls
+                    .getattr("__dataclass_fields__")
+                    .map_err(py_refused(at))?;
+                let obj = cls
+                    .call_method1("__new__", (&cls,))
+                    .map_err(py_refused(at))?;
+                let setattr = py
+                    .get_type::<pyo3::types::PyAny>()
+                    .getattr("__setattr__")
+                    .map_err(py_refused(at))?;
+                let n = self.r.len(2)?;
+                for _ in 0..n {
+                    let name = self.r.str()?;
+                    if !known.contains(name).unwrap_or(false) {
+                        return Err(DecodeError::Refused {
+                            at,
+                            why: format!("{module}.{qualname} has no field {name:?}"),
+                        });
+                    }
+                    let value = self.value(depth + 1)?;
+                    setattr.call1((&obj, name, value)).map_err(py_refused(at))?;
+                }
+                Ok(obj)
+            }
+        }
+    }
+
+    fn ndarray(
+        &mut self,
+        tag: u8,
+        at: usize,
+        depth: usize,
+    ) -> Result<Bound<'py, PyAny>, DecodeError> {
+        let py = self.py;
+        let descr = self.value(depth + 1)?;
+        let ndim = self.r.len(1)?;
+        let mut shape = Vec::with_capacity(ndim);
+        let mut count: u64 = 1;
+        for _ in 0..ndim {
+            let d = self.r.varint()?;
+            count = count.checked_mul(d).ok_or(DecodeError::Invalid {
+                at,
+                why: "array too large",
+            })?;
+            shape.push(d);
+        }
+        let fortran = match self.r.u8()? {
+            0 => false,
+            1 => true,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    at,
+                    why: "bad array order",
+                })
+            }
+        };
+        let storage = self.r.u8()?;
+        let (inline, shm) = match storage {
+            wire::DATA_INLINE => {
+                let n = self.r.len(1)?;
+                (Some(self.r.take(n)?), None)
+            }
+            wire::DATA_SHM => (None, Some(ShmRef::read(&mut self.r)?)),
+            _ => {
+                return Err(DecodeError::Invalid {
+                    at,
+                    why: "bad array storage",
+                })
+            }
+        };
+        let np_err = py_refused(at);
+        let dtype = refs::descr_to_dtype(py)
+            .and_then(|f| f.call1((descr,)))
+            .map_err(&np_err)?;
+        // An object dtype would make numpy read pointers out of the payload.
+        if dtype
+            .getattr("hasobject")
+            .and_then(|h| h.is_truthy())
+            .map_err(&np_err)?
+        {
+            return Err(DecodeError::Invalid {
+                at,
+                why: "numpy arrays of Python objects are not accepted",
+            });
+        }
+        let itemsize: u64 = dtype
+            .getattr("itemsize")
+            .and_then(|i| i.extract())
+            .map_err(&np_err)?;
+        let nbytes = count.checked_mul(itemsize).ok_or(DecodeError::Invalid {
+            at,
+            why: "array too large",
+        })?;
+        let data_len = match (&inline, &shm) {
+            (Some(b), _) => b.len() as u64,
+            (_, Some(s)) => s.len,
+            _ => unreachable!(),
+        };
+        if data_len != nbytes {
+            return Err(DecodeError::Invalid {
+                at,
+                why: "array data does not match its shape and dtype",
+            });
+        }
+        let np = py.import("numpy").map_err(&np_err)?;
+        let order = if fortran { "F" } else { "C" };
+        let shape_t = PyTuple::new(py, &shape).map_err(&np_err)?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("order", order).map_err(&np_err)?;
+        let arr = if nbytes == 0 {
+            kwargs.set_item("dtype", &dtype).map_err(&np_err)?;
+            np.call_method("empty", (shape_t,), Some(&kwargs))
+                .map_err(&np_err)?
+        } else {
+            let flat = match (inline, shm) {
+                (Some(b), _) => {
+                    // One copy into a writable buffer the array then owns.
+                    // SAFETY: b is a valid slice; the GIL is held.
+                    let ba = owned(
+                        py,
+                        unsafe {
+                            ffi::PyByteArray_FromStringAndSize(
+                                b.as_ptr() as *const c_char,
+                                b.len() as ffi::Py_ssize_t,
+                            )
+                        },
+                        at,
+                    )?;
+                    np.call_method1("frombuffer", (ba, &dtype))
+                        .map_err(&np_err)?
+                }
+                (_, Some(s)) => {
+                    let (fd, size) = self.segment(&s, at)?;
+                    let view = ShmView::map(fd, size).map_err(|e| DecodeError::Refused {
+                        at,
+                        why: format!("cannot map shared memory: {e}"),
+                    })?;
+                    let view = Bound::new(py, view).map_err(&np_err)?;
+                    let kw = PyDict::new(py);
+                    kw.set_item("dtype", &dtype).map_err(&np_err)?;
+                    kw.set_item("count", count).map_err(&np_err)?;
+                    kw.set_item("offset", s.offset).map_err(&np_err)?;
+                    np.call_method("frombuffer", (view,), Some(&kw))
+                        .map_err(&np_err)?
+                }
+                _ => unreachable!(),
+            };
+            flat.call_method("reshape", (shape_t,), Some(&kwargs))
+                .map_err(&np_err)?
+        };
+        if tag == wire::TAG_NPSCALAR {
+            return arr.get_item(PyTuple::empty(py)).map_err(&np_err);
+        }
+        Ok(arr)
+    }
+}

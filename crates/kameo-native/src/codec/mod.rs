@@ -1,0 +1,55 @@
+//! serde_py: Python values to and from the kameo value encoding (see `kameo_proto::wire`).
+//!
+//! * [`encode`]: walks CPython objects through the C API. Exact built-in types are recognised
+//!   by their type pointer (the hot path); everything else goes through one classification
+//!   (datetime family, enum, dataclass, NamedTuple, numpy, ...). Subclasses of built-ins are
+//!   encoded as their base. Errors carry the path of the offending value.
+//! * [`decode`]: builds Python objects straight from the bytes; malformed input is an error,
+//!   never a panic or an out-of-bounds read.
+//! * [`refs`]: the Python objects the rare types need (classes, numpy helpers), looked up once.
+//!
+//! Large bytes-like values and numpy arrays go out of band through sealed shared-memory
+//! segments ([`crate::shm`]) when the caller gives a threshold; `kameo.encode` never does.
+
+mod decode;
+mod encode;
+mod refs;
+
+pub use decode::decode;
+pub use encode::{EncodeError, Encoder};
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+/// What a connection allows beyond the default value set.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Encode unknown types with pickle, and accept pickled values when decoding.
+    pub allow_pickle: bool,
+    /// Bytes-like values and arrays of at least this many bytes travel in shared memory.
+    /// `usize::MAX` keeps everything inline.
+    pub shm_threshold: usize,
+}
+
+impl Options {
+    /// Inline only, no pickle: `kameo.encode` / `kameo.decode` and control frames.
+    pub const INLINE: Options = Options {
+        allow_pickle: false,
+        shm_threshold: usize::MAX,
+    };
+}
+
+/// Shared-memory segments a frame refers to (by index), sent with it as SCM_RIGHTS.
+pub type Segments = Vec<Arc<OwnedFd>>;
+
+/// Encode a whole value inline to a new buffer.
+pub fn encode_to_vec(
+    obj: &pyo3::Bound<'_, pyo3::PyAny>,
+    opts: &Options,
+) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::with_capacity(128);
+    let mut segs = Segments::new();
+    Encoder::new(&mut out, opts, &mut segs).encode(obj)?;
+    debug_assert!(segs.is_empty() || opts.shm_threshold != usize::MAX);
+    Ok(out)
+}

@@ -1,0 +1,110 @@
+//! Python objects the rare value types need, looked up once per process.
+//!
+//! Modules the message could only contain values of if they were already imported (decimal,
+//! uuid, numpy) are never imported by the encoder: it asks `sys.modules`. The decoder imports
+//! what a value needs (numpy for an array, the module of an enum or dataclass).
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyString};
+
+type Cell = PyOnceLock<Py<PyAny>>;
+
+fn import_attr<'py>(
+    py: Python<'py>,
+    cell: &'static Cell,
+    module: &str,
+    attr: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    cell.get_or_try_init(py, || py.import(module)?.getattr(attr).map(Bound::unbind))
+        .map(|o| o.bind(py).clone())
+}
+
+/// The module if it has been imported by someone, without importing it.
+pub fn loaded<'py>(py: Python<'py>, module: &str) -> Option<Bound<'py, PyAny>> {
+    let modules = py.import("sys").ok()?.getattr("modules").ok()?;
+    let modules = modules.cast_into::<PyDict>().ok()?;
+    modules.get_item(module).ok().flatten()
+}
+
+macro_rules! class_ref {
+    ($name:ident, $module:literal, $attr:literal) => {
+        pub fn $name(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+            static CELL: Cell = PyOnceLock::new();
+            import_attr(py, &CELL, $module, $attr)
+        }
+    };
+}
+
+class_ref!(enum_class, "enum", "Enum");
+class_ref!(decimal_class, "decimal", "Decimal");
+class_ref!(uuid_class, "uuid", "UUID");
+class_ref!(zoneinfo_class, "zoneinfo", "ZoneInfo");
+class_ref!(pickle_dumps, "pickle", "dumps");
+class_ref!(pickle_loads, "pickle", "loads");
+class_ref!(dataclass_fields, "dataclasses", "fields");
+class_ref!(dtype_to_descr, "numpy.lib.format", "dtype_to_descr");
+class_ref!(descr_to_dtype, "numpy.lib.format", "descr_to_dtype");
+class_ref!(numpy_ascontiguous, "numpy", "ascontiguousarray");
+class_ref!(numpy_asarray, "numpy", "asarray");
+
+/// `numpy.ndarray` and `numpy.generic` when numpy is loaded.
+pub fn numpy_types(py: Python<'_>) -> Option<(Bound<'_, PyAny>, Bound<'_, PyAny>)> {
+    let np = loaded(py, "numpy")?;
+    Some((np.getattr("ndarray").ok()?, np.getattr("generic").ok()?))
+}
+
+/// The class at `module`.`qualname`, checked by `accept` (e.g. "is an Enum subclass").
+///
+/// Imports the module if needed: decoding an enum, dataclass or NamedTuple may import the
+/// module that defines it (like pickle), but only ever looks up a class of the expected kind
+/// in it and calls nothing else.
+pub fn resolve_class<'py>(
+    py: Python<'py>,
+    module: &str,
+    qualname: &str,
+    accept: impl Fn(&Bound<'py, PyAny>) -> bool,
+    what: &str,
+) -> Result<Bound<'py, PyAny>, String> {
+    if qualname.contains("<locals>") {
+        return Err(format!(
+            "{module}.{qualname} is defined inside a function and cannot be imported"
+        ));
+    }
+    let mut obj = py
+        .import(module)
+        .map_err(|e| format!("cannot import module {module:?} for {module}.{qualname}: {e}"))?
+        .into_any();
+    for part in qualname.split('.') {
+        obj = obj
+            .getattr(PyString::new(py, part))
+            .map_err(|_| format!("module {module:?} has no class {qualname}"))?;
+    }
+    if !accept(&obj) {
+        return Err(format!("{module}.{qualname} is not {what}"));
+    }
+    Ok(obj)
+}
+
+/// `(module, qualname)` of a class, refusing classes that the other side could not import.
+pub fn class_path(cls: &Bound<'_, PyAny>) -> Result<(String, String), String> {
+    let module: String = cls
+        .getattr("__module__")
+        .and_then(|m| m.extract())
+        .map_err(|_| "its class has no __module__".to_string())?;
+    let qualname: String = cls
+        .getattr("__qualname__")
+        .and_then(|m| m.extract())
+        .map_err(|_| "its class has no __qualname__".to_string())?;
+    if qualname.contains("<locals>") {
+        return Err(format!(
+            "class {module}.{qualname} is defined inside a function, so the receiver cannot import it; define it at module level"
+        ));
+    }
+    if module == "__main__" {
+        return Err(format!(
+            "class __main__.{qualname} is defined in the __main__ script, so the receiver cannot import it; move it to a module"
+        ));
+    }
+    Ok((module, qualname))
+}

@@ -1,0 +1,126 @@
+//! Socket reads and writes that carry file descriptors (SCM_RIGHTS).
+//!
+//! Writes attach the descriptors of the frames they start; reads queue the descriptors they
+//! receive, in arrival order, for the frames that declare them (see `kameo_proto::frame`).
+
+use kameo_proto::frame::MAX_FDS;
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+/// Descriptors one read may deliver: the kernel passes at most 253 per message.
+const CMSG_FDS: usize = 253;
+/// Descriptors a connection may hold for frames not yet complete; a peer that sends more is
+/// broken or hostile.
+pub const MAX_QUEUED_FDS: usize = 4 * MAX_FDS;
+
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 64 + CMSG_FDS * 4]);
+
+/// `send` on a stream socket, attaching `fds` to this write when there are any.
+pub fn send(sock: RawFd, data: &[u8], fds: &[RawFd], flags: i32) -> io::Result<usize> {
+    let flags = flags | libc::MSG_NOSIGNAL;
+    if fds.is_empty() {
+        // SAFETY: data is valid for reads of its length.
+        let n = unsafe { libc::send(sock, data.as_ptr().cast(), data.len(), flags) };
+        return if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        };
+    }
+    assert!(fds.len() <= CMSG_FDS);
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut _,
+        iov_len: data.len(),
+    };
+    let mut cbuf = CmsgBuf([0; 64 + CMSG_FDS * 4]);
+    // SAFETY: msghdr and cmsg built per cmsg(3) in a buffer large and aligned enough.
+    unsafe {
+        let space = libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) as usize;
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.0.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as _;
+        std::ptr::copy_nonoverlapping(
+            fds.as_ptr().cast::<u8>(),
+            libc::CMSG_DATA(cmsg),
+            std::mem::size_of_val(fds),
+        );
+        let n = libc::sendmsg(sock, &msg, flags);
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+/// `recv` into `buf`, appending any descriptors that arrive to `fds` (close-on-exec).
+/// Fails if the peer sent more descriptors than one read can take or than the queue holds.
+pub fn recv(
+    sock: RawFd,
+    buf: &mut [u8],
+    fds: &mut VecDeque<OwnedFd>,
+    flags: i32,
+) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cbuf = CmsgBuf([0; 64 + CMSG_FDS * 4]);
+    // SAFETY: msghdr over valid buffers; received descriptors are taken into OwnedFd at once.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.0.as_mut_ptr().cast();
+        msg.msg_controllen = cbuf.0.len() as _;
+        let n = libc::recvmsg(sock, &mut msg, flags | libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let data = libc::CMSG_DATA(cmsg);
+                for i in 0..bytes / 4 {
+                    let fd = std::ptr::read_unaligned(data.add(i * 4).cast::<RawFd>());
+                    fds.push_back(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the peer sent more file descriptors than one read accepts",
+            ));
+        }
+        if fds.len() > MAX_QUEUED_FDS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the peer sent more than {MAX_QUEUED_FDS} file descriptors ahead of their frames"),
+            ));
+        }
+        Ok(n as usize)
+    }
+}
+
+/// The `n` descriptors of the frame just completed, from the head of the queue.
+pub fn take(fds: &mut VecDeque<OwnedFd>, n: u8) -> Result<Vec<std::sync::Arc<OwnedFd>>, String> {
+    let n = usize::from(n);
+    if fds.len() < n {
+        return Err(format!(
+            "a frame declared {n} file descriptors but {} arrived with it",
+            fds.len()
+        ));
+    }
+    Ok(fds.drain(..n).map(std::sync::Arc::new).collect())
+}

@@ -1,0 +1,175 @@
+"""Importable value classes and handlers for the codec and shared-memory tests.
+
+The codec sends Enum members, dataclass and NamedTuple instances by reference to their
+class (``handlers.values.Point``), so the classes used by tests/test_codec.py and
+tests/test_shm.py live here, where both the test process and the workers can import them.
+No side effects at import time; numpy is imported lazily.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import os
+import time
+from datetime import timedelta, tzinfo
+from typing import Any, NamedTuple
+
+# --------------------------------------------------------------------------- enums
+
+
+class Color(enum.Enum):
+    RED = 1
+    GREEN = "green"
+    BLUE = (3, "b")
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+class Perm(enum.Flag):
+    R = 4
+    W = 2
+    X = 1
+
+
+class Mode(enum.StrEnum):
+    FAST = "fast"
+    SAFE = "safe"
+
+
+# --------------------------------------------------------------------------- dataclasses
+
+
+@dataclasses.dataclass
+class Point:
+    x: Any
+    y: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenPoint:
+    x: Any
+    y: Any
+
+
+@dataclasses.dataclass(slots=True)
+class SlotPoint:
+    x: Any
+    y: Any
+
+
+@dataclasses.dataclass
+class Line:
+    start: Point
+    end: Point
+    label: str = ""
+
+
+@dataclasses.dataclass
+class Bag:
+    items: list[Any] = dataclasses.field(default_factory=list)
+    name: str = "bag"
+
+
+@dataclasses.dataclass
+class Order:
+    """Carries a field the codec cannot encode, to check error paths through ``.field``."""
+
+    symbol: str
+    when: Any
+
+
+# --------------------------------------------------------------------------- named tuples
+
+
+class Pair(NamedTuple):
+    left: Any
+    right: Any
+
+
+Coord = collections.namedtuple("Coord", ["lat", "lon"])
+
+
+# --------------------------------------------------------------------------- not for the codec
+
+
+class Foo:
+    """A plain picklable class the codec does not know (only the pickle fallback carries it)."""
+
+    def __init__(self, value: Any = 1) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Foo and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(("Foo", self.value))
+
+    def __repr__(self) -> str:
+        return f"Foo({self.value!r})"
+
+
+class OddTZ(tzinfo):
+    """A custom tzinfo class the codec has no encoding for."""
+
+    def utcoffset(self, dt: Any) -> timedelta:
+        return timedelta(hours=1)
+
+    def dst(self, dt: Any) -> timedelta:
+        return timedelta(0)
+
+    def tzname(self, dt: Any) -> str:
+        return "ODD"
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def hold(msg: dict) -> Any:
+    """Receive a (big) value, keep it alive for ``msg["seconds"]``, then answer its size.
+
+    Writes the worker's pid to ``msg["pidfile"]`` (if given) once the value has arrived, so a
+    test knows the handler is holding it.
+    """
+    data = msg["data"]
+    pidfile = msg.get("pidfile")
+    if pidfile:
+        with open(pidfile + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(pidfile + ".tmp", pidfile)
+    time.sleep(msg.get("seconds", 0.0))
+    return len(data) if not hasattr(data, "nbytes") else int(data.nbytes)
+
+
+def make_array(msg: dict) -> Any:
+    """Build a fresh numpy array in the worker: ``np.arange(n, dtype=dtype)``."""
+    import numpy as np
+
+    return np.arange(msg["n"], dtype=msg.get("dtype", "float64"))
+
+
+def describe(msg: Any) -> dict:
+    """What the worker received: the type's qualified name and, for arrays, their flags."""
+    out: dict[str, Any] = {"type": f"{type(msg).__module__}.{type(msg).__qualname__}"}
+    flags = getattr(msg, "flags", None)
+    if flags is not None:
+        out["writeable"] = bool(flags.writeable)
+        out["c_contiguous"] = bool(flags.c_contiguous)
+        out["f_contiguous"] = bool(flags.f_contiguous)
+    return out
+
+
+def return_foo(msg: Any) -> Any:
+    """Return an object the codec cannot encode without pickle."""
+    return {"wrapped": [Foo(msg)]}
+
+
+def return_odd_tz(msg: Any) -> Any:
+    """Return a datetime whose tzinfo the codec cannot encode."""
+    from datetime import datetime
+
+    return {"when": datetime(2024, 1, 1, tzinfo=OddTZ())}

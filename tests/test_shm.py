@@ -1,0 +1,370 @@
+"""Large buffers travel as sealed memfds ("kameo-shm") passed with SCM_RIGHTS (issue 4).
+
+Everything is observed from outside through /proc: the fds a process holds
+(``readlink /proc/<pid>/fd/N`` = "/memfd:kameo-shm (deleted)") and its mappings
+(``/proc/<pid>/maps`` lines containing "memfd:kameo-shm"). Workers are real subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import gc
+import os
+import signal
+import time
+
+import kameo
+import pytest
+from conftest import async_wait_until
+
+BASIC = "handlers.basic"
+VALUES = "handlers.values"
+MiB = 1 << 20
+SHM_NAME = "kameo-shm"
+
+# --------------------------------------------------------------------------- /proc probes
+
+
+def shm_fds(pid: int | str = "self") -> list[str]:
+    """The fds of ``pid`` that are kameo-shm memfds, as "N -> target"."""
+    out = []
+    try:
+        entries = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, ProcessLookupError):
+        return out
+    for entry in entries:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{entry}")
+        except OSError:
+            continue
+        if SHM_NAME in target:
+            out.append(f"{entry} -> {target}")
+    return out
+
+
+def shm_maps(pid: int | str = "self") -> list[str]:
+    """The lines of /proc/<pid>/maps that map a kameo-shm memfd."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return [line.rstrip("\n") for line in f if f"memfd:{SHM_NAME}" in line]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def shm_in_use(pid: int | str = "self") -> list[str]:
+    return shm_fds(pid) + shm_maps(pid)
+
+
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/self/status")
+
+
+async def assert_released(pids: list[int | str], timeout: float = 5.0) -> None:
+    """Every process in ``pids`` holds no kameo-shm fd or mapping within ``timeout``."""
+    gc.collect()
+    for pid in pids:
+        ok = await async_wait_until(lambda pid=pid: not shm_in_use(pid), timeout)
+        assert ok, f"pid {pid} still holds kameo-shm: {shm_in_use(pid)}"
+
+
+def worker_pids(pool: kameo.Pool) -> list[int]:
+    return [w.pid for w in pool.workers if w.state != "dead"]
+
+
+def big_bytes(n: int) -> bytes:
+    """n bytes with a non-trivial pattern (a repeated 251-byte prime cycle)."""
+    unit = bytes(range(251))
+    return (unit * (n // 251 + 1))[:n]
+
+
+# --------------------------------------------------------------------------- echoes
+
+
+async def test_big_bytes_and_bytearray_echo():
+    blob = big_bytes(16 * MiB)
+    async with kameo.Pool(f"{BASIC}:echo", size=1) as pool:
+        got = await pool.ask(blob, timeout=30.0)
+        assert type(got) is bytes and got == blob
+        got = await pool.ask(bytearray(blob), timeout=30.0)
+        assert type(got) is bytearray and got == blob
+        got = await pool.ask({"k": [blob, bytearray(b"small")], "n": 1}, timeout=30.0)
+        assert got == {"k": [blob, bytearray(b"small")], "n": 1}
+        assert type(got["k"][0]) is bytes and type(got["k"][1]) is bytearray
+        del got
+        await assert_released(["self", *worker_pids(pool)])
+
+
+async def test_shm_payload_is_not_bounded_by_max_frame_bytes():
+    """Above the threshold only a reference travels in the frame, so a 16 MiB buffer passes
+    a 2 MiB frame limit (inline it would be a ProtocolError)."""
+    blob = big_bytes(16 * MiB)
+    async with kameo.Pool(f"{BASIC}:echo", size=1, max_frame_bytes=2 * MiB) as pool:
+        got = await pool.ask([blob], timeout=30.0)
+        assert got == [blob]
+    async with kameo.Pool(
+        f"{BASIC}:echo", size=1, max_frame_bytes=2 * MiB, shm_threshold=None
+    ) as pool:
+        with pytest.raises(kameo.ProtocolError):
+            await pool.ask([blob], timeout=30.0)
+        assert await pool.ask("still there", timeout=10.0) == "still there"
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+async def test_numpy_above_threshold_is_a_read_only_view(order):
+    np = pytest.importorskip("numpy")
+    a = np.arange(512 * 1024, dtype=np.float64).reshape(512, 1024)  # 4 MiB
+    if order == "F":
+        a = np.asfortranarray(a)
+    async with kameo.Pool(f"{BASIC}:echo", size=1) as pool:
+        got = await pool.ask(a, timeout=30.0)
+        assert type(got) is np.ndarray
+        assert got.dtype == a.dtype and got.shape == a.shape
+        assert np.array_equal(got, a)
+        if order == "F":
+            assert got.flags.f_contiguous
+        else:
+            assert got.flags.c_contiguous
+        assert got.flags.writeable is False
+        assert got.base is not None
+        with pytest.raises(ValueError):
+            got[0, 0] = 1.0
+        maps = shm_maps()
+        assert maps, "a received array above the threshold should map a kameo-shm memfd"
+        assert all(line.split()[1][1] == "-" for line in maps), f"writable mapping: {maps}"
+        del got
+        await assert_released(["self", *worker_pids(pool)])
+
+
+async def test_numpy_below_threshold_arrives_writable():
+    np = pytest.importorskip("numpy")
+    small = np.arange(1000, dtype=np.float64)  # 8 KB
+    async with kameo.Pool(f"{BASIC}:echo", size=1) as pool:
+        got = await pool.ask(small, timeout=10.0)
+        assert np.array_equal(got, small) and got.dtype == small.dtype
+        assert got.flags.writeable
+        got[0] = -1.0
+        assert not shm_in_use()
+
+
+async def test_custom_threshold():
+    np = pytest.importorskip("numpy")
+    above = np.ones(16 * 1024)  # 128 KiB
+    below = np.ones(4 * 1024)  # 32 KiB
+    async with kameo.Pool(f"{BASIC}:echo", size=1, shm_threshold=64 * 1024) as pool:
+        got_above = await pool.ask(above, timeout=10.0)
+        got_below = await pool.ask(below, timeout=10.0)
+        assert np.array_equal(got_above, above) and np.array_equal(got_below, below)
+        assert got_above.flags.writeable is False
+        assert shm_maps(), "128 KiB is above a 64 KiB threshold"
+        assert got_below.flags.writeable is True
+        del got_above, got_below
+        await assert_released(["self", *worker_pids(pool)])
+
+
+async def test_received_memfd_is_sealed():
+    np = pytest.importorskip("numpy")
+    a = np.ones(MiB)  # 8 MiB
+    async with kameo.Pool(f"{BASIC}:echo", size=1) as pool:
+        got = await pool.ask(a, timeout=30.0)
+        maps = shm_maps()
+        assert maps
+        span = maps[0].split()[0]
+        try:
+            fd = os.open(f"/proc/self/map_files/{span}", os.O_RDONLY)
+        except PermissionError:
+            pytest.skip("opening /proc/self/map_files needs CAP_SYS_ADMIN")
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        finally:
+            os.close(fd)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW, hex(seals)
+        assert seals & (fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)), hex(
+            seals
+        )
+        del got
+
+
+async def test_shm_disabled_goes_inline():
+    np = pytest.importorskip("numpy")
+    blob = big_bytes(16 * MiB)
+    c = np.arange(512 * 1024, dtype=np.float64).reshape(512, 1024)
+    f = np.asfortranarray(c)
+    async with kameo.Pool(
+        f"{BASIC}:echo", size=1, shm_threshold=None, max_frame_bytes=128 * MiB
+    ) as pool:
+        (wpid,) = worker_pids(pool)
+        got = await pool.ask(blob, timeout=30.0)
+        assert type(got) is bytes and got == blob
+        got = await pool.ask(bytearray(blob), timeout=30.0)
+        assert type(got) is bytearray and got == blob
+        for a in (c, f):
+            got = await pool.ask(a, timeout=30.0)
+            assert np.array_equal(got, a) and got.dtype == a.dtype
+            assert got.flags.f_contiguous if a is f else got.flags.c_contiguous
+            assert got.flags.writeable, "an inline array is decoded into its own memory"
+            assert not shm_in_use(), shm_in_use()
+            assert not shm_in_use(wpid), shm_in_use(wpid)
+
+
+async def test_repeated_transfers_do_not_leak():
+    np = pytest.importorskip("numpy")
+    a = np.arange(256 * 1024, dtype=np.float64)  # 2 MiB
+    blob = big_bytes(2 * MiB)
+    async with kameo.Pool(f"{BASIC}:aecho", size=2) as pool:
+        fds_before = len(os.listdir("/proc/self/fd"))
+        for _ in range(10):
+            replies = await asyncio.gather(*(pool.ask([a, blob], timeout=30.0) for _ in range(4)))
+            for r in replies:
+                assert np.array_equal(r[0], a) and r[1] == blob
+            del replies, r
+        await assert_released(["self", *worker_pids(pool)])
+        assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+async def test_worker_direction_new_array():
+    """An array made in the worker (not an echo of ours) arrives through shm too."""
+    np = pytest.importorskip("numpy")
+    async with kameo.Pool(f"{VALUES}:make_array", size=1) as pool:
+        got = await pool.ask({"n": MiB, "dtype": "int32"}, timeout=30.0)  # 4 MiB
+        assert got.dtype == np.int32 and got.shape == (MiB,)
+        assert int(got[-1]) == MiB - 1 and int(got[12345]) == 12345
+        assert got.flags.writeable is False
+        del got
+        await assert_released(["self", *worker_pids(pool)])
+
+
+async def test_worker_sees_a_read_only_view():
+    np = pytest.importorskip("numpy")
+    async with kameo.Pool(f"{VALUES}:describe", size=1) as pool:
+        info = await pool.ask(np.ones(MiB), timeout=30.0)
+        assert info["type"] == "numpy.ndarray"
+        assert info["writeable"] is False
+        info = await pool.ask(np.ones(16), timeout=30.0)
+        assert info["writeable"] is True
+        await assert_released(["self", *worker_pids(pool)])
+
+
+# --------------------------------------------------------------------------- crashes
+
+
+async def _wait_for_pidfile(path: str, ask: asyncio.Future[object], timeout: float) -> int:
+    ok = await async_wait_until(lambda: os.path.exists(path) or ask.done(), timeout)
+    if ask.done():
+        ask.result()  # raises what went wrong
+        raise AssertionError("the ask finished although the handler sleeps for 30 s")
+    assert ok, "the handler never reported that it holds the buffer"
+    with open(path) as f:
+        return int(f.read())
+
+
+async def test_worker_killed_while_holding_a_big_buffer(tmp_path):
+    np = pytest.importorskip("numpy")
+    pidfile = str(tmp_path / "holding")
+    data = np.ones(4 * MiB)  # 32 MiB
+    async with kameo.Pool(f"{VALUES}:hold", size=1) as pool:
+        ask = asyncio.ensure_future(
+            pool.ask({"data": data, "seconds": 30.0, "pidfile": pidfile}, timeout=20.0)
+        )
+        pid = await _wait_for_pidfile(pidfile, ask, 10.0)
+        assert shm_maps(pid), "the worker should hold the buffer as a kameo-shm mapping"
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(kameo.WorkerCrashed):
+            await asyncio.wait_for(ask, 15.0)
+        await assert_released(["self"])
+        assert await pool.ask({"data": b"abc", "seconds": 0}, timeout=20.0) == 3
+        assert await pool.ask({"data": data, "seconds": 0}, timeout=20.0) == data.nbytes
+        await assert_released(["self", *worker_pids(pool)])
+
+
+async def test_worker_killed_while_receiving_a_big_buffer():
+    np = pytest.importorskip("numpy")
+    data = np.ones(16 * MiB)  # 128 MiB: the kill lands while it is sent or mapped
+    async with kameo.Pool(f"{VALUES}:hold", size=1) as pool:
+        (pid,) = worker_pids(pool)
+        ask = asyncio.ensure_future(pool.ask({"data": data, "seconds": 1.0}, timeout=20.0))
+        await asyncio.sleep(0)  # let the request go out
+        os.kill(pid, signal.SIGKILL)
+        # Normally the request was sent and may have started: WorkerCrashed. If the kill won
+        # the race before the request was written, the pool runs it on the replacement.
+        try:
+            got = await asyncio.wait_for(ask, 15.0)
+        except kameo.WorkerCrashed:
+            pass
+        else:
+            assert got == data.nbytes
+        await assert_released(["self"])
+        assert await pool.ask({"data": data, "seconds": 0}, timeout=20.0) == data.nbytes
+        await assert_released(["self", *worker_pids(pool)])
+
+
+async def test_worker_killed_while_replying():
+    """The parent holds a reply view when the worker that made it dies: the view stays valid
+    (the memfd lives on while mapped) and is released when dropped."""
+    pytest.importorskip("numpy")
+    async with kameo.Pool(f"{VALUES}:make_array", size=1) as pool:
+        got = await pool.ask({"n": 2 * MiB}, timeout=30.0)  # 16 MiB
+        (pid,) = worker_pids(pool)
+        os.kill(pid, signal.SIGKILL)
+        ok = await async_wait_until(lambda: pid not in worker_pids(pool), 10.0)
+        assert ok
+        assert float(got[-1]) == 2 * MiB - 1 and float(got.sum()) == (2 * MiB) * (2 * MiB - 1) / 2
+        del got
+        await assert_released(["self"])
+        assert (await pool.ask({"n": 3}, timeout=20.0)).tolist() == [0.0, 1.0, 2.0]
+
+
+# --------------------------------------------------------------------------- memory
+
+
+async def test_256_mib_array_echo_memory():
+    """Parent memory for a 256 MiB echo stays under 2.5 copies of the array.
+
+    What a good implementation costs the parent, counted in RSS (VmRSS counts anonymous,
+    file-backed and shared pages, so mapped memfd pages count once touched):
+      * the original array: 1 copy (np.ones touches every page);
+      * the request: the parent fills a memfd and passes it; once sent it needs no mapping of
+        its own (written with write(), or mapped, filled and unmapped), so at most transiently;
+      * the reply: a read-only view mapping the worker's memfd: 1 copy once we read it all.
+    That is about 2 copies at the peak. A third full copy anywhere (an encode buffer, a
+    bytes object read off the socket, a copy out of the reply memfd) would put the peak at
+    3 copies, so the bound is 2.5 copies of the array, measured as the peak RSS (VmHWM, reset
+    through /proc/self/clear_refs) over the RSS just before the array is created.
+    """
+    np = pytest.importorskip("numpy")
+    n = 32 * 2**20
+    nbytes = n * 8
+    async with kameo.Pool(f"{BASIC}:echo", size=1, default_timeout=60.0) as pool:
+        warm = await pool.ask(np.ones(MiB), timeout=30.0)  # lazy allocations out of the way
+        del warm
+        await assert_released(["self"])
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError:
+            pytest.skip("cannot reset the peak RSS through /proc/self/clear_refs")
+        baseline = status_kib("VmRSS") * 1024
+        assert status_kib("VmHWM") * 1024 < baseline + 16 * MiB, "VmHWM was not reset"
+
+        a = np.ones(n)
+        start = time.monotonic()
+        got = await pool.ask(a, timeout=60.0)
+        elapsed = time.monotonic() - start
+        assert got.shape == (n,) and got.dtype == np.float64
+        assert got.min() == 1.0 and got.max() == 1.0  # reads every page, allocates nothing
+        assert got.flags.writeable is False and got.base is not None
+        peak = status_kib("VmHWM") * 1024
+        growth = peak - baseline
+        assert growth < 2.5 * nbytes, (
+            f"peak RSS grew by {growth / MiB:.0f} MiB for a {nbytes / MiB:.0f} MiB echo "
+            f"({growth / nbytes:.2f} copies, took {elapsed:.2f} s)"
+        )
+        del got, a
+        await assert_released(["self", *worker_pids(pool)])
+        after = status_kib("VmRSS") * 1024
+        assert after - baseline < 0.5 * nbytes, f"{(after - baseline) / MiB:.0f} MiB not freed"
