@@ -884,6 +884,10 @@ fn shm_base<'py>(arr: &Bound<'py, PyAny>) -> Option<Bound<'py, ShmView>> {
         if let Ok(view) = base.cast::<ShmView>() {
             return Some(view.clone());
         }
+        // numpy.frombuffer keeps the exporter behind a memoryview.
+        if let Ok(mv) = base.cast::<pyo3::types::PyMemoryView>() {
+            return mv.getattr("obj").ok()?.cast_into::<ShmView>().ok();
+        }
         obj = base;
     }
     None
