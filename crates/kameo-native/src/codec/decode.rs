@@ -35,7 +35,16 @@ pub fn decode<'py>(
         opts,
         segs,
     };
-    let v = d.value(0)?;
+    // Building thousands of containers would run the cyclic GC several times over objects
+    // that cannot be garbage yet; pause it for the decode (it runs at the next allocation).
+    // SAFETY: the GIL is held.
+    let was_enabled = buf.len() > 4096 && unsafe { ffi::PyGC_Disable() } == 1;
+    let v = d.value(0);
+    if was_enabled {
+        // SAFETY: as above.
+        unsafe { ffi::PyGC_Enable() };
+    }
+    let v = v?;
     d.r.finish()?;
     Ok(v)
 }
@@ -126,8 +135,9 @@ unsafe fn new_str(b: &[u8]) -> *mut ffi::PyObject {
     }
 }
 
-/// The str for `b`, from the cache when it is short.
-unsafe fn cached_str(b: &[u8]) -> *mut ffi::PyObject {
+/// The str for the ASCII bytes `b`, from the cache when it is short. Only compact ASCII strs
+/// are cached, so a hit is a length check and a memcmp.
+unsafe fn cached_ascii(b: &[u8]) -> *mut ffi::PyObject {
     if b.len() > STR_CACHE_MAX_LEN {
         return new_str(b);
     }
@@ -136,12 +146,12 @@ unsafe fn cached_str(b: &[u8]) -> *mut ffi::PyObject {
         let mut cache = cache.borrow_mut();
         let slot = &mut cache[(h as usize) % STR_CACHE_SLOTS];
         if let Some((eh, s)) = slot {
-            if *eh == h {
-                let mut size: ffi::Py_ssize_t = 0;
-                let p = ffi::PyUnicode_AsUTF8AndSize(s.as_ptr(), &mut size);
-                if !p.is_null() && std::slice::from_raw_parts(p as *const u8, size as usize) == b {
-                    return ffi::Py_NewRef(s.as_ptr());
-                }
+            let p = s.as_ptr();
+            if *eh == h
+                && ffi::PyUnicode_GET_LENGTH(p) as usize == b.len()
+                && std::slice::from_raw_parts(ffi::PyUnicode_1BYTE_DATA(p), b.len()) == b
+            {
+                return ffi::Py_NewRef(p);
             }
         }
         let p = new_str(b);
@@ -179,10 +189,13 @@ impl<'b, 'py> Decoder<'b, 'py> {
                 wire::TAG_STR => {
                     let n = r.len(1)?;
                     let b = r.take(n)?;
+                    if b.is_ascii() {
+                        return owned(py, cached_ascii(b), at);
+                    }
                     if std::str::from_utf8(b).is_err() {
                         return Err(DecodeError::BadUtf8 { at });
                     }
-                    owned(py, cached_str(b), at)
+                    owned(py, new_str(b), at)
                 }
                 wire::TAG_BYTES => {
                     let n = r.len(1)?;

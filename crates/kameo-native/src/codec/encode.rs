@@ -188,6 +188,16 @@ impl<'a> Encoder<'a> {
     }
 
     unsafe fn str(&mut self, obj: *mut ffi::PyObject) -> Result<(), EncodeError> {
+        if ffi::PyUnicode_IS_COMPACT_ASCII(obj) != 0 {
+            let n = ffi::PyUnicode_GET_LENGTH(obj) as usize;
+            self.out.push(wire::TAG_STR);
+            put_varint(self.out, n as u64);
+            self.out.extend_from_slice(std::slice::from_raw_parts(
+                ffi::PyUnicode_1BYTE_DATA(obj),
+                n,
+            ));
+            return Ok(());
+        }
         let mut size: ffi::Py_ssize_t = 0;
         let p = ffi::PyUnicode_AsUTF8AndSize(obj, &mut size);
         if p.is_null() {
