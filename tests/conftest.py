@@ -9,10 +9,12 @@ import asyncio
 import glob
 import math
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import kameo
 import pytest
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -148,3 +150,34 @@ def baseline_children() -> set[int]:
     own self-pipe is a socketpair created after sync fixtures run.)
     """
     return child_pids()
+
+
+class BackgroundPool:
+    """A started pool on an event loop in a helper thread, shared by many sync tests
+    (and by hypothesis examples) so that workers are not restarted for every value."""
+
+    def __init__(self, target: str, size: int = 1, **kw: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.pool = self._run(self._start(target, size, kw), 30.0)
+
+    @staticmethod
+    async def _start(target: str, size: int, kw: dict[str, Any]) -> kameo.Pool:
+        pool = kameo.Pool(target, size=size, **kw)
+        await pool.start()
+        return pool
+
+    def _run(self, coro: Any, timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def ask(self, value: Any, timeout: float = 10.0) -> Any:
+        return self._run(self.pool.ask(value, timeout=timeout), timeout + 5.0)
+
+    def close(self) -> None:
+        try:
+            self._run(self.pool.close(), 30.0)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10.0)
+            self.loop.close()

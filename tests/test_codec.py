@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import enum
 import math
-import threading
 import uuid
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from decimal import Decimal
@@ -23,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 import kameo
 import pytest
+from conftest import BackgroundPool
 from handlers.values import (
     Bag,
     Color,
@@ -325,40 +325,9 @@ def test_encoding_is_deterministic_and_self_delimiting(value):
 # --------------------------------------------------------------------------- background pools
 
 
-class _BackgroundPool:
-    """A started pool on an event loop in a helper thread, shared by many sync tests
-    (and by hypothesis examples) so that workers are not restarted for every value."""
-
-    def __init__(self, target: str, size: int = 1, **kw: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.pool = self._run(self._start(target, size, kw), 30.0)
-
-    @staticmethod
-    async def _start(target: str, size: int, kw: dict[str, Any]) -> kameo.Pool:
-        pool = kameo.Pool(target, size=size, **kw)
-        await pool.start()
-        return pool
-
-    def _run(self, coro: Any, timeout: float) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def ask(self, value: Any, timeout: float = 10.0) -> Any:
-        return self._run(self.pool.ask(value, timeout=timeout), timeout + 5.0)
-
-    def close(self) -> None:
-        try:
-            self._run(self.pool.close(), 30.0)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10.0)
-            self.loop.close()
-
-
 @pytest.fixture(scope="module", params=["echo", "aecho"])
 def echo_pool(request):
-    bp = _BackgroundPool(f"{BASIC}:{request.param}")
+    bp = BackgroundPool(f"{BASIC}:{request.param}")
     try:
         yield bp
     finally:
@@ -367,7 +336,7 @@ def echo_pool(request):
 
 @pytest.fixture(scope="module")
 def sync_echo_pool():
-    bp = _BackgroundPool(f"{BASIC}:echo")
+    bp = BackgroundPool(f"{BASIC}:echo")
     try:
         yield bp
     finally:
@@ -381,7 +350,7 @@ def test_pool_echo_round_trip(echo_pool, value):
 
 def test_worker_sees_the_same_types():
     """The worker side decodes to the same types too (not just the parent after a round trip)."""
-    bp = _BackgroundPool(f"{VALUES}:describe")
+    bp = BackgroundPool(f"{VALUES}:describe")
     try:
         cases = [
             (Point(1, 2), "handlers.values.Point"),

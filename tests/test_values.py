@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 
 import kameo
 import pytest
-from conftest import assert_identical
+from conftest import BackgroundPool, assert_identical
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -118,43 +117,9 @@ def test_encode_decode_property(value):
     assert_identical(kameo.decode(kameo.encode(value)), value)
 
 
-class _BackgroundPool:
-    """A started pool living on an event loop in a helper thread.
-
-    Lets a synchronous hypothesis test drive real asks without restarting
-    workers for every example.
-    """
-
-    def __init__(self, target: str, size: int) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.pool = self._run(self._start(target, size), 30.0)
-
-    @staticmethod
-    async def _start(target: str, size: int) -> kameo.Pool:
-        pool = kameo.Pool(target, size=size)
-        await pool.start()
-        return pool
-
-    def _run(self, coro, timeout: float):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def ask(self, value, timeout: float = 10.0):
-        return self._run(self.pool.ask(value, timeout=timeout), timeout + 5.0)
-
-    def close(self) -> None:
-        try:
-            self._run(self.pool.close(), 30.0)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10.0)
-            self.loop.close()
-
-
 @pytest.fixture(scope="module")
 def background_echo_pool():
-    bp = _BackgroundPool("handlers.basic:echo", size=1)
+    bp = BackgroundPool("handlers.basic:echo", size=1)
     try:
         yield bp
     finally:
