@@ -429,6 +429,22 @@ impl Tz {
     }
 }
 
+/// Append `tag`, then `b` with its varint length.
+fn put_blob(out: &mut Vec<u8>, tag: u8, b: &[u8]) {
+    out.push(tag);
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+/// Append `tag`, the item count, then each item.
+fn put_seq(out: &mut Vec<u8>, tag: u8, items: &[Value]) {
+    out.push(tag);
+    put_varint(out, items.len() as u64);
+    for v in items {
+        v.encode(out);
+    }
+}
+
 /// Append a varint-prefixed UTF-8 string (no tag).
 #[inline]
 pub fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -446,36 +462,15 @@ impl Value {
                 out.push(TAG_INT);
                 out.extend_from_slice(&i.to_le_bytes());
             }
-            Value::BigInt(b) => {
-                out.push(TAG_BIGINT);
-                put_varint(out, b.len() as u64);
-                out.extend_from_slice(b);
-            }
+            Value::BigInt(b) => put_blob(out, TAG_BIGINT, b),
             Value::Float(f) => {
                 out.push(TAG_FLOAT);
                 out.extend_from_slice(&f.to_le_bytes());
             }
-            Value::Str(s) => {
-                out.push(TAG_STR);
-                put_varint(out, s.len() as u64);
-                out.extend_from_slice(s.as_bytes());
-            }
-            Value::Bytes(b) => {
-                out.push(TAG_BYTES);
-                put_varint(out, b.len() as u64);
-                out.extend_from_slice(b);
-            }
-            Value::List(items) | Value::Tuple(items) => {
-                out.push(if matches!(self, Value::List(_)) {
-                    TAG_LIST
-                } else {
-                    TAG_TUPLE
-                });
-                put_varint(out, items.len() as u64);
-                for v in items {
-                    v.encode(out);
-                }
-            }
+            Value::Str(s) => put_blob(out, TAG_STR, s.as_bytes()),
+            Value::Bytes(b) => put_blob(out, TAG_BYTES, b),
+            Value::List(items) => put_seq(out, TAG_LIST, items),
+            Value::Tuple(items) => put_seq(out, TAG_TUPLE, items),
             Value::Dict(items) => {
                 out.push(TAG_DICT);
                 put_varint(out, items.len() as u64);
@@ -489,22 +484,9 @@ impl Value {
                 out.extend_from_slice(&re.to_le_bytes());
                 out.extend_from_slice(&im.to_le_bytes());
             }
-            Value::Set(items) | Value::FrozenSet(items) => {
-                out.push(if matches!(self, Value::Set(_)) {
-                    TAG_SET
-                } else {
-                    TAG_FROZENSET
-                });
-                put_varint(out, items.len() as u64);
-                for v in items {
-                    v.encode(out);
-                }
-            }
-            Value::ByteArray(b) => {
-                out.push(TAG_BYTEARRAY);
-                put_varint(out, b.len() as u64);
-                out.extend_from_slice(b);
-            }
+            Value::Set(items) => put_seq(out, TAG_SET, items),
+            Value::FrozenSet(items) => put_seq(out, TAG_FROZENSET, items),
+            Value::ByteArray(b) => put_blob(out, TAG_BYTEARRAY, b),
             Value::Temporal { tag, fixed, tz } => {
                 out.push(*tag);
                 out.extend_from_slice(fixed);
@@ -560,11 +542,7 @@ impl Value {
                     }
                 }
             }
-            Value::Pickle(b) => {
-                out.push(TAG_PICKLE);
-                put_varint(out, b.len() as u64);
-                out.extend_from_slice(b);
-            }
+            Value::Pickle(b) => put_blob(out, TAG_PICKLE, b),
             Value::ShmBytes { bytearray, shm } => {
                 out.push(TAG_SHM_BYTES);
                 out.push(u8::from(*bytearray));

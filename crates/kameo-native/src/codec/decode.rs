@@ -472,53 +472,48 @@ impl<'b, 'py> Decoder<'b, 'py> {
             }
             wire::TAG_DATETIME => {
                 let (y, mo, d) = (r.u16()?, r.u8()?, r.u8()?);
-                let (h, mi, s) = (r.u8()?, r.u8()?, r.u8()?);
-                let (us, fold) = (r.u32()?, r.u8()?);
+                let (h, mi, s, us, fold) = self.clock(at)?;
                 let tz = self.tz(at)?;
-                let us = i32::try_from(us).map_err(|_| DecodeError::Invalid {
-                    at,
-                    why: "bad microsecond",
-                })?;
                 owned(
                     py,
                     (api.DateTime_FromDateAndTimeAndFold)(
                         y.into(),
                         mo.into(),
                         d.into(),
-                        h.into(),
-                        mi.into(),
-                        s.into(),
+                        h,
+                        mi,
+                        s,
                         us,
                         tz.as_ptr(),
-                        fold.into(),
+                        fold,
                         api.DateTimeType,
                     ),
                     at,
                 )
             }
             _ => {
-                let (h, mi, s) = (r.u8()?, r.u8()?, r.u8()?);
-                let (us, fold) = (r.u32()?, r.u8()?);
+                let (h, mi, s, us, fold) = self.clock(at)?;
                 let tz = self.tz(at)?;
-                let us = i32::try_from(us).map_err(|_| DecodeError::Invalid {
-                    at,
-                    why: "bad microsecond",
-                })?;
                 owned(
                     py,
-                    (api.Time_FromTimeAndFold)(
-                        h.into(),
-                        mi.into(),
-                        s.into(),
-                        us,
-                        tz.as_ptr(),
-                        fold.into(),
-                        api.TimeType,
-                    ),
+                    (api.Time_FromTimeAndFold)(h, mi, s, us, tz.as_ptr(), fold, api.TimeType),
                     at,
                 )
             }
         }
+    }
+
+    /// hour, minute, second, microsecond and fold of a datetime or time, as the C API takes
+    /// them.
+    fn clock(&mut self, at: usize) -> Result<(i32, i32, i32, i32, i32), DecodeError> {
+        let r = &mut self.r;
+        let (h, mi, s) = (r.u8()?, r.u8()?, r.u8()?);
+        let (us, fold) = (r.u32()?, r.u8()?);
+        let us = i32::try_from(us).map_err(|_| DecodeError::Invalid {
+            at,
+            why: "bad microsecond",
+        })?;
+        Ok((h.into(), mi.into(), s.into(), us, fold.into()))
     }
 
     unsafe fn tz(&mut self, at: usize) -> Result<Bound<'py, PyAny>, DecodeError> {

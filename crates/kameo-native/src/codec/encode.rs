@@ -178,9 +178,7 @@ impl<'a> Encoder<'a> {
         } else if ty == type_ptr!(PyTuple_Type) {
             self.tuple(obj, wire::TAG_TUPLE, depth)?;
         } else if ty == type_ptr!(PyBytes_Type) {
-            let size = ffi::PyBytes_Size(obj) as usize;
-            let p = ffi::PyBytes_AS_STRING(obj) as *const u8;
-            self.bytes_like(wire::TAG_BYTES, std::slice::from_raw_parts(p, size), true)?;
+            self.bytes_like(wire::TAG_BYTES, bytes_data(obj), true)?;
         } else {
             self.other(obj, depth)?;
         }
@@ -474,9 +472,7 @@ impl<'a> Encoder<'a> {
             let b = any
                 .call_method0("tobytes")
                 .map_err(|e| py_err("cannot read memoryview", e))?;
-            let size = ffi::PyBytes_Size(b.as_ptr()) as usize;
-            let p = ffi::PyBytes_AS_STRING(b.as_ptr()) as *const u8;
-            return self.bytes_like(wire::TAG_BYTES, std::slice::from_raw_parts(p, size), true);
+            return self.bytes_like(wire::TAG_BYTES, bytes_data(b.as_ptr()), true);
         }
         if let Some(dec) = refs::loaded(py, "decimal") {
             if let Ok(cls) = dec.getattr("Decimal") {
@@ -543,9 +539,7 @@ impl<'a> Encoder<'a> {
         } else if ffi::PyTuple_Check(obj) != 0 {
             return self.tuple(obj, wire::TAG_TUPLE, depth);
         } else if ffi::PyBytes_Check(obj) != 0 {
-            let size = ffi::PyBytes_Size(obj) as usize;
-            let p = ffi::PyBytes_AS_STRING(obj) as *const u8;
-            return self.bytes_like(wire::TAG_BYTES, std::slice::from_raw_parts(p, size), true);
+            return self.bytes_like(wire::TAG_BYTES, bytes_data(obj), true);
         }
         self.pickled(&any)
     }
@@ -588,19 +582,7 @@ impl<'a> Encoder<'a> {
         fixed.extend_from_slice(&(ffi::PyDateTime_DATE_GET_MICROSECOND(obj) as u32).to_le_bytes());
         fixed.push(ffi::PyDateTime_DATE_GET_FOLD(obj) as u8);
         let tz = ffi::PyDateTime_DATE_GET_TZINFO(obj);
-        match self.tz(any.py(), tz) {
-            Ok(tz) => {
-                self.out.push(wire::TAG_DATETIME);
-                self.out.extend_from_slice(&fixed);
-                tz.write(self.out);
-                Ok(())
-            }
-            Err(e) if self.opts.allow_pickle => {
-                let _ = e;
-                self.pickled(any)
-            }
-            Err(e) => Err(e.at(Step::Attr("tzinfo".into()), obj)),
-        }
+        self.zoned(any, wire::TAG_DATETIME, &fixed, tz)
     }
 
     unsafe fn time(&mut self, any: &Bound<'_, PyAny>) -> Result<(), EncodeError> {
@@ -612,15 +594,27 @@ impl<'a> Encoder<'a> {
         fixed.extend_from_slice(&(ffi::PyDateTime_TIME_GET_MICROSECOND(obj) as u32).to_le_bytes());
         fixed.push(ffi::PyDateTime_TIME_GET_FOLD(obj) as u8);
         let tz = ffi::PyDateTime_TIME_GET_TZINFO(obj);
+        self.zoned(any, wire::TAG_TIME, &fixed, tz)
+    }
+
+    /// A datetime or time: its fixed part then its tz; one whose tzinfo kameo cannot send is
+    /// pickled when allowed.
+    unsafe fn zoned(
+        &mut self,
+        any: &Bound<'_, PyAny>,
+        tag: u8,
+        fixed: &[u8],
+        tz: *mut ffi::PyObject,
+    ) -> Result<(), EncodeError> {
         match self.tz(any.py(), tz) {
             Ok(tz) => {
-                self.out.push(wire::TAG_TIME);
-                self.out.extend_from_slice(&fixed);
+                self.out.push(tag);
+                self.out.extend_from_slice(fixed);
                 tz.write(self.out);
                 Ok(())
             }
             Err(_) if self.opts.allow_pickle => self.pickled(any),
-            Err(e) => Err(e.at(Step::Attr("tzinfo".into()), obj)),
+            Err(e) => Err(e.at(Step::Attr("tzinfo".into()), any.as_ptr())),
         }
     }
 
@@ -881,6 +875,12 @@ impl<'a> Encoder<'a> {
         }
         Ok(())
     }
+}
+
+/// The contents of a `bytes` object (or subclass), borrowed for as long as the caller holds it.
+unsafe fn bytes_data<'o>(obj: *mut ffi::PyObject) -> &'o [u8] {
+    let size = ffi::PyBytes_Size(obj) as usize;
+    std::slice::from_raw_parts(ffi::PyBytes_AS_STRING(obj) as *const u8, size)
 }
 
 /// The shared-memory mapping at the root of an array's `.base` chain, if any.
