@@ -226,6 +226,18 @@ async def test_repeated_transfers_do_not_leak():
         assert len(os.listdir("/proc/self/fd")) <= fds_before
 
 
+async def test_more_segments_than_one_write_carries():
+    """Coalesced requests may carry more segments than one sendmsg takes (253): they go in
+    batches, each ahead of its frames, and every request gets its own buffers back."""
+    msgs = [[bytes([i, j]) * 16 for j in range(60)] for i in range(8)]  # 60 segments each
+    async with kameo.Pool(f"{BASIC}:echo", size=1, shm_threshold=16) as pool:
+        replies = await asyncio.gather(*(pool.ask(m, timeout=30.0) for m in msgs))
+        assert replies == msgs
+        del replies
+        await assert_released(["self", *worker_pids(pool)])
+        assert await pool.ask("after", timeout=10.0) == "after"
+
+
 async def test_worker_direction_new_array():
     """An array made in the worker (not an echo of ours) arrives through shm too."""
     np = pytest.importorskip("numpy")

@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -256,16 +256,12 @@ impl Channel {
     /// Non-blocking mode: as much as the socket takes; returns True when nothing is left.
     fn flush(&self, py: Python<'_>) -> PyResult<bool> {
         let done = py.detach(|| -> io::Result<bool> {
-            let mut w = lock(&self.writer);
+            let mut guard = lock(&self.writer);
+            let w = &mut *guard;
             let sock = self.sock.as_raw_fd();
             while w.pos < w.out.len() {
-                let pos = w.pos;
-                let fds: Vec<RawFd> = w.fds.iter().map(|f| f.as_raw_fd()).collect();
-                match fdio::send(sock, &w.out[pos..], &fds, 0) {
-                    Ok(n) => {
-                        w.pos += n;
-                        w.fds.clear();
-                    }
+                match fdio::send(sock, &w.out[w.pos..], &mut w.fds, 0) {
+                    Ok(n) => w.pos += n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                     Err(e) => return Err(e),

@@ -3,24 +3,52 @@
 //! Writes attach the descriptors of the frames they start; reads queue the descriptors they
 //! receive, in arrival order, for the frames that declare them (see `kameo_proto::frame`).
 
-use kameo_proto::frame::MAX_FDS;
+use crate::codec::Segments;
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 /// Descriptors one read may deliver: the kernel passes at most 253 per message.
 const CMSG_FDS: usize = 253;
-/// Descriptors a connection may hold for frames not yet complete; a peer that sends more is
-/// broken or hostile.
-pub const MAX_QUEUED_FDS: usize = 4 * MAX_FDS;
+/// Descriptors a connection may hold for frames not yet taken out: one read can deliver
+/// [`CMSG_FDS`] for frames it also completes, plus those of a frame still arriving. A peer
+/// that sends more is broken or hostile.
+pub const MAX_QUEUED_FDS: usize = 4 * CMSG_FDS;
 
 #[repr(C, align(8))]
 struct CmsgBuf([u8; 64 + CMSG_FDS * 4]);
 
-/// `send` on a stream socket, attaching `fds` to this write when there are any.
-pub fn send(sock: RawFd, data: &[u8], fds: &[RawFd], flags: i32) -> io::Result<usize> {
+/// Write (part of) `data`, attaching the `pending` descriptors to it; the descriptors that
+/// went out are removed from `pending`. Every descriptor goes with a byte at or before the
+/// first byte of its frame, as the protocol requires: when more are pending than one message
+/// carries, each full batch goes with one byte of its own.
+pub fn send(sock: RawFd, data: &[u8], pending: &mut Segments, flags: i32) -> io::Result<usize> {
+    let mut sent = 0;
+    while pending.len() > CMSG_FDS && sent < data.len() {
+        match send_one(sock, &data[sent..sent + 1], &pending[..CMSG_FDS], flags) {
+            Ok(n) => {
+                pending.drain(..CMSG_FDS);
+                sent += n;
+            }
+            Err(e) if sent > 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok(sent),
+            Err(e) => return Err(e),
+        }
+    }
+    match send_one(sock, &data[sent..], pending, flags) {
+        Ok(n) => {
+            pending.clear();
+            Ok(sent + n)
+        }
+        Err(e) if sent > 0 && e.kind() == io::ErrorKind::WouldBlock => Ok(sent),
+        Err(e) => Err(e),
+    }
+}
+
+/// One `send`/`sendmsg` of `data` with at most [`CMSG_FDS`] descriptors.
+fn send_one(sock: RawFd, data: &[u8], segs: &[Arc<OwnedFd>], flags: i32) -> io::Result<usize> {
     let flags = flags | libc::MSG_NOSIGNAL;
-    if fds.is_empty() {
+    if segs.is_empty() {
         // SAFETY: data is valid for reads of its length.
         let n = unsafe { libc::send(sock, data.as_ptr().cast(), data.len(), flags) };
         return if n < 0 {
@@ -29,7 +57,11 @@ pub fn send(sock: RawFd, data: &[u8], fds: &[RawFd], flags: i32) -> io::Result<u
             Ok(n as usize)
         };
     }
-    assert!(fds.len() <= CMSG_FDS);
+    let mut fds = [0 as RawFd; CMSG_FDS];
+    for (slot, seg) in fds.iter_mut().zip(segs) {
+        *slot = seg.as_raw_fd();
+    }
+    let fds = &fds[..segs.len()];
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut _,
         iov_len: data.len(),
@@ -114,7 +146,7 @@ pub fn recv(
 }
 
 /// The `n` descriptors of the frame just completed, from the head of the queue.
-pub fn take(fds: &mut VecDeque<OwnedFd>, n: u8) -> Result<Vec<std::sync::Arc<OwnedFd>>, String> {
+pub fn take(fds: &mut VecDeque<OwnedFd>, n: u8) -> Result<Segments, String> {
     let n = usize::from(n);
     if fds.len() < n {
         return Err(format!(
@@ -122,5 +154,5 @@ pub fn take(fds: &mut VecDeque<OwnedFd>, n: u8) -> Result<Vec<std::sync::Arc<Own
             fds.len()
         ));
     }
-    Ok(fds.drain(..n).map(std::sync::Arc::new).collect())
+    Ok(fds.drain(..n).map(Arc::new).collect())
 }

@@ -7,7 +7,7 @@ use kameo_proto::frame::FrameReader;
 use pyo3::prelude::*;
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -94,15 +94,9 @@ impl Link {
         self.out_pos < self.out.len()
     }
 
-    /// One write of `data`, carrying the pending descriptors (which are then sent).
+    /// One write of `data`, carrying the pending descriptors.
     fn write_some(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.out_fds.is_empty() {
-            return fdio::send(self.sock.as_raw_fd(), data, &[], 0);
-        }
-        let fds: Vec<RawFd> = self.out_fds.iter().map(|f| f.as_raw_fd()).collect();
-        let n = fdio::send(self.sock.as_raw_fd(), data, &fds, 0)?;
-        self.out_fds.clear();
-        Ok(n)
+        fdio::send(self.sock.as_raw_fd(), data, &mut self.out_fds, 0)
     }
 
     /// Write as much of `out` as the socket takes. Err only for a broken connection.
