@@ -54,7 +54,6 @@ import gc
 import importlib
 import os
 import pickle
-import platform
 import socket
 import statistics
 import subprocess
@@ -64,7 +63,7 @@ import timeit
 import traceback
 import uuid
 
-from _report import emit
+from _report import emit, emit_env
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 # Worker processes inherit the parent's sys.path, so this makes "bench_handlers:echo" importable.
@@ -559,16 +558,8 @@ def main(argv=None):
 
     kameo, kameo_err = load_module("kameo")
     np, np_err = load_module("numpy")
-    emit(
-        "env",
-        "python",
-        "info",
-        None,
-        None,
-        python=sys.version.split()[0],
-        implementation=platform.python_implementation(),
-        cpus=os.cpu_count(),
-        kameo=getattr(kameo, "__version__", "unknown") if kameo else None,
+    emit_env(
+        kameo,
         kameo_error=kameo_err,
         numpy=getattr(np, "__version__", None),
         quick=args.quick,

@@ -48,7 +48,6 @@ import importlib
 import multiprocessing
 import os
 import pickle
-import platform
 import selectors
 import socket
 import statistics
@@ -58,7 +57,7 @@ import sys
 import time
 import traceback
 
-from _report import emit
+from _report import emit, emit_env
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 # Worker processes inherit the parent's sys.path, so this makes "bench_handlers:echo" importable.
@@ -1316,18 +1315,8 @@ def main(argv=None):
         os.sched_setaffinity(0, {int(c) for c in args.pin.split(",")})
 
     kameo, kameo_err = load_kameo()
-    emit(
-        "env",
-        "python",
-        "info",
-        None,
-        None,
-        python=sys.version.split()[0],
-        implementation=platform.python_implementation(),
-        executable=sys.executable,
-        cpus=os.cpu_count(),
-        affinity=sorted(os.sched_getaffinity(0)),
-        kameo=getattr(kameo, "__version__", "unknown") if kameo else None,
+    emit_env(
+        kameo,
         quick=args.quick,
         only=sorted(only),
         sizes=sz,

@@ -44,7 +44,6 @@ import contextlib
 import importlib
 import multiprocessing
 import os
-import platform
 import random
 import select
 import shutil
@@ -56,7 +55,7 @@ import tempfile
 import time
 import traceback
 
-from _report import emit
+from _report import emit, emit_env
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 # Worker processes inherit the parent's sys.path, so this makes "bench_handlers:chaos" importable.
@@ -779,17 +778,8 @@ def main(argv=None):
     except Exception as exc:
         print(f"bench_resilience: kameo not importable: {exc}", file=sys.stderr)
         return 1
-    emit(
-        "env",
-        "python",
-        "info",
-        None,
-        None,
-        python=sys.version.split()[0],
-        implementation=platform.python_implementation(),
-        cpus=os.cpu_count(),
-        affinity=sorted(os.sched_getaffinity(0)),
-        kameo=getattr(kameo, "__version__", "unknown"),
+    emit_env(
+        kameo,
         quick=args.quick,
         only=sorted(only),
         sizes=sz,
