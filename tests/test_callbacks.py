@@ -7,6 +7,7 @@ their ``finally`` runs; every wait on such a flag is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import signal
 import threading
@@ -545,3 +546,83 @@ async def test_parent_handler_yielding_none(kind: str):
     async with kameo.Pool(_target("collect"), size=1, callbacks=callbacks) as pool:
         result = await asyncio.wait_for(pool.ask({"path": "nil.Value", "data": None}), BOUND)
     assert result["items"] == expected
+
+
+# ------------------------------------------------- parent handlers start eagerly, inside a task
+
+
+async def test_parent_handler_first_step_runs_in_its_own_task_and_context():
+    # Handlers start eagerly (their first step runs in the callback that read the request):
+    # current_task() is the task that runs the rest of the handler, asyncio.timeout() and
+    # TaskGroup work from the first line, and a context variable one handler sets is not seen
+    # by the next.
+    seen: list[Any] = []
+    mark: contextvars.ContextVar[int | None] = contextvars.ContextVar("mark", default=None)
+    callbacks = kameo.Callbacks()
+
+    @callbacks.handler("probe.Task")
+    async def probe(data: Any) -> Any:
+        before = mark.get()
+        mark.set(data["i"])
+        task = asyncio.current_task()
+        assert task is not None
+        async with asyncio.timeout(BOUND):
+            if data["i"] % 2:  # half of them wait, so the rest runs on in the task
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(asyncio.sleep(0.001))
+                await asyncio.sleep(0)
+        seen.append((before, asyncio.current_task() is task, mark.get() == data["i"]))
+        return data["i"]
+
+    async with kameo.Pool(_target("collect"), size=1, callbacks=callbacks) as pool:
+        for i in range(6):
+            msg = {"path": "probe.Task", "data": {"i": i}}
+            result = await asyncio.wait_for(pool.ask(msg), BOUND)
+            assert result["items"] == [i]
+    assert seen == [(None, True, True)] * 6
+
+
+async def test_parent_handler_timeout_in_first_step_fires():
+    # asyncio.timeout() entered in the eager first step cancels the handler's own task.
+    outcome: list[str] = []
+    callbacks = kameo.Callbacks()
+
+    @callbacks.handler("probe.Slow")
+    async def slow(data: Any) -> Any:
+        try:
+            async with asyncio.timeout(0.05):
+                await asyncio.sleep(BOUND)
+        except TimeoutError:
+            outcome.append("timed out")
+            return "timed out"
+        return "slept"
+
+    async with kameo.Pool(_target("collect"), size=1, callbacks=callbacks) as pool:
+        result = await asyncio.wait_for(pool.ask({"path": "probe.Slow"}), BOUND)
+    assert result["items"] == ["timed out"]
+    assert outcome == ["timed out"]
+
+
+async def test_cancelled_ask_cancels_parent_handler_waiting_since_first_step():
+    # A coroutine handler that waits from its first step on gets CancelledError where it
+    # waits, and runs its finally, when the ask that made the callback is cancelled.
+    tracker = Tracker()
+    callbacks = kameo.Callbacks()
+
+    @callbacks.handler("probe.Wait")
+    async def wait(data: Any) -> Any:
+        tracker.starts += 1
+        tracker.started.set()
+        try:
+            await asyncio.sleep(BOUND * 2)
+        finally:
+            tracker.finals += 1
+
+    async with kameo.Pool(_target("collect"), size=1, callbacks=callbacks) as pool:
+        ask = asyncio.ensure_future(pool.ask({"path": "probe.Wait"}))
+        await asyncio.wait_for(tracker.started.wait(), BOUND)
+        ask.cancel()
+        await tracker.wait_finally("the ask was cancelled")
+        with pytest.raises(asyncio.CancelledError):
+            await ask
+        assert tracker.starts == 1

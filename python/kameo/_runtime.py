@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import contextvars
 import os
+import sys
 import threading
 import traceback
 import weakref
@@ -73,11 +74,12 @@ class Runtime:
             module, _, name = path.partition(".")
             self.modules[module] = self.modules.get(module, frozenset()) | {name}
         self.stream_window = max(1, int(config.get("stream_window", 256)))
+        self.credit_every = max(1, self.stream_window // 2)  # items taken before CREDIT is sent
         self.heartbeat_interval = float(config.get("heartbeat_interval") or 0)
         self.init: str | None = config.get("init")
         # Weak: a call dropped by its handler (`break` out of the loop) is collected at once,
-        # and its __del__ cancels the parent handler.
-        self.calls: weakref.WeakValueDictionary[int, CallbackCall] = weakref.WeakValueDictionary()
+        # and its __del__ cancels the parent handler (and forgets it here).
+        self.calls: dict[int, weakref.ref[CallbackCall]] = {}
         self.calls_by_request: dict[int, set[int]] = {}
         self._next_cid = 0
         # Sync mode state.
@@ -107,7 +109,7 @@ class Runtime:
     def open_call(self, call: CallbackCall) -> int:
         self._next_cid += 1
         cid = self._next_cid
-        self.calls[cid] = call
+        self.calls[cid] = weakref.ref(call)
         rid = call.request_id
         if rid:
             self.calls_by_request.setdefault(rid, set()).add(cid)
@@ -124,7 +126,8 @@ class Runtime:
     def end_request(self, rid: int) -> None:
         """The request finished: cancel the callbacks it left open."""
         for cid in self.calls_by_request.pop(rid, ()):
-            call = self.calls.pop(cid, None)
+            ref = self.calls.pop(cid, None)
+            call = ref() if ref is not None else None
             if call is not None:
                 call._abandon()
 
@@ -148,7 +151,8 @@ class Runtime:
                 else:
                     self.pending.append((kind, fid, body, trace))
             elif kind in (ITEM, END, ERROR):
-                call = self.calls.get(fid)
+                ref = self.calls.get(fid)
+                call = ref() if ref is not None else None
                 if call is not None:
                     call._deliver(kind, final, body)
             elif kind == CREDIT:
@@ -174,7 +178,10 @@ class Runtime:
         frames = self.chan.recv(block)
         if frames is None:
             self.eof = True
-            for call in list(self.calls.values()):
+            for ref in list(self.calls.values()):
+                call = ref()
+                if call is None:
+                    continue
                 call._deliver(ERROR, True, {"kind": "protocol", "message": "parent went away"})
         else:
             self.route(frames)
@@ -186,6 +193,21 @@ class CallbackCall:
     Use ``async for`` in async handlers and ``for`` in sync ones. Breaking out of the loop (or
     ``close()``/``aclose()``) cancels the parent handler.
     """
+
+    __slots__ = (
+        "__weakref__",
+        "cid",
+        "data",
+        "done",
+        "error",
+        "items",
+        "path",
+        "request_id",
+        "rt",
+        "trace",
+        "unacked",
+        "waiter",
+    )
 
     def __init__(self, rt: Runtime, path: str, data: Any) -> None:
         self.rt = rt
@@ -224,7 +246,7 @@ class CallbackCall:
 
     def _took(self) -> None:
         self.unacked += 1
-        if not self.done and self.unacked >= max(1, self.rt.stream_window // 2):
+        if not self.done and self.unacked >= self.rt.credit_every:
             self.rt.chan.credit(self.cid, self.unacked)
             self.unacked = 0
             self.rt.flush()
@@ -346,10 +368,10 @@ class CallbackModule:
     def __init__(self, name: str, types: frozenset[str]) -> None:
         self._name = name
         self._types = types
+        for t in types:  # plain attributes: `kameo.<module>.<Type>` costs two lookups
+            setattr(self, t, CallbackStub(f"{name}.{t}"))
 
-    def __getattr__(self, name: str) -> CallbackStub:
-        if name in self._types:
-            return CallbackStub(f"{self._name}.{name}")
+    def __getattr__(self, name: str) -> CallbackStub:  # only for names that are not types
         raise AttributeError(f"module 'kameo.{self._name}' has no attribute {name!r}")
 
     def __dir__(self) -> list[str]:
@@ -360,5 +382,11 @@ class CallbackModule:
 
 
 def install(rt: Runtime) -> None:
+    """Make ``rt`` this process's runtime and ``kameo.<module>`` an attribute for each callback
+    module (a name kameo itself already has stays kameo's)."""
     global _runtime
     _runtime = rt
+    package = sys.modules["kameo"]
+    for module, types in rt.modules.items():
+        if module not in vars(package):
+            setattr(package, module, CallbackModule(module, types))

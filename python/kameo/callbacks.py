@@ -10,6 +10,7 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from kameo._eager import EagerStarter
 from kameo._runtime import error_info, traceparent
 from kameo.errors import CallbackNotFound
 
@@ -125,12 +126,14 @@ class CallbackRunner:
         self.window = window
         self.item, self.end, self.error = kinds.ITEM, kinds.END, kinds.ERROR
         self.running: dict[tuple[int, int], _Flow] = {}
+        self.eager = EagerStarter(loop)
 
     def start(self, worker_id: int, payload: Any) -> None:
         cid, body, trace = payload
         flow = _Flow(self.window)
         self.running[(worker_id, cid)] = flow
-        flow.task = self.loop.create_task(self._run(worker_id, cid, body, trace, flow))
+        # Eager: a handler that answers without waiting replies from this very callback.
+        flow.task = self.eager.start(self._run(worker_id, cid, body, trace, flow))
 
     def credit(self, worker_id: int, payload: Any) -> None:
         cid, n = payload
