@@ -491,7 +491,10 @@ async def test_stream_in_flight_when_the_worker_dies(tmp_path: Path):
         with pytest.raises(kameo.WorkerCrashed):
             async for item in pool.stream({"count": 2}, timeout=30):
                 again.append(item["i"])
-        assert again == [0, 1]
+        # The replacement serves streams. It dies right after its second item: an item yielded
+        # within LINGER (100 µs) of an earlier one may still be queued when a process dies
+        # abruptly, so only the first item is certain (items still arrive once and in order).
+        assert again in ([0], [0, 1])
 
 
 async def test_callback_in_flight_when_the_worker_dies():

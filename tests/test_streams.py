@@ -75,6 +75,24 @@ async def test_first_item_arrives_before_generator_finishes(gen: str, tmp_path: 
 
 
 @pytest.mark.parametrize("gen", GENERATORS)
+async def test_burst_then_stall_arrives_while_generator_waits(gen: str, tmp_path: Path):
+    # Items yielded in a quick burst are batched into few writes; the last of them must still
+    # reach the consumer while the generator is stalled (here: until the consumer has them).
+    release = tmp_path / "release"
+    burst = 50
+    msg = {"n": burst + 1, "release": str(release), "release_after": burst}
+    # No heartbeat for the test's duration: its write would flush the queue too.
+    async with kameo.Pool(
+        _target(gen), size=1, heartbeat_interval=60.0, heartbeat_timeout=120.0
+    ) as pool:
+        stream = pool.stream(msg, timeout=30.0)
+        got = [await asyncio.wait_for(stream.__anext__(), 5.0) for _ in range(burst)]
+        assert got == list(range(burst))
+        release.write_text("go")
+        assert await asyncio.wait_for(_collect(stream), 15.0) == [burst]
+
+
+@pytest.mark.parametrize("gen", GENERATORS)
 async def test_order_and_count_100k(gen: str):
     n = 100_000
     async with kameo.Pool(_target(gen), size=1) as pool:

@@ -74,7 +74,7 @@ class Runtime:
             module, _, name = path.partition(".")
             self.modules[module] = self.modules.get(module, frozenset()) | {name}
         self.stream_window = max(1, int(config.get("stream_window", 256)))
-        self.credit_every = max(1, self.stream_window // 2)  # items taken before CREDIT is sent
+        self.credit_every = max(1, self.stream_window // 4)  # items taken before CREDIT is sent
         self.heartbeat_interval = float(config.get("heartbeat_interval") or 0)
         self.init: str | None = config.get("init")
         # Weak: a call dropped by its handler (`break` out of the loop) is collected at once,

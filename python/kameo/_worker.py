@@ -140,8 +140,7 @@ def stream_sync(rt: Runtime, rid: int, handler: Callable[[Any], Any], body: Any)
     try:
         gen = handler(body)
         for item in gen:
-            chan.item(rid, item)
-            chan.flush()
+            chan.item_paced(rid, item)  # written at once after a pause, else within 100 µs
             count += 1
             credit -= 1
             if count % STREAM_POLL_EVERY == 0 or credit <= 0:

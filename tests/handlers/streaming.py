@@ -8,8 +8,8 @@ Every generator takes a dict message; the keys select its behaviour:
   so far (including the one about to be yielded) as 8 little-endian bytes at offset 0.
 * ``finally``: a file path written (with the pid) when the generator's ``finally`` runs.
 * ``done``: a file path written when the generator has yielded its last item and returns.
-* ``release``: a file path; after the first item the generator waits (at most 20 s) until it
-  exists.
+* ``release``: a file path; after the first item (``release_after`` items, if given) the
+  generator waits (at most 20 s) until it exists.
 * ``delay``: seconds to sleep after each item.
 * ``raise_after`` + ``error``: after that many items, raise the built-in exception named
   ``error`` (or :class:`StreamError` for ``"StreamError"``) with ``"boom"`` as argument.
@@ -84,7 +84,7 @@ def count(msg: dict) -> Any:
                 raise _error(msg["error"])
             progress.write(i + 1)
             yield _item(msg, i)
-            if i == 0 and msg.get("release"):
+            if i + 1 == msg.get("release_after", 1) and msg.get("release"):
                 deadline = time.monotonic() + RELEASE_WAIT
                 while not os.path.exists(msg["release"]) and time.monotonic() < deadline:
                     time.sleep(0.01)
@@ -109,7 +109,7 @@ async def acount(msg: dict) -> Any:
                 raise _error(msg["error"])
             progress.write(i + 1)
             yield _item(msg, i)
-            if i == 0 and msg.get("release"):
+            if i + 1 == msg.get("release_after", 1) and msg.get("release"):
                 deadline = time.monotonic() + RELEASE_WAIT
                 while not os.path.exists(msg["release"]) and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)

@@ -7,6 +7,7 @@
 use crate::codec::{self, Options, Segments};
 use crate::errors;
 use crate::fdio;
+use crate::outbox::Outbox;
 use kameo_proto::frame::{self, Event, FrameReader, Kind};
 use kameo_proto::handshake::Hello;
 use kameo_proto::PROTOCOL_VERSION;
@@ -17,18 +18,11 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Pseudo-kinds reported by `recv` for events that are not frames.
 const OVERSIZE: u32 = 0x100;
 const UNDECODABLE: u32 = 0x101;
-
-struct WriteHalf {
-    out: Vec<u8>,
-    pos: usize,
-    /// Segments of queued frames, attached to the next write.
-    fds: Segments,
-}
 
 struct ReadHalf {
     frames: FrameReader,
@@ -38,9 +32,9 @@ struct ReadHalf {
 
 #[pyclass(module = "kameo._native", frozen)]
 pub struct Channel {
-    sock: UnixStream,
+    sock: Arc<UnixStream>,
     reader: Mutex<ReadHalf>,
-    writer: Mutex<WriteHalf>,
+    out: Arc<Outbox>,
     max_frame: AtomicUsize,
     allow_pickle: AtomicBool,
     shm_threshold: AtomicUsize,
@@ -68,14 +62,35 @@ impl Channel {
     }
 
     fn push_frame_with(&self, buf: Vec<u8>, segs: Segments) {
-        let mut w = lock(&self.writer);
-        if w.out.is_empty() {
-            w.out = buf;
-            w.pos = 0;
-        } else {
-            w.out.extend_from_slice(&buf);
+        self.out.push(buf, segs);
+    }
+
+    /// Write queued frames (GIL released); see [`Outbox::write_out`].
+    fn write_out(&self, py: Python<'_>) -> PyResult<bool> {
+        match py.detach(|| self.out.write_out()) {
+            Ok(d) => Ok(d),
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                Err(PyErr::new::<pyo3::exceptions::PyEOFError, _>(
+                    "parent closed the connection",
+                ))
+            }
+            Err(e) => Err(e.into()),
         }
-        w.fds.extend(segs);
+    }
+
+    fn item_frame(
+        &self,
+        py: Python<'_>,
+        id: u64,
+        value: &Bound<'_, PyAny>,
+    ) -> PyResult<(Vec<u8>, Segments)> {
+        self.encode_value_frame(Kind::Item, id, value).map_err(|m| {
+            if m.contains("max_frame_bytes") {
+                errors::protocol(py, m)
+            } else {
+                errors::serialization(py, m)
+            }
+        })
     }
 
     /// Encode `value` into `buf` after a frame header begun at `start`, declaring any
@@ -151,17 +166,13 @@ impl Channel {
     #[new]
     fn new(fd: i32, max_frame_bytes: usize) -> PyResult<Self> {
         // SAFETY: the worker hands over the descriptor it inherited; nothing else uses it.
-        let sock = unsafe { UnixStream::from_raw_fd(fd) };
+        let sock = Arc::new(unsafe { UnixStream::from_raw_fd(fd) });
         Ok(Channel {
+            out: Outbox::new(Arc::clone(&sock)),
             sock,
             reader: Mutex::new(ReadHalf {
                 frames: FrameReader::new(max_frame_bytes),
                 fds: VecDeque::new(),
-            }),
-            writer: Mutex::new(WriteHalf {
-                out: Vec::new(),
-                pos: 0,
-                fds: Vec::new(),
             }),
             max_frame: max_frame_bytes.into(),
             allow_pickle: AtomicBool::new(false),
@@ -255,31 +266,7 @@ impl Channel {
     /// Write queued frames. Blocking mode: until all are written (GIL released).
     /// Non-blocking mode: as much as the socket takes; returns True when nothing is left.
     fn flush(&self, py: Python<'_>) -> PyResult<bool> {
-        let done = py.detach(|| -> io::Result<bool> {
-            let mut guard = lock(&self.writer);
-            let w = &mut *guard;
-            let sock = self.sock.as_raw_fd();
-            while w.pos < w.out.len() {
-                match fdio::send(sock, &w.out[w.pos..], &mut w.fds, 0) {
-                    Ok(n) => w.pos += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) => return Err(e),
-                }
-            }
-            w.out.clear();
-            w.pos = 0;
-            Ok(true)
-        });
-        match done {
-            Ok(d) => Ok(d),
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
-                Err(PyErr::new::<pyo3::exceptions::PyEOFError, _>(
-                    "parent closed the connection",
-                ))
-            }
-            Err(e) => Err(e.into()),
-        }
+        self.write_out(py)
     }
 
     /// Read what is available and decode every complete frame.
@@ -287,10 +274,14 @@ impl Channel {
     /// Returns a list of `(kind, id, final, body, trace)` tuples, or None at end of stream.
     /// `body` is decoded for REQUEST, REQUEST_STREAM, WELCOME, ITEM and ERROR, an int for
     /// CREDIT, a str for REJECT and for the pseudo-kinds OVERSIZE/UNDECODABLE, else None;
-    /// `trace` is the envelope's traceparent or None. With `block`, waits (GIL released) until
-    /// at least one frame or EOF arrives; without, returns what is already there (maybe []).
+    /// `trace` is the envelope's traceparent or None. With `block`, first writes every queued
+    /// frame, then waits (GIL released) until at least one frame or EOF arrives; without,
+    /// returns what is already there (maybe []).
     #[pyo3(signature = (block=true))]
     fn recv<'py>(&self, py: Python<'py>, block: bool) -> PyResult<Option<Bound<'py, PyList>>> {
+        if block {
+            self.write_out(py)?; // never wait for the parent while it waits for us
+        }
         let out = PyList::empty(py);
         let mut guard = lock(&self.reader);
         let ReadHalf {
@@ -387,19 +378,22 @@ impl Channel {
         value: &Bound<'_, PyAny>,
         is_final: bool,
     ) -> PyResult<()> {
-        let (mut buf, segs) = self
-            .encode_value_frame(Kind::Item, id, value)
-            .map_err(|m| {
-                if m.contains("max_frame_bytes") {
-                    errors::protocol(py, m)
-                } else {
-                    errors::serialization(py, m)
-                }
-            })?;
+        let (mut buf, segs) = self.item_frame(py, id, value)?;
         if is_final {
             frame::mark_final(&mut buf, 0);
         }
         self.push_frame_with(buf, segs);
+        Ok(())
+    }
+
+    /// Queue one stream item for call `id` and write it promptly, in batches: at once after a
+    /// pause, else within `LINGER` (100 µs) of being queued (a sync generator's fast path).
+    /// A value that cannot be encoded raises SerializationError (nothing is queued).
+    fn item_paced(&self, py: Python<'_>, id: u64, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        let (buf, segs) = self.item_frame(py, id, value)?;
+        if self.out.push_paced(buf, segs) {
+            self.write_out(py)?;
+        }
         Ok(())
     }
 
@@ -483,4 +477,10 @@ impl Channel {
     const OVERSIZE: u32 = OVERSIZE;
     #[classattr]
     const UNDECODABLE: u32 = UNDECODABLE;
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        self.out.close(); // ends the pacing thread, if one started
+    }
 }

@@ -776,7 +776,7 @@ impl PoolCore {
             let n = s.items.len() as u32;
             s.taken += std::mem::replace(&mut s.handed_out, n);
             let mut grant = None;
-            if s.outcome.is_none() && s.taken >= (core.stream_window / 2).max(1) {
+            if s.outcome.is_none() && s.taken >= (core.stream_window / 4).max(1) {
                 grant = s.worker.map(|wid| (wid, std::mem::take(&mut s.taken)));
             }
             let result = if n > 0 {

@@ -11,6 +11,7 @@ mod core;
 mod errors;
 mod fdio;
 mod link;
+mod outbox;
 mod shm;
 mod spawn;
 
