@@ -20,13 +20,16 @@ __all__ = ["AskFuture"]
 class AskFuture(asyncio.Future[Any]):
     """The pending reply of one ``Pool.ask``."""
 
-    _kameo_abandon: Callable[[int], None] | None = None
-    _kameo_rid: int = 0
+    # No __dict__ per ask. Pool.ask sets both once the request is submitted; a future that
+    # failed before that is already done, so cancel() never reaches them unset.
+    __slots__ = ("_kameo_abandon", "_kameo_rid")
+    _kameo_abandon: Callable[[int], None] | None
+    _kameo_rid: int
 
     def cancel(self, msg: Any | None = None) -> bool:
         if not super().cancel(msg):
             return False
-        abandon = self._kameo_abandon
+        abandon = getattr(self, "_kameo_abandon", None)
         if abandon is not None:
             self._kameo_abandon = None
             abandon(self._kameo_rid)
