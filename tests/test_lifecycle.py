@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import kameo
 import pytest
@@ -205,12 +206,16 @@ def test_parent_sigkill_takes_workers_down(tmp_path):
 # --------------------------------------------------------------------------- worker crashes
 
 
-async def test_worker_sigkill_raises_worker_crashed_and_pool_recovers():
+async def test_worker_sigkill_raises_worker_crashed_and_pool_recovers(tmp_path: Path):
+    started = tmp_path / "started"
     async with kameo.Pool(f"{BASIC}:cmd", size=1) as pool:
         old = pool.workers[0]
         old_pid, old_id = old.pid, old.id
-        task = asyncio.ensure_future(pool.ask({"op": "sleep", "seconds": 20.0}, timeout=30.0))
-        assert await async_wait_until(lambda: pool.workers[0].in_flight == 1, 3.0)
+        msg = {"op": "sleep", "seconds": 20.0, "started": str(started)}
+        task = asyncio.ensure_future(pool.ask(msg, timeout=30.0))
+        # Killed while the handler runs: the request may have had effects, so it fails (one
+        # the worker had not taken up yet would run on the replacement instead).
+        assert await async_wait_until(started.exists, 3.0)
         start = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
         with pytest.raises(kameo.WorkerCrashed) as ei:

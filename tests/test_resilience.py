@@ -224,6 +224,28 @@ async def test_prefetched_requests_of_a_dying_worker_run_exactly_once(tmp_path: 
         assert pool.stats().retries == 0
 
 
+async def test_requests_a_worker_never_took_up_run_elsewhere(tmp_path: Path):
+    # The worker records in its progress page each request it takes up. Frozen (SIGSTOP)
+    # before it could read any of them and then killed, it took none: every request goes to
+    # the replacement and succeeds, even non-idempotent ones, and each runs exactly once.
+    log = tmp_path / "runs.log"
+    async with kameo.Pool(f"{CRASHY}:cmd", size=1, prefetch=8) as pool:
+        pid = pool.workers[0].pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            asks = [
+                pool.ask({"op": "echo", "value": i, "log": str(log), "tag": f"r{i}"}, timeout=30)
+                for i in range(5)
+            ]
+            assert await async_wait_until(lambda: pool.workers[0].in_flight == 5, 5)
+        finally:
+            os.kill(pid, signal.SIGKILL)
+        assert await asyncio.wait_for(asyncio.gather(*asks), 30) == list(range(5))
+        assert Counter(lines(log)) == {f"r{i}": 1 for i in range(5)}
+        assert pool.stats().retries == 0
+        assert pool.workers[0].pid != pid
+
+
 # --------------------------------------------------------------------------- timeouts, cancel
 
 

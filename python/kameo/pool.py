@@ -290,7 +290,6 @@ class Pool:
             self._secret,
             self._welcome(),
             max_frame_bytes=self._max_frame_bytes,
-            max_concurrency=self._max_concurrency,
             window=self._window,
             stream_window=self._stream_window,
             max_tasks=self._max_tasks,
@@ -480,7 +479,9 @@ class Pool:
         env["KAMEO_PARENT_PID"] = str(os.getpid())
         argv = [self._python, "-m", "kameo._worker"]
         try:
-            pid, sock_fd, stderr_fd = _native.spawn_worker(argv, list(env.items()), self._cwd)
+            pid, sock_fd, stderr_fd, progress_fd = _native.spawn_worker(
+                argv, list(env.items()), self._cwd
+            )
         except OSError as exc:
             raise WorkerStartupError(
                 f"cannot start a worker for {self.target!r} with python {self._python!r}: {exc}"
@@ -489,7 +490,7 @@ class Pool:
         self._workers[worker_id] = w
         if not w.retiring:
             slot.worker = w
-        self._core.add_worker(worker_id, pid, sock_fd)
+        self._core.add_worker(worker_id, pid, sock_fd, progress_fd)
         loop.add_reader(sock_fd, self._core.on_readable, worker_id)
         w.watch(self._on_exit)
         return w

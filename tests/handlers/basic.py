@@ -62,6 +62,9 @@ def cmd(msg: dict) -> Any:
     if op == "pid":
         return os.getpid()
     if op == "sleep":
+        if msg.get("started"):  # a file the test waits for: the handler is running
+            with open(msg["started"], "w") as f:
+                f.write(str(os.getpid()))
         time.sleep(msg["seconds"])
         return msg.get("value", os.getpid())
     if op == "env":

@@ -8,17 +8,18 @@ use crate::codec::{self, Options, Segments};
 use crate::errors;
 use crate::fdio;
 use crate::outbox::Outbox;
+use crate::progress::Progress;
 use kameo_proto::frame::{self, Event, FrameReader, Kind};
 use kameo_proto::handshake::Hello;
 use kameo_proto::PROTOCOL_VERSION;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Pseudo-kinds reported by `recv` for events that are not frames.
 const OVERSIZE: u32 = 0x100;
@@ -30,11 +31,20 @@ struct ReadHalf {
     fds: VecDeque<OwnedFd>,
 }
 
+#[derive(Default)]
+struct Arrivals {
+    next: u64,
+    index: HashMap<u64, u64>,
+}
+
 #[pyclass(module = "kameo._native", frozen)]
 pub struct Channel {
     sock: Arc<UnixStream>,
     reader: Mutex<ReadHalf>,
     out: Arc<Outbox>,
+    /// Arrival index of each request received and not yet taken up (see `progress`).
+    arrivals: Mutex<Arrivals>,
+    progress: OnceLock<Progress>,
     max_frame: AtomicUsize,
     allow_pickle: AtomicBool,
     shm_threshold: AtomicUsize,
@@ -174,6 +184,8 @@ impl Channel {
                 frames: FrameReader::new(max_frame_bytes),
                 fds: VecDeque::new(),
             }),
+            arrivals: Mutex::new(Arrivals::default()),
+            progress: OnceLock::new(),
             max_frame: max_frame_bytes.into(),
             allow_pickle: AtomicBool::new(false),
             shm_threshold: AtomicUsize::new(usize::MAX),
@@ -203,6 +215,26 @@ impl Channel {
             shm_threshold.unwrap_or(usize::MAX).max(1),
             Ordering::Relaxed,
         );
+    }
+
+    /// Map the progress page inherited as `fd` (takes ownership).
+    fn set_progress(&self, fd: i32) -> PyResult<()> {
+        let page = Progress::open(fd)?;
+        self.progress.set(page).map_err(|_| {
+            PyErr::new::<pyo3::exceptions::PyRuntimeError, _>("progress page already set")
+        })
+    }
+
+    /// Take up request `id` (before running it, or before dropping it unrun when it is the
+    /// next in arrival order): the parent then knows it may have run. With `started=False`
+    /// (a request removed from the middle of the queue, answered without running) it is only
+    /// forgotten.
+    #[pyo3(signature = (id, started=true))]
+    fn take(&self, id: u64, started: bool) {
+        let index = lock(&self.arrivals).index.remove(&id);
+        if let (Some(index), true, Some(page)) = (index, started, self.progress.get()) {
+            page.take(index);
+        }
     }
 
     /// Send HELLO.
@@ -302,6 +334,12 @@ impl Channel {
                             Some(t) => PyString::new(py, &String::from_utf8_lossy(t)).into_any(),
                             None => py.None().into_bound(py),
                         };
+                        if matches!(env.kind(), Some(Kind::Request | Kind::RequestStream)) {
+                            let mut a = lock(&self.arrivals);
+                            let index = a.next;
+                            a.next += 1;
+                            a.index.insert(env.id, index);
+                        }
                         let (kind, body) = match env.kind() {
                             Some(
                                 Kind::Request

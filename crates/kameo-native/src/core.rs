@@ -15,6 +15,7 @@ use crate::codec::{self, Options, Segments};
 use crate::errors;
 use crate::fdio;
 use crate::link::{Link, LinkState, Slot, Target};
+use crate::progress::Progress;
 use kameo_proto::frame::{self, Event, Kind};
 use kameo_proto::handshake::{secrets_equal, Hello};
 use kameo_proto::PROTOCOL_VERSION;
@@ -146,7 +147,6 @@ pub struct PoolCore {
     streams: HashMap<u64, StreamBuf>,
     next_id: u64,
     max_frame: usize,
-    max_concurrency: usize,
     window: usize,
     stream_window: u32,
     max_tasks: u64,
@@ -656,7 +656,7 @@ impl PoolCore {
     /// `max_tasks` = requests after which a worker retires (0: never);
     /// `welcome` = the config dict sent to each worker after its HELLO.
     #[new]
-    #[pyo3(signature = (loop_, on_event, secret, welcome, *, max_frame_bytes, max_concurrency, window, stream_window, max_tasks=0, allow_pickle=false, shm_threshold=None))]
+    #[pyo3(signature = (loop_, on_event, secret, welcome, *, max_frame_bytes, window, stream_window, max_tasks=0, allow_pickle=false, shm_threshold=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         loop_: PyObject,
@@ -664,7 +664,6 @@ impl PoolCore {
         secret: Vec<u8>,
         welcome: &Bound<'_, PyAny>,
         max_frame_bytes: usize,
-        max_concurrency: usize,
         window: usize,
         stream_window: u32,
         max_tasks: u64,
@@ -680,7 +679,6 @@ impl PoolCore {
             streams: HashMap::new(),
             next_id: 1,
             max_frame: max_frame_bytes,
-            max_concurrency: max_concurrency.max(1),
             window: window.max(1),
             stream_window: stream_window.max(1),
             max_tasks,
@@ -698,12 +696,15 @@ impl PoolCore {
         })
     }
 
-    /// Take ownership of a spawned worker's socket (non-blocking, from `spawn_worker`).
-    fn add_worker(&mut self, worker_id: u32, pid: u32, fd: i32) {
+    /// Take ownership of a spawned worker's socket (non-blocking) and progress page, both
+    /// from `spawn_worker`.
+    fn add_worker(&mut self, worker_id: u32, pid: u32, fd: i32, progress_fd: i32) -> PyResult<()> {
         // SAFETY: the caller hands over ownership of fd, a connected Unix stream socket.
         let sock = unsafe { UnixStream::from_raw_fd(fd) };
+        let progress = Progress::open(progress_fd)?;
         self.links
-            .push(Link::new(worker_id, pid, sock, self.max_frame));
+            .push(Link::new(worker_id, pid, sock, progress, self.max_frame));
+        Ok(())
     }
 
     /// Encode `msg` and send it to the least-loaded worker, or queue it (FIFO) until one has
@@ -1042,11 +1043,10 @@ impl PoolCore {
 
     /// Forget a worker whose process is gone; its socket is closed.
     ///
-    /// Workers start requests in the order they receive them, at most `max_concurrency` at a
-    /// time, and write every reply before starting the next request. So of the requests still
-    /// unanswered, only the first `max_concurrency` (in send order) can have started: those
-    /// fail with `exc` (or run again elsewhere if they have retries left, i.e. idempotent asks);
-    /// the rest never ran and go back to the front of the queue, in their order.
+    /// The worker recorded in its progress page how many of the requests sent to it it took
+    /// up. Unanswered requests among those may have run: they fail with `exc` (or run again
+    /// elsewhere if they have retries left, i.e. idempotent asks); the rest never ran and go
+    /// back to the front of the queue, in their order.
     /// Returns (failed, requeued) counts.
     fn remove_worker(
         slf: &Bound<'_, Self>,
@@ -1061,12 +1061,15 @@ impl PoolCore {
             if link.writer_armed {
                 fx.disarm_writers.push(link.sock.as_raw_fd());
             }
+            // The worker recorded how many requests it took up (see `progress`): those below
+            // may have run; the rest never started.
+            let taken = link.progress.taken();
             let mut slots: Vec<(u64, Slot)> = link.slots.into_iter().collect();
             slots.sort_by_key(|(_, s)| s.seq);
             let mut again = Vec::new();
             let mut failed = 0;
-            for (n, (id, slot)) in slots.into_iter().enumerate() {
-                let maybe_started = n < core.max_concurrency;
+            for (id, slot) in slots {
+                let maybe_started = slot.seq < taken;
                 if !maybe_started {
                     again.push(Queued {
                         id,

@@ -12,6 +12,7 @@ mod errors;
 mod fdio;
 mod link;
 mod outbox;
+mod progress;
 mod shm;
 mod spawn;
 

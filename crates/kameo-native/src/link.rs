@@ -3,6 +3,7 @@
 
 use crate::codec::Segments;
 use crate::fdio;
+use crate::progress::Progress;
 use kameo_proto::frame::FrameReader;
 use pyo3::prelude::*;
 use std::collections::{HashMap, VecDeque};
@@ -38,7 +39,7 @@ pub struct Slot {
     pub frame: Vec<u8>,
     /// The shared-memory segments the frame refers to (kept for a resend, like the frame).
     pub segs: Segments,
-    /// Send order on this link: workers start requests in the order they receive them.
+    /// Send order on this link (from 0): the worker's arrival index of the request.
     pub seq: u64,
     /// How many more times the request may run elsewhere if this worker dies (idempotent asks).
     pub retries: u32,
@@ -62,12 +63,14 @@ pub struct Link {
     pub slots: HashMap<u64, Slot>,
     pub completed: u64,
     pub next_seq: u64,
+    /// How many of the requests sent (in `seq` order) the worker has taken up.
+    pub progress: Progress,
     /// When a frame last arrived (heartbeats included).
     pub last_seen: Instant,
 }
 
 impl Link {
-    pub fn new(id: u32, pid: u32, sock: UnixStream, max_frame: usize) -> Self {
+    pub fn new(id: u32, pid: u32, sock: UnixStream, progress: Progress, max_frame: usize) -> Self {
         Link {
             id,
             pid,
@@ -82,6 +85,7 @@ impl Link {
             slots: HashMap::new(),
             completed: 0,
             next_seq: 0,
+            progress,
             last_seen: Instant::now(),
         }
     }

@@ -92,25 +92,34 @@ impl Outbox {
         Self::append(&mut lock(&self.queue), buf, segs);
     }
 
-    /// Queue a stream item frame; returns true when the caller should flush now (see the
-    /// module doc), else the pacing thread writes it within [`LINGER`].
-    pub fn push_paced(self: &Arc<Self>, buf: Vec<u8>, segs: Segments) -> bool {
+    fn start_pacer(self: &Arc<Self>) {
         self.pacer.call_once(|| {
             let me = Arc::clone(self);
             // A detached thread: it ends when the channel is dropped (`close`).
             let spawned = std::thread::Builder::new()
                 .name("kameo-pacer".into())
-                .spawn(move || me.pace());
+                .spawn(move || me.run_pacer());
             if spawned.is_err() {
                 lock(&self.queue).closed = true; // no pacer: every item is flushed at once
             }
         });
-        let now = Instant::now();
+    }
+
+    /// Queue a stream item frame; returns true when the caller should flush now (see the
+    /// module doc), else the pacing thread writes it within [`LINGER`].
+    pub fn push_paced(self: &Arc<Self>, buf: Vec<u8>, segs: Segments) -> bool {
+        self.start_pacer();
         let mut q = lock(&self.queue);
         let was_empty = q.buf.is_empty();
         Self::append(&mut q, buf, segs);
+        self.pace_locked(&mut q, was_empty)
+    }
+
+    /// `fresh`: the queue held nothing paced yet (written at once after a pause).
+    fn pace_locked(&self, q: &mut Queue, fresh: bool) -> bool {
+        let now = Instant::now();
         if q.closed
-            || (was_empty && now.duration_since(q.taken_at) >= LINGER)
+            || (fresh && now.duration_since(q.taken_at) >= LINGER)
             || q.buf.len() >= PACED_BYTES
             || q.paced_since
                 .is_some_and(|t| now.duration_since(t) >= LINGER)
@@ -156,7 +165,7 @@ impl Outbox {
     }
 
     /// The pacing thread: write paced frames [`LINGER`] after they were queued.
-    fn pace(&self) {
+    fn run_pacer(&self) {
         loop {
             let mut q = lock(&self.queue);
             loop {

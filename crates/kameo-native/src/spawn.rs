@@ -1,11 +1,12 @@
 //! Starting worker processes: socketpair, stderr pipe, fork + immediate exec.
 //!
-//! The child end of the socketpair is the only descriptor the worker inherits (its number is
-//! in `KAMEO_FD`). Between fork and exec the child only makes async-signal-safe calls:
-//! it joins a new process group (so the pool can signal the worker and anything it starts),
+//! The child end of the socketpair and the progress page are the only descriptors the worker
+//! inherits (their numbers are in `KAMEO_FD` and `KAMEO_PROGRESS_FD`). Between fork and exec
+//! the child only makes async-signal-safe calls: it joins a new process group (so the pool can signal the worker and anything it starts),
 //! asks the kernel for SIGKILL when the parent thread dies, and checks that the parent did not
 //! die already.
 
+use crate::progress::Progress;
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
@@ -14,8 +15,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// A started worker: its pid, the parent's socket end and the read end of its stderr pipe.
-/// The caller owns both descriptors.
+/// A started worker: its pid, the parent's socket end, the read end of its stderr pipe and
+/// its progress page (`progress`). The caller owns the three descriptors.
 #[pyfunction]
 #[pyo3(signature = (argv, env, cwd=None))]
 pub fn spawn_worker(
@@ -23,13 +24,16 @@ pub fn spawn_worker(
     argv: Vec<String>,
     mut env: Vec<(String, String)>,
     cwd: Option<String>,
-) -> PyResult<(u32, i32, i32)> {
+) -> PyResult<(u32, i32, i32, i32)> {
     if argv.is_empty() {
         return Err(PyOSError::new_err("empty argv"));
     }
     let (parent_end, child_end) = UnixStream::pair()?; // both close-on-exec
     let child_fd = child_end.as_raw_fd();
     env.push(("KAMEO_FD".into(), child_fd.to_string()));
+    let progress = Progress::create_fd()?; // close-on-exec; both processes map it
+    let progress_fd = progress.as_raw_fd();
+    env.push(("KAMEO_PROGRESS_FD".into(), progress_fd.to_string()));
     let parent_pid = std::process::id() as libc::pid_t;
     let death_signal = parent_death_signal();
 
@@ -47,7 +51,9 @@ pub fn spawn_worker(
     // async-signal-safe functions (fcntl, setpgid, prctl, getppid, _exit).
     unsafe {
         cmd.pre_exec(move || {
-            if libc::fcntl(child_fd, libc::F_SETFD, 0) == -1 {
+            if libc::fcntl(child_fd, libc::F_SETFD, 0) == -1
+                || libc::fcntl(progress_fd, libc::F_SETFD, 0) == -1
+            {
                 return Err(std::io::Error::last_os_error());
             }
             libc::setpgid(0, 0);
@@ -78,7 +84,12 @@ pub fn spawn_worker(
     drop(child);
     parent_end.set_nonblocking(true)?;
     set_nonblocking(stderr.as_raw_fd())?;
-    Ok((pid, parent_end.into_raw_fd(), stderr.into_raw_fd()))
+    Ok((
+        pid,
+        parent_end.into_raw_fd(),
+        stderr.into_raw_fd(),
+        progress.into_raw_fd(),
+    ))
 }
 
 fn set_nonblocking(fd: i32) -> std::io::Result<()> {
