@@ -106,7 +106,9 @@ class Runtime:
             )
         return CallbackCall(self, path, data)
 
-    def open_call(self, call: CallbackCall) -> int:
+    def open_call(self, call: CallbackCall, flush: bool = True) -> int:
+        """Send CALLBACK for ``call``; without ``flush`` it goes with the caller's next blocking
+        read (sync mode: ``recv`` writes everything queued before it waits)."""
         self._next_cid += 1
         cid = self._next_cid
         self.calls[cid] = weakref.ref(call)
@@ -114,7 +116,9 @@ class Runtime:
         if rid:
             self.calls_by_request.setdefault(rid, set()).add(cid)
         self.chan.callback(cid, call.path, call.data, rid, call.trace)
-        self.flush()
+        call.data = None  # sent: do not keep it alive for as long as the call
+        if flush:
+            self.flush()
         return cid
 
     def forget_call(self, cid: int, rid: int) -> None:
@@ -278,7 +282,7 @@ class CallbackCall:
                 raise StopIteration
             return item
         if not self.cid:
-            self.cid = rt.open_call(self)
+            self.cid = rt.open_call(self, flush=False)  # written by the blocking pump below
         while True:
             ok, item = self._next_ready()
             if ok:
