@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 /// How long a paced item may wait in the queue.
 pub const LINGER: Duration = Duration::from_micros(100);
-/// Queued bytes that are written at once, paced or not.
+/// Queued bytes at which a paced push writes at once.
 const PACED_BYTES: usize = 64 * 1024;
 
 struct Queue {
