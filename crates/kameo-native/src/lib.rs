@@ -34,9 +34,8 @@ fn encode<'py>(
     obj: &Bound<'py, PyAny>,
     allow_pickle: bool,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let buf = codec::encode_to_vec(obj, &options(allow_pickle))
-        .map_err(|e| errors::serialization(py, e.describe("value")))?;
-    Ok(PyBytes::new(py, &buf))
+    codec::encode_to_bytes(obj, &options(allow_pickle))
+        .map_err(|e| errors::serialization(py, e.describe("value")))
 }
 
 /// Decode bytes produced by [`encode`].

@@ -168,9 +168,11 @@ impl<'a> Encoder<'a> {
                 wire::TAG_FALSE
             });
         } else if ty == type_ptr!(PyFloat_Type) {
-            self.out.push(wire::TAG_FLOAT);
-            self.out
-                .extend_from_slice(&ffi::PyFloat_AS_DOUBLE(obj).to_le_bytes());
+            put_fixed(
+                self.out,
+                wire::TAG_FLOAT,
+                ffi::PyFloat_AS_DOUBLE(obj).to_le_bytes(),
+            );
         } else if ty == type_ptr!(PyDict_Type) {
             self.dict(obj, depth)?;
         } else if ty == type_ptr!(PyList_Type) {
@@ -185,15 +187,36 @@ impl<'a> Encoder<'a> {
         Ok(())
     }
 
+    /// `value` for an object borrowed from a container: scalars are written at once (no
+    /// Python code runs), anything else holds a reference while it is encoded, since Python
+    /// code run on the way (a property, numpy) could drop it from the container.
+    #[inline(always)]
+    unsafe fn held(&mut self, obj: *mut ffi::PyObject, depth: usize) -> Result<(), EncodeError> {
+        let ty = ffi::Py_TYPE(obj);
+        if ty == type_ptr!(PyUnicode_Type) {
+            self.str(obj)
+        } else if ty == type_ptr!(PyLong_Type) {
+            self.int(obj)
+        } else if ty == type_ptr!(PyFloat_Type) {
+            put_fixed(
+                self.out,
+                wire::TAG_FLOAT,
+                ffi::PyFloat_AS_DOUBLE(obj).to_le_bytes(),
+            );
+            Ok(())
+        } else {
+            ffi::Py_INCREF(obj);
+            let r = self.value(obj, depth);
+            ffi::Py_DECREF(obj);
+            r
+        }
+    }
+
+    #[inline(always)]
     unsafe fn str(&mut self, obj: *mut ffi::PyObject) -> Result<(), EncodeError> {
         if ffi::PyUnicode_IS_COMPACT_ASCII(obj) != 0 {
             let n = ffi::PyUnicode_GET_LENGTH(obj) as usize;
-            self.out.push(wire::TAG_STR);
-            put_varint(self.out, n as u64);
-            self.out.extend_from_slice(std::slice::from_raw_parts(
-                ffi::PyUnicode_1BYTE_DATA(obj),
-                n,
-            ));
+            put_tagged(self.out, wire::TAG_STR, ffi::PyUnicode_1BYTE_DATA(obj), n);
             return Ok(());
         }
         let mut size: ffi::Py_ssize_t = 0;
@@ -208,10 +231,7 @@ impl<'a> Encoder<'a> {
             };
             return Err(EncodeError::new(why));
         }
-        self.out.push(wire::TAG_STR);
-        put_varint(self.out, size as u64);
-        self.out
-            .extend_from_slice(std::slice::from_raw_parts(p as *const u8, size as usize));
+        put_tagged(self.out, wire::TAG_STR, p as *const u8, size as usize);
         Ok(())
     }
 
@@ -223,8 +243,7 @@ impl<'a> Encoder<'a> {
                 let err = PyErr::fetch(Python::assume_attached());
                 return Err(EncodeError::new(format!("cannot encode int: {err}")));
             }
-            self.out.push(wire::TAG_INT);
-            self.out.extend_from_slice(&v.to_le_bytes());
+            put_fixed(self.out, wire::TAG_INT, v.to_le_bytes());
             return Ok(());
         }
         // Beyond i64: little-endian two's complement through int.to_bytes (rare path).
@@ -311,10 +330,8 @@ impl<'a> Encoder<'a> {
                 break;
             }
             let item = ffi::PyList_GET_ITEM(obj, i);
-            ffi::Py_INCREF(item);
-            let r = self.value(item, depth + 1);
-            ffi::Py_DECREF(item);
-            r.map_err(|e| e.at(Step::Index(i as usize), obj))?;
+            self.held(item, depth + 1)
+                .map_err(|e| e.at(Step::Index(i as usize), obj))?;
             i += 1;
         }
         if ffi::PyList_GET_SIZE(obj) != n {
@@ -357,15 +374,22 @@ impl<'a> Encoder<'a> {
         let mut value: *mut ffi::PyObject = std::ptr::null_mut();
         let mut seen = 0;
         while ffi::PyDict_Next(obj, &mut pos, &mut key, &mut value) != 0 {
-            ffi::Py_INCREF(key);
-            ffi::Py_INCREF(value);
-            let r = self
-                .value(key, depth + 1)
-                .and_then(|()| self.value(value, depth + 1));
-            let r = r.map_err(|e| e.at(Step::Key(key_repr(key)), obj));
-            ffi::Py_DECREF(key);
-            ffi::Py_DECREF(value);
-            r?;
+            // key and value are borrowed: they need references of their own only while
+            // something that may run Python code (which could change the dict) is encoded.
+            if ffi::Py_TYPE(key) == type_ptr!(PyUnicode_Type) && is_scalar(ffi::Py_TYPE(value)) {
+                let r = self.str(key).and_then(|()| self.held(value, depth + 1));
+                r.map_err(|e| e.at(Step::Key(key_repr(key)), obj))?;
+            } else {
+                ffi::Py_INCREF(key);
+                ffi::Py_INCREF(value);
+                let r = self
+                    .value(key, depth + 1)
+                    .and_then(|()| self.value(value, depth + 1));
+                let r = r.map_err(|e| e.at(Step::Key(key_repr(key)), obj));
+                ffi::Py_DECREF(key);
+                ffi::Py_DECREF(value);
+                r?;
+            }
             seen += 1;
         }
         if seen != n || ffi::PyDict_Size(obj) != n {
@@ -874,6 +898,53 @@ impl<'a> Encoder<'a> {
             self.out.extend_from_slice(data);
         }
         Ok(())
+    }
+}
+
+/// Types whose encoding runs no Python code.
+#[inline(always)]
+unsafe fn is_scalar(ty: *mut ffi::PyTypeObject) -> bool {
+    ty == type_ptr!(PyUnicode_Type) || ty == type_ptr!(PyLong_Type) || ty == type_ptr!(PyFloat_Type)
+}
+
+/// Append `tag`, varint `n` and the `n` bytes at `p`, with one capacity check.
+#[inline(always)]
+unsafe fn put_tagged(out: &mut Vec<u8>, tag: u8, p: *const u8, n: usize) {
+    out.reserve(1 + 10 + n);
+    let len = out.len();
+    let dst = out.as_mut_ptr().add(len);
+    *dst = tag;
+    let mut i = 1;
+    let mut v = n as u64;
+    while v >= 0x80 {
+        *dst.add(i) = (v as u8) | 0x80;
+        v >>= 7;
+        i += 1;
+    }
+    *dst.add(i) = v as u8;
+    i += 1;
+    if n <= 16 {
+        // Short strs (keys) are the common case: a byte loop beats a memcpy call.
+        for j in 0..n {
+            *dst.add(i + j) = *p.add(j);
+        }
+    } else {
+        std::ptr::copy_nonoverlapping(p, dst.add(i), n);
+    }
+    out.set_len(len + i + n);
+}
+
+/// Append `tag` and 8 bytes, with one capacity check.
+#[inline(always)]
+fn put_fixed(out: &mut Vec<u8>, tag: u8, bytes: [u8; 8]) {
+    out.reserve(9);
+    let len = out.len();
+    // SAFETY: 9 bytes were reserved past len.
+    unsafe {
+        let dst = out.as_mut_ptr().add(len);
+        *dst = tag;
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.add(1), 8);
+        out.set_len(len + 9);
     }
 }
 

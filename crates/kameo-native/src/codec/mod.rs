@@ -42,6 +42,32 @@ impl Options {
 /// Shared-memory segments a frame refers to (by index), sent with it as SCM_RIGHTS.
 pub type Segments = Vec<Arc<OwnedFd>>;
 
+thread_local! {
+    /// The buffer `encode_to_bytes` writes into, kept between calls so that a message does
+    /// not grow a new one from scratch (taken out while in use: a nested call gets its own).
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Largest scratch buffer kept for the next call.
+const SCRATCH_KEEP: usize = 1 << 20;
+
+/// Encode a whole value inline to a new `bytes`.
+pub fn encode_to_bytes<'py>(
+    obj: &pyo3::Bound<'py, pyo3::PyAny>,
+    opts: &Options,
+) -> Result<pyo3::Bound<'py, pyo3::types::PyBytes>, EncodeError> {
+    let mut out = SCRATCH.with(|s| s.take());
+    out.clear();
+    let mut segs = Segments::new();
+    let r = Encoder::new(&mut out, opts, &mut segs).encode(obj);
+    debug_assert!(segs.is_empty() || opts.shm_threshold != usize::MAX);
+    let r = r.map(|()| pyo3::types::PyBytes::new(obj.py(), &out));
+    if out.capacity() <= SCRATCH_KEEP {
+        SCRATCH.with(|s| s.set(out));
+    }
+    r
+}
+
 /// Encode a whole value inline to a new buffer.
 pub fn encode_to_vec(
     obj: &pyo3::Bound<'_, pyo3::PyAny>,
