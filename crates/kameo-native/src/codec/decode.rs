@@ -29,16 +29,26 @@ pub fn decode<'py>(
     opts: &Options,
     segs: &[Arc<OwnedFd>],
 ) -> Result<Bound<'py, PyAny>, DecodeError> {
-    let mut d = Decoder {
-        py,
-        r: Reader::new(buf),
-        opts,
-        segs,
-    };
+    // The str cache is borrowed for the whole decode (a nested decode, from Python code a
+    // class runs, goes without it).
+    STR_CACHE.with(|cache| {
+        let mut cache = cache.try_borrow_mut().ok();
+        let d = Decoder {
+            py,
+            r: Reader::new(buf),
+            opts,
+            segs,
+            cache: cache.as_deref_mut(),
+        };
+        run(d, buf.len())
+    })
+}
+
+fn run<'py>(mut d: Decoder<'_, 'py>, len: usize) -> Result<Bound<'py, PyAny>, DecodeError> {
     // Building thousands of containers would run the cyclic GC several times over objects
     // that cannot be garbage yet; pause it for the decode (it runs at the next allocation).
     // SAFETY: the GIL is held.
-    let was_enabled = buf.len() > 4096 && unsafe { ffi::PyGC_Disable() } == 1;
+    let was_enabled = len > 4096 && unsafe { ffi::PyGC_Disable() } == 1;
     let v = d.value(0);
     if was_enabled {
         // SAFETY: as above.
@@ -54,6 +64,7 @@ struct Decoder<'b, 'py> {
     r: Reader<'b>,
     opts: &'b Options,
     segs: &'b [Arc<OwnedFd>],
+    cache: Option<&'b mut StrCache>,
 }
 
 fn owned<'py>(
@@ -94,38 +105,76 @@ const STR_CACHE_MAX_LEN: usize = 32;
 
 /// (hash of the bytes, the str) per slot.
 type StrSlot = Option<(u64, Py<PyAny>)>;
+type StrCache = Vec<StrSlot>;
 
 thread_local! {
-    static STR_CACHE: RefCell<Vec<StrSlot>> =
+    static STR_CACHE: RefCell<StrCache> =
         RefCell::new((0..STR_CACHE_SLOTS).map(|_| None).collect());
 }
 
-#[inline]
-fn hash_bytes(b: &[u8]) -> u64 {
-    // FxHash-style mixing, 8 bytes at a time.
+#[inline(always)]
+fn load_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+#[inline(always)]
+fn load_u32(b: &[u8], at: usize) -> u64 {
+    u64::from(u32::from_le_bytes(
+        b[at..at + 4].try_into().expect("4 bytes"),
+    ))
+}
+
+/// The slot hash of a short str's bytes (at most `STR_CACHE_MAX_LEN`): a few overlapping
+/// words, not every byte; equal hashes are confirmed by comparing the bytes.
+#[inline(always)]
+fn hash_short(b: &[u8]) -> u64 {
     const K: u64 = 0x517c_c1b7_2722_0a95;
-    let mut h = b.len() as u64;
-    let mut chunks = b.chunks_exact(8);
-    for c in &mut chunks {
-        h = (h.rotate_left(5) ^ u64::from_le_bytes(c.try_into().expect("8"))).wrapping_mul(K);
+    let n = b.len();
+    let (x, y) = if n >= 16 {
+        (
+            load_u64(b, 0) ^ load_u64(b, n / 2 - 4).rotate_left(17),
+            load_u64(b, n - 8),
+        )
+    } else if n >= 8 {
+        (load_u64(b, 0), load_u64(b, n - 8))
+    } else if n >= 4 {
+        (load_u32(b, 0), load_u32(b, n - 4))
+    } else if n > 0 {
+        (
+            u64::from(b[0]) | u64::from(b[n / 2]) << 8 | u64::from(b[n - 1]) << 16,
+            0,
+        )
+    } else {
+        (0, 0)
+    };
+    let h = (x ^ (n as u64)).wrapping_mul(K).rotate_left(29) ^ y;
+    h.wrapping_mul(K) ^ (h >> 32)
+}
+
+/// `a == b` for two slices of the same length at most `STR_CACHE_MAX_LEN`, without a call.
+#[inline(always)]
+fn eq_short(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n >= 8 {
+        let mut i = 0;
+        while i + 8 < n {
+            if load_u64(a, i) != load_u64(b, i) {
+                return false;
+            }
+            i += 8;
+        }
+        load_u64(a, n - 8) == load_u64(b, n - 8)
+    } else if n >= 4 {
+        load_u32(a, 0) == load_u32(b, 0) && load_u32(a, n - 4) == load_u32(b, n - 4)
+    } else {
+        a == b
     }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        let mut tail = [0u8; 8];
-        tail[..rest.len()].copy_from_slice(rest);
-        h = (h.rotate_left(5) ^ u64::from_le_bytes(tail)).wrapping_mul(K);
-    }
-    h
 }
 
 /// A new str from UTF-8 bytes, with a copy (no validation pass) for pure ASCII.
 unsafe fn new_str(b: &[u8]) -> *mut ffi::PyObject {
     if b.is_ascii() {
-        let p = ffi::PyUnicode_New(b.len() as ffi::Py_ssize_t, 127);
-        if !p.is_null() {
-            std::ptr::copy_nonoverlapping(b.as_ptr(), ffi::PyUnicode_1BYTE_DATA(p), b.len());
-        }
-        p
+        new_ascii(b)
     } else {
         ffi::PyUnicode_DecodeUTF8(
             b.as_ptr() as *const c_char,
@@ -135,34 +184,45 @@ unsafe fn new_str(b: &[u8]) -> *mut ffi::PyObject {
     }
 }
 
-/// The str for the ASCII bytes `b`, from the cache when it is short. Only compact ASCII strs
-/// are cached, so a hit is a length check and a memcmp.
-unsafe fn cached_ascii(b: &[u8]) -> *mut ffi::PyObject {
-    if b.len() > STR_CACHE_MAX_LEN {
-        return new_str(b);
+/// A new str from bytes known to be ASCII.
+#[inline]
+unsafe fn new_ascii(b: &[u8]) -> *mut ffi::PyObject {
+    let p = ffi::PyUnicode_New(b.len() as ffi::Py_ssize_t, 127);
+    if !p.is_null() {
+        std::ptr::copy_nonoverlapping(b.as_ptr(), ffi::PyUnicode_1BYTE_DATA(p), b.len());
     }
-    let h = hash_bytes(b);
-    STR_CACHE.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        let slot = &mut cache[(h as usize) % STR_CACHE_SLOTS];
-        if let Some((eh, s)) = slot {
-            let p = s.as_ptr();
-            if *eh == h
-                && ffi::PyUnicode_GET_LENGTH(p) as usize == b.len()
-                && std::slice::from_raw_parts(ffi::PyUnicode_1BYTE_DATA(p), b.len()) == b
-            {
-                return ffi::Py_NewRef(p);
-            }
+    p
+}
+
+/// The str for the ASCII bytes `b`, from the cache when it is short. Only compact ASCII strs
+/// are cached, so a hit is a length check and a comparison of the bytes.
+#[inline]
+unsafe fn cached_ascii(cache: &mut StrCache, b: &[u8]) -> *mut ffi::PyObject {
+    if b.len() > STR_CACHE_MAX_LEN {
+        return new_ascii(b);
+    }
+    let h = hash_short(b);
+    let slot = cache.get_unchecked_mut((h as usize) % STR_CACHE_SLOTS);
+    if let Some((eh, s)) = slot {
+        let p = s.as_ptr();
+        if *eh == h
+            && ffi::PyUnicode_GET_LENGTH(p) as usize == b.len()
+            && eq_short(
+                std::slice::from_raw_parts(ffi::PyUnicode_1BYTE_DATA(p), b.len()),
+                b,
+            )
+        {
+            return ffi::Py_NewRef(p);
         }
-        let p = new_str(b);
-        if !p.is_null() {
-            *slot = Some((
-                h,
-                Bound::from_borrowed_ptr(Python::assume_attached(), p).unbind(),
-            ));
-        }
-        p
-    })
+    }
+    let p = new_ascii(b);
+    if !p.is_null() {
+        *slot = Some((
+            h,
+            Bound::from_borrowed_ptr(Python::assume_attached(), p).unbind(),
+        ));
+    }
+    p
 }
 
 impl<'b, 'py> Decoder<'b, 'py> {
@@ -190,7 +250,11 @@ impl<'b, 'py> Decoder<'b, 'py> {
                     let n = r.len(1)?;
                     let b = r.take(n)?;
                     if b.is_ascii() {
-                        return owned(py, cached_ascii(b), at);
+                        let p = match self.cache.as_deref_mut() {
+                            Some(cache) => cached_ascii(cache, b),
+                            None => new_ascii(b),
+                        };
+                        return owned(py, p, at);
                     }
                     if std::str::from_utf8(b).is_err() {
                         return Err(DecodeError::BadUtf8 { at });
