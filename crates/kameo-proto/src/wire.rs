@@ -243,6 +243,18 @@ impl<'a> Reader<'a> {
 
     #[inline]
     pub fn varint(&mut self) -> Result<u64, DecodeError> {
+        // One byte (below 128) is by far the most common length.
+        match self.buf.get(self.pos) {
+            Some(&b) if b < 0x80 => {
+                self.pos += 1;
+                Ok(u64::from(b))
+            }
+            _ => self.varint_long(),
+        }
+    }
+
+    #[inline(never)]
+    fn varint_long(&mut self) -> Result<u64, DecodeError> {
         let at = self.pos;
         let mut v: u64 = 0;
         for shift in (0..70).step_by(7) {

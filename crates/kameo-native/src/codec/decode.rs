@@ -194,12 +194,18 @@ unsafe fn new_ascii(b: &[u8]) -> *mut ffi::PyObject {
     p
 }
 
-/// The str for the ASCII bytes `b`, from the cache when it is short. Only compact ASCII strs
-/// are cached, so a hit is a length check and a comparison of the bytes.
+/// The str for the bytes `b` if they are ASCII: from the cache when they are short. Only
+/// compact ASCII strs are cached, so a hit is a length check and a comparison of the bytes.
+/// Null (without an exception) when `b` is not ASCII; null with an exception when Python
+/// cannot allocate the str.
 #[inline]
 unsafe fn cached_ascii(cache: &mut StrCache, b: &[u8]) -> *mut ffi::PyObject {
     if b.len() > STR_CACHE_MAX_LEN {
-        return new_ascii(b);
+        return if b.is_ascii() {
+            new_ascii(b)
+        } else {
+            std::ptr::null_mut()
+        };
     }
     let h = hash_short(b);
     let slot = cache.get_unchecked_mut((h as usize) % STR_CACHE_SLOTS);
@@ -214,6 +220,9 @@ unsafe fn cached_ascii(cache: &mut StrCache, b: &[u8]) -> *mut ffi::PyObject {
         {
             return ffi::Py_NewRef(p);
         }
+    }
+    if !b.is_ascii() {
+        return std::ptr::null_mut();
     }
     let p = new_ascii(b);
     if !p.is_null() {
@@ -249,12 +258,14 @@ impl<'b, 'py> Decoder<'b, 'py> {
                 wire::TAG_STR => {
                     let n = r.len(1)?;
                     let b = r.take(n)?;
-                    if b.is_ascii() {
-                        let p = match self.cache.as_deref_mut() {
-                            Some(cache) => cached_ascii(cache, b),
-                            None => new_ascii(b),
-                        };
-                        return owned(py, p, at);
+                    if let Some(cache) = self.cache.as_deref_mut() {
+                        // A hit is equal to a cached ASCII str, so it needs no other check.
+                        let p = cached_ascii(cache, b);
+                        if !p.is_null() || !ffi::PyErr_Occurred().is_null() {
+                            return owned(py, p, at);
+                        }
+                    } else if b.is_ascii() {
+                        return owned(py, new_ascii(b), at);
                     }
                     if std::str::from_utf8(b).is_err() {
                         return Err(DecodeError::BadUtf8 { at });
