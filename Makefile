@@ -57,15 +57,19 @@ lint: develop
 	$(BIN)/mypy --strict python/
 	$(BIN)/python -m mypy.stubtest kameo._native
 
-# Fuzz the frame reader, the handshake and the value decoder (cargo-fuzz, libFuzzer + ASan).
+# Fuzz the frame reader, the handshake, the value decoder (wire structure) and the pyo3 decoder
+# itself in an embedded interpreter (cargo-fuzz, libFuzzer + ASan).
 # The toolchain is stable: RUSTC_BOOTSTRAP lets cargo-fuzz pass its sanitizer flags.
+# py_decode embeds the venv's Python when there is a venv, with its packages (numpy) importable.
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS := frame_reader handshake value_decode
+FUZZ_TARGETS := frame_reader handshake value_decode py_decode
+FUZZ_ENV = $(if $(wildcard $(BIN)/python),PYO3_PYTHON=$(abspath $(BIN)/python) \
+	PYTHONPATH=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"))
 fuzz:
 	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	mkdir -p fuzz/logs
 	for t in $(FUZZ_TARGETS); do \
-		RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz $$t -- -max_total_time=$(FUZZ_SECONDS) \
+		$(FUZZ_ENV) RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz $$t -- -max_total_time=$(FUZZ_SECONDS) \
 			> fuzz/logs/$$t.log 2>&1 || { tail -n 60 fuzz/logs/$$t.log; exit 1; }; \
 		echo "fuzz $$t: $$(grep -E '^Done [0-9]+ runs' fuzz/logs/$$t.log)"; \
 	done

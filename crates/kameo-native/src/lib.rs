@@ -46,6 +46,24 @@ fn decode<'py>(py: Python<'py>, data: &[u8], allow_pickle: bool) -> PyResult<Bou
         .map_err(|e| errors::serialization(py, format!("cannot decode: {e}")))
 }
 
+/// The real decoder over arbitrary bytes, for the fuzz target `fuzz/fuzz_targets/py_decode.rs`
+/// (not part of the Python API): decode inline without pickle; when that succeeds, encode the
+/// value again and decode that. Errors are fine; a panic or a crash is the bug.
+#[doc(hidden)]
+pub fn fuzz_decode(py: Python<'_>, data: &[u8]) {
+    let opts = options(false);
+    let Ok(value) = codec::decode(py, data, &opts, &[]) else {
+        return;
+    };
+    // A value the decoder built may still be refused by the encoder (e.g. a dataclass given
+    // only some of its fields), but whatever the encoder writes must decode.
+    if let Ok(again) = codec::encode_to_vec(&value, &opts) {
+        if let Err(e) = codec::decode(py, &again, &opts, &[]) {
+            panic!("kameo decoded {data:?}, encoded it as {again:?}, and cannot decode that: {e}");
+        }
+    }
+}
+
 #[pymodule]
 mod _native {
     #[pymodule_export]
