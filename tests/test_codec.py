@@ -25,18 +25,30 @@ import pytest
 from conftest import BackgroundPool
 from handlers.values import (
     Bag,
+    Blob,
+    Buffer,
     Color,
     Coord,
+    Count,
+    Frozen,
     FrozenPoint,
     Level,
     Line,
+    Members,
     Mode,
     OddTZ,
     Order,
     Pair,
     Perm,
+    Phase,
     Point,
+    Price,
+    Record,
+    Rows,
     SlotPoint,
+    Tag,
+    Triple,
+    Unregistered,
 )
 from handlers.values import Foo as Opaque
 from hypothesis import HealthCheck, given, settings
@@ -410,6 +422,88 @@ def test_builtin_subclasses_arrive_as_base_type(sync_echo_pool):
     expected = [5, "s", [1, 2], {"k": []}]
     same(round_trip(value), expected)
     same(sync_echo_pool.ask(value), expected)
+
+
+# Instances of subclasses registered with kameo.register_type (in handlers.values, which the
+# workers import too), nested in each other.
+REGISTERED = [
+    Tag("t"),
+    Count(-3),
+    Count(2**70),
+    Price(-0.0),
+    Phase(1 - 2j),
+    Blob(b"\x00b"),
+    Buffer(b"buf"),
+    Rows([1, Tag("x"), Rows([], required=0)], required=2),
+    Triple((1, Count(2))),
+    Record({Tag("k"): Record(), "n": [Count(1)]}),
+    Members({1, Tag("m")}),
+    Frozen({Frozen(), 2}),
+]
+
+
+@pytest.mark.parametrize("value", REGISTERED, ids=lambda v: type(v).__name__)
+def test_registered_subclasses_keep_their_class(sync_echo_pool, value):
+    same(round_trip(value), value)
+    same(sync_echo_pool.ask(value), value)
+
+
+def test_registered_subclass_carries_its_value_only():
+    """Made by the base type: the class's __init__ does not run, instance attributes stay
+    behind; an unregistered subclass still arrives as its base."""
+    got = round_trip([Rows([1], required=5), Unregistered("u")])
+    assert type(got[0]) is Rows and got[0] == [1]
+    assert not hasattr(got[0], "required")
+    assert type(got[1]) is str
+
+
+def _wire_str(s: str) -> bytes:
+    b = s.encode()
+    assert len(b) < 128
+    return bytes([len(b)]) + b
+
+
+def _subclass_bytes(qualname: str, value: Any) -> bytes:
+    return b"\x1c" + _wire_str("handlers.values") + _wire_str(qualname) + kameo.encode(value)
+
+
+def test_decoder_builds_only_registered_classes():
+    assert type(kameo.decode(_subclass_bytes("Tag", "t"))) is Tag
+    for qualname, value, why in [
+        ("Unregistered", "u", "is not a class registered with kameo.register_type"),
+        ("Point", "p", "is not a class registered with kameo.register_type"),
+        ("Nothing", "x", "has no class Nothing"),
+        ("Tag", 5, "derives from str, the value is of type int"),
+        ("Rows", (1, 2), "derives from list, the value is of type tuple"),
+        ("Tag", None, "cannot decode"),
+    ]:
+        with pytest.raises(kameo.SerializationError, match=why):
+            kameo.decode(_subclass_bytes(qualname, value))
+
+
+def test_register_type_refuses_what_it_cannot_carry():
+    assert kameo.register_type(Tag) is Tag  # again: no change
+
+    class Local(str):
+        pass
+
+    @dataclasses.dataclass
+    class DataDict(dict):  # type: ignore[type-arg]
+        x: int = 0
+
+    for cls, exc, why in [
+        (str, TypeError, "built-in type"),
+        (bool, TypeError, "built-in type"),
+        (5, TypeError, "takes a class"),
+        (Opaque, TypeError, "subclasses of str, int"),
+        (Level, TypeError, "enum members"),
+        (Point, TypeError, "subclasses of str, int"),
+        (DataDict, TypeError, "dataclass"),
+        (Pair, TypeError, "NamedTuple"),
+        (Local, ValueError, "inside a function"),
+    ]:
+        with pytest.raises(exc, match=why):
+            kameo.register_type(cls)  # type: ignore[type-var]
 
 
 def test_intenum_is_not_encoded_as_int(sync_echo_pool):

@@ -7,7 +7,7 @@
 from typing import Any
 
 from kameo import _runtime
-from kameo._native import PROTOCOL_VERSION, decode, encode
+from kameo._native import PROTOCOL_VERSION, decode, encode, register_type
 from kameo.callbacks import Callbacks
 from kameo.errors import (
     CallbackNotFound,
@@ -47,6 +47,7 @@ __all__ = [
     "current_traceparent",
     "decode",
     "encode",
+    "register_type",
 ]
 
 

@@ -2,7 +2,9 @@
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, ClassVar, final
+from typing import Any, ClassVar, TypeVar, final
+
+_T = TypeVar("_T", bound=type)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -13,6 +15,7 @@ __all__ = [
     "die_with_parent",
     "encode",
     "kill_own_group",
+    "register_type",
     "spawn_worker",
 ]
 
@@ -21,6 +24,7 @@ __version__: str
 
 def encode(obj: Any, *, allow_pickle: bool = False) -> bytes: ...
 def decode(data: bytes, *, allow_pickle: bool = False) -> Any: ...
+def register_type(cls: _T) -> _T: ...
 def spawn_worker(
     argv: list[str], env: list[tuple[str, str]], cwd: str | None = None
 ) -> tuple[int, int, int, int]: ...

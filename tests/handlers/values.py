@@ -3,7 +3,8 @@
 The codec sends Enum members, dataclass and NamedTuple instances by reference to their
 class (``handlers.values.Point``), so the classes used by tests/test_codec.py and
 tests/test_shm.py live here, where both the test process and the workers can import them.
-No side effects at import time; numpy is imported lazily.
+Importing it registers the subclasses below with kameo.register_type (nothing else happens at
+import); numpy is imported lazily.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import time
 from datetime import timedelta, tzinfo
 from typing import Any, NamedTuple
+
+import kameo
 
 # --------------------------------------------------------------------------- enums
 
@@ -92,6 +95,72 @@ class Pair(NamedTuple):
 
 
 Coord = collections.namedtuple("Coord", ["lat", "lon"])
+
+
+# --------------------------------------------------------------------------- registered subclasses
+# Subclasses of built-ins keep their class only when registered (here at import, so that the
+# workers that import this module register them too).
+
+
+@kameo.register_type
+class Tag(str):
+    pass
+
+
+@kameo.register_type
+class Count(int):
+    pass
+
+
+@kameo.register_type
+class Price(float):
+    pass
+
+
+@kameo.register_type
+class Phase(complex):
+    pass
+
+
+@kameo.register_type
+class Blob(bytes):
+    pass
+
+
+@kameo.register_type
+class Buffer(bytearray):
+    pass
+
+
+@kameo.register_type
+class Rows(list):  # type: ignore[type-arg]
+    def __init__(self, *args: Any, required: int) -> None:  # never called by the decoder
+        super().__init__(*args)
+        self.required = required
+
+
+@kameo.register_type
+class Triple(tuple):  # type: ignore[type-arg]
+    pass
+
+
+@kameo.register_type
+class Record(dict):  # type: ignore[type-arg]
+    pass
+
+
+@kameo.register_type
+class Members(set):  # type: ignore[type-arg]
+    pass
+
+
+@kameo.register_type
+class Frozen(frozenset):  # type: ignore[type-arg]
+    pass
+
+
+class Unregistered(str):
+    pass
 
 
 # --------------------------------------------------------------------------- not for the codec

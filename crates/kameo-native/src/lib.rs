@@ -46,6 +46,15 @@ fn decode<'py>(py: Python<'py>, data: &[u8], allow_pickle: bool) -> PyResult<Bou
         .map_err(|e| errors::serialization(py, format!("cannot decode: {e}")))
 }
 
+/// Register a subclass of a built-in type (str, int, float, complex, bytes, bytearray, list,
+/// tuple, dict, set, frozenset) so that its instances arrive as instances of it rather than of
+/// the base type. Returns the class, so it can decorate the class statement.
+#[pyfunction]
+fn register_type<'py>(cls: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    codec::register_type(cls)?;
+    Ok(cls.clone())
+}
+
 /// The real decoder over arbitrary bytes, for the fuzz target `fuzz/fuzz_targets/py_decode.rs`
 /// (not part of the Python API): decode inline without pickle; when that succeeds, encode the
 /// value again and decode that. Errors are fine; a panic or a crash is the bug.
@@ -74,6 +83,8 @@ mod _native {
     use super::decode;
     #[pymodule_export]
     use super::encode;
+    #[pymodule_export]
+    use super::register_type;
     #[pymodule_export]
     use super::spawn::{die_with_parent, kill_own_group, spawn_worker};
 

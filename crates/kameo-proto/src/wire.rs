@@ -77,6 +77,9 @@ pub const TAG_NDARRAY: u8 = 0x18;
 pub const TAG_NPSCALAR: u8 = 0x19;
 pub const TAG_PICKLE: u8 = 0x1A;
 pub const TAG_SHM_BYTES: u8 = 0x1B;
+/// An instance of a subclass of a built-in type registered with `kameo.register_type`: the
+/// class, then the value as its built-in base.
+pub const TAG_SUBCLASS: u8 = 0x1C;
 
 /// `tz` kinds of datetime and time values.
 pub const TZ_NAIVE: u8 = 0;
@@ -330,6 +333,12 @@ pub enum Value {
         class: (String, String),
         fields: Vec<(Option<String>, Value)>,
     },
+    /// An instance of a registered subclass of a built-in type (TAG_SUBCLASS): its class and
+    /// its value as the base type (see [`Value::is_builtin_base`]).
+    Subclass {
+        class: (String, String),
+        value: Box<Value>,
+    },
     /// A numpy array or scalar (TAG_NDARRAY / TAG_NPSCALAR).
     Array {
         tag: u8,
@@ -528,6 +537,12 @@ impl Value {
                     v.encode(out);
                 }
             }
+            Value::Subclass { class, value } => {
+                out.push(TAG_SUBCLASS);
+                put_str(out, &class.0);
+                put_str(out, &class.1);
+                value.encode(out);
+            }
             Value::Array {
                 tag,
                 descr,
@@ -702,6 +717,23 @@ impl Value {
                 }
                 Value::Object { tag, class, fields }
             }
+            TAG_SUBCLASS => {
+                if depth >= MAX_DEPTH {
+                    return Err(DecodeError::TooDeep);
+                }
+                let class = (r.str()?.to_owned(), r.str()?.to_owned());
+                let value = Value::read(r, depth + 1)?;
+                if !value.is_builtin_base() {
+                    return Err(DecodeError::Invalid {
+                        at,
+                        why: "a registered subclass must wrap a built-in value",
+                    });
+                }
+                Value::Subclass {
+                    class,
+                    value: Box::new(value),
+                }
+            }
             tag @ (TAG_NDARRAY | TAG_NPSCALAR) => {
                 if depth >= MAX_DEPTH {
                     return Err(DecodeError::TooDeep);
@@ -767,7 +799,29 @@ impl Value {
         })
     }
 
-    /// Whether Python could hash the decoded value (containers of mutable types cannot).
+    /// Whether the value is of a built-in type that `kameo.register_type` accepts subclasses
+    /// of: str, int, float, complex, bytes, bytearray, list, tuple, dict, set, frozenset.
+    pub fn is_builtin_base(&self) -> bool {
+        matches!(
+            self,
+            Value::Int(_)
+                | Value::BigInt(_)
+                | Value::Float(_)
+                | Value::Str(_)
+                | Value::Bytes(_)
+                | Value::ByteArray(_)
+                | Value::ShmBytes { .. }
+                | Value::Complex(..)
+                | Value::List(_)
+                | Value::Tuple(_)
+                | Value::Dict(_)
+                | Value::Set(_)
+                | Value::FrozenSet(_)
+        )
+    }
+
+    /// Whether Python could hash the decoded value (containers of mutable types cannot; a
+    /// registered subclass may define its own hash, so it is given the benefit of the doubt).
     fn hashable(&self) -> bool {
         match self {
             Value::List(_)
@@ -853,6 +907,17 @@ mod tests {
                         fields: vec![(None, v)],
                     }
                 }),
+                (
+                    "[a-z.]{1,10}",
+                    "[A-Za-z.]{1,10}",
+                    inner
+                        .clone()
+                        .prop_filter("a built-in base", Value::is_builtin_base)
+                )
+                    .prop_map(|(m, q, v)| Value::Subclass {
+                        class: (m, q),
+                        value: Box::new(v),
+                    }),
                 (
                     inner,
                     proptest::collection::vec(0u64..100, 0..4),
@@ -958,5 +1023,18 @@ mod tests {
             Value::decode(&[TAG_DICT, 1, TAG_LIST, 0, TAG_NONE]),
             Err(DecodeError::Invalid { .. })
         ));
+        // A registered subclass wraps a built-in value, not None.
+        assert!(matches!(
+            Value::decode(&[TAG_SUBCLASS, 1, b'm', 1, b'C', TAG_NONE]),
+            Err(DecodeError::Invalid { .. })
+        ));
+        let ok = [TAG_SUBCLASS, 1, b'm', 1, b'C', TAG_LIST, 0];
+        assert_eq!(
+            Value::decode(&ok),
+            Ok(Value::Subclass {
+                class: ("m".into(), "C".into()),
+                value: Box::new(Value::List(vec![])),
+            })
+        );
     }
 }

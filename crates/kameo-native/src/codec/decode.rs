@@ -432,6 +432,12 @@ impl<'b, 'py> Decoder<'b, 'py> {
                     }
                     self.ndarray(tag, at, depth)
                 }
+                wire::TAG_SUBCLASS => {
+                    if depth >= MAX_DEPTH {
+                        return Err(DecodeError::TooDeep);
+                    }
+                    self.subclass(at, depth)
+                }
                 wire::TAG_PICKLE => {
                     let n = self.r.len(1)?;
                     let b = self.r.take(n)?;
@@ -715,6 +721,60 @@ impl<'b, 'py> Decoder<'b, 'py> {
                 Ok(obj)
             }
         }
+    }
+
+    /// An instance of a registered subclass of a built-in type. The class must be registered
+    /// on this side too; the instance is made by the base type (`str.__new__(cls, value)`, or
+    /// `list.__new__(cls)` then `list.extend`), without calling the class's own `__new__` or
+    /// `__init__`.
+    fn subclass(&mut self, at: usize, depth: usize) -> Result<Bound<'py, PyAny>, DecodeError> {
+        let py = self.py;
+        let module = self.r.str()?;
+        let qualname = self.r.str()?;
+        let cls = refs::resolve_class(
+            py,
+            module,
+            qualname,
+            |c| refs::is_registered(py, c),
+            "a class registered with kameo.register_type",
+        )
+        .map_err(|why| DecodeError::Refused { at, why })?;
+        let value = self.value(depth + 1)?;
+        let refuse = |why: String| DecodeError::Refused { at, why };
+        let cls = cls
+            .cast_into::<PyType>()
+            .map_err(|_| refuse(format!("{module}.{qualname} is not a class")))?;
+        let base = refs::builtin_base(&cls)
+            .ok_or_else(|| refuse(format!("{module}.{qualname} has no built-in base")))?;
+        if !value.get_type().is(&base) {
+            return Err(refuse(format!(
+                "{module}.{qualname} derives from {}, the value is of type {}",
+                base.name().map(|n| n.to_string()).unwrap_or_default(),
+                value
+                    .get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default(),
+            )));
+        }
+        let fill = if base.is(py.get_type::<pyo3::types::PyList>())
+            || base.is(py.get_type::<pyo3::types::PyByteArray>())
+        {
+            Some("extend")
+        } else if base.is(py.get_type::<PyDict>()) || base.is(py.get_type::<pyo3::types::PySet>()) {
+            Some("update")
+        } else {
+            None
+        };
+        let built = match fill {
+            // Mutable bases: an empty instance, filled by the base type's own method.
+            Some(method) => base.call_method1("__new__", (&cls,)).and_then(|obj| {
+                base.getattr(method)?.call1((&obj, value))?;
+                Ok(obj)
+            }),
+            None => base.call_method1("__new__", (&cls, value)),
+        };
+        built.map_err(py_refused(at))
     }
 
     fn ndarray(

@@ -429,6 +429,9 @@ impl<'a> Encoder<'a> {
     unsafe fn other(&mut self, obj: *mut ffi::PyObject, depth: usize) -> Result<(), EncodeError> {
         let py = Python::assume_attached();
         let any = Bound::from_borrowed_ptr(py, obj);
+        if refs::is_registered(py, any.get_type().as_any()) {
+            return self.registered(&any, depth);
+        }
         if ffi::PyDateTimeAPI().is_null() {
             ffi::PyDateTime_IMPORT();
             if ffi::PyDateTimeAPI().is_null() {
@@ -468,11 +471,7 @@ impl<'a> Encoder<'a> {
             return self.named_tuple(&any, depth);
         }
         if ffi::PyComplex_Check(obj) != 0 {
-            self.out.push(wire::TAG_COMPLEX);
-            self.out
-                .extend_from_slice(&ffi::PyComplex_RealAsDouble(obj).to_le_bytes());
-            self.out
-                .extend_from_slice(&ffi::PyComplex_ImagAsDouble(obj).to_le_bytes());
+            self.complex(obj);
             return Ok(());
         }
         if ffi::PyFrozenSet_Check(obj) != 0 {
@@ -482,14 +481,7 @@ impl<'a> Encoder<'a> {
             return self.set(obj, wire::TAG_SET, depth);
         }
         if ffi::PyByteArray_Check(obj) != 0 {
-            let n = ffi::PyByteArray_Size(obj) as usize;
-            let p = ffi::PyByteArray_AsString(obj) as *const u8;
-            let data = if n == 0 {
-                &[][..]
-            } else {
-                std::slice::from_raw_parts(p, n)
-            };
-            return self.bytes_like(wire::TAG_BYTEARRAY, data, false);
+            return self.bytearray(obj);
         }
         if ffi::PyMemoryView_Check(obj) != 0 {
             // Arrives as bytes; a non-contiguous view is gathered first.
@@ -566,6 +558,80 @@ impl<'a> Encoder<'a> {
             return self.bytes_like(wire::TAG_BYTES, bytes_data(obj), true);
         }
         self.pickled(&any)
+    }
+
+    unsafe fn bytearray(&mut self, obj: *mut ffi::PyObject) -> Result<(), EncodeError> {
+        let n = ffi::PyByteArray_Size(obj) as usize;
+        let p = ffi::PyByteArray_AsString(obj) as *const u8;
+        let data = if n == 0 {
+            &[][..]
+        } else {
+            std::slice::from_raw_parts(p, n)
+        };
+        self.bytes_like(wire::TAG_BYTEARRAY, data, false)
+    }
+
+    unsafe fn complex(&mut self, obj: *mut ffi::PyObject) {
+        self.out.push(wire::TAG_COMPLEX);
+        self.out
+            .extend_from_slice(&ffi::PyComplex_RealAsDouble(obj).to_le_bytes());
+        self.out
+            .extend_from_slice(&ffi::PyComplex_ImagAsDouble(obj).to_le_bytes());
+    }
+
+    /// An instance of a class registered with `kameo.register_type`: the class, then the
+    /// value as its built-in base.
+    unsafe fn registered(
+        &mut self,
+        any: &Bound<'_, PyAny>,
+        depth: usize,
+    ) -> Result<(), EncodeError> {
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        let cls = any.get_type().into_any();
+        self.class(
+            wire::TAG_SUBCLASS,
+            &cls,
+            &format!("registered type {}", type_name(any.as_ptr())),
+        )?;
+        let obj = any.as_ptr();
+        let depth = depth + 1;
+        if ffi::PyUnicode_Check(obj) != 0 {
+            self.str(obj)
+        } else if ffi::PyLong_Check(obj) != 0 {
+            self.int(obj)
+        } else if ffi::PyFloat_Check(obj) != 0 {
+            put_fixed(
+                self.out,
+                wire::TAG_FLOAT,
+                ffi::PyFloat_AsDouble(obj).to_le_bytes(),
+            );
+            Ok(())
+        } else if ffi::PyComplex_Check(obj) != 0 {
+            self.complex(obj);
+            Ok(())
+        } else if ffi::PyBytes_Check(obj) != 0 {
+            self.bytes_like(wire::TAG_BYTES, bytes_data(obj), true)
+        } else if ffi::PyByteArray_Check(obj) != 0 {
+            self.bytearray(obj)
+        } else if ffi::PyList_Check(obj) != 0 {
+            self.list(obj, depth)
+        } else if ffi::PyTuple_Check(obj) != 0 {
+            self.tuple(obj, wire::TAG_TUPLE, depth)
+        } else if ffi::PyDict_Check(obj) != 0 {
+            self.dict(obj, depth)
+        } else if ffi::PyFrozenSet_Check(obj) != 0 {
+            self.set(obj, wire::TAG_FROZENSET, depth)
+        } else if ffi::PySet_Check(obj) != 0 {
+            self.set(obj, wire::TAG_SET, depth)
+        } else {
+            // register_type only takes subclasses of the types above.
+            Err(EncodeError::new(format!(
+                "registered type {} is not a subclass of a built-in type",
+                type_name(obj)
+            )))
+        }
     }
 
     /// The last resort: pickle, when allowed.

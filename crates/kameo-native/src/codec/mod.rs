@@ -3,10 +3,12 @@
 //! * [`encode`]: walks CPython objects through the C API. Exact built-in types are recognised
 //!   by their type pointer (the hot path); everything else goes through one classification
 //!   (datetime family, enum, dataclass, NamedTuple, numpy, ...). Subclasses of built-ins are
-//!   encoded as their base. Errors carry the path of the offending value.
+//!   encoded as their base unless registered (`kameo.register_type`, TAG_SUBCLASS). Errors
+//!   carry the path of the offending value.
 //! * [`decode`]: builds Python objects straight from the bytes; malformed input is an error,
 //!   never a panic or an out-of-bounds read.
-//! * [`refs`]: the Python objects the rare types need (classes, numpy helpers), looked up once.
+//! * [`refs`]: the Python objects the rare types need (classes, numpy helpers), looked up once,
+//!   and the registered subclasses.
 //!
 //! Large bytes-like values and numpy arrays go out of band through sealed shared-memory
 //! segments ([`crate::shm`]) when the caller gives a threshold; `kameo.encode` never does.
@@ -17,6 +19,7 @@ mod refs;
 
 pub use decode::decode;
 pub use encode::{EncodeError, Encoder};
+pub use refs::register as register_type;
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;

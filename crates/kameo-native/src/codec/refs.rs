@@ -4,9 +4,14 @@
 //! uuid, numpy) are never imported by the encoder: it asks `sys.modules`. The decoder imports
 //! what a value needs (numpy for an array, the module of an enum or dataclass).
 
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyString};
+use pyo3::types::{
+    PyByteArray, PyBytes, PyComplex, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PySet, PyString,
+    PyTuple, PyType,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 type Cell = PyOnceLock<Py<PyAny>>;
 
@@ -107,4 +112,87 @@ pub fn class_path(cls: &Bound<'_, PyAny>) -> Result<(String, String), String> {
         ));
     }
     Ok((module, qualname))
+}
+
+/// Classes registered with `kameo.register_type`; `ANY_REGISTERED` spares the common case
+/// (none) the lookup.
+static REGISTERED: PyOnceLock<Py<PySet>> = PyOnceLock::new();
+static ANY_REGISTERED: AtomicBool = AtomicBool::new(false);
+
+fn registered_set(py: Python<'_>) -> PyResult<Bound<'_, PySet>> {
+    REGISTERED
+        .get_or_try_init(py, || PySet::empty(py).map(Bound::unbind))
+        .map(|s| s.bind(py).clone())
+}
+
+/// Whether `cls` was registered with `kameo.register_type`.
+pub fn is_registered(py: Python<'_>, cls: &Bound<'_, PyAny>) -> bool {
+    ANY_REGISTERED.load(Ordering::Relaxed)
+        && registered_set(py).is_ok_and(|s| s.contains(cls).unwrap_or(false))
+}
+
+/// The built-in type a registered subclass travels as: the first of these it derives from.
+pub fn builtin_base<'py>(cls: &Bound<'py, PyType>) -> Option<Bound<'py, PyType>> {
+    let py = cls.py();
+    [
+        py.get_type::<PyString>(),
+        py.get_type::<PyInt>(),
+        py.get_type::<PyFloat>(),
+        py.get_type::<PyComplex>(),
+        py.get_type::<PyBytes>(),
+        py.get_type::<PyByteArray>(),
+        py.get_type::<PyList>(),
+        py.get_type::<PyTuple>(),
+        py.get_type::<PyDict>(),
+        py.get_type::<PyFrozenSet>(),
+        py.get_type::<PySet>(),
+    ]
+    .into_iter()
+    .find(|base| cls.is_subclass(base).unwrap_or(false))
+}
+
+/// Register a subclass of a built-in type so that its instances keep their class on the wire
+/// (both sides must register it, normally at import of the module that defines it).
+pub fn register(cls: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = cls.py();
+    let ty = cls
+        .cast::<PyType>()
+        .map_err(|_| PyTypeError::new_err("register_type() takes a class"))?;
+    let name = ty
+        .fully_qualified_name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "<class>".into());
+    let module: String = ty.module().map(|m| m.to_string()).unwrap_or_default();
+    let refuse = |why: &str| {
+        Err(PyTypeError::new_err(format!(
+            "cannot register {name}: {why}"
+        )))
+    };
+    let Some(base) = builtin_base(ty) else {
+        return refuse(
+            "kameo.register_type takes subclasses of str, int, float, complex, bytes, bytearray, list, tuple, dict, set and frozenset",
+        );
+    };
+    if module == "builtins" || ty.is(&base) {
+        return refuse("it is a built-in type, which kameo sends as it is");
+    }
+    if ty.is_subclass(&enum_class(py)?)? {
+        return refuse("enum members already keep their class");
+    }
+    if ty.hasattr("__dataclass_fields__")? {
+        return refuse("dataclass instances already keep their class");
+    }
+    if ty.is_subclass_of::<PyTuple>()? && ty.hasattr("_fields")? {
+        return refuse("NamedTuple instances already keep their class");
+    }
+    if let Some((_, generic)) = numpy_types(py) {
+        if ty.is_subclass(&generic)? {
+            return refuse("numpy scalars already keep their type");
+        }
+    }
+    class_path(ty.as_any())
+        .map_err(|why| PyValueError::new_err(format!("cannot register {name}: {why}")))?;
+    registered_set(py)?.add(ty)?;
+    ANY_REGISTERED.store(true, Ordering::Relaxed);
+    Ok(())
 }
