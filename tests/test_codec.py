@@ -506,6 +506,30 @@ def test_register_type_refuses_what_it_cannot_carry():
             kameo.register_type(cls)  # type: ignore[type-var]
 
 
+def test_records_with_near_identical_keys():
+    """Records whose keys at the same position differ only a little (the decoder reuses the
+    previous record's key objects when they match byte for byte)."""
+    long = "k" * 40
+    records = [
+        {"id": 1, "qty": 2, "a": 3},
+        {"id": 1, "qtz": 2, "b": 3},
+        {"ie": 1, "qty": 2, "a": 3, "extra": 4},
+        {"qty": 2, "id": 1},
+        {"id": 1, 5: "five", "a": 3},
+        {"id": 1, "qty\u00e9": 2, "a": 3},
+        {"id": 1, "q": 2, "": 3},
+        {long: 1, long[:-1] + "j": 2},
+        {long: 1, long[:-1] + "j": 2},
+        {"id": {"id": 1, "x": [{"id": 2, "y": 3}, {"id": 2, "z": 3}]}},
+        {"id": 1, "qty": 2, "a": 3},
+        {},
+        {"id": Tag("id"), Tag("qty"): 2},
+    ]
+    got = round_trip(records)
+    same(got, records)
+    assert [list(r) for r in got] == [list(r) for r in records]
+
+
 def test_intenum_is_not_encoded_as_int(sync_echo_pool):
     value = {Level.LOW: Level.HIGH, "l": [Level.LOW, 1]}
     for got in (round_trip(value), sync_echo_pool.ask(value)):

@@ -173,6 +173,12 @@ impl<'a> Reader<'a> {
         self.buf.len() - self.pos
     }
 
+    /// The input not consumed yet.
+    #[inline]
+    pub fn rest(&self) -> &'a [u8] {
+        &self.buf[self.pos..]
+    }
+
     /// The next byte, without consuming it.
     #[inline]
     pub fn peek(&self) -> Option<u8> {

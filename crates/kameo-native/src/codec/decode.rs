@@ -39,6 +39,7 @@ pub fn decode<'py>(
             opts,
             segs,
             cache: cache.as_deref_mut(),
+            keys: LastKeys { slots: None },
         };
         run(d, buf.len())
     })
@@ -59,12 +60,93 @@ fn run<'py>(mut d: Decoder<'_, 'py>, len: usize) -> Result<Bound<'py, PyAny>, De
     Ok(v)
 }
 
+/// The str keys of the last dict decoded at each of the nesting levels 1 to 4, by position:
+/// records in a list repeat the same keys in the same order, so the key at position i is
+/// usually the key at position i of the previous dict at that level, and checking that is
+/// cheaper than the str cache (the object is at hand and hot). Holds a reference to each;
+/// allocated at the first nested dict (a lone top-level dict has nothing to repeat).
+struct LastKeys {
+    slots: Option<Box<[*mut ffi::PyObject; LAST_KEYS_LEVELS * LAST_KEYS_PER_DICT]>>,
+}
+
+const LAST_KEYS_LEVELS: usize = 4;
+const LAST_KEYS_PER_DICT: usize = 16;
+
+impl LastKeys {
+    #[inline(always)]
+    fn slot(depth: usize, i: usize) -> Option<usize> {
+        ((1..=LAST_KEYS_LEVELS).contains(&depth) && i < LAST_KEYS_PER_DICT)
+            .then(|| (depth - 1) * LAST_KEYS_PER_DICT + i)
+    }
+
+    /// If the next value is a str equal to the remembered key at (depth, i): consume it and
+    /// return a new reference to the key.
+    #[inline(always)]
+    fn hit(&self, r: &mut Reader<'_>, depth: usize, i: usize) -> Option<*mut ffi::PyObject> {
+        let k = self.slots.as_ref()?[Self::slot(depth, i)?];
+        if k.is_null() {
+            return None;
+        }
+        // SAFETY: k is a compact ASCII str we hold a reference to (see `remember`).
+        unsafe {
+            let n = ffi::PyUnicode_GET_LENGTH(k) as usize;
+            let rest = r.rest();
+            // Tag, one-byte length (keys kept are at most STR_CACHE_MAX_LEN long), bytes.
+            if rest.len() < 2 + n || rest[0] != wire::TAG_STR || usize::from(rest[1]) != n {
+                return None;
+            }
+            let data = std::slice::from_raw_parts(ffi::PyUnicode_1BYTE_DATA(k), n);
+            if !eq_short(&rest[2..2 + n], data) {
+                return None;
+            }
+            r.take(2 + n).ok()?;
+            Some(ffi::Py_NewRef(k))
+        }
+    }
+
+    /// Keep `k` as the key at (depth, i) if it is a short compact ASCII str.
+    #[inline(always)]
+    fn remember(&mut self, depth: usize, i: usize, k: *mut ffi::PyObject) {
+        let Some(s) = Self::slot(depth, i) else {
+            return;
+        };
+        // SAFETY: k is a live object; the GIL is held.
+        unsafe {
+            if ffi::Py_TYPE(k) != &raw mut ffi::PyUnicode_Type
+                || ffi::PyUnicode_IS_COMPACT_ASCII(k) == 0
+                || ffi::PyUnicode_GET_LENGTH(k) as usize > STR_CACHE_MAX_LEN
+            {
+                return;
+            }
+            let slots = self.slots.get_or_insert_with(|| {
+                Box::new([std::ptr::null_mut(); LAST_KEYS_LEVELS * LAST_KEYS_PER_DICT])
+            });
+            let old = std::mem::replace(&mut slots[s], ffi::Py_NewRef(k));
+            if !old.is_null() {
+                ffi::Py_DECREF(old);
+            }
+        }
+    }
+}
+
+impl Drop for LastKeys {
+    fn drop(&mut self) {
+        for &k in self.slots.iter().flat_map(|s| s.iter()) {
+            if !k.is_null() {
+                // SAFETY: a reference we hold; decoding runs with the GIL held.
+                unsafe { ffi::Py_DECREF(k) };
+            }
+        }
+    }
+}
+
 struct Decoder<'b, 'py> {
     py: Python<'py>,
     r: Reader<'b>,
     opts: &'b Options,
     segs: &'b [Arc<OwnedFd>],
     cache: Option<&'b mut StrCache>,
+    keys: LastKeys,
 }
 
 fn owned<'py>(
@@ -310,8 +392,15 @@ impl<'b, 'py> Decoder<'b, 'py> {
                     }
                     let n = r.len(2)?;
                     let dict = owned(py, _PyDict_NewPresized(n as ffi::Py_ssize_t), at)?;
-                    for _ in 0..n {
-                        let k = self.value(depth + 1)?;
+                    for i in 0..n {
+                        let k = match self.keys.hit(&mut self.r, depth, i) {
+                            Some(k) => owned(py, k, at)?,
+                            None => {
+                                let k = self.value(depth + 1)?;
+                                self.keys.remember(depth, i, k.as_ptr());
+                                k
+                            }
+                        };
                         let v = self.value(depth + 1)?;
                         if ffi::PyDict_SetItem(dict.as_ptr(), k.as_ptr(), v.as_ptr()) != 0 {
                             let _ = PyErr::take(py);
