@@ -507,8 +507,8 @@ def test_register_type_refuses_what_it_cannot_carry():
 
 
 def test_records_with_near_identical_keys():
-    """Records whose keys at the same position differ only a little (the decoder reuses the
-    previous record's key objects when they match byte for byte)."""
+    """Records whose keys and str values at the same position differ only a little (the
+    decoder reuses the previous record's str objects when they match byte for byte)."""
     long = "k" * 40
     records = [
         {"id": 1, "qty": 2, "a": 3},
@@ -524,6 +524,13 @@ def test_records_with_near_identical_keys():
         {"id": 1, "qty": 2, "a": 3},
         {},
         {"id": Tag("id"), Tag("qty"): 2},
+        {"s": "AAPL", "side": "buy"},
+        {"s": "AAPM", "side": "buy"},
+        {"s": "AAPL", "side": "bu"},
+        {"s": 5, "side": b"buy"},
+        {"s": "AAPL", "side": "s\u00e9ll"},
+        {"s": Tag("AAPL"), "side": "buy"},
+        {"s": "AAPL", "side": "buy"},
     ]
     got = round_trip(records)
     same(got, records)

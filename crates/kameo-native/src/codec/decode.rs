@@ -60,30 +60,43 @@ fn run<'py>(mut d: Decoder<'_, 'py>, len: usize) -> Result<Bound<'py, PyAny>, De
     Ok(v)
 }
 
-/// The str keys of the last dict decoded at each of the nesting levels 1 to 4, by position:
-/// records in a list repeat the same keys in the same order, so the key at position i is
-/// usually the key at position i of the previous dict at that level, and checking that is
+/// The short str keys and values of the last dict decoded at each of the nesting levels 1 to
+/// 4, by position: records in a list repeat the same keys in the same order, and often the
+/// same values in a field (a symbol, a side), so the str at key or value position i is
+/// usually the one at position i of the previous dict at that level, and checking that is
 /// cheaper than the str cache (the object is at hand and hot). Holds a reference to each;
 /// allocated at the first nested dict (a lone top-level dict has nothing to repeat).
 struct LastKeys {
-    slots: Option<Box<[*mut ffi::PyObject; LAST_KEYS_LEVELS * LAST_KEYS_PER_DICT]>>,
+    slots: Option<Box<[*mut ffi::PyObject; LAST_KEYS_SLOTS]>>,
 }
 
 const LAST_KEYS_LEVELS: usize = 4;
 const LAST_KEYS_PER_DICT: usize = 16;
+/// Keys, then values.
+const LAST_KEYS_SLOTS: usize = 2 * LAST_KEYS_LEVELS * LAST_KEYS_PER_DICT;
 
 impl LastKeys {
+    /// The slot of the key (`value` false) or value at position i of a dict at `depth`.
     #[inline(always)]
-    fn slot(depth: usize, i: usize) -> Option<usize> {
-        ((1..=LAST_KEYS_LEVELS).contains(&depth) && i < LAST_KEYS_PER_DICT)
-            .then(|| (depth - 1) * LAST_KEYS_PER_DICT + i)
+    fn slot(depth: usize, i: usize, value: bool) -> Option<usize> {
+        ((1..=LAST_KEYS_LEVELS).contains(&depth) && i < LAST_KEYS_PER_DICT).then(|| {
+            usize::from(value) * LAST_KEYS_LEVELS * LAST_KEYS_PER_DICT
+                + (depth - 1) * LAST_KEYS_PER_DICT
+                + i
+        })
     }
 
-    /// If the next value is a str equal to the remembered key at (depth, i): consume it and
-    /// return a new reference to the key.
+    /// If the next value is a str equal to the one remembered at (depth, i, value): consume it
+    /// and return a new reference to that str.
     #[inline(always)]
-    fn hit(&self, r: &mut Reader<'_>, depth: usize, i: usize) -> Option<*mut ffi::PyObject> {
-        let k = self.slots.as_ref()?[Self::slot(depth, i)?];
+    fn hit(
+        &self,
+        r: &mut Reader<'_>,
+        depth: usize,
+        i: usize,
+        value: bool,
+    ) -> Option<*mut ffi::PyObject> {
+        let k = self.slots.as_ref()?[Self::slot(depth, i, value)?];
         if k.is_null() {
             return None;
         }
@@ -104,10 +117,10 @@ impl LastKeys {
         }
     }
 
-    /// Keep `k` as the key at (depth, i) if it is a short compact ASCII str.
+    /// Keep `k` as the str at (depth, i, value) if it is a short compact ASCII str.
     #[inline(always)]
-    fn remember(&mut self, depth: usize, i: usize, k: *mut ffi::PyObject) {
-        let Some(s) = Self::slot(depth, i) else {
+    fn remember(&mut self, depth: usize, i: usize, value: bool, k: *mut ffi::PyObject) {
+        let Some(s) = Self::slot(depth, i, value) else {
             return;
         };
         // SAFETY: k is a live object; the GIL is held.
@@ -118,9 +131,9 @@ impl LastKeys {
             {
                 return;
             }
-            let slots = self.slots.get_or_insert_with(|| {
-                Box::new([std::ptr::null_mut(); LAST_KEYS_LEVELS * LAST_KEYS_PER_DICT])
-            });
+            let slots = self
+                .slots
+                .get_or_insert_with(|| Box::new([std::ptr::null_mut(); LAST_KEYS_SLOTS]));
             let old = std::mem::replace(&mut slots[s], ffi::Py_NewRef(k));
             if !old.is_null() {
                 ffi::Py_DECREF(old);
@@ -393,15 +406,15 @@ impl<'b, 'py> Decoder<'b, 'py> {
                     let n = r.len(2)?;
                     let dict = owned(py, _PyDict_NewPresized(n as ffi::Py_ssize_t), at)?;
                     for i in 0..n {
-                        let k = match self.keys.hit(&mut self.r, depth, i) {
-                            Some(k) => owned(py, k, at)?,
-                            None => {
-                                let k = self.value(depth + 1)?;
-                                self.keys.remember(depth, i, k.as_ptr());
-                                k
-                            }
+                        let (k, v) = if depth == 0 {
+                            // A top-level dict has no previous dict at its level.
+                            (self.value(depth + 1)?, self.value(depth + 1)?)
+                        } else {
+                            (
+                                self.repeated_str(depth, i, false, at)?,
+                                self.repeated_str(depth, i, true, at)?,
+                            )
                         };
-                        let v = self.value(depth + 1)?;
                         if ffi::PyDict_SetItem(dict.as_ptr(), k.as_ptr(), v.as_ptr()) != 0 {
                             let _ = PyErr::take(py);
                             return Err(DecodeError::Invalid {
@@ -413,6 +426,26 @@ impl<'b, 'py> Decoder<'b, 'py> {
                     Ok(dict)
                 }
                 tag => self.other(tag, at, depth),
+            }
+        }
+    }
+
+    /// The key (`value` false) or value at position i of a dict at `depth`: the str at that
+    /// position of the previous dict at this level if it is the same, else decoded.
+    #[inline(always)]
+    fn repeated_str(
+        &mut self,
+        depth: usize,
+        i: usize,
+        value: bool,
+        at: usize,
+    ) -> Result<Bound<'py, PyAny>, DecodeError> {
+        match self.keys.hit(&mut self.r, depth, i, value) {
+            Some(s) => owned(self.py, s, at),
+            None => {
+                let v = self.value(depth + 1)?;
+                self.keys.remember(depth, i, value, v.as_ptr());
+                Ok(v)
             }
         }
     }
