@@ -586,15 +586,7 @@ impl<'a> Encoder<'a> {
         any: &Bound<'_, PyAny>,
         depth: usize,
     ) -> Result<(), EncodeError> {
-        if depth >= MAX_DEPTH {
-            return Err(too_deep());
-        }
-        let cls = any.get_type().into_any();
-        self.class(
-            wire::TAG_SUBCLASS,
-            &cls,
-            &format!("registered type {}", type_name(any.as_ptr())),
-        )?;
+        self.class_of(wire::TAG_SUBCLASS, any, "registered type", depth)?;
         let obj = any.as_ptr();
         let depth = depth + 1;
         if ffi::PyUnicode_Check(obj) != 0 {
@@ -765,20 +757,28 @@ impl<'a> Encoder<'a> {
         Ok(())
     }
 
-    unsafe fn enum_member(
+    /// `tag` and the class of `any` (a `kind` such as "dataclass"), for a value whose payload
+    /// follows one level deeper.
+    fn class_of(
         &mut self,
+        tag: u8,
         any: &Bound<'_, PyAny>,
+        kind: &str,
         depth: usize,
     ) -> Result<(), EncodeError> {
         if depth >= MAX_DEPTH {
             return Err(too_deep());
         }
-        let cls = any.get_type().into_any();
-        self.class(
-            wire::TAG_ENUM,
-            &cls,
-            &format!("enum member {}", type_name(any.as_ptr())),
-        )?;
+        let what = format!("{kind} {}", type_name(any.as_ptr()));
+        self.class(tag, &any.get_type().into_any(), &what)
+    }
+
+    unsafe fn enum_member(
+        &mut self,
+        any: &Bound<'_, PyAny>,
+        depth: usize,
+    ) -> Result<(), EncodeError> {
+        self.class_of(wire::TAG_ENUM, any, "enum member", depth)?;
         let value = any
             .getattr("_value_")
             .map_err(|e| py_err("cannot read the enum member's value", e))?;
@@ -820,16 +820,8 @@ impl<'a> Encoder<'a> {
         any: &Bound<'_, PyAny>,
         depth: usize,
     ) -> Result<(), EncodeError> {
-        if depth >= MAX_DEPTH {
-            return Err(too_deep());
-        }
+        self.class_of(wire::TAG_DATACLASS, any, "dataclass", depth)?;
         let py = any.py();
-        let cls = any.get_type().into_any();
-        self.class(
-            wire::TAG_DATACLASS,
-            &cls,
-            &format!("dataclass {}", type_name(any.as_ptr())),
-        )?;
         let fields = refs::dataclass_fields(py)
             .and_then(|f| f.call1((any,)))
             .and_then(|f| f.try_iter()?.collect::<PyResult<Vec<_>>>())
