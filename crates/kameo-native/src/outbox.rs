@@ -8,7 +8,7 @@
 //! Pacing: a sync generator yields items far faster than one `send` per item can carry
 //! (W4). [`Outbox::push_paced`] writes an item at once when the previous write is older than
 //! [`LINGER`] (a slow producer loses nothing), and otherwise leaves it queued, so a fast
-//! producer writes about once per [`LINGER`]. A background thread (started on first use, no
+//! producer writes about once per [`LINGER`] or per [`PACED_FRAMES`] items. A background thread (started on first use, no
 //! GIL, no Python) writes what is still queued [`LINGER`] after it was queued, so an item
 //! yielded just before the generator stalls is not held back longer than that.
 
@@ -24,6 +24,10 @@ use std::time::{Duration, Instant};
 pub const LINGER: Duration = Duration::from_micros(100);
 /// Queued bytes at which a paced push writes at once.
 const PACED_BYTES: usize = 64 * 1024;
+/// Paced frames at which a paced push writes at once: the consumer sees items (and returns
+/// credit) in batches well inside the stream window, so the producer does not stall waiting
+/// for credit (measured: 32 beats 16 and 64 with the default window of 256).
+const PACED_FRAMES: usize = 32;
 
 struct Queue {
     buf: Vec<u8>,
@@ -31,6 +35,8 @@ struct Queue {
     fds: Segments,
     /// When the oldest paced frame still queued was added.
     paced_since: Option<Instant>,
+    /// Paced frames queued since the queue was last taken.
+    paced: usize,
     /// When a writer last took the queue.
     taken_at: Instant,
     /// The pacing thread waits with nothing to do (it needs a notify for new work).
@@ -64,6 +70,7 @@ impl Outbox {
                 buf: Vec::new(),
                 fds: Segments::new(),
                 paced_since: None,
+                paced: 0,
                 taken_at: Instant::now(),
                 pacer_idle: false,
                 closed: false,
@@ -112,6 +119,7 @@ impl Outbox {
         let mut q = lock(&self.queue);
         let was_empty = q.buf.is_empty();
         Self::append(&mut q, buf, segs);
+        q.paced += 1;
         self.pace_locked(&mut q, was_empty)
     }
 
@@ -121,6 +129,7 @@ impl Outbox {
         if q.closed
             || (fresh && now.duration_since(q.taken_at) >= LINGER)
             || q.buf.len() >= PACED_BYTES
+            || q.paced >= PACED_FRAMES
             || q.paced_since
                 .is_some_and(|t| now.duration_since(t) >= LINGER)
         {
@@ -153,6 +162,7 @@ impl Outbox {
                 std::mem::swap(&mut w.out, &mut q.buf);
                 w.fds.append(&mut q.fds);
                 q.paced_since = None;
+                q.paced = 0;
                 q.taken_at = Instant::now();
             }
             match fdio::send(fd, &w.out[w.pos..], &mut w.fds, 0) {
