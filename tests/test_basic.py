@@ -156,6 +156,19 @@ async def test_max_concurrency_runs_async_handlers_concurrently():
         assert elapsed < 1.0, f"4 concurrent 0.3 s handlers took {elapsed:.2f} s"
 
 
+@pytest.mark.parametrize("max_concurrency", [1, 4])
+async def test_async_handler_runs_in_its_own_task_and_context(max_concurrency: int):
+    # Async handlers start eagerly in the worker: from the first line current_task() is the
+    # task that runs the rest, asyncio.timeout() and TaskGroup work, and a context variable set
+    # by one request is not seen by the next.
+    async with kameo.Pool(f"{BASIC}:task_probe", size=1, max_concurrency=max_concurrency) as pool:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(pool.ask({"i": i}) for i in range(8))), 10.0
+        )
+    expected = {"before": None, "in_task": True, "same_task": True, "mark": True}
+    assert results == [expected] * 8
+
+
 async def test_default_max_concurrency_is_one():
     async with kameo.Pool(f"{BASIC}:track", size=1) as pool:
         replies = await asyncio.gather(

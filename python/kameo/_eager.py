@@ -5,7 +5,8 @@ The parent runs callback handlers this way, so that a handler that does not wait
 instead of one loop iteration later (measured: about a quarter of a callback round trip).
 During that first step ``asyncio.current_task()`` is the Task that runs the rest of the handler,
 so ``asyncio.timeout()``, ``TaskGroup`` and cancellation behave as in any task, and the handler
-runs in its own copy of the context.
+runs in the context it is given (a fresh copy of a base context per call: not the context of
+whatever code happens to start it, such as another handler finishing).
 
 Python 3.12 has this built in (``Task(..., eager_start=True)``). On 3.11, an :class:`EagerStarter`
 keeps one idle *spare* Task waiting on a future: the first step runs with the spare entered as the
@@ -31,12 +32,14 @@ if sys.version_info >= (3, 12):
         def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
             self.loop = loop
 
-        def start(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
-            """Run ``coro``'s first step now; a Task carries it on if it waits (returned), else
-            it is finished (None)."""
+        def start(
+            self, coro: Coroutine[Any, Any, None], context: contextvars.Context
+        ) -> asyncio.Task[None] | None:
+            """Run ``coro``'s first step now, in ``context``; a Task carries it on if it waits
+            (returned), else it is finished (None)."""
             if asyncio.current_task(self.loop) is not None:
-                return self.loop.create_task(coro)  # eager steps do not nest
-            task = asyncio.Task(coro, loop=self.loop, eager_start=True)
+                return self.loop.create_task(coro, context=context)  # eager steps do not nest
+            task = asyncio.Task(coro, loop=self.loop, context=context, eager_start=True)
             return None if task.done() else task
 
 else:
@@ -126,17 +129,19 @@ else:
             self.spare: asyncio.Task[None] | None = None
             self.handoff: asyncio.Future[_Resume] | None = None
 
-        def start(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
-            """Run ``coro``'s first step now; a Task carries it on if it waits (returned), else
-            it is finished (None)."""
+        def start(
+            self, coro: Coroutine[Any, Any, None], context: contextvars.Context
+        ) -> asyncio.Task[None] | None:
+            """Run ``coro``'s first step now, in ``context``; a Task carries it on if it waits
+            (returned), else it is finished (None)."""
             loop = self.loop
             if asyncio.current_task(loop) is not None:
-                return loop.create_task(coro)  # eager steps do not nest
+                return loop.create_task(coro, context=context)  # eager steps do not nest
             spare, handoff = self.spare, self.handoff
             if spare is None or handoff is None or handoff.done():  # none yet, or cancelled
                 handoff = self.handoff = loop.create_future()
                 spare = self.spare = loop.create_task(_Driver(handoff, None))
-            ctx = contextvars.copy_context()
+            ctx = context
             _enter_task(loop, spare)
             try:
                 pending = ctx.run(coro.send, None)

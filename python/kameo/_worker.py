@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kameo import _native
+from kameo._eager import EagerStarter
 from kameo._runtime import (
     END,
     REQUEST,
@@ -189,7 +190,11 @@ async def serve_async(
     executor = (
         None if kind in ("async", "asyncgen") else ThreadPoolExecutor(max_concurrency, "kameo")
     )
-    state = {"flush_scheduled": False, "writer": False}
+    state = {"flush_scheduled": False, "writer": False, "pumping": False}
+    eager = EagerStarter(loop)
+    # Each request runs in a fresh copy of this, never in the context of the request whose
+    # end started it.
+    base_context = contextvars.copy_context()
 
     def stop() -> None:
         if not finished.done():
@@ -248,8 +253,9 @@ async def serve_async(
             tasks.pop(rid, None)
             credits.pop(rid, None)
             rt.end_request(rid)
-            pump()
-            flush_soon()
+            if not state["pumping"]:  # else it finished in its first step: pump() flushes
+                pump()
+                flush_soon()
 
     async def stream_async(rid: int, body: Any) -> None:
         holder = credits[rid] = [rt.stream_window, asyncio.Event()]
@@ -293,14 +299,25 @@ async def serve_async(
             await holder[1].wait()
 
     def pump() -> None:
+        if state["pumping"]:
+            return  # a request that finished in its first step: the loop below goes on
         if waiting and len(tasks) < max_concurrency:
             flush()  # earlier answers first: the parent refills the window sooner
             if state["writer"]:
                 return  # the parent is not reading: on_writable pumps again once it drained
-            while waiting and len(tasks) < max_concurrency:
-                frame_kind, rid, body, trace = waiting.popleft()
-                chan.take(rid)  # recorded before it runs: the parent knows it may have run
-                tasks[rid] = loop.create_task(run(frame_kind, rid, body, trace))
+            state["pumping"] = True
+            try:
+                while waiting and len(tasks) < max_concurrency:
+                    frame_kind, rid, body, trace = waiting.popleft()
+                    chan.take(rid)  # recorded before it runs: the parent knows it may have run
+                    # Eager: a handler that does not wait answers within this call.
+                    coro = run(frame_kind, rid, body, trace)
+                    task = eager.start(coro, base_context.copy())
+                    if task is not None:
+                        tasks[rid] = task
+            finally:
+                state["pumping"] = False
+            flush()  # the answers of requests that finished at once, in one write
         if rt.shutdown and not waiting and not tasks:
             stop()
 
@@ -337,7 +354,7 @@ async def serve_async(
             return
         rt.route(frames)
         pump()
-        flush_soon()
+        flush()  # what this batch of frames produced, in one write
 
     def heartbeat() -> None:
         chan.signal(Channel.HEARTBEAT, 0)

@@ -127,13 +127,17 @@ class CallbackRunner:
         self.item, self.end, self.error = kinds.ITEM, kinds.END, kinds.ERROR
         self.running: dict[tuple[int, int], _Flow] = {}
         self.eager = EagerStarter(loop)
+        # Each handler runs in a copy of this (the pool's context when it started), not in
+        # the context of whatever code happened to read the request.
+        self.context = contextvars.copy_context()
 
     def start(self, worker_id: int, payload: Any) -> None:
         cid, body, trace = payload
         flow = _Flow(self.window)
         self.running[(worker_id, cid)] = flow
         # Eager: a handler that answers without waiting replies from this very callback.
-        flow.task = self.eager.start(self._run(worker_id, cid, body, trace, flow))
+        coro = self._run(worker_id, cid, body, trace, flow)
+        flow.task = self.eager.start(coro, self.context.copy())
 
     def credit(self, worker_id: int, payload: Any) -> None:
         cid, n = payload

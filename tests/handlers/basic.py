@@ -7,6 +7,7 @@ no side effects at import time.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import os
 import sys
@@ -94,3 +95,24 @@ async def track(msg: dict) -> dict:
         return {"pid": os.getpid(), "max_running": _max_running, "value": msg.get("value")}
     finally:
         _running -= 1
+
+
+_mark: contextvars.ContextVar[int | None] = contextvars.ContextVar("mark", default=None)
+
+
+async def task_probe(msg: dict) -> dict:
+    """What an async handler sees from its first line on (handlers start eagerly): its own task,
+    a context of its own, and asyncio.timeout()/TaskGroup working; odd ``i`` wait a little."""
+    before = _mark.get()
+    _mark.set(msg["i"])
+    task = asyncio.current_task()
+    async with asyncio.timeout(10):
+        if msg["i"] % 2:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(asyncio.sleep(0.001))
+    return {
+        "before": before,
+        "in_task": task is not None,
+        "same_task": asyncio.current_task() is task,
+        "mark": _mark.get() == msg["i"],
+    }

@@ -77,6 +77,9 @@ impl Channel {
 
     /// Write queued frames (GIL released); see [`Outbox::write_out`].
     fn write_out(&self, py: Python<'_>) -> PyResult<bool> {
+        if self.out.is_empty() {
+            return Ok(true); // keep the GIL: nothing to write
+        }
         match py.detach(|| self.out.write_out()) {
             Ok(d) => Ok(d),
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {

@@ -145,6 +145,12 @@ impl Outbox {
         false
     }
 
+    /// Nothing is queued or half written (a flush would have nothing to do).
+    pub fn is_empty(&self) -> bool {
+        let w = lock(&self.wire);
+        w.pos == w.out.len() && lock(&self.queue).buf.is_empty()
+    }
+
     /// Write queued frames. A blocking socket: until all are written. A non-blocking one: as
     /// much as it takes; Ok(true) when nothing is left.
     pub fn write_out(&self) -> io::Result<bool> {
