@@ -373,9 +373,12 @@ class CallbackModule:
         self._name = name
         self._types = types
         for t in types:  # plain attributes: `kameo.<module>.<Type>` costs two lookups
-            setattr(self, t, CallbackStub(f"{name}.{t}"))
+            if not t.startswith("_"):  # those could shadow this object's own attributes
+                setattr(self, t, CallbackStub(f"{name}.{t}"))
 
-    def __getattr__(self, name: str) -> CallbackStub:  # only for names that are not types
+    def __getattr__(self, name: str) -> CallbackStub:
+        if name in self._types:
+            return CallbackStub(f"{self._name}.{name}")
         raise AttributeError(f"module 'kameo.{self._name}' has no attribute {name!r}")
 
     def __dir__(self) -> list[str]:
