@@ -91,6 +91,16 @@ impl Channel {
         }
     }
 
+    /// Number a request in arrival order (the parent numbers its sends the same way).
+    fn arrived(&self, kind: u8, id: u64) {
+        if kind == Kind::Request as u8 || kind == Kind::RequestStream as u8 {
+            let mut a = lock(&self.arrivals);
+            let index = a.next;
+            a.next += 1;
+            a.index.insert(id, index);
+        }
+    }
+
     fn item_frame(
         &self,
         py: Python<'_>,
@@ -337,12 +347,7 @@ impl Channel {
                             Some(t) => PyString::new(py, &String::from_utf8_lossy(t)).into_any(),
                             None => py.None().into_bound(py),
                         };
-                        if matches!(env.kind(), Some(Kind::Request | Kind::RequestStream)) {
-                            let mut a = lock(&self.arrivals);
-                            let index = a.next;
-                            a.next += 1;
-                            a.index.insert(env.id, index);
-                        }
+                        self.arrived(env.kind, env.id);
                         let (kind, body) = match env.kind() {
                             Some(
                                 Kind::Request
@@ -373,12 +378,13 @@ impl Channel {
                         (kind, env.id, env.is_final(), body, trace).into_pyobject(py)?
                     }
                     Event::Oversize {
+                        kind,
                         id,
                         size,
                         limit,
                         nfds,
-                        ..
                     } => {
+                        self.arrived(kind, id); // the parent numbered it too
                         drop(fdio::take(fds, nfds));
                         let msg = format!("frame of {size} bytes is over max_frame_bytes={limit}");
                         (OVERSIZE, id, true, msg, py.None()).into_pyobject(py)?
