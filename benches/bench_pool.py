@@ -15,7 +15,8 @@ Workloads:
   Raw, asyncio and kameo run in interleaved rounds. ``W1_samecpu`` repeats them with every
   process pinned to one CPU: on a small VM a cross-CPU wakeup costs tens of µs and the
   scheduler's placement changes from run to run, so the unpinned numbers are bimodal.
-* W2 throughput: two workers, all messages issued at once (msgs/s).
+* W2 throughput: two workers, all messages issued at once (msgs/s); ``kameo_async_handler``
+  (info) is the same with an ``async def`` handler (the worker's event-loop mode).
 * W4 streaming: one request whose sync generator handler yields 20,000 small ints
   (``async for x in pool.stream({"n": 20000})``, items/s), versus the raw stream floor: a child
   writing 20,000 length-prefixed pickled ints to a socketpair, the parent decoding them all.
@@ -779,11 +780,11 @@ def w2_mp_pool(sz):
     )
 
 
-def w2_kameo(kameo, sz):
+def w2_kameo(kameo, sz, impl="kameo", target="bench_handlers:echo"):
     total = sz["w2_total"]
 
     async def run():
-        async with kameo.Pool("bench_handlers:echo", size=2) as pool:
+        async with kameo.Pool(target, size=2) as pool:
             await asyncio.gather(*(pool.ask(MSG) for _ in range(1000)))
             elapsed = []
             for _ in range(sz["w2_repeats"]):
@@ -796,7 +797,8 @@ def w2_kameo(kameo, sz):
         return elapsed
 
     elapsed = asyncio.run(asyncio.wait_for(run(), KAMEO_TIMEOUT_S))
-    return emit_throughput("kameo", total, elapsed, note="asyncio.gather of pool.ask")
+    note = "asyncio.gather of pool.ask" + ("" if impl == "kameo" else f" ({target}, info)")
+    return emit_throughput(impl, total, elapsed, note=note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1364,6 +1366,14 @@ def main(argv=None):
         r.run(("W2", "raw_socketpair"), w2_raw, sz)
         if kameo is not None:
             r.run(("W2", "kameo"), w2_kameo, kameo, sz)
+            r.run(
+                ("W2", "kameo_async_handler"),
+                w2_kameo,
+                kameo,
+                sz,
+                "kameo_async_handler",
+                "bench_handlers:aecho",
+            )
         else:
             skip("W2", "kameo")
         r.run(("W2", "asyncio_socketpair"), w2_asyncio_socketpair, sz)
@@ -1494,6 +1504,16 @@ def main(argv=None):
                 "info",
                 lambda v: True,
             )
+        emit_summary(
+            "W2",
+            "kameo_async_handler/raw",
+            ratio(
+                value_of(res, ("W2", "kameo_async_handler")),
+                value_of(res, ("W2", "raw_socketpair")),
+            ),
+            "info",
+            lambda v: True,
+        )
         pools = {
             k[1]: v["value"]
             for k, v in res.items()
