@@ -246,6 +246,32 @@ async def test_requests_a_worker_never_took_up_run_elsewhere(tmp_path: Path):
         assert pool.workers[0].pid != pid
 
 
+async def test_async_worker_death_fails_only_the_requests_it_started(tmp_path: Path):
+    # An async worker runs max_concurrency=2 requests and holds 4 more it has received but not
+    # started. Killed, it recorded only the 2 in its progress page: those fail, the other 4
+    # run on the replacement, and every request runs exactly once.
+    log, release = tmp_path / "runs.log", tmp_path / "release"
+    async with kameo.Pool(f"{CRASHY}:acmd", size=1, max_concurrency=2, prefetch=4) as pool:
+        pid = pool.workers[0].pid
+        asks = [
+            pool.ask(
+                {"op": "hold", "tag": f"h{i}", "log": str(log), "release": str(release)},
+                timeout=30,
+            )
+            for i in range(6)
+        ]
+        assert await async_wait_until(lambda: len(lines(log)) == 2, 10)
+        assert pool.workers[0].in_flight == 6
+        os.kill(pid, signal.SIGKILL)
+        assert await async_wait_until(lambda: pool.workers[0].pid != pid, 10)
+        release.touch()
+        results = await asyncio.wait_for(asyncio.gather(*asks, return_exceptions=True), 30)
+        crashed = [r for r in results if isinstance(r, kameo.WorkerCrashed)]
+        assert len(crashed) == 2 and all(c.pid == pid for c in crashed), results
+        assert sorted(r for r in results if isinstance(r, str)) == ["h2", "h3", "h4", "h5"]
+        assert Counter(lines(log)) == {f"h{i}": 1 for i in range(6)}
+
+
 # --------------------------------------------------------------------------- timeouts, cancel
 
 

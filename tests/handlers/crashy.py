@@ -168,6 +168,12 @@ async def acmd(msg: dict) -> Any:
     if op == "block_loop":
         time.sleep(msg["seconds"])  # no await: the worker's event loop is stuck
         return os.getpid()
+    if op == "hold":  # log the tag, then wait (without blocking the loop) for the release file
+        append_line(msg["log"], msg["tag"])
+        deadline = time.monotonic() + RELEASE_WAIT
+        while not os.path.exists(msg["release"]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return msg["tag"]
     if op == "pid":
         return os.getpid()
     raise ValueError(f"unknown op {op!r}")
