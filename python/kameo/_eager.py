@@ -141,10 +141,9 @@ else:
             if spare is None or handoff is None or handoff.done():  # none yet, or cancelled
                 handoff = self.handoff = loop.create_future()
                 spare = self.spare = loop.create_task(_Driver(handoff, None))
-            ctx = context
             _enter_task(loop, spare)
             try:
-                pending = ctx.run(coro.send, None)
+                pending = context.run(coro.send, None)
             except StopIteration:
                 return None
             except BaseException:
@@ -154,7 +153,7 @@ else:
                 _leave_task(loop, spare)
             # It waits: the spare drives it on, and the next first step gets a new spare.
             self.spare = self.handoff = None
-            resume = _Resume(coro, ctx, pending)
+            resume = _Resume(coro, context, pending)
             if handoff.done():  # the first step cancelled its own task: deliver that
                 resume.throw_first = asyncio.CancelledError()
                 return loop.create_task(_Driver(None, resume))

@@ -7,7 +7,7 @@
 use crate::codec::{self, Options, Segments};
 use crate::errors;
 use crate::fdio;
-use crate::outbox::Outbox;
+use crate::outbox::{lock, Outbox};
 use crate::progress::Progress;
 use kameo_proto::frame::{self, Event, FrameReader, Kind};
 use kameo_proto::handshake::Hello;
@@ -48,10 +48,6 @@ pub struct Channel {
     max_frame: AtomicUsize,
     allow_pickle: AtomicBool,
     shm_threshold: AtomicUsize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Channel {

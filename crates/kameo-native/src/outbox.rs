@@ -8,9 +8,10 @@
 //! Pacing: a sync generator yields items far faster than one `send` per item can carry
 //! (W4). [`Outbox::push_paced`] writes an item at once when the previous write is older than
 //! [`LINGER`] (a slow producer loses nothing), and otherwise leaves it queued, so a fast
-//! producer writes about once per [`LINGER`] or per [`PACED_FRAMES`] items. A background thread (started on first use, no
-//! GIL, no Python) writes what is still queued [`LINGER`] after it was queued, so an item
-//! yielded just before the generator stalls is not held back longer than that.
+//! producer writes about once per [`LINGER`] or per [`PACED_FRAMES`] items. A background
+//! thread (started on first use, no GIL, no Python) writes what is still queued [`LINGER`]
+//! after it was queued, so an item yielded just before the generator stalls is not held back
+//! longer than that.
 
 use crate::codec::Segments;
 use crate::fdio;
@@ -21,7 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 /// How long a paced item may wait in the queue.
-pub const LINGER: Duration = Duration::from_micros(100);
+const LINGER: Duration = Duration::from_micros(100);
 /// Queued bytes at which a paced push writes at once.
 const PACED_BYTES: usize = 64 * 1024;
 /// Paced frames at which a paced push writes at once: the consumer sees items (and returns
@@ -58,7 +59,8 @@ pub struct Outbox {
     pacer: Once,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Lock, ignoring poisoning (a panicking holder leaves the data as consistent as any write).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -120,14 +122,9 @@ impl Outbox {
         let was_empty = q.buf.is_empty();
         Self::append(&mut q, buf, segs);
         q.paced += 1;
-        self.pace_locked(&mut q, was_empty)
-    }
-
-    /// `fresh`: the queue held nothing paced yet (written at once after a pause).
-    fn pace_locked(&self, q: &mut Queue, fresh: bool) -> bool {
         let now = Instant::now();
         if q.closed
-            || (fresh && now.duration_since(q.taken_at) >= LINGER)
+            || (was_empty && now.duration_since(q.taken_at) >= LINGER)
             || q.buf.len() >= PACED_BYTES
             || q.paced >= PACED_FRAMES
             || q.paced_since

@@ -9,6 +9,7 @@
 //! even those already in the dead worker's socket buffer. A store to shared memory costs no
 //! system call and survives any death, SIGKILL included.
 
+use crate::shm::check;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,14 +25,6 @@ pub struct Progress {
 unsafe impl Send for Progress {}
 // SAFETY: as above.
 unsafe impl Sync for Progress {}
-
-fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
 
 impl Progress {
     /// A new page's descriptor, counter at zero (close-on-exec: the spawner makes it
