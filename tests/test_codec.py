@@ -902,6 +902,56 @@ def test_unsupported_tzinfo_is_refused():
         assert "OddTZ" in str(ei.value), str(ei.value)
 
 
+def test_shared_lists_and_dicts_stay_shared():
+    """A list or dict held twice arrives as one object held twice (as with pickle)."""
+    x = [1, 2]
+    d = {"k": 1}
+    value = {"a": x, "b": x, "t": (x, d), "d": [d, d], "n": [[1], [1]]}
+    got = round_trip(value)
+    same(got, value)
+    assert got["a"] is got["b"] is got["t"][0]
+    assert got["d"][0] is got["d"][1] is got["t"][1]
+    assert got["n"][0] is not got["n"][1]  # equal, but two objects: stay two
+    got["a"].append(3)
+    assert got["t"][0] == [1, 2, 3]
+    # One copy on the wire: 1,000 records sharing a list of 100 strs.
+    tags = [f"tag{i}" for i in range(100)]
+    shared = [{"id": i, "tags": tags} for i in range(1000)]
+    own = [{"id": i, "tags": list(tags)} for i in range(1000)]
+    assert len(kameo.encode(shared)) * 10 < len(kameo.encode(own))
+    got = kameo.decode(kameo.encode(shared))
+    assert got == shared and all(r["tags"] is got[0]["tags"] for r in got)
+    assert all(r["tags"] is not got[0]["tags"] for r in kameo.decode(kameo.encode(own))[1:])
+
+
+def test_shared_references_are_checked():
+    # 0x08 list, 0x1D shared, 0x1E reference to shared index n, 0x00 None
+    for bad in (
+        b"\x1e\x00",  # a reference with nothing shared
+        b"\x1d\x08\x01\x1e\x00",  # a list referring to itself: a cycle
+        b"\x08\x02\x1d\x08\x00\x1e\x01",  # index 1 of one shared value
+        b"\x1d\x00",  # only lists and dicts are shared
+        b"\x1d\x1d\x08\x00",
+        b"\x1d",
+    ):
+        with pytest.raises(kameo.SerializationError):
+            kameo.decode(bad)
+    got = kameo.decode(b"\x08\x02\x1d\x08\x00\x1e\x00")
+    assert got == [[], []] and got[0] is got[1]
+
+
+def test_worker_keeps_shared_values_shared():
+    bp = BackgroundPool(f"{VALUES}:aliases")
+    try:
+        x = [1]
+        got = bp.ask({"a": x, "b": x})
+        assert got["same"] is True
+        assert got["b"] == [1, "added"]
+        assert got["both"][0] is got["both"][1]
+    finally:
+        bp.close()
+
+
 def test_reference_cycles_are_refused():
     a: list[Any] = []
     a.append(a)

@@ -232,6 +232,14 @@ def describe(msg: Any) -> dict:
     return out
 
 
+def aliases(msg: dict) -> dict:
+    """Whether ``msg["a"]`` and ``msg["b"]`` arrived as one object; then append to ``a`` and
+    send both back (one object again, if the codec keeps sharing)."""
+    same = msg["a"] is msg["b"]
+    msg["a"].append("added")
+    return {"same": same, "b": msg["b"], "both": [msg["a"], msg["b"]]}
+
+
 def return_foo(msg: Any) -> Any:
     """Return an object the codec cannot encode without pickle."""
     return {"wrapped": [Foo(msg)]}

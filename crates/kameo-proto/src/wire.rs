@@ -32,6 +32,9 @@
 //! | 0x19 | numpy scalar | as 0x18, a 0-d array |
 //! | 0x1A | pickled object | varint n, n bytes of pickle (refused unless allowed) |
 //! | 0x1B | bytes-like in shared memory | u8 kind (0 bytes, 1 bytearray), shm-ref |
+//! | 0x1C | instance of a registered subclass of a built-in | class, the value as its base type |
+//! | 0x1D | shared list or dict (first occurrence) | the list or dict; it gets the next shared index |
+//! | 0x1E | reference to a shared value | varint index (counted in the order 0x1D values end) |
 //!
 //! ```text
 //! tz      = 0 (naive) | 1 (UTC) | 2 offset:i64 µs  named:u8 [varint n, name UTF-8]
@@ -80,6 +83,13 @@ pub const TAG_SHM_BYTES: u8 = 0x1B;
 /// An instance of a subclass of a built-in type registered with `kameo.register_type`: the
 /// class, then the value as its built-in base.
 pub const TAG_SUBCLASS: u8 = 0x1C;
+/// A value the message holds more than once (a list or dict two containers share): this
+/// first occurrence is followed by the value, which gets the next index of the shared table
+/// when it is complete.
+pub const TAG_SHARED: u8 = 0x1D;
+/// Another occurrence of a shared value: a varint index into the shared table. Only a value
+/// already complete can be referred to, so references never form a cycle.
+pub const TAG_REF: u8 = 0x1E;
 
 /// `tz` kinds of datetime and time values.
 pub const TZ_NAIVE: u8 = 0;
@@ -156,11 +166,17 @@ pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// How many shared values (TAG_SHARED) are complete: the valid TAG_REF indices.
+    shared: u64,
 }
 
 impl<'a> Reader<'a> {
     pub fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
+        Reader {
+            buf,
+            pos: 0,
+            shared: 0,
+        }
     }
 
     #[inline]
@@ -295,6 +311,39 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
+    /// After TAG_SHARED: check that a list or dict follows (nothing else is shared, and a
+    /// marker cannot wrap another).
+    #[inline]
+    pub fn shared_start(&self) -> Result<(), DecodeError> {
+        match self.buf.get(self.pos) {
+            Some(&(TAG_LIST | TAG_DICT)) => Ok(()),
+            Some(_) => Err(DecodeError::Invalid {
+                at: self.pos,
+                why: "a shared value must be a list or a dict",
+            }),
+            None => Err(DecodeError::Truncated { at: self.pos }),
+        }
+    }
+
+    /// A shared value (TAG_SHARED) is complete: it takes the next index.
+    #[inline]
+    pub fn shared_done(&mut self) {
+        self.shared += 1;
+    }
+
+    /// The index of a TAG_REF, checked against the shared values complete so far.
+    pub fn shared_ref(&mut self) -> Result<u64, DecodeError> {
+        let at = self.pos;
+        let i = self.varint()?;
+        if i >= self.shared {
+            return Err(DecodeError::Invalid {
+                at,
+                why: "reference to a shared value that is not complete",
+            });
+        }
+        Ok(i)
+    }
+
     /// Fail unless the whole input was consumed.
     pub fn finish(&self) -> Result<(), DecodeError> {
         if self.pos == self.buf.len() {
@@ -358,6 +407,12 @@ pub enum Value {
         bytearray: bool,
         shm: ShmRef,
     },
+    /// The first occurrence of a value the message holds more than once (TAG_SHARED).
+    Shared(Box<Value>),
+    /// Another occurrence: an index into the shared values, in the order they ended (TAG_REF).
+    /// Kept as a reference, not copied: a chain of references can stand for a tree far larger
+    /// than the input.
+    Ref(u64),
 }
 
 /// The tzinfo of a datetime or time.
@@ -581,6 +636,14 @@ impl Value {
                 out.push(u8::from(*bytearray));
                 shm.write(out);
             }
+            Value::Shared(v) => {
+                out.push(TAG_SHARED);
+                v.encode(out);
+            }
+            Value::Ref(i) => {
+                out.push(TAG_REF);
+                put_varint(out, *i);
+            }
         }
     }
 
@@ -801,6 +864,13 @@ impl Value {
                     shm: ShmRef::read(r)?,
                 }
             }
+            TAG_SHARED => {
+                r.shared_start()?;
+                let v = Value::read(r, depth)?;
+                r.shared_done();
+                Value::Shared(Box::new(v))
+            }
+            TAG_REF => Value::Ref(r.shared_ref()?),
             tag => return Err(DecodeError::UnknownTag { tag, at }),
         })
     }
@@ -838,6 +908,7 @@ impl Value {
                 tag: TAG_NDARRAY, ..
             } => false,
             Value::ShmBytes { bytearray, .. } => !bytearray,
+            Value::Shared(v) => v.hashable(),
             Value::Tuple(items) | Value::FrozenSet(items) => items.iter().all(Value::hashable),
             _ => true,
         }
@@ -971,6 +1042,50 @@ mod tests {
         fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = Value::decode(&b);
         }
+    }
+
+    #[test]
+    fn shared_values_and_references() {
+        // [[1], ref 0]: a list held twice.
+        let b = [TAG_LIST, 2, TAG_SHARED, TAG_LIST, 1, TAG_NONE, TAG_REF, 0];
+        let v = Value::decode(&b).unwrap();
+        assert_eq!(
+            v,
+            Value::List(vec![
+                Value::Shared(Box::new(Value::List(vec![Value::None]))),
+                Value::Ref(0)
+            ])
+        );
+        let mut again = Vec::new();
+        v.encode(&mut again);
+        assert_eq!(again, b);
+        // A reference to an index not yet complete (or never defined) is refused: a value
+        // cannot refer to itself, so references never make a cycle.
+        for bad in [
+            &[TAG_REF, 0][..],
+            &[TAG_SHARED, TAG_LIST, 1, TAG_REF, 0],
+            &[TAG_LIST, 2, TAG_SHARED, TAG_NONE, TAG_REF, 1],
+        ] {
+            assert!(
+                matches!(Value::decode(bad), Err(DecodeError::Invalid { .. })),
+                "{bad:?}"
+            );
+        }
+        // Only a list or a dict can be shared; a marker cannot wrap another.
+        for bad in [
+            &[TAG_SHARED, TAG_SHARED, TAG_LIST, 0][..],
+            &[TAG_SHARED, TAG_NONE],
+            &[TAG_SHARED, TAG_TUPLE, 0],
+        ] {
+            assert!(
+                matches!(Value::decode(bad), Err(DecodeError::Invalid { .. })),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            Value::decode(&[TAG_SHARED]),
+            Err(DecodeError::Truncated { .. })
+        ));
     }
 
     #[test]

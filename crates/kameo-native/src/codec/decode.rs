@@ -40,6 +40,7 @@ pub fn decode<'py>(
             segs,
             cache: cache.as_deref_mut(),
             keys: LastKeys { slots: None },
+            shared: Vec::new(),
         };
         run(d, buf.len())
     })
@@ -160,6 +161,8 @@ struct Decoder<'b, 'py> {
     segs: &'b [Arc<OwnedFd>],
     cache: Option<&'b mut StrCache>,
     keys: LastKeys,
+    /// The shared lists and dicts (TAG_SHARED) decoded so far, in the order they ended.
+    shared: Vec<Py<PyAny>>,
 }
 
 fn owned<'py>(
@@ -425,6 +428,16 @@ impl<'b, 'py> Decoder<'b, 'py> {
                     }
                     Ok(dict)
                 }
+                wire::TAG_REF => {
+                    let i = r.shared_ref()?;
+                    match self.shared.get(i as usize) {
+                        Some(v) => Ok(v.bind(py).clone()),
+                        None => Err(DecodeError::Invalid {
+                            at,
+                            why: "reference to a shared value that is not complete",
+                        }),
+                    }
+                }
                 tag => self.other(tag, at, depth),
             }
         }
@@ -440,6 +453,24 @@ impl<'b, 'py> Decoder<'b, 'py> {
         value: bool,
         at: usize,
     ) -> Result<Bound<'py, PyAny>, DecodeError> {
+        // Numbers are the other common field values: made here, without a call of `value`.
+        let scalar = match self.r.peek() {
+            Some(wire::TAG_INT) if value => Some(true),
+            Some(wire::TAG_FLOAT) if value => Some(false),
+            _ => None,
+        };
+        if let Some(int) = scalar {
+            self.r.u8()?;
+            // SAFETY: the GIL is held.
+            let p = unsafe {
+                if int {
+                    ffi::PyLong_FromLongLong(self.r.i64()?)
+                } else {
+                    ffi::PyFloat_FromDouble(self.r.f64()?)
+                }
+            };
+            return owned(self.py, p, at);
+        }
         match self.keys.hit(&mut self.r, depth, i, value) {
             Some(s) => owned(self.py, s, at),
             None => {
@@ -561,6 +592,15 @@ impl<'b, 'py> Decoder<'b, 'py> {
                     }
                     self.subclass(at, depth)
                 }
+                wire::TAG_SHARED => {
+                    // A list or dict follows (checked), which counts the depth.
+                    self.r.shared_start()?;
+                    let v = self.value(depth)?;
+                    self.shared.push(v.clone().unbind());
+                    self.r.shared_done();
+                    Ok(v)
+                }
+
                 wire::TAG_PICKLE => {
                     let n = self.r.len(1)?;
                     let b = self.r.take(n)?;

@@ -7,7 +7,9 @@ use pyo3::exceptions::PyUnicodeEncodeError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyType};
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 /// One step of the path to a value inside a message.
@@ -70,7 +72,7 @@ impl EncodeError {
         for (j, p) in parents.iter().enumerate() {
             if let Some(i) = parents[..j].iter().position(|q| q == p) {
                 return format!(
-                    "{}: contains a reference cycle (it is the same object as {}); kameo sends trees, not graphs",
+                    "{}: contains a reference cycle (it is the same object as {}); kameo sends values that share lists or dicts, but not cycles",
                     Self::path(root, &steps[..j]),
                     Self::path(root, &steps[..i]),
                 );
@@ -140,11 +142,66 @@ pub struct Encoder<'a> {
     out: &'a mut Vec<u8>,
     opts: &'a Options,
     segs: &'a mut Segments,
+    shared: Option<Box<Shared>>,
+}
+
+/// The lists and dicts a message holds more than once. The first occurrence is written as
+/// TAG_SHARED and the value, the others as TAG_REF and its index, so the receiver gets one
+/// object wherever the sender had one (as pickle does), and the data travels once.
+///
+/// Only a container with a reference besides the one it is reached through can occur twice,
+/// so no other is looked up: records of their own cost nothing.
+#[derive(Default)]
+struct Shared {
+    /// Address → index, None while the value is being written (met again then, it is a
+    /// cycle).
+    seen: HashMap<usize, Option<u64>, BuildHasherDefault<AddrHasher>>,
+    /// A reference to each, so that no address is reused while the message is encoded.
+    held: Vec<*mut ffi::PyObject>,
+    next: u64,
+    /// The last one written or referred to (address 0: none), and its index.
+    last: (usize, u64),
+}
+
+/// Hashes an object address: one multiply (the default SipHash costs more than the rest of
+/// a lookup, and addresses are not chosen by an attacker).
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        // Objects are 16-byte aligned: drop the bits that never vary.
+        self.0 = ((n as u64) >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        for &obj in &self.held {
+            // SAFETY: references we took; encoders run with the GIL held.
+            unsafe { ffi::Py_DECREF(obj) };
+        }
+    }
 }
 
 impl<'a> Encoder<'a> {
     pub fn new(out: &'a mut Vec<u8>, opts: &'a Options, segs: &'a mut Segments) -> Self {
-        Encoder { out, opts, segs }
+        Encoder {
+            out,
+            opts,
+            segs,
+            shared: None,
+        }
     }
 
     /// Encode `obj` and append its bytes.
@@ -173,10 +230,14 @@ impl<'a> Encoder<'a> {
                 wire::TAG_FLOAT,
                 ffi::PyFloat_AS_DOUBLE(obj).to_le_bytes(),
             );
-        } else if ty == type_ptr!(PyDict_Type) {
-            self.dict(obj, depth)?;
-        } else if ty == type_ptr!(PyList_Type) {
-            self.list(obj, depth)?;
+        } else if ty == type_ptr!(PyDict_Type) || ty == type_ptr!(PyList_Type) {
+            // Below the top, every container is reached with a reference of our own (see
+            // `held`): more than two means another holder, perhaps in this very message.
+            if depth > 0 && ffi::Py_REFCNT(obj) > 2 {
+                self.shared(obj, depth)?;
+            } else {
+                self.container(obj, depth)?;
+            }
         } else if ty == type_ptr!(PyTuple_Type) {
             self.tuple(obj, wire::TAG_TUPLE, depth)?;
         } else if ty == type_ptr!(PyBytes_Type) {
@@ -184,6 +245,56 @@ impl<'a> Encoder<'a> {
         } else {
             self.other(obj, depth)?;
         }
+        Ok(())
+    }
+
+    /// An exact list or dict.
+    #[inline(always)]
+    unsafe fn container(
+        &mut self,
+        obj: *mut ffi::PyObject,
+        depth: usize,
+    ) -> Result<(), EncodeError> {
+        if ffi::Py_TYPE(obj) == type_ptr!(PyDict_Type) {
+            self.dict(obj, depth)
+        } else {
+            self.list(obj, depth)
+        }
+    }
+
+    /// A list or dict that something else holds too: a reference if this message wrote it
+    /// already, else TAG_SHARED and the value.
+    #[inline(never)]
+    unsafe fn shared(&mut self, obj: *mut ffi::PyObject, depth: usize) -> Result<(), EncodeError> {
+        let key = obj as usize;
+        let sh = self.shared.get_or_insert_with(Box::default);
+        // Records that share one list meet it over and over: check the last one first.
+        if sh.last.0 == key {
+            self.out.push(wire::TAG_REF);
+            put_varint(self.out, sh.last.1);
+            return Ok(());
+        }
+        match sh.seen.get(&key) {
+            Some(&Some(i)) => {
+                sh.last = (key, i);
+                self.out.push(wire::TAG_REF);
+                put_varint(self.out, i);
+                return Ok(());
+            }
+            // Met inside itself: a cycle. Written again, it ends at the depth limit, which
+            // reports the cycle and where it closes.
+            Some(None) => return self.container(obj, depth),
+            None => {}
+        }
+        ffi::Py_INCREF(obj);
+        sh.held.push(obj);
+        sh.seen.insert(key, None);
+        self.out.push(wire::TAG_SHARED);
+        self.container(obj, depth)?;
+        let sh = self.shared.as_mut().expect("set above");
+        sh.seen.insert(key, Some(sh.next));
+        sh.last = (key, sh.next);
+        sh.next += 1;
         Ok(())
     }
 
@@ -356,7 +467,7 @@ impl<'a> Encoder<'a> {
         put_varint(self.out, n as u64);
         for i in 0..n {
             let item = ffi::PyTuple_GET_ITEM(obj, i as ffi::Py_ssize_t);
-            self.value(item, depth + 1)
+            self.held(item, depth + 1)
                 .map_err(|e| e.at(Step::Index(i), obj))?;
         }
         Ok(())
