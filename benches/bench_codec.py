@@ -16,8 +16,9 @@ note in the ``env`` line). Per codec and payload: encode, decode and encode+deco
 operation, best of several timeit repeats (the median is given too). Payloads:
 
 * ``dict_100B``: a ~100-byte dict of str, int, float and a short list.
-* ``list_1000x100B``: a list of 1,000 such dicts sharing their key objects (as dicts built from
-  literals do), which pickle memoizes.
+* ``list_1000x100B``: a list of 1,000 such dicts sharing their key objects and their ``tags``
+  list (as dicts built with ``dict(MSG, id=i)`` do): pickle memoizes both; kameo sends the
+  shared list once and refers to it (tags 0x1D/0x1E).
 * ``list_1000x100B_distinct_keys``: the same data with every key a distinct str object.
 * ``ext_types``: datetime with tzinfo, Decimal, UUID, set and (when numpy imports) a small
   numpy array: only kameo and pickle can carry these, so only they run. Where kameo cannot
