@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import gc
+import mmap
 import os
 import signal
 import time
@@ -52,8 +53,47 @@ def shm_maps(pid: int | str = "self") -> list[str]:
         return []
 
 
+CACHE_NAME = "kameo-shm-cache"
+CACHE_MAX_SEGMENTS = 4  # shm::RECYCLE_MAX_SEGMENTS
+CACHE_MAX_BYTES = 64 * MiB  # shm::RECYCLE_MAX_BYTES
+
+
+def fd_writable(pid: int | str, fd: str) -> bool:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8) & os.O_ACCMODE == os.O_RDWR
+    return False
+
+
+def is_cached(pid: int | str, entry: str) -> bool:
+    """An fd or mapping of a segment the process keeps to reuse for the bytes it sends: its own
+    read-write fd, or its read-write mapping (receivers only ever get read-only ones)."""
+    if CACHE_NAME not in entry:
+        return False
+    if " -> " in entry:
+        try:
+            return fd_writable(pid, entry.split(" -> ")[0])
+        except OSError:
+            return False
+    return entry.split()[1].startswith("rw-s")
+
+
+def shm_cached(pid: int | str = "self") -> list[str]:
+    """The fds of segments ``pid`` keeps for reuse (see shm::Recycler)."""
+    return [e for e in shm_fds(pid) if is_cached(pid, e)]
+
+
 def shm_in_use(pid: int | str = "self") -> list[str]:
-    return shm_fds(pid) + shm_maps(pid)
+    """Segment fds and mappings ``pid`` holds other than those it keeps for reuse."""
+    return [e for e in shm_fds(pid) + shm_maps(pid) if not is_cached(pid, e)]
+
+
+def assert_cache_bounded(pid: int | str = "self") -> None:
+    cached = shm_cached(pid)
+    assert len(cached) <= CACHE_MAX_SEGMENTS, cached
+    sizes = [os.stat(f"/proc/{pid}/fd/{e.split(' -> ')[0]}").st_size for e in cached]
+    assert sum(sizes) <= CACHE_MAX_BYTES, sizes
 
 
 def status_kib(field: str) -> int:
@@ -65,11 +105,13 @@ def status_kib(field: str) -> int:
 
 
 async def assert_released(pids: list[int | str], timeout: float = 5.0) -> None:
-    """Every process in ``pids`` holds no kameo-shm fd or mapping within ``timeout``."""
+    """Every process in ``pids`` holds no kameo-shm fd or mapping within ``timeout``, except
+    the few segments a sender keeps for reuse (bounded, its own read-write fd and mapping)."""
     gc.collect()
     for pid in pids:
         ok = await async_wait_until(lambda pid=pid: not shm_in_use(pid), timeout)
         assert ok, f"pid {pid} still holds kameo-shm: {shm_in_use(pid)}"
+        assert_cache_bounded(pid)
 
 
 def worker_pids(pool: kameo.Pool) -> list[int]:
@@ -223,7 +265,10 @@ async def test_repeated_transfers_do_not_leak():
                 assert np.array_equal(r[0], a) and r[1] == blob
             del replies, r
         await assert_released(["self", *worker_pids(pool)])
-        assert len(os.listdir("/proc/self/fd")) <= fds_before
+        assert len(os.listdir("/proc/self/fd")) <= fds_before + len(shm_cached())
+    # Closing the pool frees the segments kept for reuse.
+    assert not shm_fds() and not shm_maps(), shm_fds() + shm_maps()
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
 
 
 async def test_more_segments_than_one_write_carries():
@@ -259,6 +304,69 @@ async def test_worker_sees_a_read_only_view():
         info = await pool.ask(np.ones(16), timeout=30.0)
         assert info["writeable"] is True
         await assert_released(["self", *worker_pids(pool)])
+
+
+# --------------------------------------------------------------------------- recycled segments
+
+
+def pattern(n: int, seed: int) -> bytes:
+    unit = bytes((seed * 7 + i) % 256 for i in range(257))
+    return (unit * (n // 257 + 1))[:n]
+
+
+async def test_recycled_segments_carry_each_buffer_intact():
+    """Bytes above the threshold reuse a few segments per side (shm::Recycler): every echo,
+    of changing contents and sizes in the same size class, comes back exactly, and a shorter
+    buffer after a longer one does not carry the longer one's tail."""
+    async with kameo.Pool(f"{BASIC}:echo", size=1) as pool:
+        (wpid,) = worker_pids(pool)
+        for i, n in enumerate([16 * MiB, 15 * MiB, 16 * MiB - 1, 2 * MiB, 15 * MiB + 3] * 2):
+            blob = pattern(n, i)
+            got = await pool.ask(blob, timeout=30.0)
+            assert type(got) is bytes and len(got) == n and got == blob, (i, n)
+            got = await pool.ask(bytearray(blob), timeout=30.0)
+            assert type(got) is bytearray and got == blob, (i, n)
+        del got
+        assert shm_cached(), "the parent should keep a segment for reuse"
+        assert shm_cached(wpid), "the worker should keep a segment for reuse"
+        await assert_released(["self", wpid])
+    assert not shm_fds() and not shm_maps()
+
+
+async def test_recycled_segments_with_concurrent_requests():
+    """Many large buffers in flight at once each travel in a segment nobody else holds."""
+    async with kameo.Pool(f"{BASIC}:aecho", size=2) as pool:
+        for r in range(4):
+            blobs = [pattern(2 * MiB + 4096 * k, 10 * r + k) for k in range(8)]
+            replies = await asyncio.gather(*(pool.ask(b, timeout=30.0) for b in blobs))
+            assert replies == blobs
+        del replies
+        await assert_released(["self", *worker_pids(pool)])
+
+
+async def test_recycled_segment_is_read_only_for_others():
+    """A segment kept for reuse is sealed: nobody else can resize it, write to it or map it
+    writable (only its owner's mapping, made before the seal, writes)."""
+    async with kameo.Pool(f"{BASIC}:echo", size=1) as pool:
+        (wpid,) = worker_pids(pool)
+        await pool.ask(pattern(4 * MiB, 1), timeout=30.0)
+        cached = shm_cached(wpid)
+        assert cached
+        fd = os.open(f"/proc/{wpid}/fd/{cached[0].split(' -> ')[0]}", os.O_RDWR)
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            future_write = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
+            for seal in (fcntl.F_SEAL_SHRINK, fcntl.F_SEAL_GROW, future_write, fcntl.F_SEAL_SEAL):
+                assert seals & seal, hex(seals)
+            with pytest.raises(PermissionError):
+                os.pwrite(fd, b"x", 0)
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 0)
+            with pytest.raises(PermissionError):
+                mmap.mmap(fd, MiB, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        assert await pool.ask(pattern(4 * MiB, 2), timeout=30.0) == pattern(4 * MiB, 2)
 
 
 # --------------------------------------------------------------------------- crashes

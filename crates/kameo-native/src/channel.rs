@@ -9,6 +9,7 @@ use crate::errors;
 use crate::fdio;
 use crate::outbox::{lock, Outbox};
 use crate::progress::Progress;
+use crate::shm::Recycler;
 use kameo_proto::frame::{self, Event, FrameReader, Kind};
 use kameo_proto::handshake::Hello;
 use kameo_proto::PROTOCOL_VERSION;
@@ -48,6 +49,8 @@ pub struct Channel {
     max_frame: AtomicUsize,
     allow_pickle: AtomicBool,
     shm_threshold: AtomicUsize,
+    /// Segments reused for large bytes-like values we send.
+    recycler: Arc<Recycler>,
 }
 
 impl Channel {
@@ -59,6 +62,7 @@ impl Channel {
         Options {
             allow_pickle: self.allow_pickle.load(Ordering::Relaxed),
             shm_threshold: self.shm_threshold.load(Ordering::Relaxed),
+            recycler: Some(Arc::clone(&self.recycler)),
         }
     }
 
@@ -198,6 +202,7 @@ impl Channel {
             max_frame: max_frame_bytes.into(),
             allow_pickle: AtomicBool::new(false),
             shm_threshold: AtomicUsize::new(usize::MAX),
+            recycler: Arc::default(),
         })
     }
 

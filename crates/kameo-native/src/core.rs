@@ -380,7 +380,7 @@ impl PoolCore {
         segs: &Segments,
         fx: &mut Effects,
     ) {
-        let opts = self.opts;
+        let opts = self.opts.clone();
         let (wid, pid, state) = (
             self.links[idx].id,
             self.links[idx].pid,
@@ -689,6 +689,7 @@ impl PoolCore {
             opts: Options {
                 allow_pickle,
                 shm_threshold: shm_threshold.unwrap_or(usize::MAX).max(1),
+                recycler: Some(Default::default()),
             },
             loop_,
             on_event,
@@ -1058,6 +1059,13 @@ impl PoolCore {
                 return Ok((0, 0));
             };
             let link = core.links.remove(idx);
+            if core.links.is_empty() {
+                // The pool is shutting down (or its last worker died): let the segments kept
+                // for reuse go (requests held for a resend keep their own descriptors).
+                if let Some(r) = &core.opts.recycler {
+                    r.clear();
+                }
+            }
             if link.writer_armed {
                 fx.disarm_writers.push(link.sock.as_raw_fd());
             }

@@ -1,21 +1,29 @@
-//! Shared-memory segments for large buffers: sealed memfds passed over the Unix socket with
+//! Shared-memory segments for large buffers: memfds passed over the Unix socket with
 //! SCM_RIGHTS.
 //!
-//! The sender copies the buffer into a new memfd (`pwrite`, no mapping), seals it against
-//! writes and resizes, sends the descriptor with the frame and drops its own copy of it. The
-//! receiver checks the seals, then either copies the bytes out (`bytes`, `bytearray`) or maps
-//! the segment read-only and hands numpy a view on the mapping ([`ShmView`]); the mapping, and
-//! with it the segment, lives exactly as long as the arrays that use it. Nothing has a name in
-//! any file system, so a process that dies frees its segments with its descriptors: the kernel
-//! counts the references, including those of descriptors still in flight in a socket.
+//! Two kinds of segment:
+//!
+//! * Sealed ([`create_sealed`]): the sender copies the buffer into a new memfd (`pwrite`, no
+//!   mapping), seals it against writes and resizes, sends the descriptor with the frame and
+//!   drops its own copy of it. Nobody can change it afterwards, so the receiver may keep a view
+//!   on it: numpy arrays decoded from shared memory are read-only views on a mapping
+//!   ([`ShmView`]); the mapping, and with it the segment, lives exactly as long as the arrays
+//!   that use it.
+//! * Recycled ([`Recycler`]): for `bytes`/`bytearray`, which the receiver copies out once at
+//!   decode time, the sender keeps a few segments mapped writable and fills one again as soon
+//!   as the kernel says nobody else holds it; see [`Recycler`] for why that is safe.
+//!
+//! Nothing has a name in any file system, so a process that dies frees its segments with its
+//! descriptors: the kernel counts the references, including those of descriptors still in
+//! flight in a socket.
 
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::ffi::c_void;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
 
 /// The name segments carry in `/proc/<pid>/fd` and `/proc/<pid>/maps` (`memfd:kameo-shm`).
 const NAME: &std::ffi::CStr = c"kameo-shm";
@@ -39,35 +47,263 @@ pub fn create_sealed(data: &[u8]) -> io::Result<OwnedFd> {
         ))?;
         let fd = OwnedFd::from_raw_fd(fd);
         check(libc::ftruncate(fd.as_raw_fd(), data.len() as libc::off_t))?;
-        let mut done = 0usize;
-        while done < data.len() {
-            let n = libc::pwrite(
-                fd.as_raw_fd(),
-                data[done..].as_ptr().cast(),
-                data.len() - done,
-                done as libc::off_t,
-            );
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            done += n as usize;
-        }
+        pwrite_all(fd.as_raw_fd(), data)?;
         check(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS))?;
         Ok(fd)
     }
 }
 
+/// Recycled segments kept per process side (the pool, or one worker's channel): at most this
+/// many...
+const RECYCLE_MAX_SEGMENTS: usize = 4;
+/// ...holding at most this many bytes together. A larger buffer gets a sealed segment.
+const RECYCLE_MAX_BYTES: usize = 64 << 20;
+/// The name recycled segments carry in `/proc/<pid>/fd` and `/proc/<pid>/maps`.
+const RECYCLED_NAME: &std::ffi::CStr = c"kameo-shm-cache";
+const RECYCLED_SEALS: i32 =
+    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SEAL;
+/// `fcntl(F_SETSIG)` (the libc crate does not export it for every target; 10 on Linux).
+const F_SETSIG: libc::c_int = 10;
+
+/// The segment size a buffer of `len` bytes is recycled in: `len` rounded up to one of eight
+/// steps per power of two (at most 12.5% more), and to whole pages (at least one).
+fn size_class(len: usize) -> usize {
+    let floor_pow2 = 1usize << (usize::BITS - 1 - len.max(1).leading_zeros());
+    let step = (floor_pow2 / 8).max(4096);
+    len.div_ceil(step) * step
+}
+
+/// A recycled segment: our own read-write open file description of the memfd (the only one
+/// while nobody else holds the segment) and its writable mapping.
+struct Recyclable {
+    fd: OwnedFd,
+    map: *mut u8,
+    size: usize,
+    /// Bytes at the start that may hold data of an earlier buffer (the rest is zeros).
+    dirty: usize,
+}
+
+// SAFETY: the mapping is written only by the thread that took the segment out of the
+// recycler (see `Recycler::take`).
+unsafe impl Send for Recyclable {}
+
+impl Drop for Recyclable {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; no reference into it outlives the fill that used it.
+        unsafe { libc::munmap(self.map.cast(), self.size) };
+    }
+}
+
+impl Recyclable {
+    /// Copy `data` to the start and zero what an earlier, longer buffer left after it.
+    fn fill(&mut self, data: &[u8]) {
+        // SAFETY: the mapping is `size` >= data.len() bytes, writable, and ours alone:
+        // nobody else holds the segment, and it is out of the recycler while we write.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.map, data.len());
+            if self.dirty > data.len() {
+                std::ptr::write_bytes(self.map.add(data.len()), 0, self.dirty - data.len());
+            }
+        }
+        self.dirty = data.len();
+    }
+
+    /// Nobody but us holds the segment: no descriptor (in any process, or in flight in a
+    /// socket) and no mapping of it but ours. Asked of the kernel with a write lease, which is
+    /// granted only when our open file description is the file's only one; it is given back at
+    /// once. Mappings hold their file, and every receiver got its own read-only description
+    /// (see [`Recycler::send_copy`]), so this covers them all.
+    fn unshared(&self) -> bool {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            if libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK) != 0 {
+                return false;
+            }
+            libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK);
+        }
+        true
+    }
+
+    /// A new segment of `size` bytes holding `data` at its start, mapped and sealed.
+    fn create(data: &[u8], size: usize) -> io::Result<Recyclable> {
+        // SAFETY: syscalls on descriptors we own, checked; the mapping is checked for
+        // MAP_FAILED and unmapped by Drop (`map` is set only once it exists).
+        unsafe {
+            let memfd = check(libc::memfd_create(
+                RECYCLED_NAME.as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            ))?;
+            let memfd = OwnedFd::from_raw_fd(memfd);
+            // The description memfd_create returns is not counted among the file's writers,
+            // so the lease test could never pass on it: work on one opened through /proc.
+            let fd = reopen(memfd.as_raw_fd(), libc::O_RDWR)?;
+            drop(memfd);
+            check(libc::ftruncate(fd.as_raw_fd(), size as libc::off_t))?;
+            // First fill by pwrite: new pages are not zeroed first, as they would be when
+            // faulted in through the mapping.
+            pwrite_all(fd.as_raw_fd(), data)?;
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd.as_raw_fd(),
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            let seg = Recyclable {
+                fd,
+                map: p.cast(),
+                size,
+                dirty: data.len(),
+            };
+            // A lease break (someone opening /proc/<pid>/fd/N in the microseconds we hold the
+            // lease) signals the holder; SIGURG is ignored by default, SIGIO would kill us.
+            libc::fcntl(seg.fd.as_raw_fd(), F_SETSIG, libc::SIGURG);
+            // Receivers can neither resize it nor write to it, nor map it writable; our own
+            // mapping (made before the seal) still writes.
+            check(libc::fcntl(
+                seg.fd.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                RECYCLED_SEALS,
+            ))?;
+            Ok(seg)
+        }
+    }
+}
+
+/// A new open file description of `fd` (through `/proc/self/fd`), close-on-exec.
+fn reopen(fd: RawFd, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
+    // SAFETY: open with a valid path; the result is checked and owned at once.
+    let fd = check(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    // SAFETY: a descriptor we just opened.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn pwrite_all(fd: RawFd, data: &[u8]) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < data.len() {
+        // SAFETY: `data[done..]` is valid for reads of its length.
+        let n = unsafe {
+            libc::pwrite(
+                fd,
+                data[done..].as_ptr().cast(),
+                data.len() - done,
+                done as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Segments a sender reuses for buffers its receiver copies out (`bytes`, `bytearray`), so a
+/// large buffer costs one `memcpy` into pages that are already there, instead of a new memfd
+/// whose pages the kernel allocates, fills and frees again for every message (most of the
+/// cost of a 16 MiB transfer).
+///
+/// Why reuse is safe:
+/// * A segment is filled again only when the kernel confirms that our own open file
+///   description is its only one ([`Recyclable::unshared`]): every send passes a fresh
+///   read-only description, which the receiver holds (as do its mappings, and the socket
+///   while it is in flight) until it has copied the buffer out and closed it, and which the
+///   pool holds as long as it may resend the request. So nobody can see a buffer change
+///   while they still hold it, including a receiver that is slow, never reads it, or died.
+/// * Receivers cannot write to it or resize it (`F_SEAL_FUTURE_WRITE`, `F_SEAL_SHRINK`,
+///   `F_SEAL_GROW`, checked by [`verify`]), so a request kept for a resend stays intact and a
+///   receiver's mapping cannot fault. They never keep a view on it: numpy arrays, which the
+///   receiver maps instead of copying, always get a new sealed segment, and the decoder
+///   refuses an array in a segment that is not sealed against all writes.
+/// * The bytes past a buffer's end are zeros, never what an earlier buffer left there.
+/// * Bounded: at most [`RECYCLE_MAX_SEGMENTS`] segments and [`RECYCLE_MAX_BYTES`] bytes, all
+///   freed by [`Recycler::clear`] (pool or channel closed) or at exit.
+#[derive(Default)]
+pub struct Recycler {
+    segs: Mutex<Vec<Recyclable>>,
+}
+
+impl std::fmt::Debug for Recycler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let segs = crate::outbox::lock(&self.segs);
+        f.debug_struct("Recycler")
+            .field("segments", &segs.len())
+            .field("bytes", &segs.iter().map(|s| s.size).sum::<usize>())
+            .finish()
+    }
+}
+
+impl Recycler {
+    /// A read-only descriptor of a segment holding a copy of `data` at offset 0: a recycled
+    /// one when possible, else a new sealed one ([`create_sealed`]).
+    pub fn send_copy(&self, data: &[u8]) -> io::Result<OwnedFd> {
+        let size = size_class(data.len());
+        if size > RECYCLE_MAX_BYTES {
+            return create_sealed(data);
+        }
+        let seg = match self.take(size) {
+            Some(mut seg) => {
+                seg.fill(data);
+                seg
+            }
+            // No /proc, no leases, no memory for the mapping: do without.
+            None => match Recyclable::create(data, size) {
+                Ok(seg) => seg,
+                Err(_) => return create_sealed(data),
+            },
+        };
+        let shared = reopen(seg.fd.as_raw_fd(), libc::O_RDONLY);
+        let mut segs = crate::outbox::lock(&self.segs);
+        segs.push(seg); // most recently used last
+                        // Over the caps: drop the least recently used. Receivers keep their own references;
+                        // dropping ours only ends the reuse.
+        while segs.len() > RECYCLE_MAX_SEGMENTS
+            || segs.iter().map(|s| s.size).sum::<usize>() > RECYCLE_MAX_BYTES
+        {
+            segs.remove(0);
+        }
+        drop(segs);
+        shared.or_else(|_| create_sealed(data))
+    }
+
+    /// Take out a segment of exactly `size` bytes that nobody else holds. While it is out (being
+    /// filled, without the lock) no other thread can take it.
+    fn take(&self, size: usize) -> Option<Recyclable> {
+        let mut segs = crate::outbox::lock(&self.segs);
+        let i = segs.iter().position(|s| s.size == size && s.unshared())?;
+        Some(segs.remove(i))
+    }
+
+    /// Unmap and close every segment (receivers keep theirs until they close them).
+    pub fn clear(&self) {
+        crate::outbox::lock(&self.segs).clear();
+    }
+}
+
 /// Check that a received descriptor is a sealed segment holding `offset + len` bytes, so that
-/// its sender can neither change nor shrink it under us (a shrunk mapping would SIGBUS).
-pub fn verify(fd: &OwnedFd, offset: u64, len: u64) -> Result<u64, String> {
+/// its sender cannot shrink it under us (a shrunk mapping would SIGBUS) and, with `frozen`,
+/// cannot change it either (required for segments we keep a view on). Without `frozen` a
+/// recycled segment (sealed with `F_SEAL_FUTURE_WRITE`: only its sender's existing mapping may
+/// still write) passes too; the caller copies it out once.
+pub fn verify(fd: &OwnedFd, offset: u64, len: u64, frozen: bool) -> Result<u64, String> {
     // SAFETY: fcntl and fstat on a descriptor we own.
     let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-    let need = libc::F_SEAL_SHRINK | libc::F_SEAL_WRITE;
-    if seals < 0 || seals & need != need {
+    let write = if frozen {
+        libc::F_SEAL_WRITE
+    } else {
+        libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE
+    };
+    if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 || seals & write == 0 {
         return Err("shared memory descriptor is not a sealed memfd".into());
     }
     let mut st: libc::stat = unsafe { std::mem::zeroed() };

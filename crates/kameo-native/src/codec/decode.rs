@@ -633,7 +633,14 @@ impl<'b, 'py> Decoder<'b, 'py> {
         }
     }
 
-    fn segment(&self, shm: &ShmRef, at: usize) -> Result<(Arc<OwnedFd>, u64), DecodeError> {
+    /// The frame's descriptor `shm` refers to, checked (see [`shm::verify`]; `frozen`: we keep
+    /// a view on it, so its sender must not be able to change it).
+    fn segment(
+        &self,
+        shm: &ShmRef,
+        at: usize,
+        frozen: bool,
+    ) -> Result<(Arc<OwnedFd>, u64), DecodeError> {
         let fd = usize::try_from(shm.fd)
             .ok()
             .and_then(|i| self.segs.get(i))
@@ -641,8 +648,8 @@ impl<'b, 'py> Decoder<'b, 'py> {
                 at,
                 why: "shared memory reference to a descriptor the frame did not carry",
             })?;
-        let size =
-            shm::verify(fd, shm.offset, shm.len).map_err(|why| DecodeError::Refused { at, why })?;
+        let size = shm::verify(fd, shm.offset, shm.len, frozen)
+            .map_err(|why| DecodeError::Refused { at, why })?;
         Ok((fd.clone(), size))
     }
 
@@ -653,7 +660,8 @@ impl<'b, 'py> Decoder<'b, 'py> {
         at: usize,
     ) -> Result<Bound<'py, PyAny>, DecodeError> {
         let py = self.py;
-        let (fd, _) = self.segment(&shm, at)?;
+        // Copied out once, here: a recycled segment (see `shm::Recycler`) is fine.
+        let (fd, _) = self.segment(&shm, at, false)?;
         let len = usize::try_from(shm.len).map_err(|_| DecodeError::Truncated { at })?;
         let (obj, p) = if bytearray {
             let o = owned(
@@ -1045,7 +1053,7 @@ impl<'b, 'py> Decoder<'b, 'py> {
                         .map_err(&np_err)?
                 }
                 (_, Some(s)) => {
-                    let (fd, size) = self.segment(&s, at)?;
+                    let (fd, size) = self.segment(&s, at, true)?;
                     let view = ShmView::map(fd, size).map_err(|e| DecodeError::Refused {
                         at,
                         why: format!("cannot map shared memory: {e}"),

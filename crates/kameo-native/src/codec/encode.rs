@@ -385,14 +385,19 @@ impl<'a> Encoder<'a> {
     ) -> Result<(), EncodeError> {
         if data.len() >= self.opts.shm_threshold {
             let py = Python::assume_attached();
+            // The receiver copies bytes and bytearrays out: a recycled segment will do.
+            let copy = |data: &[u8]| match &self.opts.recycler {
+                Some(r) => r.send_copy(data),
+                None => shm::create_sealed(data),
+            };
             let fd = if immutable {
                 // The slice is only read, and the object it belongs to is kept alive by the
                 // caller for the whole call.
                 let addr = data.as_ptr() as usize;
                 let len = data.len();
-                py.detach(|| shm::create_sealed(std::slice::from_raw_parts(addr as *const u8, len)))
+                py.detach(|| copy(std::slice::from_raw_parts(addr as *const u8, len)))
             } else {
-                shm::create_sealed(data)
+                copy(data)
             }
             .map_err(|e| EncodeError::new(format!("cannot create shared memory: {e}")))?;
             let idx = self.add_segment(Arc::new(fd))?;

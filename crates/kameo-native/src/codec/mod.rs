@@ -25,13 +25,16 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 /// What a connection allows beyond the default value set.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
     /// Encode unknown types with pickle, and accept pickled values when decoding.
     pub allow_pickle: bool,
     /// Bytes-like values and arrays of at least this many bytes travel in shared memory.
     /// `usize::MAX` keeps everything inline.
     pub shm_threshold: usize,
+    /// Where large `bytes`/`bytearray` buffers are copied for sending: segments reused from
+    /// earlier messages (see [`crate::shm::Recycler`]). None: a new sealed segment each time.
+    pub recycler: Option<std::sync::Arc<crate::shm::Recycler>>,
 }
 
 impl Options {
@@ -39,6 +42,7 @@ impl Options {
     pub const INLINE: Options = Options {
         allow_pickle: false,
         shm_threshold: usize::MAX,
+        recycler: None,
     };
 }
 
