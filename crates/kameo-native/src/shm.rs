@@ -23,6 +23,7 @@ use pyo3::prelude::*;
 use std::ffi::c_void;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The name segments carry in `/proc/<pid>/fd` and `/proc/<pid>/maps` (`memfd:kameo-shm`).
@@ -113,16 +114,21 @@ impl Recyclable {
     /// granted only when our open file description is the file's only one; it is given back at
     /// once. Mappings hold their file, and every receiver got its own read-only description
     /// (see [`Recycler::send_copy`]), so this covers them all.
-    fn unshared(&self) -> bool {
+    ///
+    /// Err: leases do not work here (disabled, refused), so nothing can be reused.
+    fn unshared(&self) -> Result<bool, ()> {
         let fd = self.fd.as_raw_fd();
         // SAFETY: fcntl on a descriptor we own.
         unsafe {
             if libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK) != 0 {
-                return false;
+                return match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EAGAIN) => Ok(false),
+                    _ => Err(()),
+                };
             }
             libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK);
         }
-        true
+        Ok(true)
     }
 
     /// A new segment of `size` bytes holding `data` at its start, mapped and sealed.
@@ -231,6 +237,8 @@ fn pwrite_all(fd: RawFd, data: &[u8]) -> io::Result<()> {
 #[derive(Default)]
 pub struct Recycler {
     segs: Mutex<Vec<Recyclable>>,
+    /// Set when the kernel refuses leases: send new sealed segments, as for arrays.
+    off: AtomicBool,
 }
 
 impl std::fmt::Debug for Recycler {
@@ -248,7 +256,7 @@ impl Recycler {
     /// one when possible, else a new sealed one ([`create_sealed`]).
     pub fn send_copy(&self, data: &[u8]) -> io::Result<OwnedFd> {
         let size = size_class(data.len());
-        if size > RECYCLE_MAX_BYTES {
+        if size > RECYCLE_MAX_BYTES || self.off.load(Ordering::Relaxed) {
             return create_sealed(data);
         }
         let seg = match self.take(size) {
@@ -280,8 +288,21 @@ impl Recycler {
     /// filled, without the lock) no other thread can take it.
     fn take(&self, size: usize) -> Option<Recyclable> {
         let mut segs = crate::outbox::lock(&self.segs);
-        let i = segs.iter().position(|s| s.size == size && s.unshared())?;
-        Some(segs.remove(i))
+        for i in 0..segs.len() {
+            if segs[i].size != size {
+                continue;
+            }
+            match segs[i].unshared() {
+                Ok(true) => return Some(segs.remove(i)),
+                Ok(false) => {}
+                Err(()) => {
+                    self.off.store(true, Ordering::Relaxed);
+                    segs.clear();
+                    return None;
+                }
+            }
+        }
+        None
     }
 
     /// Unmap and close every segment (receivers keep theirs until they close them).
