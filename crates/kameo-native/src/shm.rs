@@ -272,9 +272,9 @@ impl Recycler {
         };
         let shared = reopen(seg.fd.as_raw_fd(), libc::O_RDONLY);
         let mut segs = crate::outbox::lock(&self.segs);
-        segs.push(seg); // most recently used last
-                        // Over the caps: drop the least recently used. Receivers keep their own references;
-                        // dropping ours only ends the reuse.
+        // Most recently used last. Over the caps, drop the least recently used: receivers keep
+        // their own references, so dropping ours only ends the reuse.
+        segs.push(seg);
         while segs.len() > RECYCLE_MAX_SEGMENTS
             || segs.iter().map(|s| s.size).sum::<usize>() > RECYCLE_MAX_BYTES
         {
