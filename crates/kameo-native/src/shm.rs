@@ -267,7 +267,12 @@ impl Recycler {
             // No /proc, no leases, no memory for the mapping: do without.
             None => match Recyclable::create(data, size) {
                 Ok(seg) => seg,
-                Err(_) => return create_sealed(data),
+                // A kernel without F_SEAL_FUTURE_WRITE, or no room for the mapping: stop
+                // trying, rather than paying for a failed segment on every send.
+                Err(_) => {
+                    self.off.store(true, Ordering::Relaxed);
+                    return create_sealed(data);
+                }
             },
         };
         let shared = reopen(seg.fd.as_raw_fd(), libc::O_RDONLY);

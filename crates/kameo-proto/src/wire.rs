@@ -909,6 +909,8 @@ impl Value {
             } => false,
             Value::ShmBytes { bytearray, .. } => !bytearray,
             Value::Shared(v) => v.hashable(),
+            // Only lists and dicts are shared.
+            Value::Ref(_) => false,
             Value::Tuple(items) | Value::FrozenSet(items) => items.iter().all(Value::hashable),
             _ => true,
         }
@@ -1065,6 +1067,10 @@ mod tests {
             &[TAG_REF, 0][..],
             &[TAG_SHARED, TAG_LIST, 1, TAG_REF, 0],
             &[TAG_LIST, 2, TAG_SHARED, TAG_NONE, TAG_REF, 1],
+            // A shared list as a dict key: unhashable.
+            &[
+                TAG_LIST, 2, TAG_SHARED, TAG_LIST, 0, TAG_DICT, 1, TAG_REF, 0, TAG_NONE,
+            ],
         ] {
             assert!(
                 matches!(Value::decode(bad), Err(DecodeError::Invalid { .. })),

@@ -26,12 +26,18 @@ def hello_body(version: int, worker_id: int, pid: int, secret: bytes) -> bytes:
     return MAGIC + struct.pack("<HII", version, worker_id, pid) + bytes([len(secret)]) + secret
 
 
+def _current_version() -> int:
+    from kameo import PROTOCOL_VERSION  # only the constant: the fake speaks the wire itself
+
+    return PROTOCOL_VERSION
+
+
 def main() -> None:
     fd = int(os.environ["KAMEO_FD"])
     worker_id = int(os.environ["KAMEO_WORKER_ID"])
     secret = bytes.fromhex(os.environ["KAMEO_SECRET"])
     mode = os.environ.get("FAKE_MODE", "")
-    version = int(os.environ.get("FAKE_VERSION", "1"))
+    version = int(os.environ.get("FAKE_VERSION", "0")) or _current_version()
     log = os.environ.get("FAKE_LOG")
     if log:
         with open(log, "a") as f:
