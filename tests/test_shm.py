@@ -14,6 +14,7 @@ import mmap
 import os
 import signal
 import time
+from typing import Any
 
 import kameo
 import pytest
@@ -176,10 +177,58 @@ async def test_numpy_above_threshold_is_a_read_only_view(order):
         with pytest.raises(ValueError):
             got[0, 0] = 1.0
         maps = shm_maps()
-        assert maps, "a received array above the threshold should map a kameo-shm memfd"
-        assert all(line.split()[1][1] == "-" for line in maps), f"writable mapping: {maps}"
+        views = [line for line in maps if line.split()[1][1] == "-"]
+        assert views, f"a received array above the threshold should map a kameo-shm memfd: {maps}"
+        # Writable: only the pool's own recycled segments (what it sends arrays in).
+        writable = [line for line in maps if line.split()[1][1] != "-"]
+        assert all(CACHE_NAME in line for line in writable), f"writable mapping: {maps}"
         del got
         await assert_released(["self", *worker_pids(pool)])
+
+
+def _cache_maps() -> dict[str, set[str]]:
+    """inode -> permissions of this process's mappings of recycled segments."""
+    out: dict[str, set[str]] = {}
+    for line in shm_maps():
+        fields = line.split()
+        if CACHE_NAME in line:
+            out.setdefault(fields[4], set()).add(fields[1])
+    return out
+
+
+def _storage(arr: Any) -> Any:
+    """What an array's memory finally belongs to (a ShmView, a bytearray, ...)."""
+    base = arr
+    while getattr(base, "base", None) is not None and type(base).__name__ == "ndarray":
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
+
+
+async def test_array_sent_back_is_a_view_on_the_pools_own_segment_until_it_is_dropped():
+    """Arrays go out in the pool's recycled segments; one echoed back is a view on that very
+    segment (no copy). Once the pool has dropped the segment from its cache, nothing says
+    the worker cannot change it, so an array coming back in it is a read-only copy."""
+    np = pytest.importorskip("numpy")
+    a = np.arange(512 * 1024, dtype=np.float64)  # 4 MiB
+    async with kameo.Pool(f"{VALUES}:keep", size=1) as pool:
+        got = await pool.ask({"op": "echo", "data": a}, timeout=30.0)
+        assert np.array_equal(got, a) and not got.flags.writeable
+        assert type(_storage(got)).__name__ == "ShmView"
+        shared = [perms for perms in _cache_maps().values() if {"r--s", "rw-s"} <= perms]
+        assert shared, f"the echo should map the segment the pool sent: {shm_maps()}"
+        del got
+
+        assert await pool.ask({"op": "put", "data": a}, timeout=30.0) == a.nbytes
+        # Arrays of other sizes, while the worker keeps `a`: new segments, until the cache
+        # (4 segments) drops the oldest, `a`'s.
+        for n in (600_000, 700_000, 800_000, 900_000, 1_000_000, 1_100_000):
+            b = np.ones(n)
+            assert await pool.ask({"op": "nbytes", "data": b}, timeout=30.0) == b.nbytes
+        back = await pool.ask({"op": "get"}, timeout=30.0)
+        assert np.array_equal(back, a) and not back.flags.writeable
+        assert type(_storage(back)) is bytearray, type(_storage(back))
+        with pytest.raises(ValueError):
+            back[0] = 1.0
 
 
 async def test_numpy_below_threshold_arrives_writable():

@@ -214,6 +214,23 @@ def hold(msg: dict) -> Any:
     return len(data) if not hasattr(data, "nbytes") else int(data.nbytes)
 
 
+_kept: dict[str, Any] = {}
+
+
+def keep(msg: dict) -> Any:
+    """``msg["op"]``: "echo" returns ``msg["data"]``, "nbytes" its size, "put" keeps it (and
+    answers its size), "get" returns what "put" kept."""
+    op = msg["op"]
+    if op == "get":
+        return _kept.pop("data")
+    data = msg["data"]
+    if op == "echo":
+        return data
+    if op == "put":
+        _kept["data"] = data
+    return int(data.nbytes)
+
+
 def make_array(msg: dict) -> Any:
     """Build a fresh numpy array in the worker: ``np.arange(n, dtype=dtype)``."""
     import numpy as np

@@ -63,6 +63,7 @@ impl Channel {
             allow_pickle: self.allow_pickle.load(Ordering::Relaxed),
             shm_threshold: self.shm_threshold.load(Ordering::Relaxed),
             recycler: Some(Arc::clone(&self.recycler)),
+            arrays: codec::Arrays::Worker,
         }
     }
 

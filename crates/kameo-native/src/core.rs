@@ -690,6 +690,7 @@ impl PoolCore {
                 allow_pickle,
                 shm_threshold: shm_threshold.unwrap_or(usize::MAX).max(1),
                 recycler: Some(Default::default()),
+                arrays: codec::Arrays::Parent,
             },
             loop_,
             on_event,

@@ -78,6 +78,8 @@ fn size_class(len: usize) -> usize {
 /// while nobody else holds the segment) and its writable mapping.
 struct Recyclable {
     fd: OwnedFd,
+    /// The file's (device, inode): tells our segments when they come back.
+    id: (u64, u64),
     map: *mut u8,
     size: usize,
     /// Bytes at the start that may hold data of an earlier buffer (the rest is zeros).
@@ -161,6 +163,7 @@ impl Recyclable {
                 return Err(io::Error::last_os_error());
             }
             let seg = Recyclable {
+                id: file_id(&fd)?,
                 fd,
                 map: p.cast(),
                 size,
@@ -179,6 +182,21 @@ impl Recyclable {
             Ok(seg)
         }
     }
+}
+
+/// The (device, inode) of an open file.
+fn file_id(fd: &OwnedFd) -> io::Result<(u64, u64)> {
+    // SAFETY: fstat on a descriptor we own, into a zeroed struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// Whether a segment is sealed against all writes, including through mappings made before.
+pub fn is_frozen(fd: &OwnedFd) -> bool {
+    // SAFETY: fcntl on a descriptor we own.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    seals >= 0 && seals & libc::F_SEAL_WRITE != 0
 }
 
 /// A new open file description of `fd` (through `/proc/self/fd`), close-on-exec.
@@ -308,6 +326,15 @@ impl Recycler {
             }
         }
         None
+    }
+
+    /// Whether `fd` is one of the segments kept here (say, an array echoed back): only we
+    /// can change it, and not while anyone else holds it.
+    pub fn holds(&self, fd: &OwnedFd) -> bool {
+        let Ok(id) = file_id(fd) else {
+            return false;
+        };
+        crate::outbox::lock(&self.segs).iter().any(|s| s.id == id)
     }
 
     /// Unmap and close every segment (receivers keep theirs until they close them).

@@ -5,7 +5,7 @@
 //! allows pickle. Classes named by enum, dataclass and NamedTuple values are imported by module
 //! and qualname and must be of that kind; nothing else named in the input is ever called.
 
-use super::{refs, Options};
+use super::{refs, Arrays, Options};
 use crate::shm::{self, ShmView};
 use kameo_proto::wire::{self, DecodeError, Reader, ShmRef, Tz, MAX_DEPTH};
 use pyo3::ffi;
@@ -653,6 +653,18 @@ impl<'b, 'py> Decoder<'b, 'py> {
         Ok((fd.clone(), size))
     }
 
+    /// Whether an array may be a view on the segment `shm` refers to: only if nobody but a
+    /// trusted process can change it (see [`crate::codec::Arrays`]).
+    fn may_view(&self, shm: &ShmRef, at: usize) -> Result<bool, DecodeError> {
+        let (fd, _) = self.segment(shm, at, false)?;
+        Ok(shm::is_frozen(&fd)
+            || match self.opts.arrays {
+                Arrays::Sealed => false,
+                Arrays::Worker => true,
+                Arrays::Parent => self.opts.recycler.as_ref().is_some_and(|r| r.holds(&fd)),
+            })
+    }
+
     unsafe fn shm_bytes(
         &mut self,
         bytearray: bool,
@@ -1052,8 +1064,46 @@ impl<'b, 'py> Decoder<'b, 'py> {
                     np.call_method1("frombuffer", (ba, &dtype))
                         .map_err(&np_err)?
                 }
+                (_, Some(s)) if !self.may_view(&s, at)? => {
+                    // A segment its sender could still change: a read-only copy.
+                    let (fd, _) = self.segment(&s, at, false)?;
+                    let n = usize::try_from(s.len).map_err(|_| DecodeError::Truncated { at })?;
+                    // SAFETY: a new bytearray of n bytes, filled before anything reads it.
+                    let ba = owned(
+                        py,
+                        unsafe {
+                            ffi::PyByteArray_FromStringAndSize(
+                                std::ptr::null(),
+                                n as ffi::Py_ssize_t,
+                            )
+                        },
+                        at,
+                    )?;
+                    // SAFETY: ba is a live bytearray (its buffer is n bytes).
+                    let addr = unsafe { ffi::PyByteArray_AsString(ba.as_ptr()) } as usize;
+                    py.detach(|| {
+                        // SAFETY: nobody else has the bytearray yet, and it outlives this call.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, n) };
+                        shm::read_into(&fd, s.offset, dst)
+                    })
+                    .map_err(|e| DecodeError::Refused {
+                        at,
+                        why: format!("cannot read shared memory: {e}"),
+                    })?;
+                    let kw = PyDict::new(py);
+                    kw.set_item("dtype", &dtype).map_err(&np_err)?;
+                    kw.set_item("count", count).map_err(&np_err)?;
+                    let a = np
+                        .call_method("frombuffer", (ba,), Some(&kw))
+                        .map_err(&np_err)?;
+                    // Read-only, like every array that came through shared memory.
+                    let kw = PyDict::new(py);
+                    kw.set_item("write", false).map_err(&np_err)?;
+                    a.call_method("setflags", (), Some(&kw)).map_err(&np_err)?;
+                    a
+                }
                 (_, Some(s)) => {
-                    let (fd, size) = self.segment(&s, at, true)?;
+                    let (fd, size) = self.segment(&s, at, false)?;
                     let view = ShmView::map(fd, size).map_err(|e| DecodeError::Refused {
                         at,
                         why: format!("cannot map shared memory: {e}"),

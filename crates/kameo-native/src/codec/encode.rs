@@ -1,6 +1,6 @@
 //! Python values to bytes.
 
-use super::{refs, Options, Segments};
+use super::{refs, Arrays, Options, Segments};
 use crate::shm::{self, ShmView};
 use kameo_proto::wire::{self, put_str, put_varint, Tz, MAX_DEPTH};
 use pyo3::exceptions::PyUnicodeEncodeError;
@@ -1050,12 +1050,16 @@ impl<'a> Encoder<'a> {
                 .and_then(|v| v.get().locate(data.as_ptr() as usize, data.len()))
             {
                 Some(found) => found,
-                None => (
-                    Arc::new(shm::create_sealed(data).map_err(|e| {
+                None => {
+                    let fd = match (&self.opts.recycler, self.opts.arrays) {
+                        (Some(r), Arrays::Parent) => r.send_copy(data),
+                        _ => shm::create_sealed(data),
+                    };
+                    let fd = fd.map_err(|e| {
                         EncodeError::new(format!("cannot create shared memory: {e}"))
-                    })?),
-                    0,
-                ),
+                    })?;
+                    (Arc::new(fd), 0)
+                }
             };
             let idx = self.add_segment(fd)?;
             self.out.push(wire::DATA_SHM);

@@ -35,6 +35,22 @@ pub struct Options {
     /// Where large `bytes`/`bytearray` buffers are copied for sending: segments reused from
     /// earlier messages (see [`crate::shm::Recycler`]). None: a new sealed segment each time.
     pub recycler: Option<std::sync::Arc<crate::shm::Recycler>>,
+    /// How numpy arrays use shared memory on this side.
+    pub arrays: Arrays,
+}
+
+/// How numpy arrays use shared memory. A received array is a view on its segment only when
+/// nobody but a trusted process can change the segment under it; otherwise it is a copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrays {
+    /// New sealed segments out; views only on segments sealed against all writes.
+    Sealed,
+    /// The parent: arrays out through the recycler (its segments change only once nobody
+    /// holds them); views on sealed segments and on its own recycled ones (echoed back).
+    Parent,
+    /// A worker: new sealed segments out; views on sealed segments and on the recycled ones
+    /// of the parent, which spawned this process and is trusted with it anyway.
+    Worker,
 }
 
 impl Options {
@@ -43,6 +59,7 @@ impl Options {
         allow_pickle: false,
         shm_threshold: usize::MAX,
         recycler: None,
+        arrays: Arrays::Sealed,
     };
 }
 
