@@ -144,6 +144,45 @@ async def test_parent_queue_never_exceeds_worker_window(prefetch: int):
         assert window in observed
 
 
+async def test_auto_prefetch_sends_ahead_only_to_workers_with_short_requests(tmp_path):
+    """prefetch="auto" (the default): short requests are sent well ahead; a worker stuck on a
+    long request gets nothing more, so short requests run on the other worker instead of
+    waiting behind it."""
+    async with kameo.Pool(f"{BASIC}:cmd", size=2) as pool:
+        for _ in range(20):  # both workers answer quickly: measured as short
+            await asyncio.gather(*(pool.ask({"op": "echo", "value": i}) for i in range(4)))
+        burst = [pool.ask({"op": "echo", "value": i}, timeout=20.0) for i in range(200)]
+        assert max(w.in_flight for w in pool.workers) > 2, pool.workers  # sent well ahead
+        await asyncio.gather(*burst)
+
+        started = tmp_path / "started"
+        long = asyncio.ensure_future(
+            pool.ask({"op": "sleep", "seconds": 1.5, "started": str(started)}, timeout=20.0)
+        )
+        assert await async_wait_until(started.exists, 10.0)
+        stuck = next(w.id for w in pool.workers if w.in_flight == 1)
+
+        def stuck_in_flight() -> int:
+            return next(w.in_flight for w in pool.workers if w.id == stuck)
+
+        await asyncio.sleep(0.05)  # busy far longer than its requests used to take
+        t0 = time.monotonic()
+        shorts = [
+            pool.ask({"op": "sleep", "seconds": 0.05, "value": i}, timeout=20.0) for i in range(6)
+        ]
+        assert stuck_in_flight() == 1, pool.workers  # nothing queued behind the long request
+        assert await asyncio.gather(*shorts) == list(range(6))
+        assert not long.done(), "the short requests should not have waited for the long one"
+        assert time.monotonic() - t0 < 1.0
+        await long
+
+
+@pytest.mark.parametrize("bad", ["fast", -1, True, 1.5])
+def test_prefetch_must_be_a_count_or_auto(bad):
+    with pytest.raises(ValueError, match="prefetch"):
+        kameo.Pool(f"{BASIC}:echo", prefetch=bad)
+
+
 async def test_max_concurrency_runs_async_handlers_concurrently():
     async with kameo.Pool(f"{BASIC}:track", size=1, max_concurrency=4) as pool:
         start = time.monotonic()

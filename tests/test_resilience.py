@@ -434,8 +434,11 @@ async def test_crash_loop_at_startup_is_throttled(tmp_path: Path):
 
 
 async def test_max_tasks_per_worker_recycles_without_losing_requests():
-    async with kameo.Pool(f"{CRASHY}:cmd", size=2, max_tasks_per_worker=10) as pool:
-        window = 1 + 16
+    prefetch = 16
+    async with kameo.Pool(
+        f"{CRASHY}:cmd", size=2, max_tasks_per_worker=10, prefetch=prefetch
+    ) as pool:
+        window = 1 + prefetch
         replies = await asyncio.gather(
             *(pool.ask({"op": "double", "value": i}, timeout=30) for i in range(100))
         )

@@ -14,7 +14,7 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from kameo import _native, _signals
 from kameo._future import AskFuture
@@ -35,7 +35,9 @@ __all__ = ["Pool", "PoolStats", "WorkerInfo"]
 log = logging.getLogger("kameo")
 
 MiB = 1024 * 1024
-DEFAULT_PREFETCH = 16
+#: With ``prefetch="auto"``: at most this many requests sent ahead to a busy worker, fewer as
+#: its requests take longer (about 1 ms of its work), none while it is stuck on a long one.
+AUTO_PREFETCH_MAX = 64
 #: Bytes-like values and numpy arrays from this size travel in shared memory.
 DEFAULT_SHM_THRESHOLD = 1 * MiB
 DEFAULT_STREAM_WINDOW = 256
@@ -121,7 +123,7 @@ class Pool:
         startup_timeout: float = 30.0,
         max_concurrency: int = 1,
         max_frame_bytes: int = 64 * MiB,
-        prefetch: int = DEFAULT_PREFETCH,
+        prefetch: int | Literal["auto"] = "auto",
         callbacks: Callbacks | None = None,
         stream_window: int = DEFAULT_STREAM_WINDOW,
         init: str | None = None,
@@ -141,10 +143,16 @@ class Pool:
         if init is not None and ":" not in init:
             raise ValueError(f"init must be 'module:function', got {init!r}")
         size = os.cpu_count() or 1 if size is None else size
+        if prefetch == "auto":
+            self._prefetch, self._prefetch_auto = AUTO_PREFETCH_MAX, True
+        elif isinstance(prefetch, int) and not isinstance(prefetch, bool):
+            self._prefetch, self._prefetch_auto = prefetch, False
+        else:
+            raise ValueError(f'prefetch must be an int or "auto", got {prefetch!r}')
         for name, value, low in (
             ("size", size, 1),
             ("max_concurrency", max_concurrency, 1),
-            ("prefetch", prefetch, 0),
+            ("prefetch", self._prefetch, 0),
             ("stream_window", stream_window, 1),
             ("max_retries", max_retries, 0),
         ):
@@ -166,7 +174,6 @@ class Pool:
         self._startup_timeout = startup_timeout
         self._max_concurrency = max_concurrency
         self._max_frame_bytes = max_frame_bytes
-        self._window = max_concurrency + prefetch
         self._stream_window = stream_window
         self._callbacks = callbacks or Callbacks()
         self._init = init
@@ -290,7 +297,9 @@ class Pool:
             self._secret,
             self._welcome(),
             max_frame_bytes=self._max_frame_bytes,
-            window=self._window,
+            concurrency=self._max_concurrency,
+            prefetch=self._prefetch,
+            adaptive_prefetch=self._prefetch_auto,
             stream_window=self._stream_window,
             max_tasks=self._max_tasks,
             allow_pickle=self._allow_pickle,

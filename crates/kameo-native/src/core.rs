@@ -140,6 +140,11 @@ struct Effects {
     schedule_flush: bool,
 }
 
+/// How much work (by its recent answers) a busy worker is sent ahead: enough that it never
+/// waits for the parent between short requests, little enough that nothing waits long behind
+/// a request that turns out long while another worker could take it.
+const PREFETCH_BUDGET_NS: u64 = 1_000_000;
+
 #[pyclass(module = "kameo._native")]
 pub struct PoolCore {
     links: Vec<Link>,
@@ -147,7 +152,12 @@ pub struct PoolCore {
     streams: HashMap<u64, StreamBuf>,
     next_id: u64,
     max_frame: usize,
-    window: usize,
+    /// Requests a worker runs at once (max_concurrency).
+    concurrency: usize,
+    /// This many more are sent ahead to a busy worker; with `adaptive_prefetch` at most this
+    /// many, by how long its requests take (see [`Link::ahead`]).
+    prefetch: usize,
+    adaptive_prefetch: bool,
     stream_window: u32,
     max_tasks: u64,
     stats: Stats,
@@ -200,13 +210,21 @@ impl PoolCore {
         self.links.iter().position(|l| l.id == worker_id)
     }
 
-    /// Least-loaded ready worker with room in its window.
+    /// Least-loaded ready worker with room in its window: what it runs at once, plus the
+    /// requests sent ahead (`prefetch`, or with `adaptive_prefetch` about PREFETCH_BUDGET_NS
+    /// of its work, at most `prefetch`).
     fn pick(&self) -> Option<usize> {
+        let now = Instant::now();
         let mut best: Option<(usize, usize)> = None;
         for (i, l) in self.links.iter().enumerate() {
             if l.state == LinkState::Ready {
                 let n = l.in_flight();
-                if n < self.window && best.is_none_or(|(_, b)| n < b) {
+                let ahead = if self.adaptive_prefetch {
+                    l.ahead(now, self.prefetch, PREFETCH_BUDGET_NS)
+                } else {
+                    self.prefetch
+                };
+                if best.is_none_or(|(_, b)| n < b) && n < self.concurrency + ahead {
                     best = Some((i, n));
                 }
             }
@@ -240,6 +258,10 @@ impl PoolCore {
         // An idle worker gets the frame now; a busy one gets it with the other frames of this
         // loop iteration, in one write by `flush`.
         let busy = link.in_flight() > 0;
+        let now = Instant::now();
+        if !busy {
+            link.busy_since = Some(now);
+        }
         let result = if busy {
             link.buffer(&frame, &segs);
             if !self.flush_scheduled {
@@ -260,7 +282,7 @@ impl PoolCore {
                 segs,
                 seq,
                 retries,
-                sent: Instant::now(),
+                sent: now,
             },
         );
         if let Some(result) = result {
@@ -321,7 +343,9 @@ impl PoolCore {
         let link = &mut self.links[idx];
         let slot = link.slots.remove(&id)?;
         link.completed += 1;
-        self.stats.record(slot.sent.elapsed());
+        let now = Instant::now();
+        link.answered(now);
+        self.stats.record(now.saturating_duration_since(slot.sent));
         if self.max_tasks > 0 && link.completed >= self.max_tasks && link.state == LinkState::Ready
         {
             link.state = LinkState::Draining;
@@ -651,12 +675,14 @@ impl PoolCore {
 
 #[pymethods]
 impl PoolCore {
-    /// `window` = requests in flight per worker (max_concurrency + prefetch);
+    /// `concurrency` = requests a worker runs at once (max_concurrency); `prefetch` = requests
+    /// sent ahead to a busy worker (with `adaptive_prefetch`: at most, fewer when its requests
+    /// take long);
     /// `stream_window` = stream items a worker may send ahead of the consumer;
     /// `max_tasks` = requests after which a worker retires (0: never);
     /// `welcome` = the config dict sent to each worker after its HELLO.
     #[new]
-    #[pyo3(signature = (loop_, on_event, secret, welcome, *, max_frame_bytes, window, stream_window, max_tasks=0, allow_pickle=false, shm_threshold=None))]
+    #[pyo3(signature = (loop_, on_event, secret, welcome, *, max_frame_bytes, concurrency, prefetch, stream_window, adaptive_prefetch=false, max_tasks=0, allow_pickle=false, shm_threshold=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         loop_: PyObject,
@@ -664,8 +690,10 @@ impl PoolCore {
         secret: Vec<u8>,
         welcome: &Bound<'_, PyAny>,
         max_frame_bytes: usize,
-        window: usize,
+        concurrency: usize,
+        prefetch: usize,
         stream_window: u32,
+        adaptive_prefetch: bool,
         max_tasks: u64,
         allow_pickle: bool,
         shm_threshold: Option<usize>,
@@ -679,7 +707,9 @@ impl PoolCore {
             streams: HashMap::new(),
             next_id: 1,
             max_frame: max_frame_bytes,
-            window: window.max(1),
+            concurrency: concurrency.max(1),
+            prefetch,
+            adaptive_prefetch,
             stream_window: stream_window.max(1),
             max_tasks,
             stats: Stats::new(),

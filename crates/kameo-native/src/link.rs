@@ -67,6 +67,11 @@ pub struct Link {
     pub progress: Progress,
     /// When a frame last arrived (heartbeats included).
     pub last_seen: Instant,
+    /// How long a request keeps this worker busy: a moving average of the gaps between its
+    /// answers while it had more to do (ns; 0 until measured). Sets how far ahead it is fed.
+    pub busy_ns: u64,
+    /// Since the last answer (or since it got work when idle), while requests are in flight.
+    pub busy_since: Option<Instant>,
 }
 
 impl Link {
@@ -87,7 +92,37 @@ impl Link {
             next_seq: 0,
             progress,
             last_seen: Instant::now(),
+            busy_ns: 0,
+            busy_since: None,
         }
+    }
+
+    /// An answer arrived at `now`: one more sample of how long a request keeps it busy.
+    pub fn answered(&mut self, now: Instant) {
+        if let Some(since) = self.busy_since {
+            let gap = now.saturating_duration_since(since).as_nanos() as u64;
+            self.busy_ns = if self.busy_ns == 0 {
+                gap
+            } else {
+                self.busy_ns - self.busy_ns / 8 + gap / 8
+            };
+        }
+        self.busy_since = (!self.slots.is_empty()).then_some(now);
+    }
+
+    /// Requests to send ahead beyond those it runs at once: about `budget_ns` of its work,
+    /// at most `prefetch`. One while nothing is measured; none while it has been busy longer
+    /// than the budget without answering (a long request: whatever waits behind it would
+    /// wait that long, while another worker may be free).
+    pub fn ahead(&self, now: Instant, prefetch: usize, budget_ns: u64) -> usize {
+        let stuck = self
+            .busy_since
+            .map_or(0, |t| now.saturating_duration_since(t).as_nanos() as u64);
+        let per_request = self.busy_ns.max(stuck);
+        if per_request == 0 {
+            return prefetch.min(1);
+        }
+        prefetch.min((budget_ns / per_request) as usize)
     }
 
     pub fn in_flight(&self) -> usize {
