@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import signal
+import threading
 import time
 
 import kameo
@@ -175,6 +178,101 @@ async def test_auto_prefetch_sends_ahead_only_to_workers_with_short_requests(tmp
         assert not long.done(), "the short requests should not have waited for the long one"
         assert time.monotonic() - t0 < 1.0
         await long
+
+
+# An ask awaited directly waits for its answer outside the loop when the loop is idle
+# (AskFuture.__await__): timers, other tasks, threads and cancellation must not notice.
+
+
+async def test_sequential_asks_leave_timers_and_other_tasks_on_time():
+    async with kameo.Pool(f"{BASIC}:cmd", size=1) as pool:
+        ticks: list[float] = []
+
+        async def ticker():
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        t = asyncio.ensure_future(ticker())
+        try:
+            t0 = time.monotonic()
+            n = 0
+            while time.monotonic() - t0 < 0.5:  # back-to-back quick asks
+                assert await pool.ask({"op": "echo", "value": n}) == n
+                n += 1
+            assert pool._answer_waits > n // 2  # mostly answered without a loop iteration
+            # and one slow ask, made just after a tick (so the loop has nothing else to run
+            # when it is awaited): the ticker goes on while it runs
+            seen = len(ticks)
+            while len(ticks) == seen:
+                await asyncio.sleep(0.001)
+            waits = pool._answer_waits
+            before = len(ticks)
+            assert await pool.ask({"op": "sleep", "seconds": 0.3, "value": "slow"}) == "slow"
+            during = len(ticks) - before
+            assert pool._answer_waits > waits
+        finally:
+            t.cancel()
+        gaps = [b - a for a, b in itertools.pairwise(ticks)]
+        assert n > 50
+        assert during >= 10, f"the ticker ran {during} times during a 0.3 s ask"
+        assert max(gaps) < 0.2, f"a 10 ms timer was late by {max(gaps):.3f} s"
+
+
+async def test_awaited_ask_still_times_out_and_can_be_cancelled():
+    async with kameo.Pool(f"{BASIC}:cmd", size=1, cancel_grace=0.5) as pool:
+        await asyncio.sleep(0.01)  # nothing else to run: the ask is awaited directly
+        waits = pool._answer_waits
+        t0 = time.monotonic()
+        with pytest.raises(kameo.CallTimeout):
+            await pool.ask({"op": "sleep", "seconds": 2.0}, timeout=0.2)
+        assert time.monotonic() - t0 < 0.6
+        assert pool._answer_waits > waits
+
+        async def waiter():
+            await asyncio.sleep(0.01)
+            return await pool.ask({"op": "sleep", "seconds": 2.0})
+
+        t0 = time.monotonic()
+        w = asyncio.ensure_future(waiter())
+        await asyncio.sleep(0.2)
+        w.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await w
+        assert time.monotonic() - t0 < 0.6
+        assert await pool.ask({"op": "echo", "value": "after"}, timeout=10.0) == "after"
+
+
+async def test_awaited_ask_lets_threads_and_signals_reach_the_loop():
+    """A thread's call_soon_threadsafe and a signal handled by the loop, both 0.1 s into a
+    0.6 s ask, run at once, not when the answer comes."""
+    loop = asyncio.get_running_loop()
+    seen: dict[str, float] = {}
+
+    def mark(what: str) -> None:
+        seen[what] = time.monotonic()
+
+    loop.add_signal_handler(signal.SIGUSR1, mark, "signal")
+    try:
+        async with kameo.Pool(f"{BASIC}:cmd", size=1) as pool:
+            triggers = {
+                "thread": threading.Timer(0.1, loop.call_soon_threadsafe, (mark, "thread")),
+                "signal": threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1)),
+            }
+            for what, timer in triggers.items():
+                await asyncio.sleep(0.01)  # nothing else to run: the ask is awaited directly
+                waits = pool._answer_waits
+                timer.start()
+                try:
+                    await pool.ask({"op": "sleep", "seconds": 0.6})
+                finally:
+                    timer.cancel()
+                done = time.monotonic()
+                assert pool._answer_waits > waits
+                assert what in seen, f"{what}: ran only after the ask"
+                assert seen[what] < done - 0.3, f"{what}: ran {done - seen[what]:.3f} s early"
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
 
 
 @pytest.mark.parametrize("bad", ["fast", -1, True, 1.5])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 __all__ = ["AskFuture"]
@@ -22,9 +22,28 @@ class AskFuture(asyncio.Future[Any]):
 
     # No __dict__ per ask. Pool.ask sets both once the request is submitted; a future that
     # failed before that is already done, so cancel() never reaches them unset.
-    __slots__ = ("_kameo_abandon", "_kameo_rid")
+    __slots__ = ("_kameo_abandon", "_kameo_rid", "_kameo_wait")
     _kameo_abandon: Callable[[int], None] | None
     _kameo_rid: int
+    # Pool.ask sets it on a submitted future: waits for the answer directly when the loop has
+    # nothing else to do (see Pool._wait_answer).
+    _kameo_wait: Callable[[AskFuture], None] | None
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if not self.done():
+            # An ask awaited as soon as it is made usually finds the loop idle: wait for the
+            # answer as the loop would, and resume without going round the loop.
+            wait = self._kameo_wait
+            if wait is not None:
+                wait(self)
+            if not self.done():
+                self._asyncio_future_blocking = True
+                yield self
+                if not self.done():
+                    raise RuntimeError("await wasn't used with future")
+        return self.result()
+
+    __iter__ = __await__
 
     def cancel(self, msg: Any | None = None) -> bool:
         if not super().cancel(msg):

@@ -7,6 +7,7 @@ import atexit
 import logging
 import os
 import secrets
+import selectors
 import signal
 import sys
 import time
@@ -38,6 +39,25 @@ MiB = 1024 * 1024
 #: With ``prefetch="auto"``: at most this many requests sent ahead to a busy worker, fewer as
 #: its requests take longer (about 1 ms of its work), none while it is stuck on a long one.
 AUTO_PREFETCH_MAX = 64
+#: Longest wait for an answer outside the event loop (seconds); then the loop waits.
+WAIT_ANSWER_MAX = 0.05
+
+
+def _selector_fd(loop: asyncio.AbstractEventLoop) -> int:
+    """The fd of the loop's selector if it is a plain selector event loop (whose private
+    ``_ready``, ``_scheduled`` and ``_stopping`` ``Pool._wait_answer`` reads), else -1."""
+    if not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        return -1
+    selector: Any = getattr(loop, "_selector", None)
+    try:
+        fd = selector.fileno() if isinstance(selector, selectors.EpollSelector) else -1
+    except (AttributeError, OSError, ValueError):
+        return -1
+    if not all(hasattr(loop, name) for name in ("_ready", "_scheduled", "_stopping")):
+        return -1
+    return int(fd)
+
+
 #: Bytes-like values and numpy arrays from this size travel in shared memory.
 DEFAULT_SHM_THRESHOLD = 1 * MiB
 DEFAULT_STREAM_WINDOW = 256
@@ -201,6 +221,9 @@ class Pool:
         self._timeouts = 0
         self._cancelled = 0
         self._abandon_cb = self._abandon
+        # The selector's fd of a selector event loop (-1: no direct waits, e.g. uvloop).
+        self._loop_fd = -1
+        self._answer_waits = 0  # waits made by _wait_answer (tests check it is used)
 
     # ----------------------------------------------------------------- public API
 
@@ -291,6 +314,7 @@ class Pool:
             return
         self._state = "starting"
         loop = self._loop = asyncio.get_running_loop()
+        self._loop_fd = _selector_fd(loop)
         self._core = _native.PoolCore(
             loop,
             self._on_event,
@@ -358,6 +382,7 @@ class Pool:
             return fut
         fut._kameo_rid = rid
         fut._kameo_abandon = self._abandon_cb
+        fut._kameo_wait = self._wait_answer if self._loop_fd >= 0 else None
         if timeout is None:
             timeout = self._default_timeout
         if timeout is not None:
@@ -414,6 +439,24 @@ class Pool:
             self._timeouts += 1
             fut.set_exception(CallTimeout(f"no reply within timeout={timeout}s"))
             self._abandon(fut._kameo_rid)
+
+    def _wait_answer(self, fut: AskFuture) -> None:
+        """Awaiting ``fut`` (see ``AskFuture.__await__``): if the loop has nothing to run
+        before it would block in its selector, wait for the answer here instead, in one
+        ``ppoll`` on the worker's socket and the selector (so any other event, a due timer, a
+        signal or a thread's ``call_soon_threadsafe`` still ends the wait at once), and resume
+        the awaiting task without a loop iteration."""
+        loop: Any = self._loop
+        core = self._core
+        if core is None or loop._ready or loop._stopping:
+            return
+        timeout = WAIT_ANSWER_MAX
+        if loop._scheduled:
+            timeout = min(timeout, loop._scheduled[0]._when - loop.time())
+            if timeout <= 0:
+                return
+        self._answer_waits += 1
+        core.wait_answer(fut._kameo_rid, self._loop_fd, timeout)
 
     def _abandon(self, rid: int) -> None:
         """The caller gave up on request ``rid``: cancel it in its worker, and if the worker

@@ -542,6 +542,7 @@ impl PoolCore {
                 let name = if serving {
                     "protocol_warning"
                 } else {
+                    self.links[idx].closed = true;
                     "protocol_error"
                 };
                 fx.events.push((wid, name, pystr(py, &message)));
@@ -925,12 +926,61 @@ impl PoolCore {
         })
     }
 
+    /// Wait at most `timeout` seconds for the worker that has request `id` to answer, or for
+    /// `loop_fd` (the event loop's selector) to have anything to report; then read the
+    /// worker's answers if it did. The caller makes sure the loop has nothing else to run, so
+    /// this is the wait the loop would make, minus a loop iteration. False when nothing was
+    /// read (the request still waits in the parent or in an output buffer, the time ran out, or
+    /// something else is ready): the caller then waits for the loop as usual.
+    fn wait_answer(slf: &Bound<'_, Self>, id: u64, loop_fd: i32, timeout: f64) -> PyResult<bool> {
+        let (wid, sock) = {
+            let core = slf.borrow();
+            let Some(link) = core.links.iter().find(|l| l.slots.contains_key(&id)) else {
+                return Ok(false);
+            };
+            if link.closed || link.pending_out() || core.flush_scheduled {
+                return Ok(false);
+            }
+            (link.id, link.sock.as_raw_fd())
+        };
+        let timeout = timeout.clamp(0.0, 1.0);
+        let ts = libc::timespec {
+            tv_sec: timeout.trunc() as libc::time_t,
+            tv_nsec: (timeout.fract() * 1e9) as libc::c_long,
+        };
+        let readable = slf.py().detach(|| {
+            let mut fds = [
+                libc::pollfd {
+                    fd: sock,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: loop_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfd entries; no signal mask change.
+            let n = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+            n > 0 && fds[0].revents != 0
+        });
+        if !readable {
+            return Ok(false);
+        }
+        Self::on_readable(slf, wid)?;
+        Ok(true)
+    }
+
     /// Called by the loop when a worker socket is readable.
     fn on_readable(slf: &Bound<'_, Self>, worker_id: u32) -> PyResult<()> {
         Self::with(slf, |core, py, fx| {
             let Some(idx) = core.link_index(worker_id) else {
                 return Ok(());
             };
+            if core.links[idx].closed {
+                return Ok(());
+            }
             let mut reader = core.links[idx].reader.take().expect("reader present");
             let (wid, pid) = (core.links[idx].id, core.links[idx].pid);
             loop {
@@ -940,6 +990,7 @@ impl PoolCore {
                 let n = match reader.read_with(|buf| fdio::recv(sock, buf, in_fds, 0)) {
                     Ok(0) => {
                         fx.events.push((wid, "eof", py.None()));
+                        core.links[idx].closed = true;
                         break;
                     }
                     Ok(n) => {
@@ -950,6 +1001,7 @@ impl PoolCore {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         fx.events.push((wid, "io_error", pystr(py, &e.to_string())));
+                        core.links[idx].closed = true;
                         break;
                     }
                 };
@@ -959,7 +1011,12 @@ impl PoolCore {
                         Ok(None) => break,
                         Ok(Some(Event::Frame(env))) => {
                             match fdio::take(&mut core.links[idx].in_fds, env.nfds) {
-                                Ok(segs) => core.handle_frame(py, idx, &env, &segs, fx),
+                                Ok(segs) => {
+                                    core.handle_frame(py, idx, &env, &segs, fx);
+                                    if core.links[idx].closed {
+                                        break; // it broke the protocol: read no further
+                                    }
+                                }
                                 Err(e) => {
                                     broken = Some(format!("worker {wid} (pid {pid}): {e}"));
                                     break;
@@ -1010,6 +1067,10 @@ impl PoolCore {
                 }
                 if let Some(msg) = broken {
                     fx.events.push((wid, "protocol_error", pystr(py, &msg)));
+                    core.links[idx].closed = true;
+                    break;
+                }
+                if core.links[idx].closed {
                     break;
                 }
                 if n < 16 * 1024 {

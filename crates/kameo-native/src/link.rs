@@ -72,6 +72,9 @@ pub struct Link {
     pub busy_ns: u64,
     /// Since the last answer (or since it got work when idle), while requests are in flight.
     pub busy_since: Option<Instant>,
+    /// Nothing more is read from it: it closed, failed or broke the protocol (the pool drops
+    /// it; until then its answers, possibly after garbage, must not be trusted).
+    pub closed: bool,
 }
 
 impl Link {
@@ -94,6 +97,7 @@ impl Link {
             last_seen: Instant::now(),
             busy_ns: 0,
             busy_since: None,
+            closed: false,
         }
     }
 
