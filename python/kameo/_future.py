@@ -27,15 +27,17 @@ class AskFuture(asyncio.Future[Any]):
     _kameo_rid: int
     # Pool.ask sets it on a submitted future: waits for the answer directly when the loop has
     # nothing else to do (see Pool._wait_answer).
-    _kameo_wait: Callable[[AskFuture], None] | None
+    _kameo_wait: Callable[[AskFuture], bool] | None
 
     def __await__(self) -> Generator[Any, None, Any]:
         if not self.done():
             # An ask awaited as soon as it is made usually finds the loop idle: wait for the
             # answer as the loop would, and resume without going round the loop.
             wait = self._kameo_wait
-            if wait is not None:
-                wait(self)
+            # Again after each read that did not finish it: the worker's callbacks into the
+            # parent are served here too, as long as nothing else needs the loop.
+            while wait is not None and wait(self) and not self.done():
+                pass
             if not self.done():
                 self._asyncio_future_blocking = True
                 yield self

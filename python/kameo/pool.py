@@ -440,7 +440,7 @@ class Pool:
             fut.set_exception(CallTimeout(f"no reply within timeout={timeout}s"))
             self._abandon(fut._kameo_rid)
 
-    def _wait_answer(self, fut: AskFuture) -> None:
+    def _wait_answer(self, fut: AskFuture) -> bool:
         """Awaiting ``fut`` (see ``AskFuture.__await__``): if the loop has nothing to run
         before it would block in its selector, wait for the answer here instead, in one
         ``ppoll`` on the worker's socket and the selector (so any other event, a due timer, a
@@ -449,14 +449,14 @@ class Pool:
         loop: Any = self._loop
         core = self._core
         if core is None or loop._ready or loop._stopping:
-            return
+            return False
         timeout = WAIT_ANSWER_MAX
         if loop._scheduled:
             timeout = min(timeout, loop._scheduled[0]._when - loop.time())
             if timeout <= 0:
-                return
+                return False
         self._answer_waits += 1
-        core.wait_answer(fut._kameo_rid, self._loop_fd, timeout)
+        return bool(core.wait_answer(fut._kameo_rid, self._loop_fd, timeout))
 
     def _abandon(self, rid: int) -> None:
         """The caller gave up on request ``rid``: cancel it in its worker, and if the worker
