@@ -382,7 +382,7 @@ def test_register_refuses_non_callable_and_reserved_names():
 # --------------------------------------------------------------------------- cancellation
 
 
-@pytest.mark.parametrize("target", ["break_after", "break_after_sync"])
+@pytest.mark.parametrize("target", ["break_after", "break_after_sync", "next_then_drop_sync"])
 async def test_break_in_worker_cancels_parent_handler(target: str):
     tracker = Tracker()
     callbacks = kameo.Callbacks()
@@ -394,7 +394,7 @@ async def test_break_in_worker_cancels_parent_handler(target: str):
         await tracker.wait_finally("the worker broke out of its loop")
 
 
-@pytest.mark.parametrize("target", ["break_after", "break_after_sync"])
+@pytest.mark.parametrize("target", ["break_after", "break_after_sync", "next_then_drop_sync"])
 async def test_break_in_worker_cancels_parent_handler_before_request_ends(
     target: str, tmp_path: Path
 ):

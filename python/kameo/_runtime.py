@@ -16,6 +16,7 @@ import threading
 import traceback
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from kameo import _native
@@ -77,10 +78,10 @@ class Runtime:
         self.credit_every = max(1, self.stream_window // 4)  # items taken before CREDIT is sent
         self.heartbeat_interval = float(config.get("heartbeat_interval") or 0)
         self.init: str | None = config.get("init")
-        # Weak: a call dropped by its handler (`break` out of the loop) is collected at once,
-        # and its __del__ cancels the parent handler (and forgets it here).
+        # Open calls only, weakly: a call dropped by its handler (`break` out of the loop) is
+        # collected at once, and the callback of its reference cancels the parent handler.
         self.calls: dict[int, weakref.ref[CallbackCall]] = {}
-        self.calls_by_request: dict[int, set[int]] = {}
+        self._on_drop = self._dropped
         self._next_cid = 0
         # Sync mode state.
         self.pending: deque[tuple[int, int, Any, str | None]] = deque()
@@ -109,30 +110,33 @@ class Runtime:
     def open_call(self, call: CallbackCall, flush: bool = True) -> int:
         """Send CALLBACK for ``call``; without ``flush`` it goes with the caller's next blocking
         read (sync mode: ``recv`` writes everything queued before it waits)."""
-        self._next_cid += 1
-        cid = self._next_cid
-        self.calls[cid] = weakref.ref(call)
-        rid = call.request_id
-        if rid:
-            self.calls_by_request.setdefault(rid, set()).add(cid)
-        self.chan.callback(cid, call.path, call.data, rid, call.trace)
+        self._next_cid = cid = self._next_cid + 1
+        self.chan.callback(cid, call.path, call.data, call.request_id, call.trace)
+        self.calls[cid] = weakref.ref(call, self._on_drop)
         call.data = None  # sent: do not keep it alive for as long as the call
         if flush:
             self.flush()
         return cid
 
-    def forget_call(self, cid: int, rid: int) -> None:
-        self.calls.pop(cid, None)
-        cids = self.calls_by_request.get(rid)
-        if cids is not None:
-            cids.discard(cid)
+    def _dropped(self, ref: weakref.ref[CallbackCall]) -> None:
+        """A call was collected while still open (its handler left the loop): cancel it in the
+        parent. (A finished call is no longer in ``calls``: its reference died with the entry,
+        so this is not called for it.)"""
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            for cid, other in list(self.calls.items()):
+                if other is ref:
+                    del self.calls[cid]
+                    self.chan.signal(CANCEL, cid)
+                    self.flush()
+                    return
 
     def end_request(self, rid: int) -> None:
         """The request finished: cancel the callbacks it left open."""
-        for cid in self.calls_by_request.pop(rid, ()):
-            ref = self.calls.pop(cid, None)
-            call = ref() if ref is not None else None
-            if call is not None:
+        if not self.calls:
+            return
+        for ref in list(self.calls.values()):
+            call = ref()
+            if call is not None and call.request_id == rid:
                 call._abandon()
 
     def flush(self) -> None:
@@ -181,14 +185,17 @@ class Runtime:
         """Sync mode: read and route frames (waiting for at least one with ``block``)."""
         frames = self.chan.recv(block)
         if frames is None:
-            self.eof = True
-            for ref in list(self.calls.values()):
-                call = ref()
-                if call is None:
-                    continue
-                call._deliver(ERROR, True, {"kind": "protocol", "message": "parent went away"})
+            self.parent_gone()
         else:
             self.route(frames)
+
+    def parent_gone(self) -> None:
+        self.eof = True
+        for ref in list(self.calls.values()):
+            call = ref()
+            if call is None:
+                continue
+            call._deliver(ERROR, True, {"kind": "protocol", "message": "parent went away"})
 
 
 class CallbackCall:
@@ -246,7 +253,7 @@ class CallbackCall:
 
     def _finish(self) -> None:
         self.done = True
-        self.rt.forget_call(self.cid, self.request_id)
+        self.rt.calls.pop(self.cid, None)
 
     def _took(self) -> None:
         self.unacked += 1
@@ -266,8 +273,32 @@ class CallbackCall:
         return False, None
 
     # sync iteration (sync handlers)
-    def __iter__(self) -> CallbackCall:
-        return self
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: a step costs no Python call, and the end raises no StopIteration.
+        rt = self.rt
+        if rt.loop is not None:  # a handler thread of the async serving loop
+            while True:
+                try:
+                    item = self.__next__()
+                except StopIteration:
+                    return
+                yield item
+        if not self.cid:
+            self.cid = rt.open_call(self, flush=False)  # written by the blocking read below
+        items = self.items
+        while True:
+            if items:
+                item = items.popleft()
+                if not self.done:
+                    self._took()
+                yield item
+            elif self.error is not None:
+                err, self.error = self.error, None
+                raise err
+            elif self.done:
+                return
+            else:
+                self._wait()
 
     def __next__(self) -> Any:
         rt = self.rt
@@ -282,17 +313,33 @@ class CallbackCall:
                 raise StopIteration
             return item
         if not self.cid:
-            self.cid = rt.open_call(self, flush=False)  # written by the blocking pump below
+            self.cid = rt.open_call(self, flush=False)  # written by the blocking read below
         while True:
             ok, item = self._next_ready()
             if ok:
                 return item
             if self.done:
                 raise StopIteration
-            rt.pump(block=True)
-            if self.request_id in rt.cancelled:
-                self.close()
-                raise KameoError(f"callback {self.path}: the request was cancelled by its caller")
+            self._wait()
+
+    def _wait(self) -> None:
+        """Sync mode: read (and route) the frames that arrive next, at least one."""
+        rt = self.rt
+        frames = rt.chan.recv(True)
+        if frames is None:
+            rt.parent_gone()
+        elif len(frames) == 1 and frames[0][1] == self.cid and frames[0][0] == ITEM:
+            # The usual answer: one item of this very call (what route() would do, inline).
+            _, cid, final, body, _ = frames[0]
+            self.items.append(body)
+            if final:
+                self.done = True
+                rt.calls.pop(cid, None)
+        else:
+            rt.route(frames)
+        if self.request_id in rt.cancelled:
+            self.close()
+            raise KameoError(f"callback {self.path}: the request was cancelled by its caller")
 
     # async iteration (async handlers)
     def __aiter__(self) -> CallbackCall:
@@ -330,7 +377,7 @@ class CallbackCall:
         if self.cid and not self.done:
             self.done = True
             self.rt.chan.signal(CANCEL, self.cid)
-            self.rt.forget_call(self.cid, self.request_id)
+            self.rt.calls.pop(self.cid, None)
 
     def close(self) -> None:
         """Stop the call: the parent handler is cancelled (its ``finally`` runs)."""
@@ -343,12 +390,6 @@ class CallbackCall:
     async def aclose(self) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        if self.cid and not self.done:
-            with contextlib.suppress(Exception):  # interpreter shutdown
-                self._abandon()
-                self.rt.flush()
-
 
 class CallbackStub:
     """``kameo.<module>.<Type>``: calling it starts a callback to the parent handler."""
@@ -357,10 +398,12 @@ class CallbackStub:
         self.path = path
 
     def __call__(self, data: Any = None) -> CallbackCall:
-        rt = current()
+        rt = _runtime
         if rt is None:
             raise KameoError(f"{self.path}: callbacks can only be made from inside a kameo worker")
-        return rt.new_call(self.path, data)
+        if self.path not in rt.paths:
+            return rt.new_call(self.path, data)  # raises CallbackNotFound
+        return CallbackCall(rt, self.path, data)
 
     def __repr__(self) -> str:
         return f"<kameo callback stub {self.path}>"

@@ -191,6 +191,21 @@ def break_after_sync(msg: dict) -> list[Any]:
     return items
 
 
+def next_then_drop_sync(msg: dict) -> list[Any]:
+    """Take ``k`` items, the first with ``next()`` and the rest with ``for``, then drop the call
+    (the loop's break alone does not: the call is still referenced) and (optionally) keep
+    working until ``release`` exists."""
+    call = _stub(msg["path"])(msg.get("data"))
+    items = [next(call)]
+    for x in call:
+        items.append(x)
+        if len(items) >= msg["k"]:
+            break
+    del call
+    _wait_release(msg.get("release"))
+    return items
+
+
 async def drain(msg: dict) -> int:
     """Iterate the whole (possibly endless) callback stream."""
     n = 0
