@@ -45,6 +45,8 @@ if sys.version_info >= (3, 12):
 else:
     _enter_task = asyncio.tasks._enter_task
     _leave_task = asyncio.tasks._leave_task
+    # asyncio.current_task(loop) without its Python frame: the registry _enter_task fills.
+    _current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 
     class _Resume:
         """Drives a coroutine, in its own context, from where its first step stopped
@@ -135,7 +137,7 @@ else:
             """Run ``coro``'s first step now, in ``context``; a Task carries it on if it waits
             (returned), else it is finished (None)."""
             loop = self.loop
-            if asyncio.current_task(loop) is not None:
+            if _current_task(loop) is not None:
                 return loop.create_task(coro, context=context)  # eager steps do not nest
             spare, handoff = self.spare, self.handoff
             if spare is None or handoff is None or handoff.done():  # none yet, or cancelled

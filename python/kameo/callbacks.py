@@ -125,7 +125,9 @@ class CallbackRunner:
         self.loop = loop
         self.window = window
         self.item, self.end, self.error = kinds.ITEM, kinds.END, kinds.ERROR
+        # Handlers that did not finish in their first step, and streams (for their credit).
         self.running: dict[tuple[int, int], _Flow] = {}
+        self.handlers = callbacks._handlers  # the registry's own dict: later entries count
         self.eager = EagerStarter(loop)
         # Each handler runs in a copy of this (the pool's context when it started), not in
         # the context of whatever code happened to read the request.
@@ -133,11 +135,16 @@ class CallbackRunner:
 
     def start(self, worker_id: int, payload: Any) -> None:
         cid, body, trace = payload
-        flow = _Flow(self.window)
-        self.running[(worker_id, cid)] = flow
-        # Eager: a handler that answers without waiting replies from this very callback.
-        coro = self._run(worker_id, cid, body, trace, flow)
-        flow.task = self.eager.start(coro, self.context.copy())
+        # Eager: a handler that answers without waiting replies from this very callback, and
+        # leaves nothing behind. One that waits is registered (for cancellation) here.
+        coro = self._run(worker_id, cid, body, trace)
+        task = self.eager.start(coro, self.context.copy())
+        if task is not None:
+            key = (worker_id, cid)
+            flow = self.running.get(key)  # a stream handler made it in its first step
+            if flow is None:
+                flow = self.running[key] = _Flow(self.window)
+            flow.task = task
 
     def credit(self, worker_id: int, payload: Any) -> None:
         cid, n = payload
@@ -160,9 +167,15 @@ class CallbackRunner:
             if flow.task is not None:
                 flow.task.cancel()
 
-    async def _run(
-        self, worker_id: int, cid: int, body: Any, trace: str | None, flow: _Flow
-    ) -> None:
+    def _flow(self, worker_id: int, cid: int) -> _Flow:
+        """The credit of a stream handler, registered in its first step (before it sends)."""
+        key = (worker_id, cid)
+        flow = self.running.get(key)  # start() made it if the first step was not eager
+        if flow is None:
+            flow = self.running[key] = _Flow(self.window)
+        return flow
+
+    async def _run(self, worker_id: int, cid: int, body: Any, trace: str | None) -> None:
         send = self.core.send
         if trace is not None:
             traceparent.set(trace)
@@ -170,7 +183,7 @@ class CallbackRunner:
             if type(body) is not tuple or len(body) != 3:
                 raise CallbackNotFound(f"malformed callback request: {body!r}")
             path, data, _request_id = body
-            entry = self.callbacks.get(path)
+            entry = self.handlers.get(path)
             if entry is None:
                 known = ", ".join(self.callbacks.paths) or "none"
                 raise CallbackNotFound(f"no parent handler registered for {path!r} ({known})")
@@ -182,6 +195,7 @@ class CallbackRunner:
                 result = await self.loop.run_in_executor(None, ctx.run, fn, data)
                 send(worker_id, self.item, cid, result, True)
             elif kind == "asyncgen":
+                flow = self._flow(worker_id, cid)
                 agen = fn(data)
                 async with contextlib.aclosing(agen):
                     async for item in agen:
@@ -189,6 +203,7 @@ class CallbackRunner:
                         send(worker_id, self.item, cid, item)
                 send(worker_id, self.end, cid, None)
             else:  # a plain generator: each step in a thread
+                flow = self._flow(worker_id, cid)
                 ctx = contextvars.copy_context()
                 gen = fn(data)
                 done = object()
@@ -209,4 +224,5 @@ class CallbackRunner:
             with contextlib.suppress(Exception):
                 send(worker_id, self.error, cid, error_info(exc))
         finally:
-            self.running.pop((worker_id, cid), None)
+            if self.running:  # empty: nothing to forget (eager handlers are never registered)
+                self.running.pop((worker_id, cid), None)
