@@ -174,6 +174,20 @@ async def test_parent_handler_kinds_sync_worker(kind: str):
     assert result["types"] == [KIND_TYPES[kind]] * len(KIND_EXPECTED[kind])
 
 
+async def test_callback_data_keeps_shared_values_and_names_what_cannot_be_sent():
+    callbacks = kameo.Callbacks()
+
+    @callbacks.handler("data.Echo")
+    async def echo(data: dict) -> Any:
+        return {"shared": data["a"] is data["b"], "a": data["a"]}
+
+    async with kameo.Pool(_target("shared_data_sync"), size=1, callbacks=callbacks) as pool:
+        result = await asyncio.wait_for(pool.ask({"path": "data.Echo"}), BOUND)
+    assert result["items"] == [{"shared": True, "a": [1, 2]}]
+    assert result["error"] is not None
+    assert result["error"].startswith("callback data[1]['bad']: "), result["error"]
+
+
 # --------------------------------------------------------------------------- concurrency
 
 

@@ -84,6 +84,19 @@ def collect_sync(msg: dict) -> dict[str, Any]:
     return _describe(items)
 
 
+def shared_data_sync(msg: dict) -> dict[str, Any]:
+    """Call with data that shares a list (and that this frame holds too), then with data that
+    cannot be encoded; report what came back and the error."""
+    shared = [1, 2]
+    data = {"a": shared, "b": shared}
+    items = list(_stub(msg["path"])(data))
+    try:
+        list(_stub(msg["path"])({"bad": object()}))
+    except kameo.SerializationError as exc:
+        return {"items": items, "error": str(exc)}
+    return {"items": items, "error": None}
+
+
 async def fan_out(msg: dict) -> list[Any]:
     """``msg["count"]`` concurrent callbacks in one request, each with its own argument."""
 

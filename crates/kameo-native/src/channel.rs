@@ -81,15 +81,7 @@ impl Channel {
         if self.out.is_empty() {
             return Ok(true); // keep the GIL: nothing to write
         }
-        match py.detach(|| self.out.write_out()) {
-            Ok(d) => Ok(d),
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
-                Err(PyErr::new::<pyo3::exceptions::PyEOFError, _>(
-                    "parent closed the connection",
-                ))
-            }
-            Err(e) => Err(e.into()),
-        }
+        py.detach(|| self.out.write_out()).map_err(write_error)
     }
 
     /// Number a request in arrival order (the parent numbers its sends the same way).
@@ -326,9 +318,9 @@ impl Channel {
     /// returns what is already there (maybe []).
     #[pyo3(signature = (block=true))]
     fn recv<'py>(&self, py: Python<'py>, block: bool) -> PyResult<Option<Bound<'py, PyList>>> {
-        if block {
-            self.write_out(py)?; // never wait for the parent while it waits for us
-        }
+        // Never wait for the parent while it waits for us: what is queued is written first,
+        // in the same GIL release as the read when there is nothing to return yet.
+        let mut unwritten = block && !self.out.is_empty();
         let out = PyList::empty(py);
         let mut guard = lock(&self.reader);
         let ReadHalf {
@@ -395,11 +387,23 @@ impl Channel {
                 out.append(item)?;
             }
             if !out.is_empty() {
+                if unwritten {
+                    self.write_out(py)?;
+                }
                 return Ok(Some(out));
             }
             let fd = self.sock.as_raw_fd();
             let result = if block {
-                py.detach(|| reader.read_with(|buf| fdio::recv(fd, buf, fds, 0)))
+                let written = py.detach(|| {
+                    if std::mem::take(&mut unwritten) {
+                        self.out.write_out()?;
+                    }
+                    Ok(reader.read_with(|buf| fdio::recv(fd, buf, fds, 0)))
+                });
+                match written {
+                    Err(e) => return Err(write_error(e)),
+                    Ok(read) => read,
+                }
             } else {
                 reader.read_with(|buf| fdio::recv(fd, buf, fds, libc::MSG_DONTWAIT))
             };
@@ -477,9 +481,14 @@ impl Channel {
             .filter(|t| t.len() <= frame::MAX_TRACE_LEN);
         let start = frame::begin_frame(&mut buf, Kind::Callback as u8, id, trace);
         let body = (path, data, request_id).into_pyobject(py)?;
-        let segs = self
-            .encode_body(&mut buf, start, body.as_any(), "callback data")
-            .map_err(|e| errors::serialization(py, e))?;
+        let opts = self.opts();
+        let mut segs = Segments::new();
+        codec::Encoder::new(&mut buf, &opts, &mut segs)
+            .encode_record(&body)
+            .map_err(|e| errors::serialization(py, e.describe("callback data")))?;
+        if !segs.is_empty() {
+            frame::set_fds(&mut buf, start, segs.len());
+        }
         let size = buf.len() - frame::LEN_PREFIX;
         if size > self.max_frame() {
             return Err(errors::protocol(
@@ -526,6 +535,15 @@ impl Channel {
     const OVERSIZE: u32 = OVERSIZE;
     #[classattr]
     const UNDECODABLE: u32 = UNDECODABLE;
+}
+
+/// A failed write: the parent gone is EOFError, as for a read.
+fn write_error(e: io::Error) -> PyErr {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        PyErr::new::<pyo3::exceptions::PyEOFError, _>("parent closed the connection")
+    } else {
+        e.into()
+    }
 }
 
 impl Drop for Channel {

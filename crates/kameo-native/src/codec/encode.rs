@@ -6,7 +6,7 @@ use kameo_proto::wire::{self, put_str, put_varint, Tz, MAX_DEPTH};
 use pyo3::exceptions::PyUnicodeEncodeError;
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyType};
+use pyo3::types::{PyBytes, PyTuple, PyType};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -208,6 +208,31 @@ impl<'a> Encoder<'a> {
     pub fn encode(&mut self, obj: &Bound<'_, PyAny>) -> Result<(), EncodeError> {
         // SAFETY: the GIL is held (we have a Bound), and obj is a live object.
         unsafe { self.value(obj.as_ptr(), 0) }
+    }
+
+    /// Encode the tuple `obj` as a record of values of their own: a frame body the caller
+    /// assembles around a message, like a callback's `(path, data, request_id)`. An item is
+    /// not looked up as shared (other holders, such as the caller's variables, do not make it
+    /// so): as for a top-level value, only a cycle could meet it again in this message.
+    pub fn encode_record(&mut self, obj: &Bound<'_, PyTuple>) -> Result<(), EncodeError> {
+        let obj = obj.as_ptr();
+        // SAFETY: the GIL is held (we have a Bound); the tuple holds its items while it lives.
+        unsafe {
+            let n = ffi::PyTuple_GET_SIZE(obj) as usize;
+            self.out.push(wire::TAG_TUPLE);
+            put_varint(self.out, n as u64);
+            for i in 0..n {
+                let item = ffi::PyTuple_GET_ITEM(obj, i as ffi::Py_ssize_t);
+                let ty = ffi::Py_TYPE(item);
+                let r = if ty == type_ptr!(PyDict_Type) || ty == type_ptr!(PyList_Type) {
+                    self.container(item, 1)
+                } else {
+                    self.value(item, 1)
+                };
+                r.map_err(|e| e.at(Step::Index(i), obj))?;
+            }
+        }
+        Ok(())
     }
 
     unsafe fn value(&mut self, obj: *mut ffi::PyObject, depth: usize) -> Result<(), EncodeError> {
