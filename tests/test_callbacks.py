@@ -174,6 +174,22 @@ async def test_parent_handler_kinds_sync_worker(kind: str):
     assert result["types"] == [KIND_TYPES[kind]] * len(KIND_EXPECTED[kind])
 
 
+@pytest.mark.parametrize("target", ["collect", "collect_sync"])
+async def test_long_callback_stream_is_credited(target: str):
+    # A window of 4: the parent handler stops after 4 items until the worker credits them.
+    callbacks = kameo.Callbacks()
+
+    @callbacks.handler("feed.Many")
+    async def many(n: int) -> Any:
+        for i in range(n):
+            yield i
+
+    msg = {"path": "feed.Many", "data": 200}
+    async with kameo.Pool(_target(target), size=1, callbacks=callbacks, stream_window=4) as pool:
+        result = await asyncio.wait_for(pool.ask(msg), BOUND)
+    assert result["items"] == list(range(200))
+
+
 async def test_callback_data_keeps_shared_values_and_names_what_cannot_be_sent():
     callbacks = kameo.Callbacks()
 

@@ -198,6 +198,9 @@ class Runtime:
             call._deliver(ERROR, True, {"kind": "protocol", "message": "parent went away"})
 
 
+_NO_ITEM: Any = object()  # CallbackCall._wait: nothing to return
+
+
 class CallbackCall:
     """One call of a parent handler: an iterator of the items it yields.
 
@@ -227,7 +230,7 @@ class CallbackCall:
         self.request_id = current_request.get()
         self.trace = traceparent.get()
         self.cid = 0
-        self.items: deque[Any] = deque()
+        self.items: deque[Any] | None = None  # made for a second item (or a routed one)
         self.done = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -238,7 +241,10 @@ class CallbackCall:
 
     def _deliver(self, kind: int, final: bool, body: Any) -> None:
         if kind == ITEM:
-            self.items.append(body)
+            items = self.items
+            if items is None:
+                items = self.items = deque()
+            items.append(body)
             if final:
                 self._finish()
         elif kind == END:
@@ -263,8 +269,9 @@ class CallbackCall:
             self.rt.flush()
 
     def _next_ready(self) -> tuple[bool, Any]:
-        if self.items:
-            item = self.items.popleft()
+        items = self.items
+        if items:
+            item = items.popleft()
             self._took()
             return True, item
         if self.error is not None:
@@ -285,20 +292,22 @@ class CallbackCall:
                 yield item
         if not self.cid:
             self.cid = rt.open_call(self, flush=False)  # written by the blocking read below
-        items = self.items
         while True:
+            items = self.items
             if items:
                 item = items.popleft()
-                if not self.done:
-                    self._took()
-                yield item
             elif self.error is not None:
                 err, self.error = self.error, None
                 raise err
             elif self.done:
                 return
             else:
-                self._wait()
+                item = self._wait()
+                if item is _NO_ITEM:
+                    continue
+            if not self.done:
+                self._took()
+            yield item
 
     def __next__(self) -> Any:
         rt = self.rt
@@ -320,18 +329,22 @@ class CallbackCall:
                 return item
             if self.done:
                 raise StopIteration
-            self._wait()
+            item = self._wait()
+            if item is not _NO_ITEM:
+                self._took()
+                return item
 
-    def _wait(self) -> None:
-        """Sync mode: read (and route) the frames that arrive next, at least one."""
+    def _wait(self) -> Any:
+        """Sync mode, no item buffered: read (and route) the frames that arrive next, at least
+        one. The usual answer, one item of this very call, is returned rather than buffered;
+        else ``_NO_ITEM``."""
         rt = self.rt
         frames = rt.chan.recv(True)
+        item: Any = _NO_ITEM
         if frames is None:
             rt.parent_gone()
         elif len(frames) == 1 and frames[0][1] == self.cid and frames[0][0] == ITEM:
-            # The usual answer: one item of this very call (what route() would do, inline).
-            _, cid, final, body, _ = frames[0]
-            self.items.append(body)
+            _, cid, final, item, _ = frames[0]  # what route() would do, inline
             if final:
                 self.done = True
                 rt.calls.pop(cid, None)
@@ -340,6 +353,7 @@ class CallbackCall:
         if self.request_id in rt.cancelled:
             self.close()
             raise KameoError(f"callback {self.path}: the request was cancelled by its caller")
+        return item
 
     # async iteration (async handlers)
     def __aiter__(self) -> CallbackCall:
