@@ -612,6 +612,34 @@ async def test_parent_handler_first_step_runs_in_its_own_task_and_context():
     assert seen == [(None, True, True)] * 6
 
 
+async def test_callbacks_served_while_an_ask_is_awaited_directly_run_as_from_the_loop():
+    # An ask awaited directly (no wait_for, nothing else to run) serves the worker's callbacks
+    # while it waits for its answer: the handlers still run in tasks of their own, never in
+    # the awaiting one, each in its own context, and the awaiting task is current again after.
+    me = asyncio.current_task()
+    seen: list[Any] = []
+    mark: contextvars.ContextVar[int | None] = contextvars.ContextVar("mark2", default=None)
+    callbacks = kameo.Callbacks()
+
+    @callbacks.handler("probe.Task")
+    async def probe(data: Any) -> Any:
+        before = mark.get()
+        mark.set(data["i"])
+        task = asyncio.current_task()
+        seen.append((before, task is not None and task is not me))
+        return data["i"]
+
+    async with kameo.Pool(_target("collect"), size=1, callbacks=callbacks) as pool:
+        waits = pool._answer_waits
+        for i in range(6):
+            await asyncio.sleep(0.01)  # nothing else to run when the ask is awaited
+            result = await pool.ask({"path": "probe.Task", "data": {"i": i}})
+            assert asyncio.current_task() is me
+            assert result["items"] == [i]
+        assert pool._answer_waits > waits
+    assert seen == [(None, True)] * 6
+
+
 async def test_parent_handler_timeout_in_first_step_fires():
     # asyncio.timeout() entered in the eager first step cancels the handler's own task.
     outcome: list[str] = []

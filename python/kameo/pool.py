@@ -43,6 +43,11 @@ AUTO_PREFETCH_MAX = 64
 WAIT_ANSWER_MAX = 0.05
 
 
+_enter_task = asyncio.tasks._enter_task
+_leave_task = asyncio.tasks._leave_task
+_current_task = asyncio.current_task
+
+
 def _selector_fd(loop: asyncio.AbstractEventLoop) -> int:
     """The fd of the loop's selector if it is a plain selector event loop (whose private
     ``_ready``, ``_scheduled`` and ``_stopping`` ``Pool._wait_answer`` reads), else -1."""
@@ -456,7 +461,21 @@ class Pool:
             if timeout <= 0:
                 return False
         self._answer_waits += 1
-        return bool(core.wait_answer(fut._kameo_rid, self._loop_fd, timeout))
+        # Whatever the answers bring (a worker's callback into this process) runs as it would
+        # from the loop: outside the awaiting task, which is suspended meanwhile.
+        task = _current_task(loop)
+        if task is not None:
+            _leave_task(loop, task)
+        try:
+            return bool(core.wait_answer(fut._kameo_rid, self._loop_fd, timeout))
+        except Exception as exc:  # as the loop does with an error in a callback: report it
+            loop.call_exception_handler(
+                {"message": "kameo: error while reading a worker's answers", "exception": exc}
+            )
+            return False
+        finally:
+            if task is not None:
+                _enter_task(loop, task)
 
     def _abandon(self, rid: int) -> None:
         """The caller gave up on request ``rid``: cancel it in its worker, and if the worker
