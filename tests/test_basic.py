@@ -275,6 +275,16 @@ async def test_awaited_ask_lets_threads_and_signals_reach_the_loop():
         loop.remove_signal_handler(signal.SIGUSR1)
 
 
+@pytest.mark.parametrize("spin_us", ["0", "5000"])
+async def test_answers_arrive_whether_workers_spin_before_sleeping_or_not(spin_us):
+    # KAMEO_SPIN_US: how long a process looks for data before it sleeps (workers read it
+    # from the environment the pool gives them).
+    async with kameo.Pool(f"{BASIC}:cmd", size=1, env={"KAMEO_SPIN_US": spin_us}) as pool:
+        for i in range(20):
+            assert await pool.ask({"op": "echo", "value": i}) == i
+        assert await pool.ask({"op": "sleep", "seconds": 0.05, "value": "late"}) == "late"
+
+
 @pytest.mark.parametrize("bad", ["fast", -1, True, 1.5])
 def test_prefetch_must_be_a_count_or_auto(bad):
     with pytest.raises(ValueError, match="prefetch"):

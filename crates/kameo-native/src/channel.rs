@@ -398,6 +398,7 @@ impl Channel {
                     if std::mem::take(&mut unwritten) {
                         self.out.write_out()?;
                     }
+                    fdio::spin_until_readable(fd, fdio::spin());
                     Ok(reader.read_with(|buf| fdio::recv(fd, buf, fds, 0)))
                 });
                 match written {

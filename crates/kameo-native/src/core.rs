@@ -949,6 +949,9 @@ impl PoolCore {
             tv_nsec: (timeout.fract() * 1e9) as libc::c_long,
         };
         let readable = slf.py().detach(|| {
+            if fdio::spin_until_readable(sock, fdio::spin()) {
+                return true;
+            }
             let mut fds = [
                 libc::pollfd {
                     fd: sock,
