@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 
 import kameo
 import pytest
@@ -273,6 +274,19 @@ async def test_awaited_ask_lets_threads_and_signals_reach_the_loop():
                 assert seen[what] < done - 0.3, f"{what}: ran {done - seen[what]:.3f} s early"
     finally:
         loop.remove_signal_handler(signal.SIGUSR1)
+
+
+async def test_an_answered_ask_with_a_timeout_is_freed_as_soon_as_it_is_dropped():
+    # Nothing (its timer, a done callback waiting for a loop iteration) keeps the future, and
+    # with it the reply, alive once the caller has its answer and drops it.
+    async with kameo.Pool(f"{BASIC}:cmd", size=1) as pool:
+        for _ in range(3):
+            await asyncio.sleep(0.01)  # nothing else to run: answered without the loop
+            fut = pool.ask({"op": "echo", "value": "x"}, timeout=10.0)
+            ref = weakref.ref(fut)
+            assert await fut == "x"
+            del fut
+            assert ref() is None
 
 
 @pytest.mark.parametrize("spin_us", ["0", "5000"])

@@ -22,12 +22,14 @@ class AskFuture(asyncio.Future[Any]):
 
     # No __dict__ per ask. Pool.ask sets both once the request is submitted; a future that
     # failed before that is already done, so cancel() never reaches them unset.
-    __slots__ = ("_kameo_abandon", "_kameo_rid", "_kameo_wait")
+    __slots__ = ("_kameo_abandon", "_kameo_rid", "_kameo_timer", "_kameo_wait")
     _kameo_abandon: Callable[[int], None] | None
     _kameo_rid: int
     # Pool.ask sets it on a submitted future: waits for the answer directly when the loop has
     # nothing else to do (see Pool._wait_answer).
     _kameo_wait: Callable[[AskFuture], bool] | None
+    # The timeout's timer (Pool.ask with a timeout), cancelled when an await of it ends.
+    _kameo_timer: asyncio.TimerHandle | None
 
     def __await__(self) -> Generator[Any, None, Any]:
         if not self.done():
@@ -43,6 +45,10 @@ class AskFuture(asyncio.Future[Any]):
                 yield self
                 if not self.done():
                     raise RuntimeError("await wasn't used with future")
+        timer = getattr(self, "_kameo_timer", None)
+        if timer is not None:
+            self._kameo_timer = None
+            timer.cancel()
         return self.result()
 
     __iter__ = __await__

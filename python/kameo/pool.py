@@ -391,8 +391,11 @@ class Pool:
         if timeout is None:
             timeout = self._default_timeout
         if timeout is not None:
-            handle = loop.call_later(timeout, self._expire, fut, timeout)
-            fut.add_done_callback(lambda _: handle.cancel())
+            # The timer holds the future weakly and goes when an await of it ends (or fires for
+            # nothing): a done callback would keep the future, and its reply, alive until the
+            # next loop iteration, which an ask answered without one (see _wait_answer) has not
+            # had.
+            fut._kameo_timer = loop.call_later(timeout, self._expire, weakref.ref(fut), timeout)
         return fut
 
     def stream(
@@ -439,8 +442,9 @@ class Pool:
 
     # ----------------------------------------------------------------- requests
 
-    def _expire(self, fut: AskFuture, timeout: float) -> None:
-        if not fut.done():
+    def _expire(self, ref: weakref.ref[AskFuture], timeout: float) -> None:
+        fut = ref()
+        if fut is not None and not fut.done():
             self._timeouts += 1
             fut.set_exception(CallTimeout(f"no reply within timeout={timeout}s"))
             self._abandon(fut._kameo_rid)
