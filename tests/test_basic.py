@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import os
 import signal
+import socket
 import threading
 import time
 import weakref
@@ -274,6 +275,43 @@ async def test_awaited_ask_lets_threads_and_signals_reach_the_loop():
                 assert seen[what] < done - 0.3, f"{what}: ran {done - seen[what]:.3f} s early"
     finally:
         loop.remove_signal_handler(signal.SIGUSR1)
+
+
+async def test_back_to_back_quick_asks_let_threads_and_sockets_reach_the_loop_at_once():
+    """Asks answered within microseconds, one after another, with no timer due: a thread's
+    call_soon_threadsafe and a socket that becomes readable are still served within
+    milliseconds, not when some timer next fires."""
+    loop = asyncio.get_running_loop()
+    seen: dict[str, float] = {}
+    a, b = socket.socketpair()
+    loop.add_reader(a.fileno(), lambda: seen.setdefault("socket", time.monotonic()))
+    try:
+        async with kameo.Pool(
+            f"{BASIC}:cmd", size=1, heartbeat_interval=5.0, heartbeat_timeout=30.0
+        ) as pool:
+            sent: dict[str, float] = {}
+
+            def poke() -> None:
+                sent["thread"] = time.monotonic()
+                loop.call_soon_threadsafe(seen.setdefault, "thread", time.monotonic())
+                time.sleep(0.05)
+                sent["socket"] = time.monotonic()
+                b.send(b"x")
+
+            threading.Timer(0.1, poke).start()
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 0.5:
+                await pool.ask({"op": "echo", "value": 1})
+            assert pool._answer_waits > 0
+        for what in ("thread", "socket"):
+            assert what in seen, f"{what}: not served during the asks"
+            assert seen[what] - sent[what] < 0.02, (
+                f"{what}: served {seen[what] - sent[what]:.3f} s late"
+            )
+    finally:
+        loop.remove_reader(a.fileno())
+        a.close()
+        b.close()
 
 
 async def test_an_answered_ask_with_a_timeout_is_freed_as_soon_as_it_is_dropped():

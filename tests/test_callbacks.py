@@ -11,6 +11,7 @@ import contextvars
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -638,6 +639,37 @@ async def test_callbacks_served_while_an_ask_is_awaited_directly_run_as_from_the
             assert result["items"] == [i]
         assert pool._answer_waits > waits
     assert seen == [(None, True)] * 6
+
+
+async def test_handlers_that_ask_another_pool_from_their_first_step_wait_through_the_loop():
+    # A handler's first step runs inside the read of the worker's frames (here, inside the
+    # direct wait of the outer ask): an ask it awaits there waits through the loop, never
+    # directly, so that it holds up neither the rest of that read nor the tasks around it.
+    # Concurrent relays therefore overlap.
+    callbacks = kameo.Callbacks()
+
+    async with kameo.Pool("handlers.basic:cmd", size=2) as other:
+
+        @callbacks.handler("probe.Relay")
+        async def relay(data: Any) -> Any:
+            return await other.ask({"op": "sleep", "seconds": 0.3, "value": data["i"]})
+
+        async with kameo.Pool(_target("collect"), size=2, callbacks=callbacks) as pool:
+            await asyncio.sleep(0.01)  # nothing else to run: the outer ask waits directly
+            result = await pool.ask({"path": "probe.Relay", "data": {"i": 0}}, timeout=BOUND)
+            assert result["items"] == [0]
+            assert pool._answer_waits > 0
+            assert other._answer_waits == 0
+            t0 = time.monotonic()
+            results = await asyncio.gather(
+                *(
+                    pool.ask({"path": "probe.Relay", "data": {"i": i}}, timeout=BOUND)
+                    for i in range(2)
+                )
+            )
+            elapsed = time.monotonic() - t0
+    assert [r["items"] for r in results] == [[0], [1]]
+    assert elapsed < 0.55, f"two 0.3 s relays took {elapsed:.2f} s: they ran one after the other"
 
 
 async def test_parent_handler_timeout_in_first_step_fires():

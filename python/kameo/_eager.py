@@ -26,6 +26,16 @@ from typing import Any
 __all__ = ["EagerStarter"]
 
 
+class _Stepping:
+    """How many eager first steps are running now (they nest inside whatever started them:
+    an ask awaited there must not wait for its answer outside the loop, see Pool._wait_answer)."""
+
+    depth = 0
+
+
+stepping = _Stepping()
+
+
 if sys.version_info >= (3, 12):
 
     class EagerStarter:
@@ -39,7 +49,11 @@ if sys.version_info >= (3, 12):
             (returned), else it is finished (None)."""
             if asyncio.current_task(self.loop) is not None:
                 return self.loop.create_task(coro, context=context)  # eager steps do not nest
-            task = asyncio.Task(coro, loop=self.loop, context=context, eager_start=True)
+            stepping.depth += 1
+            try:
+                task = asyncio.Task(coro, loop=self.loop, context=context, eager_start=True)
+            finally:
+                stepping.depth -= 1
             return None if task.done() else task
 
 else:
@@ -144,6 +158,7 @@ else:
                 handoff = self.handoff = loop.create_future()
                 spare = self.spare = loop.create_task(_Driver(handoff, None))
             _enter_task(loop, spare)
+            stepping.depth += 1
             try:
                 pending = context.run(coro.send, None)
             except StopIteration:
@@ -152,6 +167,7 @@ else:
                 coro.close()
                 raise
             finally:
+                stepping.depth -= 1
                 _leave_task(loop, spare)
             # It waits: the spare drives it on, and the next first step gets a new spare.
             self.spare = self.handoff = None

@@ -28,7 +28,7 @@ class AskFuture(asyncio.Future[Any]):
     # Pool.ask sets it on a submitted future: waits for the answer directly when the loop has
     # nothing else to do (see Pool._wait_answer).
     _kameo_wait: Callable[[AskFuture], bool] | None
-    # The timeout's timer (Pool.ask with a timeout), cancelled when an await of it ends.
+    # The timeout's timer (Pool.ask with a timeout): the core cancels it with the answer.
     _kameo_timer: asyncio.TimerHandle | None
 
     def __await__(self) -> Generator[Any, None, Any]:
@@ -45,10 +45,6 @@ class AskFuture(asyncio.Future[Any]):
                 yield self
                 if not self.done():
                     raise RuntimeError("await wasn't used with future")
-        timer = getattr(self, "_kameo_timer", None)
-        if timer is not None:
-            self._kameo_timer = None
-            timer.cancel()
         return self.result()
 
     __iter__ = __await__
@@ -56,6 +52,9 @@ class AskFuture(asyncio.Future[Any]):
     def cancel(self, msg: Any | None = None) -> bool:
         if not super().cancel(msg):
             return False
+        timer = getattr(self, "_kameo_timer", None)
+        if timer is not None:
+            timer.cancel()
         abandon = getattr(self, "_kameo_abandon", None)
         if abandon is not None:
             self._kameo_abandon = None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
-from kameo import _native, _signals
+from kameo import _eager, _native, _signals
 from kameo._future import AskFuture
 from kameo._process import WorkerProcess, exit_text
 from kameo._runtime import traceparent as _traceparent
@@ -58,7 +58,9 @@ def _selector_fd(loop: asyncio.AbstractEventLoop) -> int:
         fd = selector.fileno() if isinstance(selector, selectors.EpollSelector) else -1
     except (AttributeError, OSError, ValueError):
         return -1
-    if not all(hasattr(loop, name) for name in ("_ready", "_scheduled", "_stopping")):
+    if not all(
+        hasattr(loop, name) for name in ("_ready", "_scheduled", "_stopping", "_task_factory")
+    ):
         return -1
     return int(fd)
 
@@ -380,22 +382,26 @@ class Pool:
             )
             return fut
         retries = self._max_retries if idempotent else 0
+        if timeout is None:
+            timeout = self._default_timeout
+        timer = None
+        if timeout is not None:
+            # Holds the future weakly; the core cancels it when the request is resolved.
+            timer = fut._kameo_timer = loop.call_later(
+                timeout, self._expire, weakref.ref(fut), timeout
+            )
         try:
-            rid = self._core.submit(msg, fut, traceparent or _traceparent.get(), retries)
+            rid = self._core.submit(
+                msg, fut, traceparent or _traceparent.get(), retries, timer is not None
+            )
         except Exception as exc:
+            if timer is not None:
+                timer.cancel()
             fut.set_exception(exc)
             return fut
         fut._kameo_rid = rid
         fut._kameo_abandon = self._abandon_cb
         fut._kameo_wait = self._wait_answer if self._loop_fd >= 0 else None
-        if timeout is None:
-            timeout = self._default_timeout
-        if timeout is not None:
-            # The timer holds the future weakly and goes when an await of it ends (or fires for
-            # nothing): a done callback would keep the future, and its reply, alive until the
-            # next loop iteration, which an ask answered without one (see _wait_answer) has not
-            # had.
-            fut._kameo_timer = loop.call_later(timeout, self._expire, weakref.ref(fut), timeout)
         return fut
 
     def stream(
@@ -457,7 +463,9 @@ class Pool:
         the awaiting task without a loop iteration."""
         loop: Any = self._loop
         core = self._core
-        if core is None or loop._ready or loop._stopping:
+        if core is None or loop._ready or loop._stopping or _eager.stepping.depth:
+            return False
+        if loop._task_factory is not None:  # eager tasks (3.12+) nest in the step of another
             return False
         timeout = WAIT_ANSWER_MAX
         if loop._scheduled:

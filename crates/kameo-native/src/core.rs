@@ -137,6 +137,9 @@ struct Effects {
     events: Vec<(u32, &'static str, PyObject)>,
     arm_writers: Vec<(u32, i32)>,
     disarm_writers: Vec<i32>,
+    /// Sockets of links that closed: the loop stops watching them at once (the pool also does
+    /// when it gets the event, but a level-triggered reader left behind would spin).
+    disarm_readers: Vec<i32>,
     schedule_flush: bool,
 }
 
@@ -235,7 +238,7 @@ impl PoolCore {
     /// The request's waiter is gone (cancelled future, cancelled stream): do not send it.
     fn abandoned(&self, py: Python<'_>, id: u64, target: &Target) -> bool {
         match target {
-            Target::Ask(fut) => is_done(py, fut.bind(py)),
+            Target::Ask(fut, _) => is_done(py, fut.bind(py)),
             Target::Stream => self.streams.get(&id).is_none_or(|s| s.cancelled),
         }
     }
@@ -367,10 +370,20 @@ impl PoolCore {
         outcome: Result<Bound<'_, PyAny>, PyErr>,
     ) {
         match target {
-            Target::Ask(fut) => {
+            Target::Ask(fut, timed) => {
+                let fut = fut.bind(py);
+                if timed {
+                    // Its timer goes now: left to expire it would stay in the loop's heap for
+                    // the whole timeout (a done callback would keep the future, and its reply,
+                    // alive until the next loop iteration).
+                    if let Ok(timer) = fut.getattr(intern!(py, "_kameo_timer")) {
+                        if !timer.is_none() {
+                            let _ = timer.call_method0(intern!(py, "cancel"));
+                        }
+                    }
+                }
                 // No done() check first: a future the caller already gave up on (cancelled,
                 // timed out) refuses the result with InvalidStateError, which is ignored.
-                let fut = fut.bind(py);
                 let r = match outcome {
                     Ok(v) => fut.call_method1(intern!(py, "set_result"), (v,)),
                     Err(e) => fut.call_method1(intern!(py, "set_exception"), (e.into_value(py),)),
@@ -543,6 +556,7 @@ impl PoolCore {
                     "protocol_warning"
                 } else {
                     self.links[idx].closed = true;
+                    fx.disarm_readers.push(self.links[idx].sock.as_raw_fd());
                     "protocol_error"
                 };
                 fx.events.push((wid, name, pystr(py, &message)));
@@ -630,7 +644,11 @@ impl PoolCore {
 
     fn run_effects(slf: &Bound<'_, Self>, fx: Effects) -> PyResult<()> {
         let py = slf.py();
-        if fx.schedule_flush || !fx.arm_writers.is_empty() || !fx.disarm_writers.is_empty() {
+        if fx.schedule_flush
+            || !fx.arm_writers.is_empty()
+            || !fx.disarm_writers.is_empty()
+            || !fx.disarm_readers.is_empty()
+        {
             let loop_ = slf.borrow().loop_.clone_ref(py);
             let loop_ = loop_.bind(py);
             if fx.schedule_flush {
@@ -642,6 +660,9 @@ impl PoolCore {
             for fd in fx.disarm_writers {
                 loop_.call_method1(intern!(py, "remove_writer"), (fd,))?;
             }
+            for fd in fx.disarm_readers {
+                loop_.call_method1(intern!(py, "remove_reader"), (fd,))?;
+            }
             if !fx.arm_writers.is_empty() {
                 let cb = slf.getattr(intern!(py, "on_writable"))?;
                 for (wid, fd) in fx.arm_writers {
@@ -650,9 +671,17 @@ impl PoolCore {
             }
         }
         if !fx.events.is_empty() {
+            // Every event is delivered, even after one fails: a lost "eof" would leave its
+            // worker unreplaced and its requests waiting. The first error is raised after.
             let cb = slf.borrow().on_event.clone_ref(py);
+            let mut first = None;
             for (wid, name, payload) in fx.events {
-                cb.call1(py, (wid, name, payload))?;
+                if let Err(e) = cb.call1(py, (wid, name, payload)) {
+                    first.get_or_insert(e);
+                }
+            }
+            if let Some(e) = first {
+                return Err(e);
             }
         }
         Ok(())
@@ -742,14 +771,16 @@ impl PoolCore {
 
     /// Encode `msg` and send it to the least-loaded worker, or queue it (FIFO) until one has
     /// room; `fut` gets the reply. Raises SerializationError or ProtocolError (oversize)
-    /// without sending anything. Returns the request id.
-    #[pyo3(signature = (msg, fut, trace=None, retries=0))]
+    /// without sending anything. Returns the request id. `timed`: `fut` has a timeout timer
+    /// (`fut._kameo_timer`), cancelled when the request is resolved.
+    #[pyo3(signature = (msg, fut, trace=None, retries=0, timed=false))]
     fn submit(
         slf: &Bound<'_, Self>,
         msg: &Bound<'_, PyAny>,
         fut: PyObject,
         trace: Option<&str>,
         retries: u32,
+        timed: bool,
     ) -> PyResult<u64> {
         Self::with(slf, |core, py, fx| {
             let id = core.next_id;
@@ -761,7 +792,7 @@ impl PoolCore {
                     id,
                     frame,
                     segs,
-                    target: Target::Ask(fut),
+                    target: Target::Ask(fut, timed),
                     retries,
                 },
                 fx,
@@ -948,26 +979,9 @@ impl PoolCore {
             tv_sec: timeout.trunc() as libc::time_t,
             tv_nsec: (timeout.fract() * 1e9) as libc::c_long,
         };
-        let readable = slf.py().detach(|| {
-            if fdio::spin_until_readable(sock, fdio::spin()) {
-                return true;
-            }
-            let mut fds = [
-                libc::pollfd {
-                    fd: sock,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: loop_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: two valid pollfd entries; no signal mask change.
-            let n = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
-            n > 0 && fds[0].revents != 0
-        });
+        let readable = slf
+            .py()
+            .detach(|| fdio::wait_alone(sock, loop_fd, fdio::spin(), &ts));
         if !readable {
             return Ok(false);
         }
@@ -994,6 +1008,7 @@ impl PoolCore {
                     Ok(0) => {
                         fx.events.push((wid, "eof", py.None()));
                         core.links[idx].closed = true;
+                        fx.disarm_readers.push(core.links[idx].sock.as_raw_fd());
                         break;
                     }
                     Ok(n) => {
@@ -1005,6 +1020,7 @@ impl PoolCore {
                     Err(e) => {
                         fx.events.push((wid, "io_error", pystr(py, &e.to_string())));
                         core.links[idx].closed = true;
+                        fx.disarm_readers.push(core.links[idx].sock.as_raw_fd());
                         break;
                     }
                 };
@@ -1071,6 +1087,7 @@ impl PoolCore {
                 if let Some(msg) = broken {
                     fx.events.push((wid, "protocol_error", pystr(py, &msg)));
                     core.links[idx].closed = true;
+                    fx.disarm_readers.push(core.links[idx].sock.as_raw_fd());
                     break;
                 }
                 if core.links[idx].closed {

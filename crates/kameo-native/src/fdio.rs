@@ -198,3 +198,71 @@ pub fn spin_until_readable(fd: RawFd, spin: std::time::Duration) -> bool {
         unsafe { libc::sched_yield() };
     }
 }
+
+/// What the event loop's epoll set `epfd` has ready, as seen by [`wait_alone`].
+enum Ready {
+    Nothing,
+    /// Only `fd`.
+    Alone,
+    /// Something else too (another socket, the loop's self-pipe for a signal or a thread).
+    Others,
+}
+
+fn ready(epfd: RawFd, fd: RawFd) -> Ready {
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 8];
+    // SAFETY: a buffer of 8 events; zero timeout. The loop is not waiting on `epfd` (we run on
+    // its thread), and its registrations are level-triggered, so it sees these again.
+    let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), 8, 0) };
+    if n < 0 {
+        return Ready::Others; // not an epoll set after all: let the loop decide
+    }
+    let n = n as usize;
+    if n == 0 {
+        Ready::Nothing
+    } else if events[..n].iter().all(|e| e.u64 as u32 as i32 == fd) {
+        Ready::Alone
+    } else {
+        Ready::Others
+    }
+}
+
+/// Wait for `fd` (a worker socket registered in the event loop's epoll set `epfd`, which
+/// registers each fd with its number as data) to be readable while nothing else of the loop's
+/// is: look for up to `spin` first, then sleep in `ppoll` for at most `timeout`. True only if
+/// `fd` is readable and nothing else the loop watches is ready, so that reading `fd` now
+/// delays nobody; false when the time ran out or anything else is ready (then the loop runs).
+pub fn wait_alone(
+    fd: RawFd,
+    epfd: RawFd,
+    spin: std::time::Duration,
+    timeout: &libc::timespec,
+) -> bool {
+    let until = std::time::Instant::now() + spin;
+    loop {
+        match ready(epfd, fd) {
+            Ready::Alone => return true,
+            Ready::Others => return false,
+            Ready::Nothing => {}
+        }
+        if std::time::Instant::now() >= until {
+            break;
+        }
+        // SAFETY: no preconditions.
+        unsafe { libc::sched_yield() };
+    }
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: epfd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: two valid pollfd entries; no signal mask change.
+    let n = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, timeout, std::ptr::null()) };
+    n > 0 && matches!(ready(epfd, fd), Ready::Alone)
+}

@@ -26,8 +26,9 @@ pub enum LinkState {
 
 /// Who waits for the answer to a request.
 pub enum Target {
-    /// `ask`: an asyncio future resolved with the reply.
-    Ask(Py<PyAny>),
+    /// `ask`: an asyncio future resolved with the reply; true if it has a timeout timer
+    /// (its `_kameo_timer`), cancelled when it is resolved.
+    Ask(Py<PyAny>, bool),
     /// `stream`: items go to the core's stream buffer of the same id.
     Stream,
 }
