@@ -180,19 +180,28 @@ pub fn spin_until_readable(fd: RawFd, spin: std::time::Duration) -> bool {
     if spin.is_zero() {
         return false;
     }
-    let until = std::time::Instant::now() + spin;
-    loop {
+    spin_on(spin, || {
         let mut p = libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
         };
         // SAFETY: one valid pollfd; zero timeout.
-        if unsafe { libc::poll(&mut p, 1, 0) } > 0 {
-            return true;
+        (unsafe { libc::poll(&mut p, 1, 0) } > 0).then_some(())
+    })
+    .is_some()
+}
+
+/// Ask `probe` (at least once) until it answers or `spin` has passed, yielding the CPU in
+/// between: the process we wait for may share it.
+fn spin_on<T>(spin: std::time::Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let until = std::time::Instant::now() + spin;
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
         }
         if std::time::Instant::now() >= until {
-            return false;
+            return None;
         }
         // SAFETY: no preconditions.
         unsafe { libc::sched_yield() };
@@ -237,18 +246,14 @@ pub fn wait_alone(
     spin: std::time::Duration,
     timeout: &libc::timespec,
 ) -> bool {
-    let until = std::time::Instant::now() + spin;
-    loop {
-        match ready(epfd, fd) {
-            Ready::Alone => return true,
-            Ready::Others => return false,
-            Ready::Nothing => {}
-        }
-        if std::time::Instant::now() >= until {
-            break;
-        }
-        // SAFETY: no preconditions.
-        unsafe { libc::sched_yield() };
+    let seen = spin_on(spin, || match ready(epfd, fd) {
+        Ready::Nothing => None,
+        other => Some(other),
+    });
+    match seen {
+        Some(Ready::Alone) => return true,
+        Some(_) => return false,
+        None => {}
     }
     let mut fds = [
         libc::pollfd {
