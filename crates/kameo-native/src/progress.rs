@@ -30,13 +30,10 @@ impl Progress {
     /// A new page's descriptor, counter at zero (close-on-exec: the spawner makes it
     /// inheritable in the child only).
     pub fn create_fd() -> io::Result<OwnedFd> {
-        // SAFETY: plain syscalls on a descriptor we own.
-        unsafe {
-            let fd = check(libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC))?;
-            let fd = OwnedFd::from_raw_fd(fd);
-            check(libc::ftruncate(fd.as_raw_fd(), SIZE as libc::off_t))?;
-            Ok(fd)
-        }
+        let fd = crate::shm::memfd(NAME, 0)?;
+        // SAFETY: a plain syscall on a descriptor we own.
+        check(unsafe { libc::ftruncate(fd.as_raw_fd(), SIZE as libc::off_t) })?;
+        Ok(fd)
     }
 
     /// Map a page; takes ownership of `fd` (the parent's from `create_fd`, or the one a worker

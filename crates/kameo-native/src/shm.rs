@@ -38,15 +38,20 @@ pub(crate) fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// A new, empty memfd named `name` (close-on-exec).
+pub(crate) fn memfd(name: &std::ffi::CStr, flags: libc::c_uint) -> io::Result<OwnedFd> {
+    // SAFETY: a plain syscall; the descriptor it returns is owned at once.
+    unsafe {
+        let fd = check(libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags))?;
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
 /// A new sealed segment holding a copy of `data`.
 pub fn create_sealed(data: &[u8]) -> io::Result<OwnedFd> {
+    let fd = memfd(NAME, libc::MFD_ALLOW_SEALING)?;
     // SAFETY: plain syscalls on a descriptor we own; `data` is valid for its length.
     unsafe {
-        let fd = check(libc::memfd_create(
-            NAME.as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        ))?;
-        let fd = OwnedFd::from_raw_fd(fd);
         check(libc::ftruncate(fd.as_raw_fd(), data.len() as libc::off_t))?;
         pwrite_all(fd.as_raw_fd(), data)?;
         check(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS))?;
@@ -138,11 +143,7 @@ impl Recyclable {
         // SAFETY: syscalls on descriptors we own, checked; the mapping is checked for
         // MAP_FAILED and unmapped by Drop (`map` is set only once it exists).
         unsafe {
-            let memfd = check(libc::memfd_create(
-                RECYCLED_NAME.as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            ))?;
-            let memfd = OwnedFd::from_raw_fd(memfd);
+            let memfd = memfd(RECYCLED_NAME, libc::MFD_ALLOW_SEALING)?;
             // The description memfd_create returns is not counted among the file's writers,
             // so the lease test could never pass on it: work on one opened through /proc.
             let fd = reopen(memfd.as_raw_fd(), libc::O_RDWR)?;
