@@ -209,6 +209,11 @@ fn set_result(py: Python<'_>, fut: &Bound<'_, PyAny>, v: &Bound<'_, PyAny>) {
 }
 
 impl PoolCore {
+    /// The link that has request `id` in flight.
+    fn link_running(&self, id: u64) -> Option<&Link> {
+        self.links.iter().find(|l| l.slots.contains_key(&id))
+    }
+
     fn link_index(&self, worker_id: u32) -> Option<usize> {
         self.links.iter().position(|l| l.id == worker_id)
     }
@@ -899,12 +904,7 @@ impl PoolCore {
     /// Cancel request `id` in the worker running it (an `ask` whose caller gave up).
     fn cancel(slf: &Bound<'_, Self>, id: u64) -> PyResult<()> {
         Self::with(slf, |core, py, fx| {
-            if let Some(wid) = core
-                .links
-                .iter()
-                .find(|l| l.slots.contains_key(&id))
-                .map(|l| l.id)
-            {
+            if let Some(wid) = core.running_on(id) {
                 core.control(py, wid, Kind::Cancel, id, b"", fx);
             }
             Ok(())
@@ -966,7 +966,7 @@ impl PoolCore {
     fn wait_answer(slf: &Bound<'_, Self>, id: u64, loop_fd: i32, timeout: f64) -> PyResult<bool> {
         let (wid, sock) = {
             let core = slf.borrow();
-            let Some(link) = core.links.iter().find(|l| l.slots.contains_key(&id)) else {
+            let Some(link) = core.link_running(id) else {
                 return Ok(false);
             };
             if link.closed || link.pending_out() || core.flush_scheduled {
@@ -1271,10 +1271,7 @@ impl PoolCore {
 
     /// Whether request `id` is still in flight on some worker (returns its worker id).
     fn running_on(&self, id: u64) -> Option<u32> {
-        self.links
-            .iter()
-            .find(|l| l.slots.contains_key(&id))
-            .map(|l| l.id)
+        self.link_running(id).map(|l| l.id)
     }
 
     /// (completed, errors, retries, p50 seconds, p99 seconds) since the pool started.
