@@ -1,7 +1,9 @@
 //! Starting worker processes: socketpair, stderr pipe, fork + immediate exec.
 //!
-//! The child end of the socketpair and the progress page are the only descriptors the worker
-//! inherits (their numbers are in `KAMEO_FD` and `KAMEO_PROGRESS_FD`). Between fork and exec
+//! The child end of the socketpair, the progress page and the read end of a pipe holding the
+//! pool's secret are the only descriptors the worker inherits (their numbers are in `KAMEO_FD`,
+//! `KAMEO_PROGRESS_FD` and `KAMEO_SECRET_FD`). The secret never sits in the worker's
+//! environment, where `/proc/<pid>/environ` would show it for the life of the process. Between fork and exec
 //! the child only makes async-signal-safe calls: it joins a new process group (so the pool can signal the worker and anything it starts),
 //! asks the kernel for SIGKILL when the parent thread dies, and checks that the parent did not
 //! die already.
@@ -9,24 +11,54 @@
 use crate::progress::Progress;
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// A pipe whose read end holds `secret` (already written and the write end closed), for the
+/// child to read once and close. Both ends are close-on-exec; the child clears it on its end.
+fn secret_pipe(secret: &[u8]) -> std::io::Result<OwnedFd> {
+    if secret.len() > libc::PIPE_BUF {
+        return Err(std::io::Error::other("the secret is longer than PIPE_BUF"));
+    }
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills two descriptors, which we take ownership of at once.
+    let (read, write) = unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) == -1 {
+            return Err(std::io::Error::last_os_error());
+        }
+        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+    };
+    // SAFETY: writing from a valid buffer; at most PIPE_BUF bytes to an empty pipe never blocks
+    // and is never partial.
+    let n = unsafe { libc::write(write.as_raw_fd(), secret.as_ptr().cast(), secret.len()) };
+    if n != secret.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(read)
+}
+
 /// A started worker: its pid, the parent's socket end, the read end of its stderr pipe and
-/// its progress page (`progress`). The caller owns the three descriptors.
+/// its progress page (`progress`). The caller owns the three descriptors. With `secret`, the
+/// worker finds it in a pipe named by `KAMEO_SECRET_FD`.
 #[pyfunction]
-#[pyo3(signature = (argv, env, cwd=None))]
+#[pyo3(signature = (argv, env, cwd=None, secret=None))]
 pub fn spawn_worker(
     py: Python<'_>,
     argv: Vec<String>,
     mut env: Vec<(String, String)>,
     cwd: Option<String>,
+    secret: Option<Vec<u8>>,
 ) -> PyResult<(u32, i32, i32, i32)> {
     if argv.is_empty() {
         return Err(PyOSError::new_err("empty argv"));
+    }
+    let secret_fd = secret.as_deref().map(secret_pipe).transpose()?;
+    let secret_raw = secret_fd.as_ref().map_or(-1, |fd| fd.as_raw_fd());
+    if secret_fd.is_some() {
+        env.push(("KAMEO_SECRET_FD".into(), secret_raw.to_string()));
     }
     let (parent_end, child_end) = UnixStream::pair()?; // both close-on-exec
     let child_fd = child_end.as_raw_fd();
@@ -53,6 +85,7 @@ pub fn spawn_worker(
         cmd.pre_exec(move || {
             if libc::fcntl(child_fd, libc::F_SETFD, 0) == -1
                 || libc::fcntl(progress_fd, libc::F_SETFD, 0) == -1
+                || (secret_raw >= 0 && libc::fcntl(secret_raw, libc::F_SETFD, 0) == -1)
             {
                 return Err(std::io::Error::last_os_error());
             }
@@ -77,6 +110,7 @@ pub fn spawn_worker(
         PyOSError::new_err(format!("cannot start worker process {:?}: {e}", argv[0]))
     })?;
     drop(child_end);
+    drop(secret_fd);
     let stderr: OwnedFd = child.stderr.take().expect("stderr is piped").into();
     let pid = child.id();
     // The pool reaps the child itself (waitpid on its pidfd); dropping `Child` neither kills
