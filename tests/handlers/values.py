@@ -283,6 +283,12 @@ def storage(arr: Any) -> Any:
     return base.obj if isinstance(base, memoryview) else base
 
 
+def return_masked(msg: Any) -> Any:
+    """Return a numpy masked array (the codec refuses it unless pickle is allowed)."""
+    import numpy as np
+
+    return {"result": [np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])]}
+
 
 def aliases(msg: dict) -> dict:
     """Whether ``msg["a"]`` and ``msg["b"]`` arrived as one object; then append to ``a`` and
