@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import math
 import uuid
+import warnings
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -749,6 +750,88 @@ async def test_numpy_object_dtype_is_refused():
         with pytest.raises(kameo.SerializationError):
             await pool.ask([obj], timeout=10.0)
         assert await pool.ask("after", timeout=10.0) == "after"
+
+
+if numpy is not None:
+
+    class Tagged(numpy.ndarray):  # type: ignore[type-arg]
+        """A user's ndarray subclass (its attributes and methods would not travel)."""
+
+
+def _ndarray_subclasses(np: Any) -> list[tuple[Any, str, str]]:
+    """(value, type text in the message, what the message says to do) for ndarray subclasses
+    the codec cannot send exactly: the mask, matrix algebra, record fields, string methods
+    or a subclass's own attributes would be lost."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        matrix = np.matrix([[1, 2], [3, 4]])
+    return [
+        (np.ma.masked_array([1.0, 2.0, 3.0], mask=[0, 1, 0]), "MaskedArray", ".mask"),
+        (np.ma.masked_array(np.ones((2, 3)), mask=False), "MaskedArray", ".mask"),
+        (np.ma.masked, "MaskedConstant", ".mask"),
+        (matrix, "numpy.matrix", "numpy.asarray"),
+        (np.rec.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]), "recarray", "numpy.asarray"),
+        (np.char.array(["a", "bc"]), "chararray", "numpy.asarray"),
+        (np.arange(4.0).view(Tagged), "Tagged", "numpy.asarray"),
+    ]
+
+
+def test_numpy_subclasses_are_refused_with_what_to_do():
+    np = pytest.importorskip("numpy")
+    for value, type_text, todo in _ndarray_subclasses(np):
+        with pytest.raises(kameo.SerializationError) as ei:
+            kameo.encode({"x": [1, value]})
+        msg = str(ei.value)
+        assert_path(msg, "value", ["x", Idx(1)])
+        assert f"cannot encode {type(value).__module__}." in msg, msg
+        assert type_text in msg and todo in msg and "allow_pickle=True" in msg, msg
+        assert "reshape" not in msg, msg
+        # Pickle, when allowed, carries them exactly.
+        got = kameo.decode(kameo.encode(value, allow_pickle=True), allow_pickle=True)
+        assert type(got) is type(value)
+        if isinstance(value, np.ma.MaskedArray) and value is not np.ma.masked:
+            assert np.array_equal(np.ma.getmaskarray(got), np.ma.getmaskarray(value))
+            assert np.array_equal(got.data, value.data)
+
+
+def test_numpy_exact_arrays_still_travel(tmp_path):
+    """ndarray itself and np.memmap (only where its memory lives differs) arrive as ndarray."""
+    np = pytest.importorskip("numpy")
+    mm = np.memmap(tmp_path / "m.bin", dtype=np.float32, mode="w+", shape=(3, 4))
+    mm[:] = np.arange(12, dtype=np.float32).reshape(3, 4)
+    got = round_trip(mm)
+    same(got, np.asarray(mm))
+    masked = np.ma.masked_array([1.0, 2.0], mask=[0, 1])
+    same(round_trip([masked.data, np.ma.getmaskarray(masked)]), [masked.data, masked.mask])
+
+
+async def test_numpy_subclass_through_pool_is_refused_and_nothing_is_lost():
+    np = pytest.importorskip("numpy")
+    cases = _ndarray_subclasses(np)
+    async with kameo.Pool(f"{BASIC}:aecho", size=1) as pool:
+        pid = pool.workers[0].pid
+        for value, type_text, todo in cases:
+            others = [asyncio.ensure_future(pool.ask(i, timeout=10.0)) for i in range(5)]
+            with pytest.raises(kameo.SerializationError) as ei:
+                await pool.ask({"data": value}, timeout=10.0)
+            msg = str(ei.value)
+            assert_path(msg, "message", ["data"])
+            assert type_text in msg and todo in msg and "allow_pickle=True" in msg, msg
+            assert await asyncio.gather(*others) == list(range(5))
+        assert pool.workers[0].pid == pid, "a refused message must not cost a worker"
+    async with kameo.Pool(f"{VALUES}:return_masked", size=1) as pool:
+        pid = pool.workers[0].pid
+        with pytest.raises(kameo.SerializationError) as ei:
+            await pool.ask(1, timeout=10.0)
+        msg = str(ei.value)
+        assert_path(msg, "reply", ["result", Idx(0)])
+        assert "MaskedArray" in msg and ".mask" in msg, msg
+        with pytest.raises(kameo.SerializationError):
+            await pool.ask(2, timeout=10.0)
+        assert pool.workers[0].pid == pid
+    async with kameo.Pool(f"{VALUES}:return_masked", size=1, allow_pickle=True) as pool:
+        got = (await pool.ask(1, timeout=10.0))["result"][0]
+        assert type(got) is np.ma.MaskedArray and got.mask.tolist() == [False, True, False]
 
 
 # --------------------------------------------------------------------------- errors

@@ -158,7 +158,7 @@ async def test_shm_payload_is_not_bounded_by_max_frame_bytes():
 
 
 @pytest.mark.parametrize("order", ["C", "F"])
-async def test_numpy_above_threshold_is_a_read_only_view(order):
+async def test_numpy_above_threshold_is_a_writable_private_view(order):
     np = pytest.importorskip("numpy")
     a = np.arange(512 * 1024, dtype=np.float64).reshape(512, 1024)  # 4 MiB
     if order == "F":
@@ -172,16 +172,18 @@ async def test_numpy_above_threshold_is_a_read_only_view(order):
             assert got.flags.f_contiguous
         else:
             assert got.flags.c_contiguous
-        assert got.flags.writeable is False
+        assert got.flags.writeable is True
         assert got.base is not None
-        with pytest.raises(ValueError):
-            got[0, 0] = 1.0
         maps = shm_maps()
-        views = [line for line in maps if line.split()[1][1] == "-"]
+        # A view: a private (copy-on-write) mapping of the segment.
+        views = [line for line in maps if line.split()[1] == "rw-p"]
         assert views, f"a received array above the threshold should map a kameo-shm memfd: {maps}"
-        # Writable: only the pool's own recycled segments (what it sends arrays in).
-        writable = [line for line in maps if line.split()[1][1] != "-"]
+        # Shared and writable: only the pool's own recycled segments (what it sends arrays in).
+        writable = [line for line in maps if line.split()[1] == "rw-s"]
         assert all(CACHE_NAME in line for line in writable), f"writable mapping: {maps}"
+        got[0, 0] = -1.0
+        assert got[0, 0] == -1.0 and a[0, 0] == 0.0
+        assert np.array_equal(got.reshape(-1)[1:], a.reshape(-1)[1:])
         del got
         await assert_released(["self", *worker_pids(pool)])
 
@@ -207,14 +209,14 @@ def _storage(arr: Any) -> Any:
 async def test_array_sent_back_is_a_view_on_the_pools_own_segment_until_it_is_dropped():
     """Arrays go out in the pool's recycled segments; one echoed back is a view on that very
     segment (no copy). Once the pool has dropped the segment from its cache, nothing says
-    the worker cannot change it, so an array coming back in it is a read-only copy."""
+    the worker cannot change it, so an array coming back in it is a copy (writable too)."""
     np = pytest.importorskip("numpy")
     a = np.arange(512 * 1024, dtype=np.float64)  # 4 MiB
     async with kameo.Pool(f"{VALUES}:keep", size=1) as pool:
         got = await pool.ask({"op": "echo", "data": a}, timeout=30.0)
-        assert np.array_equal(got, a) and not got.flags.writeable
+        assert np.array_equal(got, a) and got.flags.writeable
         assert type(_storage(got)).__name__ == "ShmView"
-        shared = [perms for perms in _cache_maps().values() if {"r--s", "rw-s"} <= perms]
+        shared = [perms for perms in _cache_maps().values() if {"rw-p", "rw-s"} <= perms]
         assert shared, f"the echo should map the segment the pool sent: {shm_maps()}"
         del got
 
@@ -225,10 +227,10 @@ async def test_array_sent_back_is_a_view_on_the_pools_own_segment_until_it_is_dr
             b = np.ones(n)
             assert await pool.ask({"op": "nbytes", "data": b}, timeout=30.0) == b.nbytes
         back = await pool.ask({"op": "get"}, timeout=30.0)
-        assert np.array_equal(back, a) and not back.flags.writeable
+        assert np.array_equal(back, a) and back.flags.writeable
         assert type(_storage(back)) is bytearray, type(_storage(back))
-        with pytest.raises(ValueError):
-            back[0] = 1.0
+        back[0] = -1.0
+        assert back[0] == -1.0 and a[0] == 0.0
 
 
 async def test_numpy_below_threshold_arrives_writable():
@@ -250,7 +252,7 @@ async def test_custom_threshold():
         got_above = await pool.ask(above, timeout=10.0)
         got_below = await pool.ask(below, timeout=10.0)
         assert np.array_equal(got_above, above) and np.array_equal(got_below, below)
-        assert got_above.flags.writeable is False
+        assert got_above.flags.writeable is True
         assert shm_maps(), "128 KiB is above a 64 KiB threshold"
         assert got_below.flags.writeable is True
         del got_above, got_below
@@ -339,20 +341,197 @@ async def test_worker_direction_new_array():
         got = await pool.ask({"n": MiB, "dtype": "int32"}, timeout=30.0)  # 4 MiB
         assert got.dtype == np.int32 and got.shape == (MiB,)
         assert int(got[-1]) == MiB - 1 and int(got[12345]) == 12345
-        assert got.flags.writeable is False
+        assert got.flags.writeable is True
         del got
         await assert_released(["self", *worker_pids(pool)])
 
 
-async def test_worker_sees_a_read_only_view():
+async def test_worker_sees_a_writable_view():
     np = pytest.importorskip("numpy")
     async with kameo.Pool(f"{VALUES}:describe", size=1) as pool:
         info = await pool.ask(np.ones(MiB), timeout=30.0)
         assert info["type"] == "numpy.ndarray"
-        assert info["writeable"] is False
+        assert info["writeable"] is True
+        assert info["storage"] == "ShmView", "a view on the segment, not a copy"
         info = await pool.ask(np.ones(16), timeout=30.0)
         assert info["writeable"] is True
+        assert info["storage"] != "ShmView"
         await assert_released(["self", *worker_pids(pool)])
+
+
+# --------------------------------------------------------------------------- writable views
+# A received array above the threshold is a private (copy-on-write) mapping of its segment:
+# writable, no copy on receipt, and a write copies only the pages it touches, into the
+# receiver's own memory; the segment, and everyone else's view of it, never changes.
+
+
+def private_views(pid: int | str = "self") -> list[tuple[str, int, int]]:
+    """This process's private mappings of kameo-shm segments, from /proc/<pid>/smaps:
+    (name, size, anonymous) in bytes; "anonymous" counts the pages copied on write."""
+    out: list[tuple[str, int, int]] = []
+    current: list[Any] | None = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if fields and "-" in fields[0] and ":" not in fields[0]:
+                current = None
+                if f"memfd:{SHM_NAME}" in line and fields[1].endswith("p"):
+                    current = [fields[-2] if fields[-1] == "(deleted)" else fields[-1], 0, 0]
+                    out.append(current)  # type: ignore[arg-type]
+            elif current is not None and fields[0] in ("Size:", "Anonymous:"):
+                current[1 if fields[0] == "Size:" else 2] = int(fields[1]) * 1024
+    return [tuple(v) for v in out]  # type: ignore[misc]
+
+
+async def test_worker_writes_a_received_array_in_place():
+    """`a += 1` in a worker works on an array above the threshold, and what it sends back is
+    what it wrote (the pages it changed are not passed on as the unchanged segment)."""
+    np = pytest.importorskip("numpy")
+    a = np.arange(512 * 1024, dtype=np.float64)  # 4 MiB
+    original = a.copy()
+    async with kameo.Pool(f"{VALUES}:keep", size=1) as pool:
+        for _ in range(3):  # the same recycled segments, refilled
+            got = await pool.ask({"op": "add_echo", "data": a}, timeout=30.0)
+            assert np.array_equal(got, original + 1)
+            assert np.array_equal(a, original), "the worker's write reached the sender's array"
+            del got
+        # One element, in the last page only.
+        got = await pool.ask({"op": "set_echo", "data": a, "i": a.size - 1, "value": -5.0})
+        expected = original.copy()
+        expected[-1] = -5.0
+        assert np.array_equal(got, expected)
+        # Unchanged: passed on as it is, a view on the pool's own segment.
+        got = await pool.ask({"op": "echo", "data": a}, timeout=30.0)
+        assert np.array_equal(got, original) and type(_storage(got)).__name__ == "ShmView"
+        del got
+        await assert_released(["self", *worker_pids(pool)])
+
+
+async def test_worker_writes_do_not_reach_the_segment_or_other_views():
+    """The worker keeps an array that is a view on the pool's segment and writes to it; the
+    pool's own view of the same segment (the echo) does not change, and neither does the
+    worker's copy when the pool writes to its view."""
+    np = pytest.importorskip("numpy")
+    n = 512 * 1024
+    a = np.arange(n, dtype=np.float64)  # 4 MiB
+    total = float(a.sum())
+    async with kameo.Pool(f"{VALUES}:keep", size=1) as pool:
+        got = await pool.ask({"op": "echo_put", "data": a}, timeout=30.0)
+        assert type(_storage(got)).__name__ == "ShmView" and np.array_equal(got, a)
+        assert await pool.ask({"op": "add", "value": 1.0}, timeout=30.0) == total + n
+        assert np.array_equal(got, a), "the worker's write reached the segment"
+        got += 2.0
+        assert float(got.sum()) == total + 2 * n
+        assert await pool.ask({"op": "sum"}, timeout=30.0) == total + n
+        assert np.array_equal(a, np.arange(n, dtype=np.float64))
+        del got
+        assert np.array_equal((await pool.ask({"op": "get"}, timeout=30.0)), a + 1.0)
+        await assert_released(["self", *worker_pids(pool)])
+
+
+async def test_parent_writes_a_received_array_without_a_copy():
+    """An array from a worker is a writable view (no copy: its pages are the segment's until
+    written), a write copies only the pages it touches, and the worker's array is unchanged."""
+    np = pytest.importorskip("numpy")
+    n = 512 * 1024  # 4 MiB
+    expected = np.arange(n, dtype=np.float64)
+    async with kameo.Pool(f"{VALUES}:keep", size=1) as pool:
+        got = await pool.ask({"op": "make", "n": n}, timeout=30.0)
+        assert got.flags.writeable and type(_storage(got)).__name__ == "ShmView"
+        assert np.array_equal(got, expected)  # reads every page
+        (view,) = [v for v in private_views() if v[1] >= got.nbytes]
+        assert view[2] == 0, f"reading the array copied {view[2]} bytes: {view}"
+        got[0] = -1.0
+        (view,) = [v for v in private_views() if v[1] >= got.nbytes]
+        assert 0 < view[2] <= 64 * 1024, f"one write should copy one page: {view}"
+        got += 1.0
+        (view,) = [v for v in private_views() if v[1] >= got.nbytes]
+        assert view[2] >= got.nbytes, view
+        want = expected + 1.0
+        want[0] = 0.0
+        assert np.array_equal(got, want)
+        assert await pool.ask({"op": "sum"}, timeout=30.0) == float(expected.sum())
+        # Sent on, changed: the worker gets what we wrote, not the segment it made.
+        back = await pool.ask({"op": "echo", "data": got}, timeout=30.0)
+        assert np.array_equal(back, want) and np.array_equal(got, want)
+        del got, back
+        await assert_released(["self", *worker_pids(pool)])
+
+
+async def test_written_echo_of_the_pools_own_segment_is_never_refilled():
+    """An echo is a view on a segment the pool recycles. The pool must not refill the segment
+    while the view lives (its unwritten pages would show the new contents), nor after the
+    segment left the cache; written, it is sent as what it holds."""
+    np = pytest.importorskip("numpy")
+    n = 512 * 1024  # 4 MiB
+    a = np.arange(n, dtype=np.float64)
+    async with kameo.Pool(f"{VALUES}:keep", size=1) as pool:
+        got = await pool.ask({"op": "echo", "data": a}, timeout=30.0)
+        assert type(_storage(got)).__name__ == "ShmView"
+        got[0] = -1.0
+        expected = a.copy()
+        expected[0] = -1.0
+        for k in range(6):  # same size class: a refill of got's segment would show here
+            b = np.full(n, float(k + 7))
+            assert (await pool.ask({"op": "echo", "data": b}, timeout=30.0))[-1] == k + 7
+            assert np.array_equal(got, expected), f"the segment was refilled ({k})"
+        back = await pool.ask({"op": "echo", "data": got}, timeout=30.0)
+        assert np.array_equal(back, expected)
+        del back
+        # Other sizes, until the cache drops got's segment: got stays as it was, writable.
+        for m in (600_000, 700_000, 800_000, 900_000, 1_000_000, 1_100_000):
+            assert await pool.ask({"op": "nbytes", "data": np.ones(m)}, timeout=30.0) == 8 * m
+        assert np.array_equal(got, expected)
+        got[-1] = -2.0
+        expected[-1] = -2.0
+        back = await pool.ask({"op": "echo", "data": got}, timeout=30.0)
+        assert np.array_equal(back, expected) and np.array_equal(got, expected)
+        del got, back
+        await assert_released(["self", *worker_pids(pool)])
+
+
+def test_write_lease_sees_a_private_mapping():
+    """What shm::Recycler relies on before it refills a segment: the kernel refuses the write
+    lease while any other open file description of the segment exists, including one that
+    only a (private, copy-on-write) mapping still holds after its fd was closed."""
+    size = MiB
+    memfd = os.memfd_create("kameo-lease-probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    owner = os.open(f"/proc/self/fd/{memfd}", os.O_RDWR | os.O_CLOEXEC)
+    os.close(memfd)
+
+    def leased() -> bool:
+        try:
+            fcntl.fcntl(owner, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except BlockingIOError:
+            return False
+        fcntl.fcntl(owner, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return True
+
+    try:
+        os.ftruncate(owner, size)
+        os.pwrite(owner, b"a" * size, 0)
+        future_write = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | future_write | fcntl.F_SEAL_SEAL
+        own_map = mmap.mmap(owner, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        fcntl.fcntl(owner, fcntl.F_ADD_SEALS, seals)
+        try:
+            leased()
+        except OSError as e:
+            pytest.skip(f"write leases are not available here: {e}")
+        assert leased(), "nobody else holds the segment"
+        reader = os.open(f"/proc/self/fd/{owner}", os.O_RDONLY | os.O_CLOEXEC)
+        view = mmap.mmap(reader, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        os.close(reader)
+        assert not leased(), "a private mapping alone must keep the segment from refills"
+        view[0:1] = b"x"  # copy-on-write: only the view's page changes
+        own_map[size - 1 : size] = b"y"
+        assert os.pread(owner, 1, 0) == b"a" and view[size - 1 : size] == b"y"
+        assert not leased()
+        view.close()
+        assert leased(), "the lease is granted again once the mapping is gone"
+        own_map.close()
+    finally:
+        os.close(owner)
 
 
 # --------------------------------------------------------------------------- recycled segments
@@ -498,7 +677,7 @@ async def test_256_mib_array_echo_memory():
       * the original array: 1 copy (np.ones touches every page);
       * the request: the parent fills a memfd and passes it; once sent it needs no mapping of
         its own (written with write(), or mapped, filled and unmapped), so at most transiently;
-      * the reply: a read-only view mapping the worker's memfd: 1 copy once we read it all.
+      * the reply: a copy-on-write view mapping the worker's memfd: 1 copy once we read it all.
     That is about 2 copies at the peak. A third full copy anywhere (an encode buffer, a
     bytes object read off the socket, a copy out of the reply memfd) would put the peak at
     3 copies, so the bound is 2.5 copies of the array, measured as the peak RSS (VmHWM, reset
@@ -526,7 +705,7 @@ async def test_256_mib_array_echo_memory():
         elapsed = time.monotonic() - start
         assert got.shape == (n,) and got.dtype == np.float64
         assert got.min() == 1.0 and got.max() == 1.0  # reads every page, allocates nothing
-        assert got.flags.writeable is False and got.base is not None
+        assert got.flags.writeable is True and got.base is not None
         peak = status_kib("VmHWM") * 1024
         growth = peak - baseline
         assert growth < 2.5 * nbytes, (

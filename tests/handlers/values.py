@@ -219,12 +219,37 @@ _kept: dict[str, Any] = {}
 
 def keep(msg: dict) -> Any:
     """``msg["op"]``: "echo" returns ``msg["data"]``, "nbytes" its size, "put" keeps it (and
-    answers its size), "get" returns what "put" kept."""
+    answers its size), "get" returns what "put" kept.
+
+    For arrays: "echo_put" keeps ``msg["data"]`` and returns it too; "make" keeps a new
+    ``np.arange(msg["n"], dtype=float)`` and returns it; "add" adds ``msg["value"]`` to the kept
+    array in place and "sum" returns its sum (the kept array stays kept); "add_echo" adds 1 to
+    ``msg["data"]`` in place and returns it, "set_echo" sets ``data[msg["i"]] = msg["value"]``
+    and returns it."""
     op = msg["op"]
     if op == "get":
         return _kept.pop("data")
+    if op == "make":
+        import numpy as np
+
+        _kept["data"] = np.arange(msg["n"], dtype=np.float64)
+        return _kept["data"]
+    if op == "add":
+        _kept["data"] += msg["value"]
+        return float(_kept["data"].sum())
+    if op == "sum":
+        return float(_kept["data"].sum())
     data = msg["data"]
     if op == "echo":
+        return data
+    if op == "add_echo":
+        data += 1
+        return data
+    if op == "set_echo":
+        data[msg["i"]] = msg["value"]
+        return data
+    if op == "echo_put":
+        _kept["data"] = data
         return data
     if op == "put":
         _kept["data"] = data
@@ -246,7 +271,23 @@ def describe(msg: Any) -> dict:
         out["writeable"] = bool(flags.writeable)
         out["c_contiguous"] = bool(flags.c_contiguous)
         out["f_contiguous"] = bool(flags.f_contiguous)
+        out["storage"] = type(storage(msg)).__name__
     return out
+
+
+def storage(arr: Any) -> Any:
+    """What an array's memory finally belongs to (a ShmView, a bytearray, ...)."""
+    base = arr
+    while getattr(base, "base", None) is not None and type(base).__name__ == "ndarray":
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
+
+
+def return_masked(msg: Any) -> Any:
+    """Return a numpy masked array (the codec refuses it unless pickle is allowed)."""
+    import numpy as np
+
+    return {"result": [np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])]}
 
 
 def aliases(msg: dict) -> dict:

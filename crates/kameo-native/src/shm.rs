@@ -6,18 +6,19 @@
 //! * Sealed ([`create_sealed`]): the sender copies the buffer into a new memfd (`pwrite`, no
 //!   mapping), seals it against writes and resizes, sends the descriptor with the frame and
 //!   drops its own copy of it. Nobody can change it afterwards, so the receiver may keep a view
-//!   on it: numpy arrays decoded from shared memory are read-only views on a mapping
-//!   ([`ShmView`]); the mapping, and with it the segment, lives exactly as long as the arrays
-//!   that use it.
-//! * Recycled ([`Recycler`]): for `bytes`/`bytearray`, which the receiver copies out once at
-//!   decode time, the sender keeps a few segments mapped writable and fills one again as soon
-//!   as the kernel says nobody else holds it; see [`Recycler`] for why that is safe.
+//!   on it: numpy arrays decoded from shared memory are views on a private, copy-on-write
+//!   mapping ([`ShmView`]): writable, but a write lands in the receiver's own copy of the page
+//!   it touches, never in the segment. The mapping, and with it the segment, lives exactly as
+//!   long as the arrays that use it.
+//! * Recycled ([`Recycler`]): the sender keeps a few segments mapped writable and fills one
+//!   again as soon as the kernel says nobody else holds it (no descriptor, no mapping): for
+//!   `bytes`/`bytearray`, which the receiver copies out once at decode time, and for the pool's
+//!   arrays, which its workers view; see [`Recycler`] for why that is safe.
 //!
 //! Nothing has a name in any file system, so a process that dies frees its segments with its
 //! descriptors: the kernel counts the references, including those of descriptors still in
 //! flight in a socket.
 
-use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::ffi::c_void;
@@ -247,9 +248,11 @@ fn pwrite_all(fd: RawFd, data: &[u8]) -> io::Result<()> {
 ///   while they still hold it, including a receiver that is slow, never reads it, or died.
 /// * Receivers cannot write to it or resize it (`F_SEAL_FUTURE_WRITE`, `F_SEAL_SHRINK`,
 ///   `F_SEAL_GROW`, checked by [`verify`]), so a request kept for a resend stays intact and a
-///   receiver's mapping cannot fault. They never keep a view on it: numpy arrays, which the
-///   receiver maps instead of copying, always get a new sealed segment, and the decoder
-///   refuses an array in a segment that is not sealed against all writes.
+///   receiver's mapping cannot fault. An array viewed on it ([`ShmView`], only where
+///   [`crate::codec::Arrays`] trusts the sender: a worker viewing the pool's segments, the
+///   pool its own echoed back) is a private mapping, which writes only copies of its pages,
+///   and whose unwritten pages would show a refill: the mapping holds the segment's open file
+///   description, so the lease test refuses the refill as long as the view lives.
 /// * The bytes past a buffer's end are zeros, never what an earlier buffer left there.
 /// * Bounded: at most [`RECYCLE_MAX_SEGMENTS`] segments and [`RECYCLE_MAX_BYTES`] bytes, all
 ///   freed by [`Recycler::clear`] (pool or channel closed) or at exit.
@@ -409,18 +412,71 @@ pub fn read_into(fd: &OwnedFd, offset: u64, dst: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether no page of `[ptr, ptr + len)`, part of a private file mapping, has been written in
+/// this process: each is either not faulted in yet or still the file's own page (a written one
+/// is an anonymous copy, present or swapped out). Asked of `/proc/self/pagemap`, 8 bytes per
+/// page (about 30 us for 16 MiB), stopping at the first written page. False when it cannot be
+/// told (no pagemap), so the caller copies.
+fn unwritten(ptr: usize, len: usize) -> bool {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_PAGE: u64 = 1 << 61;
+    if len == 0 {
+        return true;
+    }
+    // Opened for each question: a descriptor kept open would still describe this process
+    // after a fork.
+    let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
+        return false;
+    };
+    let page = page_size();
+    let (mut at, last) = (ptr / page, (ptr + len - 1) / page);
+    let mut buf = [0u8; 4096];
+    while at <= last {
+        let want = ((last - at + 1) * 8).min(buf.len());
+        let got = match pagemap.read_at(&mut buf[..want], at as u64 * 8) {
+            Ok(n) if n >= 8 => n / 8,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            _ => return false,
+        };
+        for entry in buf[..got * 8].chunks_exact(8) {
+            let e = u64::from_ne_bytes(entry.try_into().expect("8 bytes"));
+            if e & SWAPPED != 0 || (e & PRESENT != 0 && e & FILE_PAGE == 0) {
+                return false;
+            }
+        }
+        at += got;
+    }
+    true
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as usize
+}
+
 struct Mapping {
     ptr: *mut c_void,
     len: usize,
 }
 
-// SAFETY: the mapping is read-only and never remapped while the owner lives.
+// SAFETY: the mapping is never remapped while the owner lives; what is written to it (by the
+// arrays viewing it, under the GIL or numpy's own rules) is this process's business alone.
 unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
-/// A read-only mapping of a whole segment, exporting the buffer protocol. numpy arrays decoded
-/// from shared memory are views on one of these; the segment's descriptor is kept so that
-/// sending such an array on passes the same segment instead of copying it.
+/// A private, copy-on-write mapping of a whole segment (`MAP_PRIVATE`, readable and
+/// writable), exporting the buffer protocol. numpy arrays decoded from shared memory are views
+/// on one of these: no copy when they arrive (the pages are the segment's until written), and
+/// writable like any other array, but a write copies the page it touches into this process's
+/// own memory, so the segment, its sender and every other view of it never see it.
+///
+/// Pages not yet written still show the segment's current contents, so a segment viewed here
+/// must never change: it is sealed against writes, or it is a recycled one (see [`Recycler`]),
+/// whose sender refills it only once nobody else holds it, and this mapping holds it (a
+/// mapping keeps its open file description alive; so does `fd`, kept so that sending an array
+/// on passes the same segment instead of copying it, when the array is unchanged).
 #[pyclass(module = "kameo._native", frozen)]
 pub struct ShmView {
     map: Mapping,
@@ -438,13 +494,15 @@ impl ShmView {
             // only passed on, or read in part, costs no page-table setup (populating costs
             // about 0.5 ms per 16 MiB here), and reading all of it once costs about that much
             // more in faults than reading a populated mapping.
-            // SAFETY: mapping a descriptor we hold, read-only; checked for MAP_FAILED.
+            // Private: writes are copied on write into our own pages (a read-only descriptor,
+            // and seals against writes, allow that; they forbid only shared writable maps).
+            // SAFETY: mapping a descriptor we hold; checked for MAP_FAILED.
             let p = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
                     len,
-                    libc::PROT_READ,
-                    libc::MAP_SHARED,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE,
                     fd.as_raw_fd(),
                     0,
                 )
@@ -460,11 +518,13 @@ impl ShmView {
         })
     }
 
-    /// If `[ptr, ptr + len)` lies inside this mapping: the segment and the offset.
+    /// If `[ptr, ptr + len)` lies inside this mapping and still holds what the segment holds
+    /// there (none of its pages written here): the segment and the offset, to send instead of
+    /// a copy.
     pub fn locate(&self, ptr: usize, len: usize) -> Option<(Arc<OwnedFd>, u64)> {
         let base = self.map.ptr as usize;
         let end = base + self.map.len;
-        (ptr >= base && ptr.checked_add(len)? <= end)
+        (ptr >= base && ptr.checked_add(len)? <= end && unwritten(ptr, len))
             .then(|| (self.fd.clone(), (ptr - base) as u64))
     }
 }
@@ -485,17 +545,12 @@ impl ShmView {
         self.map.len
     }
 
-    /// Export the mapping read-only.
+    /// Export the mapping, writable (writes stay in this process; see [`ShmView`]).
     unsafe fn __getbuffer__(
         slf: Bound<'_, Self>,
         view: *mut ffi::Py_buffer,
         flags: std::os::raw::c_int,
     ) -> PyResult<()> {
-        if flags & ffi::PyBUF_WRITABLE != 0 {
-            return Err(PyBufferError::new_err(
-                "shared memory views are read-only; copy the array to modify it",
-            ));
-        }
         let me = slf.get();
         // SAFETY: PyBuffer_FillInfo fills `view` and takes a reference to the exporter.
         let rc = unsafe {
@@ -504,7 +559,7 @@ impl ShmView {
                 slf.as_ptr(),
                 me.map.ptr,
                 me.map.len as ffi::Py_ssize_t,
-                1,
+                0,
                 flags,
             )
         };
@@ -515,4 +570,101 @@ impl ShmView {
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(fd: &OwnedFd) -> (u64, u64) {
+        file_id(fd).expect("fstat")
+    }
+
+    /// Leases may be disabled (e.g. `fs.leases-enable = 0`): then nothing is recycled at all.
+    fn leases_work(seg: &Recyclable) -> bool {
+        seg.unshared().is_ok()
+    }
+
+    #[test]
+    fn a_private_mapping_alone_keeps_a_segment_from_refills() {
+        let data = vec![7u8; 1 << 20];
+        let seg = Recyclable::create(&data, size_class(data.len())).expect("segment");
+        if !leases_work(&seg) {
+            return;
+        }
+        assert_eq!(seg.unshared(), Ok(true));
+        let reader = reopen(seg.fd.as_raw_fd(), libc::O_RDONLY).expect("reopen");
+        assert_eq!(seg.unshared(), Ok(false), "an open read-only description");
+        // SAFETY: a private mapping of a descriptor we hold, checked; unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                seg.size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                reader.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        drop(reader);
+        assert_eq!(seg.unshared(), Ok(false), "the mapping holds the segment");
+        // SAFETY: both mappings are `size` bytes long and live.
+        unsafe {
+            *(p as *mut u8) = 1; // copied on write: the segment keeps its byte
+            assert_eq!(*seg.map, 7);
+            *seg.map.add(4096) = 2; // a page the view never wrote shows the file
+            assert_eq!(*(p as *const u8).add(4096), 2);
+            libc::munmap(p, seg.size);
+        }
+        assert_eq!(seg.unshared(), Ok(true), "nothing holds it any more");
+    }
+
+    #[test]
+    fn a_view_keeps_its_recycled_segment_until_dropped() {
+        let r = Recycler::default();
+        let first = r.send_copy(&vec![1u8; 3 << 20]).expect("send");
+        let first_id = id(&first);
+        if !r.holds(&first) {
+            return; // leases or F_SEAL_FUTURE_WRITE unavailable: sealed segments only
+        }
+        let size = verify(&first, 0, 3 << 20, false).expect("verify");
+        let view = ShmView::map(Arc::new(first), size).expect("map");
+        for round in 0..3u8 {
+            let other = r.send_copy(&vec![round + 2; 3 << 20]).expect("send");
+            assert_ne!(id(&other), first_id, "refilled a segment a view still maps");
+            // SAFETY: the view is `size` bytes long.
+            assert_eq!(unsafe { *(view.map.ptr as *const u8).add(12345) }, 1);
+        }
+        drop(view);
+        let again = r.send_copy(&vec![9u8; 3 << 20]).expect("send");
+        assert_eq!(id(&again), first_id, "a segment nobody holds is reused");
+    }
+
+    #[test]
+    fn locate_passes_on_only_unwritten_ranges() {
+        let page = page_size();
+        let fd = create_sealed(&vec![3u8; 16 * page]).expect("segment");
+        let view = ShmView::map(Arc::new(fd), 16 * page as u64).expect("map");
+        let base = view.map.ptr as usize;
+        assert!(view.locate(base, 16 * page).is_some(), "untouched");
+        // SAFETY: reads and one write inside the 16-page mapping.
+        let sum: u64 = (0..16 * page)
+            .map(|i| unsafe { *(base as *const u8).add(i) } as u64)
+            .sum();
+        assert_eq!(sum, 3 * 16 * page as u64);
+        assert!(view.locate(base, 16 * page).is_some(), "read, not written");
+        unsafe { *(base as *mut u8).add(5 * page + 7) = 4 };
+        assert!(view.locate(base, 16 * page).is_none(), "page 5 written");
+        assert!(view.locate(base + 5 * page + 100, 8).is_none());
+        assert_eq!(
+            view.locate(base + 6 * page, 10 * page).map(|(_, off)| off),
+            Some(6 * page as u64)
+        );
+        assert!(view.locate(base, 5 * page).is_some());
+        assert!(
+            view.locate(base + page, 16 * page).is_none(),
+            "past the end"
+        );
+    }
 }

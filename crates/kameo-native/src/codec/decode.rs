@@ -1065,7 +1065,7 @@ impl<'b, 'py> Decoder<'b, 'py> {
                         .map_err(&np_err)?
                 }
                 (_, Some(s)) if !self.may_view(&s, at)? => {
-                    // A segment its sender could still change: a read-only copy.
+                    // A segment its sender could still change: a copy.
                     let (fd, _) = self.segment(&s, at, false)?;
                     let n = usize::try_from(s.len).map_err(|_| DecodeError::Truncated { at })?;
                     // SAFETY: a new bytearray of n bytes, filled before anything reads it.
@@ -1093,14 +1093,9 @@ impl<'b, 'py> Decoder<'b, 'py> {
                     let kw = PyDict::new(py);
                     kw.set_item("dtype", &dtype).map_err(&np_err)?;
                     kw.set_item("count", count).map_err(&np_err)?;
-                    let a = np
-                        .call_method("frombuffer", (ba,), Some(&kw))
-                        .map_err(&np_err)?;
-                    // Read-only, like every array that came through shared memory.
-                    let kw = PyDict::new(py);
-                    kw.set_item("write", false).map_err(&np_err)?;
-                    a.call_method("setflags", (), Some(&kw)).map_err(&np_err)?;
-                    a
+                    // Writable, like every received array (views write copy-on-write).
+                    np.call_method("frombuffer", (ba,), Some(&kw))
+                        .map_err(&np_err)?
                 }
                 (_, Some(s)) => {
                     let (fd, size) = self.segment(&s, at, false)?;

@@ -670,6 +670,9 @@ impl<'a> Encoder<'a> {
         }
         if let Some((ndarray, generic)) = refs::numpy_types(py) {
             if any.is_instance(&ndarray).unwrap_or(false) {
+                if !any.get_type().is(&ndarray) && !refs::is_plain_array(py, &any) {
+                    return self.array_subclass(&any);
+                }
                 return self.ndarray(&any, wire::TAG_NDARRAY, depth);
             }
             if any.is_instance(&generic).unwrap_or(false) {
@@ -765,6 +768,24 @@ impl<'a> Encoder<'a> {
                 type_name(obj)
             )))
         }
+    }
+
+    /// An ndarray subclass that would not arrive as itself: a plain array carries dtype, shape
+    /// and data, not a mask, matrix semantics, record fields or a subclass's own attributes.
+    /// Pickled when allowed (exact); otherwise refused, saying what to send instead.
+    fn array_subclass(&mut self, any: &Bound<'_, PyAny>) -> Result<(), EncodeError> {
+        if self.opts.allow_pickle {
+            return self.pickled(any);
+        }
+        let todo = if refs::is_masked_array(any.py(), any) {
+            "its mask would be lost; send value.data and value.mask (numpy.ma.getmaskarray(value) gives it in full) as two arrays, or value.filled(fill_value)"
+        } else {
+            "it would arrive as a plain numpy.ndarray, without what the subclass adds; send numpy.asarray(value) for the plain array"
+        };
+        Err(EncodeError::new(format!(
+            "cannot encode {} (a numpy.ndarray subclass): {todo}, or pass allow_pickle=True to pickle it",
+            type_name(any.as_ptr())
+        )))
     }
 
     /// The last resort: pickle, when allowed.

@@ -59,6 +59,21 @@ pub fn numpy_types(py: Python<'_>) -> Option<(Bound<'_, PyAny>, Bound<'_, PyAny>
     Some((np.getattr("ndarray").ok()?, np.getattr("generic").ok()?))
 }
 
+/// Whether an instance of an ndarray subclass is still exactly a plain array: `numpy.memmap`,
+/// which only says where the memory lives (a received copy is an ordinary ndarray).
+pub fn is_plain_array(py: Python<'_>, arr: &Bound<'_, PyAny>) -> bool {
+    loaded(py, "numpy")
+        .and_then(|np| np.getattr("memmap").ok())
+        .is_some_and(|memmap| arr.get_type().is(&memmap))
+}
+
+/// Whether `obj` is a `numpy.ma.MaskedArray` (numpy.ma is loaded if one exists).
+pub fn is_masked_array(py: Python<'_>, obj: &Bound<'_, PyAny>) -> bool {
+    loaded(py, "numpy.ma")
+        .and_then(|ma| ma.getattr("MaskedArray").ok())
+        .is_some_and(|cls| obj.is_instance(&cls).unwrap_or(false))
+}
+
 /// The class at `module`.`qualname`, checked by `accept` (e.g. "is an Enum subclass").
 ///
 /// Imports the module if needed: decoding an enum, dataclass or NamedTuple may import the
