@@ -27,8 +27,9 @@ Workloads:
 * W5 callbacks: a sync worker handler makes 2,000 sequential one-item callbacks into an async
   parent handler (callbacks/s, timed in the worker), versus the raw round-trip floor (the W1
   ping-pong with a small dict, round trips/s) and a forked child calling a
-  ``multiprocessing.Manager().dict()`` proxy (calls/s). ``W5_samecpu`` repeats it on one CPU,
-  for the same reason as ``W1_samecpu``.
+  ``multiprocessing.Manager().dict()`` proxy (calls/s). ``kameo_sync_parent_handler`` (info) is
+  the same with a plain ``def`` parent handler (run in a handler thread). ``W5_samecpu`` repeats
+  it on one CPU, for the same reason as ``W1_samecpu``.
 * W7 startup: time until a pool of 8 workers is ready versus 8 bare ``python -c "import kameo"``.
 
 The raw references are the floor: a length-prefixed pickle (protocol 5) echo over a Unix
@@ -1089,6 +1090,7 @@ def w5_interleaved(kameo, sz, kameo_err, workload="W5"):
     * kameo: a sync worker handler makes ``n`` sequential one-item callbacks
       (``for x in kameo.bench.Ping({})``) answered by an async parent handler; the rate is
       timed inside the worker (``outer_rate`` times the whole ask from the parent).
+    * kameo_sync_parent_handler (info): the same, answered by a plain ``def`` parent handler.
     """
     n = sz["w5_n"]
     rounds = sz["w5_rounds"]
@@ -1098,8 +1100,20 @@ def w5_interleaved(kameo, sz, kameo_err, workload="W5"):
     errors = {}
     ctx = multiprocessing.get_context("fork")
 
+    async def start_pool(impl, cb):
+        try:
+            pool = kameo.Pool("bench_handlers:cb_loop", size=1, callbacks=cb)
+            await asyncio.wait_for(pool.start(), KAMEO_TIMEOUT_S)
+            await pool.ask(warm, timeout=KAMEO_TIMEOUT_S)
+            elapsed[impl] = []
+            return pool
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            errors[impl] = f"{type(exc).__name__}: {exc}"
+            return None
+
     async def run(conn, child):
-        pool = None
+        pool = pool_sync = None
         if kameo is not None:
             cb = kameo.Callbacks()
 
@@ -1107,15 +1121,14 @@ def w5_interleaved(kameo, sz, kameo_err, workload="W5"):
             async def ping(req):
                 return {"ok": True}
 
-            try:
-                pool = kameo.Pool("bench_handlers:cb_loop", size=1, callbacks=cb)
-                await asyncio.wait_for(pool.start(), KAMEO_TIMEOUT_S)
-                await pool.ask(warm, timeout=KAMEO_TIMEOUT_S)
-                elapsed["kameo"] = []
-            except Exception as exc:
-                traceback.print_exc(file=sys.stderr)
-                errors["kameo"] = f"{type(exc).__name__}: {exc}"
-                pool = None
+            cb_sync = kameo.Callbacks()
+
+            @cb_sync.handler("bench.Ping")
+            def ping_sync(req):
+                return {"ok": True}
+
+            pool = await start_pool("kameo", cb)
+            pool_sync = await start_pool("kameo_sync_parent_handler", cb_sync)
         try:
             conn.send(warm)
             conn.recv()
@@ -1143,9 +1156,20 @@ def w5_interleaved(kameo, sz, kameo_err, workload="W5"):
                         del elapsed["kameo"]
                         await pool.close()
                         pool = None
+                if pool_sync is not None:
+                    impl = "kameo_sync_parent_handler"
+                    try:
+                        elapsed[impl].append(await pool_sync.ask(n, timeout=KAMEO_TIMEOUT_S))
+                    except Exception as exc:
+                        traceback.print_exc(file=sys.stderr)
+                        errors[impl] = f"{type(exc).__name__}: {exc}"
+                        del elapsed[impl]
+                        await pool_sync.close()
+                        pool_sync = None
         finally:
-            if pool is not None:
-                await asyncio.wait_for(pool.close(), 30)
+            for p in (pool, pool_sync):
+                if p is not None:
+                    await asyncio.wait_for(p.close(), 30)
 
     # The Manager and its client fork: start them before any kameo pool of this run exists.
     mgr = ctx.Manager()
@@ -1200,6 +1224,19 @@ def w5_interleaved(kameo, sz, kameo_err, workload="W5"):
             outer_rate=round(statistics.median(outer_rates), 1),
             note="sync worker 'for x in kameo.bench.Ping({})', async parent handler; timed in "
             "the worker (outer_rate: whole ask timed in the parent)",
+        )
+    impl = "kameo_sync_parent_handler"
+    if kameo is not None and impl in errors:
+        emit(workload, impl, "error", None, None, error=errors[impl])
+    elif kameo is not None:
+        out[impl] = emit_rate(
+            workload,
+            impl,
+            n,
+            elapsed[impl],
+            "callbacks/s",
+            note="info: as kameo, with a plain 'def' parent handler (run in a handler thread); "
+            "timed in the worker",
         )
     return out
 
@@ -1576,6 +1613,17 @@ def main(argv=None):
                 "> 1" + info,
                 lambda v: v > 1,
             )
+            if res.get((wl, "kameo_sync_parent_handler")) is not None:
+                emit_summary(
+                    wl,
+                    "kameo_sync_parent_handler/raw",
+                    ratio(
+                        value_of(res, (wl, "kameo_sync_parent_handler")),
+                        value_of(res, (wl, "raw_socketpair")),
+                    ),
+                    "info",
+                    lambda v: True,
+                )
     if "W7" in only:
         emit_summary(
             "W7",

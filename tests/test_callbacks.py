@@ -346,13 +346,75 @@ async def test_unknown_callback_paths():
     assert handle["is_callback_not_found"], handle
     assert "nope.Missing" in handle["message"]
     assert "LookupError" in handle["mro"]
-    module = report["module"]
-    assert module["type"] == "AttributeError", module
-    assert "nope" in module["message"]
-    missing = report["type"]
-    assert missing["type"] == "AttributeError", missing
-    assert "Missing" in missing["message"]
+    # The module style raises the same CallbackNotFound (an AttributeError too), naming what
+    # is registered.
+    for key in ("module", "type"):
+        report[key].pop("traceback")
+        assert report[key]["type"] == "CallbackNotFound", report[key]
+        assert report[key]["is_callback_not_found"], report[key]
+        assert {"LookupError", "AttributeError", "KameoError"} <= set(report[key]["mro"])
+        assert "registered: trading.DataFetch" in report[key]["message"], report[key]
+    assert "nope" in report["module"]["message"]
+    assert "trading.Missing" in report["type"]["message"]
+    assert report["type"]["message"] == handle["message"].replace("nope.Missing", "trading.Missing")
     assert report["known_ok"] == [{"price": 150.0}]
+
+
+async def test_unknown_callback_paths_in_sync_worker():
+    async with kameo.Pool(_target("probe_unknown_sync"), size=1, callbacks=_ticks()) as pool:
+        report = await asyncio.wait_for(pool.ask(None), BOUND)
+    for key in ("handle", "module", "type"):
+        assert report[key]["type"] == "CallbackNotFound", report[key]
+        assert {"LookupError", "AttributeError"} <= set(report[key]["mro"]), report[key]
+        assert "registered: trading.DataFetch" in report[key]["message"], report[key]
+    assert "nope.Missing" in report["handle"]["message"]
+    assert "trading.Missing" in report["type"]["message"]
+
+
+@pytest.mark.parametrize("max_concurrency", [1, 2])
+async def test_attribute_probes_in_a_worker_stay_plain(max_concurrency: int):
+    async with kameo.Pool(
+        _target("probe_attributes"), size=1, max_concurrency=max_concurrency, callbacks=_ticks()
+    ) as pool:
+        report = await asyncio.wait_for(pool.ask(None), BOUND)
+    assert report["hasattr_module"] is False
+    assert report["hasattr_type"] is False
+    assert report["getattr_default"] == "default"
+    assert report["hasattr_known"] is True
+    assert report["from_import"] == "ImportError"
+    for key in ("dunder", "private", "type_dunder", "type_private"):
+        assert report[key]["type"] == "AttributeError", report[key]
+        assert not report[key]["is_callback_not_found"], report[key]
+
+
+def test_unknown_attribute_outside_a_worker_is_a_plain_attribute_error():
+    with pytest.raises(AttributeError) as info:
+        kameo.nothere  # noqa: B018
+    assert type(info.value) is AttributeError
+    assert not hasattr(kameo, "nothere")
+    with pytest.raises(kameo.KameoError, match="inside a kameo worker"):
+        kameo.callback_handle("trading.DataFetch")
+
+
+@pytest.mark.parametrize("max_concurrency", [1, 2])
+async def test_callback_handle_iterates_with_for_in_a_sync_handler(max_concurrency: int):
+    msg = {"path": "kinds.SyncGen", "data": {"x": 1.5}}
+    async with kameo.Pool(
+        _target("handle_for_sync"),
+        size=1,
+        max_concurrency=max_concurrency,
+        callbacks=_kind_callbacks(),
+    ) as pool:
+        result = await asyncio.wait_for(pool.ask(msg), BOUND)
+    assert result["items"] == KIND_EXPECTED["SyncGen"]
+
+
+async def test_callback_handle_awaited_or_not_in_an_async_handler():
+    msg = {"path": "kinds.AsyncGen", "data": {"x": 1.5}}
+    async with kameo.Pool(_target("handle_async"), size=1, callbacks=_kind_callbacks()) as pool:
+        result = await asyncio.wait_for(pool.ask(msg), BOUND)
+    assert result["awaited"] == KIND_EXPECTED["AsyncGen"]
+    assert result["direct"] == KIND_EXPECTED["AsyncGen"]
 
 
 # --------------------------------------------------------------------------- registration

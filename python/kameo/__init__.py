@@ -6,7 +6,7 @@
 
 from typing import Any
 
-from kameo import _runtime
+from kameo import _context, _runtime
 from kameo._native import PROTOCOL_VERSION, decode, encode, register_type
 from kameo.callbacks import Callbacks
 from kameo.errors import (
@@ -51,9 +51,10 @@ __all__ = [
 ]
 
 
-async def callback_handle(path: str, data: Any = None) -> _runtime.CallbackCall:
+def callback_handle(path: str, data: Any = None) -> _runtime.CallbackCall:
     """In a worker: call the parent handler registered at ``path`` ("module.Type") and return
-    an iterator of its items (``async for`` in async handlers, ``for`` in sync ones).
+    an iterator of its items: ``for x in kameo.callback_handle(...)`` in sync handlers,
+    ``async for x in await kameo.callback_handle(...)`` (or without the ``await``) in async ones.
 
     Raises :class:`CallbackNotFound` for a path the parent did not register.
     """
@@ -66,12 +67,10 @@ async def callback_handle(path: str, data: Any = None) -> _runtime.CallbackCall:
 def current_traceparent() -> str | None:
     """The W3C traceparent of the request (in a worker) or callback (in the parent) being
     handled, if the caller sent one."""
-    return _runtime.traceparent.get()
+    return _context.traceparent.get()
 
 
 def __getattr__(name: str) -> Any:
-    # In a worker, `kameo.<module>` exists for each registered callback module.
-    rt = _runtime.current()
-    if rt is not None and name in rt.modules:
-        return _runtime.CallbackModule(name, rt.modules[name])
-    raise AttributeError(f"module 'kameo' has no attribute {name!r}")
+    # In a worker, `kameo.<module>` exists for each registered callback module, and any other
+    # public name raises CallbackNotFound (an AttributeError too); see _runtime.module_attribute.
+    return _runtime.module_attribute(name)

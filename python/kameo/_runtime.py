@@ -1,26 +1,28 @@
 """Worker-side runtime: routing of incoming frames, and callbacks into the parent.
 
-One :class:`Runtime` exists per worker process. The serving loop (``kameo._worker``) feeds it
-frames; handlers reach it through ``kameo.<module>.<Type>(data)`` and
-``await kameo.callback_handle(path, data)``.
+One :class:`Runtime` exists per worker process. The server that runs requests (``_serve_sync``
+or ``_serve_async``, chosen by ``kameo._worker``) attaches itself to it (:class:`Server`) and
+feeds it frames; handlers reach it through ``kameo.<module>.<Type>(data)`` and
+``kameo.callback_handle(path, data)``. Nothing here imports the parent side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import os
 import sys
 import threading
-import traceback
 import weakref
 from collections import deque
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, Protocol
 
-from kameo import _native
-from kameo.errors import CallbackNotFound, KameoError, RemoteError, _from_peer
+from kameo import _error_info, _native
+from kameo._context import current_request, traceparent
+from kameo.errors import CallbackNotFound, KameoError
+
+__all__ = ["CallbackCall", "Runtime", "Server", "current", "current_request", "traceparent"]
 
 Channel = _native.Channel
 REQUEST = Channel.REQUEST
@@ -32,13 +34,8 @@ END = Channel.END
 ERROR = Channel.ERROR
 CREDIT = Channel.CREDIT
 
-#: The W3C traceparent of the request being handled (worker) or of the callback being
-#: handled (parent); read it with ``kameo.current_traceparent()``.
-traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "kameo_traceparent", default=None
-)
-#: The id of the request being handled, so callbacks are tied to it.
-current_request: contextvars.ContextVar[int] = contextvars.ContextVar("kameo_request", default=0)
+#: A request waiting to start: (frame kind, request id, body, traceparent).
+Request = tuple[int, int, Any, "str | None"]
 
 _runtime: Runtime | None = None
 
@@ -48,19 +45,47 @@ def current() -> Runtime | None:
     return _runtime
 
 
-def error_info(exc: BaseException) -> dict[str, str]:
-    """What the other side needs to rebuild ``exc``."""
-    if isinstance(exc, RemoteError):
-        type_name = exc.remote_type  # keep the original type through a chain of processes
+class Server(Protocol):
+    """What the runtime needs from the server that runs the requests."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the requests run on; None for the sync server (a callback then reads
+        the socket itself while it waits)."""
+
+    @property
+    def thread(self) -> int | None:
+        """The loop's thread (None for the sync server)."""
+
+    @property
+    def waiting(self) -> deque[Request]:
+        """Requests received and not started; the runtime appends to it."""
+
+    @property
+    def cancelled(self) -> set[int]:
+        """Ids of running requests their caller cancelled (sync server: a callback waiting in
+        one stops; the async server cancels the request's task instead)."""
+
+    def cancel(self, rid: int) -> None:
+        """CANCEL for request ``rid``."""
+
+    def credit(self, rid: int, n: int) -> None:
+        """CREDIT of ``n`` items for the stream of request ``rid``."""
+
+    def flush(self) -> object:
+        """Write what is queued, soon; callable from any thread."""
+
+
+def mismatch(kind: str, frame_kind: int, target: str) -> dict[str, str] | None:
+    """The error for ask() on a generator or stream() on a plain function, if any."""
+    is_gen = kind in ("gen", "asyncgen")
+    if frame_kind == REQUEST and is_gen:
+        message = f"handler {target!r} is a generator: use pool.stream(), not pool.ask()"
+    elif frame_kind == REQUEST_STREAM and not is_gen:
+        message = f"handler {target!r} is not a generator: use pool.ask(), not pool.stream()"
     else:
-        type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    kind = "callback_not_found" if isinstance(exc, CallbackNotFound) else "remote"
-    return {
-        "kind": kind,
-        "type": type_name,
-        "message": str(exc) if not isinstance(exc, RemoteError) else exc.remote_message,
-        "traceback": "".join(traceback.format_exception(exc)),
-    }
+        return None
+    return _error_info.handler_type(message)
 
 
 class Runtime:
@@ -83,28 +108,48 @@ class Runtime:
         self.calls: dict[int, weakref.ref[CallbackCall]] = {}
         self._on_drop = self._dropped
         self._next_cid = 0
-        # Sync mode state.
-        self.pending: deque[tuple[int, int, Any, str | None]] = deque()
-        self.cancelled: set[int] = set()
-        self.credits: dict[int, int] = {}
-        self.shutdown = False
-        self.eof = False
-        # Async mode hooks (set by the async serving loop).
+        self.shutdown = False  # SHUTDOWN received
+        self.eof = False  # the parent went away
+        # The server's, bound once by attach() (read per frame and per callback).
+        self.server: Server | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loop_thread: int | None = None
-        self.on_request: Any = None
-        self.on_cancel: Any = None
-        self.on_credit: Any = None
-        self.flush_soon: Any = None
+        self.cancelled: set[int] = set()
+        self.flush: Callable[[], object] = chan.flush
+        self._enqueue: Callable[[Request], object] = self._no_server
+
+    def attach(self, server: Server) -> None:
+        """``server`` runs the requests from now on."""
+        self.server = server
+        self.loop = server.loop
+        self.loop_thread = server.thread
+        self.cancelled = server.cancelled
+        self.flush = server.flush
+        self._enqueue = server.waiting.append
+
+    def _no_server(self, request: Request) -> None:
+        raise KameoError(f"request {request[1]} arrived before the worker was serving")
+
+    # -- start-up ----------------------------------------------------------------------
+
+    def ready(self, kind: str) -> None:
+        """READY: the target is loaded and the init hook ran."""
+        self.chan.send(Channel.READY, 0, {"kind": kind, "python": sys.version.split()[0]})
+        self.chan.flush()
+
+    def startup_failed(self, exc: BaseException, stage: str, what: str | None) -> None:
+        self.chan.send(Channel.STARTUP_FAILED, 0, _error_info.startup_failed(exc, stage, what))
+        self.chan.flush()
 
     # -- callbacks ---------------------------------------------------------------------
 
+    def not_found(self, path: str) -> CallbackNotFound:
+        known = ", ".join(sorted(self.paths)) or "none"
+        return CallbackNotFound(f"no parent handler registered for {path!r} (registered: {known})")
+
     def new_call(self, path: str, data: Any) -> CallbackCall:
         if path not in self.paths:
-            known = ", ".join(sorted(self.paths)) or "none"
-            raise CallbackNotFound(
-                f"no parent handler registered for {path!r} (registered: {known})"
-            )
+            raise self.not_found(path)
         return CallbackCall(self, path, data)
 
     def open_call(self, call: CallbackCall, flush: bool = True) -> int:
@@ -139,47 +184,27 @@ class Runtime:
             if call is not None and call.request_id == rid:
                 call._abandon()
 
-    def flush(self) -> None:
-        if self.loop is not None and self.flush_soon is not None:
-            if threading.get_ident() == self.loop_thread:
-                self.flush_soon(now=True)
-            else:
-                self.loop.call_soon_threadsafe(self.flush_soon)
-        else:
-            self.chan.flush()
-
     # -- routing -----------------------------------------------------------------------
 
     def route(self, frames: list[tuple[int, int, bool, Any, str | None]]) -> None:
-        chan = self.chan
+        enqueue = self._enqueue
         for kind, fid, final, body, trace in frames:
             if kind in (REQUEST, REQUEST_STREAM):
-                if self.on_request is not None:
-                    self.on_request(kind, fid, body, trace)
-                else:
-                    self.pending.append((kind, fid, body, trace))
+                enqueue((kind, fid, body, trace))
             elif kind in (ITEM, END, ERROR):
                 ref = self.calls.get(fid)
                 call = ref() if ref is not None else None
                 if call is not None:
                     call._deliver(kind, final, body)
             elif kind == CREDIT:
-                if self.on_credit is not None:
-                    self.on_credit(fid, body)
-                else:
-                    self.credits[fid] = self.credits.get(fid, 0) + body
+                self.server.credit(fid, body)  # type: ignore[union-attr]
             elif kind == CANCEL:
-                if self.on_cancel is not None:
-                    self.on_cancel(fid)
-                else:
-                    self.cancelled.add(fid)
+                self.server.cancel(fid)  # type: ignore[union-attr]
             elif kind == SHUTDOWN:
                 self.shutdown = True
             else:
                 message = str(body) if isinstance(body, str) else f"unknown frame kind {kind}"
-                chan.error(
-                    fid, {"kind": "protocol", "type": "", "message": message, "traceback": ""}
-                )
+                self.chan.error(fid, _error_info.protocol(message))
 
     def pump(self, block: bool) -> None:
         """Sync mode: read and route frames (waiting for at least one with ``block``)."""
@@ -195,7 +220,7 @@ class Runtime:
             call = ref()
             if call is None:
                 continue
-            call._deliver(ERROR, True, {"kind": "protocol", "message": "parent went away"})
+            call._deliver(ERROR, True, _error_info.protocol("parent went away"))
 
 
 _NO_ITEM: Any = object()  # CallbackCall._wait: nothing to return
@@ -205,7 +230,8 @@ class CallbackCall:
     """One call of a parent handler: an iterator of the items it yields.
 
     Use ``async for`` in async handlers and ``for`` in sync ones. Breaking out of the loop (or
-    ``close()``/``aclose()``) cancels the parent handler.
+    ``close()``/``aclose()``) cancels the parent handler. Awaiting it gives the call itself, so
+    ``await kameo.callback_handle(...)`` works in async handlers and the plain call in sync ones.
     """
 
     __slots__ = (
@@ -239,6 +265,10 @@ class CallbackCall:
     def __repr__(self) -> str:
         return f"<kameo callback {self.path} id={self.cid}>"
 
+    def __await__(self) -> Generator[Any, None, CallbackCall]:
+        return self
+        yield  # a generator that finishes at once
+
     def _deliver(self, kind: int, final: bool, body: Any) -> None:
         if kind == ITEM:
             items = self.items
@@ -251,7 +281,7 @@ class CallbackCall:
             self._finish()
         else:
             info = body if isinstance(body, dict) else {"message": str(body)}
-            self.error = _from_peer(info, "the parent", os.getppid())
+            self.error = _error_info.from_peer(info, "the parent", os.getppid())
             self._finish()
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -416,7 +446,7 @@ class CallbackStub:
         if rt is None:
             raise KameoError(f"{self.path}: callbacks can only be made from inside a kameo worker")
         if self.path not in rt.paths:
-            return rt.new_call(self.path, data)  # raises CallbackNotFound
+            raise rt.not_found(self.path)
         return CallbackCall(rt, self.path, data)
 
     def __repr__(self) -> str:
@@ -424,7 +454,8 @@ class CallbackStub:
 
 
 class CallbackModule:
-    """``kameo.<module>``: attribute access gives the registered handler stubs."""
+    """``kameo.<module>``: attribute access gives the registered handler stubs; an unregistered
+    type raises :class:`CallbackNotFound` (an ``AttributeError`` too)."""
 
     def __init__(self, name: str, types: frozenset[str]) -> None:
         self._name = name
@@ -436,6 +467,9 @@ class CallbackModule:
     def __getattr__(self, name: str) -> CallbackStub:
         if name in self._types:
             return CallbackStub(f"{self._name}.{name}")
+        rt = _runtime
+        if rt is not None and not name.startswith("_"):  # not a probe for a private name
+            raise rt.not_found(f"{self._name}.{name}")
         raise AttributeError(f"module 'kameo.{self._name}' has no attribute {name!r}")
 
     def __dir__(self) -> list[str]:
@@ -443,6 +477,24 @@ class CallbackModule:
 
     def __repr__(self) -> str:
         return f"<kameo callback module {self._name!r}>"
+
+
+def module_attribute(name: str) -> Any:
+    """``kameo.<name>`` for a name the package does not have: in a worker, a callback module
+    (registered: it is normally a plain attribute already, see :func:`install`) or
+    :class:`CallbackNotFound`; else, and for private names, a plain ``AttributeError``."""
+    rt = _runtime
+    if rt is not None:
+        types = rt.modules.get(name)
+        if types is not None:
+            return CallbackModule(name, types)
+        if not name.startswith("_"):  # dunder and private probes keep the plain error
+            known = ", ".join(sorted(rt.paths)) or "none"
+            raise CallbackNotFound(
+                f"module 'kameo' has no attribute {name!r}, and the parent registered no "
+                f"callback module {name!r} (registered: {known})"
+            )
+    raise AttributeError(f"module 'kameo' has no attribute {name!r}")
 
 
 def install(rt: Runtime) -> None:

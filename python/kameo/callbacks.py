@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from kameo import _error_info
+from kameo._context import traceparent
 from kameo._eager import EagerStarter
-from kameo._runtime import error_info, traceparent
+from kameo._handler import ASYNC, SYNC, Flow, Threads, default_threads, handler_kind, produce
 from kameo.errors import CallbackNotFound
 
 __all__ = ["Callbacks"]
@@ -22,18 +23,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 _RESERVED = frozenset(
     {"errors", "pool", "callbacks", "callback_handle", "current_traceparent", "encode", "decode"}
 )
-
-
-def handler_kind(fn: Callable[..., Any]) -> str:
-    """'asyncgen', 'async', 'gen' or 'sync' (callable objects are judged by ``__call__``)."""
-    call = fn if inspect.isroutine(fn) else getattr(fn, "__call__", fn)  # noqa: B004
-    if inspect.isasyncgenfunction(call):
-        return "asyncgen"
-    if inspect.iscoroutinefunction(call):
-        return "async"
-    if inspect.isgeneratorfunction(call):
-        return "gen"
-    return "sync"
 
 
 def validate_path(path: str) -> None:
@@ -49,7 +38,8 @@ class Callbacks:
 
     A handler takes the request data and is an async generator (a stream back to the worker),
     a coroutine function or a plain function (a one-item stream), or a plain generator. Sync
-    handlers run in a thread so they do not block the event loop.
+    handlers (and the steps of plain generators) run in threads of the pool's own, so they do
+    not block the event loop.
     """
 
     def __init__(self) -> None:
@@ -90,34 +80,14 @@ class Callbacks:
         return len(self._handlers)
 
 
-class _Flow:
-    """Credit for one callback stream; the event exists only once a handler has to wait."""
-
-    __slots__ = ("credit", "event", "task")
-
-    def __init__(self, credit: int) -> None:
-        self.credit = credit
-        self.event: asyncio.Event | None = None
-        self.task: asyncio.Task[None] | None = None
-
-    def grant(self, n: int) -> None:
-        self.credit += n
-        if self.event is not None:
-            self.event.set()
-
-    async def take(self) -> None:
-        while self.credit <= 0:
-            if self.event is None:
-                self.event = asyncio.Event()
-            self.event.clear()
-            await self.event.wait()
-        self.credit -= 1
-
-
 class CallbackRunner:
     """Runs parent handlers for one pool's workers, streams their items back with flow control,
     and cancels them when the worker asks, when the request that made them ends, or when the
-    worker dies."""
+    worker dies.
+
+    A sync handler goes straight to a handler thread and its answer is sent from the loop when
+    it returns: no task, no future (``_answered``). Every other kind runs as a coroutine whose
+    first step runs at once (``_eager``); one that waits is registered for cancellation."""
 
     def __init__(self, callbacks: Callbacks, core: Any, loop: Any, window: int, kinds: Any) -> None:
         self.callbacks = callbacks
@@ -126,24 +96,40 @@ class CallbackRunner:
         self.window = window
         self.item, self.end, self.error = kinds.ITEM, kinds.END, kinds.ERROR
         # Handlers that did not finish in their first step, and streams (for their credit).
-        self.running: dict[tuple[int, int], _Flow] = {}
+        self.running: dict[tuple[int, int], Flow] = {}
+        # Sync handlers running in a thread whose answer is still wanted.
+        self.open: set[tuple[int, int]] = set()
         self.handlers = callbacks._handlers  # the registry's own dict: later entries count
         self.eager = EagerStarter(loop)
+        self.threads = Threads(loop, default_threads(), "kameo-callback")
         # Each handler runs in a copy of this (the pool's context when it started), not in
         # the context of whatever code happened to read the request.
         self.context = contextvars.copy_context()
 
     def start(self, worker_id: int, payload: Any) -> None:
         cid, body, trace = payload
+        entry = self.handlers.get(body[0]) if type(body) is tuple and len(body) == 3 else None
+        if entry is None:
+            self._refuse(worker_id, cid, body)
+            return
+        fn, kind = entry
+        if kind == SYNC:
+            key = (worker_id, cid)
+            ctx = self.context.copy()
+            if trace is not None:
+                ctx.run(traceparent.set, trace)
+            self.open.add(key)
+            self.threads.submit(ctx, fn, body[1], self._answered, key)
+            return
         # Eager: a handler that answers without waiting replies from this very callback, and
         # leaves nothing behind. One that waits is registered (for cancellation) here.
-        coro = self._run(worker_id, cid, body, trace)
+        coro = self._run(worker_id, cid, fn, kind, body[1], trace)
         task = self.eager.start(coro, self.context.copy())
         if task is not None:
             key = (worker_id, cid)
             flow = self.running.get(key)  # a stream handler made it in its first step
             if flow is None:
-                flow = self.running[key] = _Flow(self.window)
+                flow = self.running[key] = self._new_flow(worker_id, cid)
             flow.task = task
 
     def credit(self, worker_id: int, payload: Any) -> None:
@@ -153,76 +139,88 @@ class CallbackRunner:
             flow.grant(n)
 
     def cancel(self, worker_id: int, cid: int) -> None:
-        flow = self.running.get((worker_id, cid))
+        key = (worker_id, cid)
+        flow = self.running.get(key)
         if flow is not None and flow.task is not None:
             flow.task.cancel()
+        self.open.discard(key)  # a sync handler runs on, but its answer is not sent
 
     def worker_gone(self, worker_id: int) -> None:
         for (wid, _), flow in list(self.running.items()):
             if wid == worker_id and flow.task is not None:
                 flow.task.cancel()
+        if self.open:
+            self.open = {key for key in self.open if key[0] != worker_id}
 
     def cancel_all(self) -> None:
+        """The pool closes: cancel every handler, and let the handler threads go."""
         for flow in list(self.running.values()):
             if flow.task is not None:
                 flow.task.cancel()
+        self.open.clear()
+        self.threads.close()
+        self.threads = Threads(self.loop, default_threads(), "kameo-callback")
 
-    def _flow(self, worker_id: int, cid: int) -> _Flow:
+    def _answered(self, key: tuple[int, int], ok: bool, value: Any) -> None:
+        """On the loop: a sync handler returned ``value`` (or raised it, without ``ok``)."""
+        open_ = self.open
+        if key not in open_:
+            return  # cancelled meanwhile, or the worker is gone
+        open_.discard(key)
+        worker_id, cid = key
+        send = self.core.send
+        try:
+            if ok:
+                send(worker_id, self.item, cid, value, True)
+                return
+        except BaseException as exc:  # the answer cannot be sent (not encodable, too large)
+            value = exc
+        with contextlib.suppress(Exception):
+            send(worker_id, self.error, cid, _error_info.from_exception(value))
+
+    def _refuse(self, worker_id: int, cid: int, body: Any) -> None:
+        if type(body) is not tuple or len(body) != 3:
+            exc = CallbackNotFound(f"malformed callback request: {body!r}")
+        else:
+            known = ", ".join(self.callbacks.paths) or "none"
+            exc = CallbackNotFound(f"no parent handler registered for {body[0]!r} ({known})")
+        with contextlib.suppress(Exception):
+            self.core.send(worker_id, self.error, cid, _error_info.from_exception(exc))
+
+    def _new_flow(self, worker_id: int, cid: int) -> Flow:
+        return Flow(functools.partial(self.core.send, worker_id, self.item, cid), self.window)
+
+    def _flow(self, worker_id: int, cid: int) -> Flow:
         """The credit of a stream handler, registered in its first step (before it sends)."""
         key = (worker_id, cid)
         flow = self.running.get(key)  # start() made it if the first step was not eager
         if flow is None:
-            flow = self.running[key] = _Flow(self.window)
+            flow = self.running[key] = self._new_flow(worker_id, cid)
         return flow
 
-    async def _run(self, worker_id: int, cid: int, body: Any, trace: str | None) -> None:
+    async def _run(
+        self,
+        worker_id: int,
+        cid: int,
+        fn: Callable[[Any], Any],
+        kind: str,
+        data: Any,
+        trace: str | None,
+    ) -> None:
         send = self.core.send
         if trace is not None:
             traceparent.set(trace)
         try:
-            if type(body) is not tuple or len(body) != 3:
-                raise CallbackNotFound(f"malformed callback request: {body!r}")
-            path, data, _request_id = body
-            entry = self.handlers.get(path)
-            if entry is None:
-                known = ", ".join(self.callbacks.paths) or "none"
-                raise CallbackNotFound(f"no parent handler registered for {path!r} ({known})")
-            fn, kind = entry
-            if kind == "async":
+            if kind == ASYNC:
                 send(worker_id, self.item, cid, await fn(data), True)
-            elif kind == "sync":
-                ctx = contextvars.copy_context()
-                result = await self.loop.run_in_executor(None, ctx.run, fn, data)
-                send(worker_id, self.item, cid, result, True)
-            elif kind == "asyncgen":
-                flow = self._flow(worker_id, cid)
-                agen = fn(data)
-                async with contextlib.aclosing(agen):
-                    async for item in agen:
-                        await flow.take()
-                        send(worker_id, self.item, cid, item)
-                send(worker_id, self.end, cid, None)
-            else:  # a plain generator: each step in a thread
-                flow = self._flow(worker_id, cid)
-                ctx = contextvars.copy_context()
-                gen = fn(data)
-                done = object()
-                step = functools.partial(ctx.run, next, gen, done)
-                try:
-                    while True:
-                        item = await self.loop.run_in_executor(None, step)
-                        if item is done:
-                            break
-                        await flow.take()
-                        send(worker_id, self.item, cid, item)
-                finally:
-                    gen.close()
+            else:
+                await produce(fn, kind, data, self._flow(worker_id, cid), self.threads)
                 send(worker_id, self.end, cid, None)
         except asyncio.CancelledError:
             pass  # the worker stopped listening, or is gone: nothing to send
         except BaseException as exc:
             with contextlib.suppress(Exception):
-                send(worker_id, self.error, cid, error_info(exc))
+                send(worker_id, self.error, cid, _error_info.from_exception(exc))
         finally:
             if self.running:  # empty: nothing to forget (eager handlers are never registered)
                 self.running.pop((worker_id, cid), None)

@@ -6,7 +6,6 @@ parent as a :class:`RemoteError` that is also a ``ValueError``, so ``except Valu
 
 from __future__ import annotations
 
-import builtins
 from typing import Any
 
 __all__ = [
@@ -43,8 +42,10 @@ class CallTimeout(KameoError, TimeoutError):
     """A request did not complete within its timeout."""
 
 
-class CallbackNotFound(KameoError, LookupError):
-    """A worker called a parent handler path that is not registered."""
+class CallbackNotFound(KameoError, LookupError, AttributeError):
+    """A worker called a parent handler path that is not registered (``callback_handle(path)``,
+    ``kameo.<module>`` or ``kameo.<module>.<Type>``); the message lists the registered paths.
+    Also an ``AttributeError``, since the module style reaches it by attribute access."""
 
 
 class HandlerTypeError(KameoError, TypeError):
@@ -98,72 +99,10 @@ class RemoteError(KameoError):
         return base
 
 
-_remote_classes: dict[type[BaseException], type[RemoteError]] = {}
-
-
-def _remote_class(builtin: type[BaseException]) -> type[RemoteError]:
-    cls = _remote_classes.get(builtin)
-    if cls is None:
-        try:
-            cls = type(f"Remote{builtin.__name__}", (RemoteError, builtin), {})
-        except TypeError:  # incompatible layout: fall back to the plain class
-            cls = RemoteError
-        cls.__module__ = __name__
-        _remote_classes[builtin] = cls
-    return cls
-
-
-def _builtin_exception(qualname: str) -> type[BaseException] | None:
-    if not qualname.startswith("builtins."):
-        return None
-    obj = getattr(builtins, qualname[len("builtins.") :], None)
-    if isinstance(obj, type) and issubclass(obj, Exception):
-        return obj
-    return None
-
-
-def _remote(info: dict[str, Any], worker_id: int, pid: int, location: str) -> RemoteError:
-    remote_type = str(info.get("type", "builtins.Exception"))
-    message = str(info.get("message", ""))
-    builtin = _builtin_exception(remote_type)
-    cls = _remote_class(builtin) if builtin is not None else RemoteError
-    try:
-        exc: RemoteError = cls(message)
-    except Exception:  # a built-in with a demanding constructor (UnicodeDecodeError, ...)
-        exc = RemoteError(message)
-    exc.remote_type = remote_type
-    exc.remote_message = message
-    exc.remote_traceback = str(info.get("traceback", ""))
-    exc.worker_id = worker_id
-    exc.pid = pid
-    exc.location = location
-    return exc
-
-
 def _from_worker(info: Any, worker_id: int, pid: int) -> BaseException:
-    """Build the exception for an ERROR frame from a worker (called by the Rust core)."""
-    return _build(info, f"worker {worker_id}", worker_id, pid)
+    """Build the exception for an ERROR frame from a worker. The Rust core calls this by name;
+    the format lives in ``kameo._error_info`` (imported here, at call time, so that this module
+    stays a leaf: ``_error_info`` imports the classes above)."""
+    from kameo._error_info import from_worker
 
-
-def _from_peer(info: Any, location: str, pid: int) -> BaseException:
-    """Build the exception for an ERROR frame from the parent (a callback handler's error)."""
-    return _build(info, location, -1, pid)
-
-
-def _build(info: Any, location: str, worker_id: int, pid: int) -> BaseException:
-    where = f"{location} (pid {pid})"
-    if not isinstance(info, dict):
-        return ProtocolError(f"{where} sent a malformed error reply")
-    kind = info.get("kind", "remote")
-    message = str(info.get("message", ""))
-    if kind == "protocol":
-        return ProtocolError(f"{message} [{where}]")
-    if kind == "serialization":
-        return SerializationError(f"{message} [{where}]")
-    if kind == "callback_not_found":
-        return CallbackNotFound(message)
-    if kind == "handler_type":
-        return HandlerTypeError(message)
-    if kind == "cancelled":
-        return KameoError(f"the call was cancelled in {where}")
-    return _remote(info, worker_id, pid, location)
+    return from_worker(info, worker_id, pid)

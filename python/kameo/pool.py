@@ -18,9 +18,9 @@ from types import TracebackType
 from typing import Any, Literal
 
 from kameo import _eager, _native, _signals
+from kameo._context import traceparent as _traceparent
 from kameo._future import AskFuture
 from kameo._process import WorkerProcess, exit_text
-from kameo._runtime import traceparent as _traceparent
 from kameo.callbacks import CallbackRunner, Callbacks
 from kameo.errors import (
     CallTimeout,

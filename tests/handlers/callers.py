@@ -166,6 +166,62 @@ async def probe_unknown(msg: dict) -> dict[str, Any]:
     return report
 
 
+def probe_unknown_sync(msg: dict) -> dict[str, Any]:
+    """``probe_unknown`` from a sync handler (the blocking serving loop)."""
+    report: dict[str, Any] = {}
+    for key, probe in (
+        ("handle", lambda: list(kameo.callback_handle("nope.Missing", {"x": 1}))),
+        ("module", lambda: kameo.nope.Missing),
+        ("type", lambda: kameo.trading.Missing),
+    ):
+        try:
+            probe()
+            report[key] = {"type": None}
+        except Exception as exc:
+            report[key] = _error_report(exc)
+    return report
+
+
+def probe_attributes(msg: dict) -> dict[str, Any]:
+    """How ordinary attribute probing of ``kameo`` behaves inside a worker."""
+    report: dict[str, Any] = {
+        "hasattr_module": hasattr(kameo, "nothere"),
+        "hasattr_type": hasattr(kameo.trading, "Nope"),
+        "getattr_default": getattr(kameo, "nothere", "default"),
+        "hasattr_known": hasattr(kameo.trading, "DataFetch"),
+    }
+    for key, probe in (
+        ("dunder", lambda: kameo.__wrapped__),
+        ("private", lambda: kameo._nothere),
+        ("type_dunder", lambda: kameo.trading.__wrapped__),
+        ("type_private", lambda: kameo.trading._nothere),
+    ):
+        try:
+            probe()
+            report[key] = {"type": None}
+        except AttributeError as exc:
+            report[key] = _error_report(exc)
+    try:
+        exec("from kameo import nothere", {})
+        report["from_import"] = None
+    except ImportError as exc:
+        report["from_import"] = type(exc).__name__
+    return report
+
+
+def handle_for_sync(msg: dict) -> dict[str, Any]:
+    """``for`` over ``kameo.callback_handle(...)`` in a sync handler."""
+    items = [x for x in kameo.callback_handle(msg["path"], msg.get("data"))]
+    return _describe(items)
+
+
+async def handle_async(msg: dict) -> dict[str, Any]:
+    """``kameo.callback_handle(...)`` awaited, and iterated without ``await``."""
+    awaited = [x async for x in await kameo.callback_handle(msg["path"], msg.get("data"))]
+    direct = [x async for x in kameo.callback_handle(msg["path"], msg.get("data"))]
+    return {"awaited": awaited, "direct": direct}
+
+
 # ----------------------------------------------------------------------------- early exit
 
 
