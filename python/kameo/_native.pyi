@@ -7,6 +7,18 @@ from typing import Any, ClassVar, TypeVar, final
 _T = TypeVar("_T", bound=type)
 
 __all__ = [
+    "EVENT_CALLBACK",
+    "EVENT_CALLBACK_CANCEL",
+    "EVENT_CALLBACK_CREDIT",
+    "EVENT_DRAINED",
+    "EVENT_EOF",
+    "EVENT_IO_ERROR",
+    "EVENT_PROTOCOL_ERROR",
+    "EVENT_PROTOCOL_WARNING",
+    "EVENT_READY",
+    "EVENT_REJECTED",
+    "EVENT_RETIRE",
+    "EVENT_STARTUP_FAILED",
     "PROTOCOL_VERSION",
     "Channel",
     "PoolCore",
@@ -20,6 +32,18 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION: int
+EVENT_CALLBACK: str
+EVENT_CALLBACK_CREDIT: str
+EVENT_CALLBACK_CANCEL: str
+EVENT_READY: str
+EVENT_STARTUP_FAILED: str
+EVENT_REJECTED: str
+EVENT_EOF: str
+EVENT_IO_ERROR: str
+EVENT_PROTOCOL_ERROR: str
+EVENT_PROTOCOL_WARNING: str
+EVENT_RETIRE: str
+EVENT_DRAINED: str
 __version__: str
 
 def encode(obj: Any, *, allow_pickle: bool = False) -> bytes: ...
@@ -49,6 +73,7 @@ class PoolCore:
         stream_window: int,
         adaptive_prefetch: bool = False,
         max_tasks: int = 0,
+        max_memory: int | None = None,
         allow_pickle: bool = False,
         shm_threshold: int | None = None,
     ) -> PoolCore: ...
@@ -87,6 +112,8 @@ class PoolCore:
     def queued(self) -> int: ...
     @property
     def asks(self) -> int: ...
+    @property
+    def abandoned_answers(self) -> int: ...
     @property
     def open_streams(self) -> int: ...
     @property

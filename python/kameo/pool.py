@@ -20,6 +20,20 @@ from typing import Any, Literal
 from kameo import _eager, _native, _signals
 from kameo._context import traceparent as _traceparent
 from kameo._future import AskFuture
+from kameo._native import (
+    EVENT_CALLBACK,
+    EVENT_CALLBACK_CANCEL,
+    EVENT_CALLBACK_CREDIT,
+    EVENT_DRAINED,
+    EVENT_EOF,
+    EVENT_IO_ERROR,
+    EVENT_PROTOCOL_ERROR,
+    EVENT_PROTOCOL_WARNING,
+    EVENT_READY,
+    EVENT_REJECTED,
+    EVENT_RETIRE,
+    EVENT_STARTUP_FAILED,
+)
 from kameo._process import WorkerProcess, exit_text
 from kameo.callbacks import CallbackRunner, Callbacks
 from kameo.errors import (
@@ -333,6 +347,7 @@ class Pool:
             adaptive_prefetch=self._prefetch_auto,
             stream_window=self._stream_window,
             max_tasks=self._max_tasks,
+            max_memory=self._max_memory,
             allow_pickle=self._allow_pickle,
             shm_threshold=self._shm_threshold,
         )
@@ -606,20 +621,20 @@ class Pool:
             return
         runner = self._runner
         assert runner is not None
-        if name == "callback":
+        if name == EVENT_CALLBACK:
             runner.start(worker_id, payload)
-        elif name == "callback_credit":
+        elif name == EVENT_CALLBACK_CREDIT:
             runner.credit(worker_id, payload)
-        elif name == "callback_cancel":
+        elif name == EVENT_CALLBACK_CANCEL:
             runner.cancel(worker_id, payload)
-        elif name == "ready":
+        elif name == EVENT_READY:
             if isinstance(payload, dict):
                 self._handler_kind = str(payload.get("kind", ""))
             if not w.ready.done():
                 w.ready.set_result(payload)
             self._slots[w.slot].failures = 0
             self._core.dispatch_queued()
-        elif name == "startup_failed":
+        elif name == EVENT_STARTUP_FAILED:
             info = payload if isinstance(payload, dict) else {}
             message = (
                 f"{w.describe()} could not {info.get('stage', 'load target')} "
@@ -630,19 +645,19 @@ class Pool:
             if tb:
                 message += f"\n\nWorker traceback:\n{tb.rstrip()}"
             self._fail_startup(w, WorkerStartupError(message))
-        elif name == "rejected":
+        elif name == EVENT_REJECTED:
             self._fail_startup(w, WorkerStartupError(f"{w.describe()} was refused: {payload}"))
             self._lose(w, f"handshake refused: {payload}")
-        elif name in ("eof", "io_error", "protocol_error"):
-            reason = {"eof": "closed its connection"}.get(name, f"{name}: {payload}")
-            if name == "protocol_error":
+        elif name in _LOST:
+            reason = {EVENT_EOF: "closed its connection"}.get(name, f"{name}: {payload}")
+            if name == EVENT_PROTOCOL_ERROR:
                 log.error("%s broke the protocol, replacing it: %s", w.describe(), payload)
             self._lose(w, reason)
-        elif name == "protocol_warning":
+        elif name == EVENT_PROTOCOL_WARNING:
             log.warning("%s", payload)
-        elif name == "retire":
+        elif name == EVENT_RETIRE:
             self._retire(w, str(payload))
-        elif name == "drained" and w.retiring:
+        elif name == EVENT_DRAINED and w.retiring:
             self._core.send_control(w.id, Channel.SHUTDOWN)
 
     def _fail_startup(self, w: WorkerProcess, exc: BaseException) -> None:
@@ -874,6 +889,9 @@ def _rss(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
 
+
+# Events after which a worker is lost (its connection is read no further).
+_LOST = (EVENT_EOF, EVENT_IO_ERROR, EVENT_PROTOCOL_ERROR)
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 

@@ -7,9 +7,11 @@
 use crate::codec::{self, Options, Segments};
 use crate::errors;
 use crate::fdio;
-use crate::outbox::{lock, Outbox};
+use crate::outbox::Outbox;
 use crate::progress::Progress;
 use crate::shm::Recycler;
+use crate::sys::lock;
+use crate::wait;
 use kameo_proto::frame::{self, Event, FrameReader, Kind};
 use kameo_proto::handshake::Hello;
 use kameo_proto::PROTOCOL_VERSION;
@@ -357,10 +359,7 @@ impl Channel {
                                 }
                             },
                             Some(Kind::Credit) => {
-                                let n = env
-                                    .body
-                                    .get(..4)
-                                    .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4")));
+                                let n = frame::credit_count(env.body);
                                 (u32::from(env.kind), n.into_pyobject(py)?.into_any())
                             }
                             Some(Kind::Reject) => {
@@ -398,7 +397,7 @@ impl Channel {
                     if std::mem::take(&mut unwritten) {
                         self.out.write_out()?;
                     }
-                    fdio::spin_until_readable(fd, fdio::spin());
+                    wait::spin_until_readable(fd, wait::spin());
                     Ok(reader.read_with(|buf| fdio::recv(fd, buf, fds, 0)))
                 });
                 match written {
@@ -461,7 +460,13 @@ impl Channel {
     /// Queue CREDIT for `n` more items of call `id`.
     fn credit(&self, id: u64, n: u32) {
         let mut buf = Vec::with_capacity(20);
-        frame::write_frame(&mut buf, Kind::Credit as u8, id, None, &n.to_le_bytes());
+        frame::write_frame(
+            &mut buf,
+            Kind::Credit as u8,
+            id,
+            None,
+            &frame::credit_body(n),
+        );
         self.push_frame(buf);
     }
 

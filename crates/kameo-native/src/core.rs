@@ -13,9 +13,11 @@
 
 use crate::codec::{self, Options, Segments};
 use crate::errors;
+use crate::events;
 use crate::fdio;
-use crate::link::{Link, LinkState, Slot, Target};
+use crate::link::{self, Link, LinkState, Slot, Target};
 use crate::progress::Progress;
+use crate::wait;
 use kameo_proto::frame::{self, Event, Kind};
 use kameo_proto::handshake::{secrets_equal, Hello};
 use kameo_proto::PROTOCOL_VERSION;
@@ -33,9 +35,14 @@ type PyObject = Py<PyAny>;
 
 /// Counters and a latency histogram for `Pool.stats()`.
 struct Stats {
+    /// Answers (replies, errors, ends of streams) that reached a caller still waiting.
     completed: u64,
+    /// Error answers among those.
     errors: u64,
     retries: u64,
+    /// Answers that arrived for requests the caller had given up on (a future already done,
+    /// a cancelled stream): not counted above.
+    abandoned: u64,
     /// Geometric buckets, eight per power of two of the latency in nanoseconds (~9% wide).
     buckets: Vec<u64>,
 }
@@ -48,6 +55,7 @@ impl Stats {
             completed: 0,
             errors: 0,
             retries: 0,
+            abandoned: 0,
             buckets: vec![0; 64 * 8],
         }
     }
@@ -163,6 +171,8 @@ pub struct PoolCore {
     adaptive_prefetch: bool,
     stream_window: u32,
     max_tasks: u64,
+    /// `max_memory_per_worker` in bytes: checked after answers (see `finish_slot`).
+    max_memory: Option<u64>,
     stats: Stats,
     secret: Vec<u8>,
     welcome: Vec<u8>,
@@ -188,7 +198,7 @@ fn settle_write(py: Python<'_>, link: &mut Link, result: io::Result<()>, fx: &mu
         Ok(()) => {}
         Err(e) => fx
             .events
-            .push((link.id, "io_error", pystr(py, &e.to_string()))),
+            .push((link.id, events::IO_ERROR, pystr(py, &e.to_string()))),
     }
 }
 
@@ -353,27 +363,57 @@ impl PoolCore {
         link.completed += 1;
         let now = Instant::now();
         link.answered(now);
-        self.stats.record(now.saturating_duration_since(slot.sent));
         if self.max_tasks > 0 && link.completed >= self.max_tasks && link.state == LinkState::Ready
         {
             link.state = LinkState::Draining;
             fx.events
-                .push((link.id, "retire", pystr(py, "max_tasks_per_worker")));
+                .push((link.id, events::RETIRE, pystr(py, "max_tasks_per_worker")));
+        }
+        if let Some(limit) = self.max_memory {
+            // Checked here, after the answer, so a worker that grows fast is retired after the
+            // request that crossed the limit (the pool's tick also checks idle workers).
+            if link.state == LinkState::Ready && link.rss_due(now) {
+                if let Some(rss) = link::rss(link.pid).filter(|&r| r > limit) {
+                    link.state = LinkState::Draining;
+                    let why = format!("max_memory_per_worker ({rss} > {limit} bytes)");
+                    fx.events.push((link.id, events::RETIRE, pystr(py, &why)));
+                }
+            }
         }
         if link.state == LinkState::Draining && link.slots.is_empty() {
-            fx.events.push((link.id, "drained", py.None()));
+            fx.events.push((link.id, events::DRAINED, py.None()));
         }
         Some(slot)
     }
 
-    /// Resolve a finished request with a value (`Ok`) or an exception (`Err`).
+    /// Resolve a request a worker answered and count it: in `completed` (and `errors` for an
+    /// error answer) if its caller still waited, else in `abandoned`.
+    fn answer(
+        &mut self,
+        py: Python<'_>,
+        id: u64,
+        slot: Slot,
+        outcome: Result<Bound<'_, PyAny>, PyErr>,
+        error: bool,
+    ) {
+        let latency = slot.sent.elapsed();
+        if self.resolve(py, id, slot.target, outcome) {
+            self.stats.record(latency);
+            self.stats.errors += u64::from(error);
+        } else {
+            self.stats.abandoned += 1;
+        }
+    }
+
+    /// Resolve a finished request with a value (`Ok`) or an exception (`Err`). False if its
+    /// caller no longer waited (a future already done, a cancelled stream).
     fn resolve(
         &mut self,
         py: Python<'_>,
         id: u64,
         target: Target,
         outcome: Result<Bound<'_, PyAny>, PyErr>,
-    ) {
+    ) -> bool {
         match target {
             Target::Ask(fut, timed) => {
                 let fut = fut.bind(py);
@@ -393,24 +433,31 @@ impl PoolCore {
                     Ok(v) => fut.call_method1(intern!(py, "set_result"), (v,)),
                     Err(e) => fut.call_method1(intern!(py, "set_exception"), (e.into_value(py),)),
                 };
-                if let Err(e) = r {
-                    if !e.is_instance_of::<pyo3::exceptions::asyncio::InvalidStateError>(py) {
-                        e.write_unraisable(py, Some(fut));
+                match r {
+                    Ok(_) => true,
+                    Err(e) => {
+                        if !e.is_instance_of::<pyo3::exceptions::asyncio::InvalidStateError>(py) {
+                            e.write_unraisable(py, Some(fut));
+                            return true;
+                        }
+                        false
                     }
                 }
             }
-            Target::Stream => {
-                if let Some(s) = self.streams.get_mut(&id) {
-                    if s.cancelled {
-                        self.streams.remove(&id);
-                    } else {
-                        s.finish(
-                            py,
-                            outcome.map(|_| ()).map_err(|e| e.into_value(py).into_any()),
-                        );
-                    }
+            Target::Stream => match self.streams.get_mut(&id) {
+                Some(s) if s.cancelled => {
+                    self.streams.remove(&id);
+                    false
                 }
-            }
+                Some(s) => {
+                    s.finish(
+                        py,
+                        outcome.map(|_| ()).map_err(|e| e.into_value(py).into_any()),
+                    );
+                    true
+                }
+                None => false,
+            },
         }
     }
 
@@ -440,11 +487,10 @@ impl PoolCore {
                             ),
                         )
                     });
-                    self.resolve(py, env.id, slot.target, v);
+                    self.answer(py, env.id, slot, v, false);
                 }
             }
             Some(Kind::Error) if serving => {
-                self.stats.errors += 1;
                 if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
                     let exc = match codec::decode(py, env.body, &opts, segs) {
                         Ok(info) => errors::make(py, "_from_worker", (info, wid, pid)),
@@ -453,7 +499,7 @@ impl PoolCore {
                             format!("error reply from worker {wid} (pid {pid}) could not be decoded: {e}"),
                         ),
                     };
-                    self.resolve(py, env.id, slot.target, Err(exc));
+                    self.answer(py, env.id, slot, Err(exc), true);
                 }
             }
             Some(Kind::Item) if serving => {
@@ -478,13 +524,13 @@ impl PoolCore {
                 }
                 if env.is_final() {
                     if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
-                        self.resolve(py, env.id, slot.target, Ok(py.None().into_bound(py)));
+                        self.answer(py, env.id, slot, Ok(py.None().into_bound(py)), false);
                     }
                 }
             }
             Some(Kind::End) if serving => {
                 if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
-                    self.resolve(py, env.id, slot.target, Ok(py.None().into_bound(py)));
+                    self.answer(py, env.id, slot, Ok(py.None().into_bound(py)), false);
                 }
             }
             Some(Kind::Heartbeat) => {} // last_seen is updated for every read
@@ -503,23 +549,20 @@ impl PoolCore {
                         .map(|t| t.into_any().unbind()),
                 };
                 if let Ok(p) = payload {
-                    fx.events.push((wid, "callback", p));
+                    fx.events.push((wid, events::CALLBACK, p));
                 }
             }
             Some(Kind::Credit) if serving => {
-                let n = env
-                    .body
-                    .get(..4)
-                    .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+                let n = frame::credit_count(env.body);
                 if let Ok(p) = (env.id, n).into_pyobject(py) {
                     fx.events
-                        .push((wid, "callback_credit", p.into_any().unbind()));
+                        .push((wid, events::CALLBACK_CREDIT, p.into_any().unbind()));
                 }
             }
             Some(Kind::Cancel) if serving => {
                 let p = env.id.into_pyobject(py).expect("int");
                 fx.events
-                    .push((wid, "callback_cancel", p.into_any().unbind()));
+                    .push((wid, events::CALLBACK_CANCEL, p.into_any().unbind()));
             }
             Some(Kind::Hello) if state == LinkState::Connecting => {
                 self.handle_hello(py, idx, env.body, fx)
@@ -529,14 +572,14 @@ impl PoolCore {
                 let info = codec::decode(py, env.body, &opts, segs)
                     .map(|v| v.unbind())
                     .unwrap_or_else(|_| py.None());
-                fx.events.push((wid, "ready", info));
+                fx.events.push((wid, events::READY, info));
             }
             Some(Kind::StartupFailed) if state == LinkState::Loading => {
                 let info = codec::decode(py, env.body, &opts, segs)
                     .map(|v| v.unbind())
                     .unwrap_or_else(|_| py.None());
                 self.links[idx].state = LinkState::Draining;
-                fx.events.push((wid, "startup_failed", info));
+                fx.events.push((wid, events::STARTUP_FAILED, info));
             }
             kind => {
                 let what = match kind {
@@ -549,20 +592,16 @@ impl PoolCore {
                 let message = format!("worker {wid} (pid {pid}) sent {what} (id {})", env.id);
                 if serving {
                     if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
-                        self.resolve(
-                            py,
-                            env.id,
-                            slot.target,
-                            Err(errors::protocol(py, message.clone())),
-                        );
+                        let exc = errors::protocol(py, message.clone());
+                        self.answer(py, env.id, slot, Err(exc), false);
                     }
                 }
                 let name = if serving {
-                    "protocol_warning"
+                    events::PROTOCOL_WARNING
                 } else {
                     self.links[idx].closed = true;
                     fx.disarm_readers.push(self.links[idx].sock.as_raw_fd());
-                    "protocol_error"
+                    events::PROTOCOL_ERROR
                 };
                 fx.events.push((wid, name, pystr(py, &message)));
             }
@@ -593,14 +632,15 @@ impl PoolCore {
                 frame::write_frame(&mut f, Kind::Welcome as u8, 0, None, &self.welcome);
                 link.state = LinkState::Loading;
                 if let Err(e) = link.send_now(&f, &Vec::new()) {
-                    fx.events.push((wid, "io_error", pystr(py, &e.to_string())));
+                    fx.events
+                        .push((wid, events::IO_ERROR, pystr(py, &e.to_string())));
                 }
             }
             Err(reason) => {
                 let mut f = Vec::new();
                 frame::write_frame(&mut f, Kind::Reject as u8, 0, None, reason.as_bytes());
                 let _ = link.send_now(&f, &Vec::new());
-                fx.events.push((wid, "rejected", pystr(py, &reason)));
+                fx.events.push((wid, events::REJECTED, pystr(py, &reason)));
             }
         }
     }
@@ -715,9 +755,10 @@ impl PoolCore {
     /// take long);
     /// `stream_window` = stream items a worker may send ahead of the consumer;
     /// `max_tasks` = requests after which a worker retires (0: never);
+    /// `max_memory` = RSS in bytes over which a worker retires, checked after its answers;
     /// `welcome` = the config dict sent to each worker after its HELLO.
     #[new]
-    #[pyo3(signature = (loop_, on_event, secret, welcome, *, max_frame_bytes, concurrency, prefetch, stream_window, adaptive_prefetch=false, max_tasks=0, allow_pickle=false, shm_threshold=None))]
+    #[pyo3(signature = (loop_, on_event, secret, welcome, *, max_frame_bytes, concurrency, prefetch, stream_window, adaptive_prefetch=false, max_tasks=0, max_memory=None, allow_pickle=false, shm_threshold=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         loop_: PyObject,
@@ -730,6 +771,7 @@ impl PoolCore {
         stream_window: u32,
         adaptive_prefetch: bool,
         max_tasks: u64,
+        max_memory: Option<u64>,
         allow_pickle: bool,
         shm_threshold: Option<usize>,
     ) -> PyResult<Self> {
@@ -747,6 +789,7 @@ impl PoolCore {
             adaptive_prefetch,
             stream_window: stream_window.max(1),
             max_tasks,
+            max_memory,
             stats: Stats::new(),
             secret,
             welcome,
@@ -864,7 +907,7 @@ impl PoolCore {
                 }
             };
             if let Some((wid, credit)) = grant {
-                core.control(py, wid, Kind::Credit, id, &credit.to_le_bytes(), fx);
+                core.control(py, wid, Kind::Credit, id, &frame::credit_body(credit), fx);
             }
             result
         })
@@ -981,7 +1024,7 @@ impl PoolCore {
         };
         let readable = slf
             .py()
-            .detach(|| fdio::wait_alone(sock, loop_fd, fdio::spin(), &ts));
+            .detach(|| wait::wait_alone(sock, loop_fd, wait::spin(), &ts));
         if !readable {
             return Ok(false);
         }
@@ -1006,7 +1049,7 @@ impl PoolCore {
                 let in_fds = &mut link.in_fds;
                 let n = match reader.read_with(|buf| fdio::recv(sock, buf, in_fds, 0)) {
                     Ok(0) => {
-                        fx.events.push((wid, "eof", py.None()));
+                        fx.events.push((wid, events::EOF, py.None()));
                         core.links[idx].closed = true;
                         fx.disarm_readers.push(core.links[idx].sock.as_raw_fd());
                         break;
@@ -1018,7 +1061,8 @@ impl PoolCore {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        fx.events.push((wid, "io_error", pystr(py, &e.to_string())));
+                        fx.events
+                            .push((wid, events::IO_ERROR, pystr(py, &e.to_string())));
                         core.links[idx].closed = true;
                         fx.disarm_readers.push(core.links[idx].sock.as_raw_fd());
                         break;
@@ -1063,12 +1107,8 @@ impl PoolCore {
                             );
                             if serving {
                                 if let Some(slot) = core.finish_slot(py, idx, id, fx) {
-                                    core.resolve(
-                                        py,
-                                        id,
-                                        slot.target,
-                                        Err(errors::protocol(py, message.clone())),
-                                    );
+                                    let exc = errors::protocol(py, message.clone());
+                                    core.answer(py, id, slot, Err(exc), false);
                                 }
                                 broken = Some(message);
                             } else {
@@ -1085,7 +1125,8 @@ impl PoolCore {
                     }
                 }
                 if let Some(msg) = broken {
-                    fx.events.push((wid, "protocol_error", pystr(py, &msg)));
+                    fx.events
+                        .push((wid, events::PROTOCOL_ERROR, pystr(py, &msg)));
                     core.links[idx].closed = true;
                     fx.disarm_readers.push(core.links[idx].sock.as_raw_fd());
                     break;
@@ -1116,7 +1157,7 @@ impl PoolCore {
                 }
                 if let Err(e) = result {
                     fx.events
-                        .push((worker_id, "io_error", pystr(py, &e.to_string())));
+                        .push((worker_id, events::IO_ERROR, pystr(py, &e.to_string())));
                 }
             }
             Ok(())
@@ -1262,7 +1303,7 @@ impl PoolCore {
                     link.state = LinkState::Draining;
                 }
                 if link.slots.is_empty() {
-                    fx.events.push((worker_id, "drained", py.None()));
+                    fx.events.push((worker_id, events::DRAINED, py.None()));
                 }
             }
             Ok(())
@@ -1314,6 +1355,12 @@ impl PoolCore {
         self.asks
     }
 
+    /// Answers that arrived for requests whose caller had given up (not in `stats()`).
+    #[getter]
+    fn abandoned_answers(&self) -> u64 {
+        self.stats.abandoned
+    }
+
     /// Open stream buffers (for tests of flow control).
     #[getter]
     fn open_streams(&self) -> usize {
@@ -1323,5 +1370,31 @@ impl PoolCore {
     #[getter]
     fn max_frame_bytes(&self) -> usize {
         self.max_frame
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stats;
+    use std::time::Duration;
+
+    #[test]
+    fn quantiles_of_an_empty_histogram_are_none() {
+        assert_eq!(Stats::new().quantile(0.5), None);
+    }
+
+    #[test]
+    fn quantiles_fall_within_a_bucket_of_the_truth() {
+        let mut s = Stats::new();
+        for us in 1..=100u64 {
+            s.record(Duration::from_micros(us));
+        }
+        assert_eq!(s.completed, 100);
+        let p50 = s.quantile(0.5).expect("some");
+        let p99 = s.quantile(0.99).expect("some");
+        // Buckets are ~9% wide and report their upper bound.
+        assert!((50e-6..=50e-6 * 1.1).contains(&p50), "{p50}");
+        assert!((99e-6..=99e-6 * 1.1).contains(&p99), "{p99}");
+        assert!(s.quantile(0.0).expect("some") <= 1.1e-6);
     }
 }

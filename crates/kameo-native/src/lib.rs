@@ -9,12 +9,15 @@ mod channel;
 mod codec;
 mod core;
 mod errors;
+mod events;
 mod fdio;
 mod link;
 mod outbox;
 mod progress;
 mod shm;
 mod spawn;
+mod sys;
+mod wait;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -93,6 +96,9 @@ mod _native {
         use pyo3::types::PyModuleMethods;
         m.add("PROTOCOL_VERSION", kameo_proto::PROTOCOL_VERSION)?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        for (name, value) in super::events::ALL {
+            m.add(format!("EVENT_{name}").as_str(), value)?;
+        }
         Ok(())
     }
 }

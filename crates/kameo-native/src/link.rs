@@ -1,9 +1,9 @@
 //! One worker connection as the parent sees it: socket, frame reader, output buffer and the
 //! calls in flight on it.
 
-use crate::codec::Segments;
 use crate::fdio;
 use crate::progress::Progress;
+use crate::sys::Segments;
 use kameo_proto::frame::FrameReader;
 use pyo3::prelude::*;
 use std::collections::{HashMap, VecDeque};
@@ -11,6 +11,20 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
+
+/// Answers after each of which a worker's RSS is always read (with a memory limit).
+const RSS_ALWAYS: u64 = 16;
+/// After those, its RSS is read at most this often.
+const RSS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Resident set size of process `pid` in bytes (`/proc/<pid>/statm`), None if unreadable.
+pub fn rss(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(1) as u64)
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum LinkState {
@@ -76,6 +90,8 @@ pub struct Link {
     /// Nothing more is read from it: it closed, failed or broke the protocol (the pool drops
     /// it; until then its answers, possibly after garbage, must not be trusted).
     pub closed: bool,
+    /// When its RSS was last read after an answer (with `max_memory_per_worker`).
+    pub rss_checked: Option<Instant>,
 }
 
 impl Link {
@@ -99,6 +115,7 @@ impl Link {
             busy_ns: 0,
             busy_since: None,
             closed: false,
+            rss_checked: None,
         }
     }
 
@@ -116,18 +133,31 @@ impl Link {
     }
 
     /// Requests to send ahead beyond those it runs at once: about `budget_ns` of its work,
-    /// at most `prefetch`. One while nothing is measured; none while it has been busy longer
-    /// than the budget without answering (a long request: whatever waits behind it would
-    /// wait that long, while another worker may be free).
+    /// at most `prefetch`. None while nothing is measured (its first request may be long, and
+    /// whatever waits behind it would wait that long while another worker may be free), and
+    /// none while it has been busy longer than the budget without answering.
     pub fn ahead(&self, now: Instant, prefetch: usize, budget_ns: u64) -> usize {
+        if self.busy_ns == 0 {
+            return 0;
+        }
         let stuck = self
             .busy_since
             .map_or(0, |t| now.saturating_duration_since(t).as_nanos() as u64);
         let per_request = self.busy_ns.max(stuck);
-        if per_request == 0 {
-            return prefetch.min(1);
-        }
         prefetch.min((budget_ns / per_request) as usize)
+    }
+
+    /// Whether to read its RSS after this answer: always for the first answers, then at most
+    /// once per [`RSS_CHECK_EVERY`], so a hot worker does not pay a read per request.
+    pub fn rss_due(&mut self, now: Instant) -> bool {
+        let due = self.completed <= RSS_ALWAYS
+            || self
+                .rss_checked
+                .is_none_or(|t| now.saturating_duration_since(t) >= RSS_CHECK_EVERY);
+        if due {
+            self.rss_checked = Some(now);
+        }
+        due
     }
 
     pub fn in_flight(&self) -> usize {
@@ -187,5 +217,66 @@ impl Link {
         }
         self.out.extend_from_slice(&data[pos..]);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn link() -> Link {
+        let (a, _b) = UnixStream::pair().expect("socketpair");
+        let fd = Progress::create_fd().expect("memfd");
+        let progress = Progress::open(std::os::fd::IntoRawFd::into_raw_fd(fd)).expect("map");
+        Link::new(1, std::process::id(), a, progress, 1 << 20)
+    }
+
+    #[test]
+    fn nothing_ahead_until_measured() {
+        let mut l = link();
+        let now = Instant::now();
+        assert_eq!(l.ahead(now, 8, 1_000_000), 0);
+        // One answer after 100 µs of work: about 10 fit the 1 ms budget, at most 8.
+        l.busy_since = Some(now);
+        l.answered(now + Duration::from_micros(100));
+        assert_eq!(l.busy_ns, 100_000);
+        assert_eq!(l.ahead(now + Duration::from_micros(100), 8, 1_000_000), 8);
+        assert_eq!(l.ahead(now + Duration::from_micros(100), 3, 1_000_000), 3);
+    }
+
+    #[test]
+    fn nothing_ahead_while_stuck_on_a_long_request() {
+        let mut l = link();
+        let t0 = Instant::now();
+        l.busy_since = Some(t0);
+        l.answered(t0 + Duration::from_micros(250));
+        l.busy_since = Some(t0);
+        // Busy 2 ms without answering: more than the budget per request.
+        assert_eq!(l.ahead(t0 + Duration::from_millis(2), 8, 1_000_000), 0);
+    }
+
+    #[test]
+    fn busy_time_is_a_moving_average() {
+        let mut l = link();
+        let t0 = Instant::now();
+        l.busy_since = Some(t0);
+        l.answered(t0 + Duration::from_micros(800));
+        l.busy_since = Some(t0);
+        l.answered(t0); // a gap of 0: the average moves by 1/8
+        assert_eq!(l.busy_ns, 700_000);
+    }
+
+    #[test]
+    fn rss_is_read_for_the_first_answers_then_rate_limited() {
+        let mut l = link();
+        let t0 = Instant::now();
+        assert!(l.rss_due(t0));
+        assert!(l.rss_due(t0), "the first answers are always checked");
+        l.completed = RSS_ALWAYS + 1;
+        assert!(!l.rss_due(t0 + Duration::from_micros(10)));
+        assert!(l.rss_due(t0 + RSS_CHECK_EVERY));
+        assert!(rss(std::process::id()).is_some_and(|r| r > 0));
+        assert!(rss(u32::MAX).is_none());
     }
 }

@@ -13,12 +13,12 @@
 //! after it was queued, so an item yielded just before the generator stalls is not held back
 //! longer than that.
 
-use crate::codec::Segments;
 use crate::fdio;
+use crate::sys::{lock, Segments};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
 /// How long a paced item may wait in the queue.
@@ -57,11 +57,6 @@ pub struct Outbox {
     wire: Mutex<Wire>,
     pacer_wake: Condvar,
     pacer: Once,
-}
-
-/// Lock, ignoring poisoning (a panicking holder leaves the data as consistent as any write).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Outbox {

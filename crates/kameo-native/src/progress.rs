@@ -9,7 +9,7 @@
 //! even those already in the dead worker's socket buffer. A store to shared memory costs no
 //! system call and survives any death, SIGKILL included.
 
-use crate::shm::check;
+use crate::sys::{check, memfd};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +30,7 @@ impl Progress {
     /// A new page's descriptor, counter at zero (close-on-exec: the spawner makes it
     /// inheritable in the child only).
     pub fn create_fd() -> io::Result<OwnedFd> {
-        let fd = crate::shm::memfd(NAME, 0)?;
+        let fd = memfd(NAME, 0)?;
         // SAFETY: a plain syscall on a descriptor we own.
         check(unsafe { libc::ftruncate(fd.as_raw_fd(), SIZE as libc::off_t) })?;
         Ok(fd)

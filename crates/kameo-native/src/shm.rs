@@ -19,6 +19,7 @@
 //! descriptors: the kernel counts the references, including those of descriptors still in
 //! flight in a socket.
 
+use crate::sys::{check, lock, memfd};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::ffi::c_void;
@@ -30,23 +31,6 @@ use std::sync::{Arc, Mutex};
 /// The name segments carry in `/proc/<pid>/fd` and `/proc/<pid>/maps` (`memfd:kameo-shm`).
 const NAME: &std::ffi::CStr = c"kameo-shm";
 const SEALS: i32 = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
-
-pub(crate) fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
-/// A new, empty memfd named `name` (close-on-exec).
-pub(crate) fn memfd(name: &std::ffi::CStr, flags: libc::c_uint) -> io::Result<OwnedFd> {
-    // SAFETY: a plain syscall; the descriptor it returns is owned at once.
-    unsafe {
-        let fd = check(libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags))?;
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
-}
 
 /// A new sealed segment holding a copy of `data`.
 pub fn create_sealed(data: &[u8]) -> io::Result<OwnedFd> {
@@ -265,7 +249,7 @@ pub struct Recycler {
 
 impl std::fmt::Debug for Recycler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let segs = crate::outbox::lock(&self.segs);
+        let segs = lock(&self.segs);
         f.debug_struct("Recycler")
             .field("segments", &segs.len())
             .field("bytes", &segs.iter().map(|s| s.size).sum::<usize>())
@@ -298,7 +282,7 @@ impl Recycler {
             },
         };
         let shared = reopen(seg.fd.as_raw_fd(), libc::O_RDONLY);
-        let mut segs = crate::outbox::lock(&self.segs);
+        let mut segs = lock(&self.segs);
         // Most recently used last. Over the caps, drop the least recently used: receivers keep
         // their own references, so dropping ours only ends the reuse.
         segs.push(seg);
@@ -314,7 +298,7 @@ impl Recycler {
     /// Take out a segment of exactly `size` bytes that nobody else holds. While it is out (being
     /// filled, without the lock) no other thread can take it.
     fn take(&self, size: usize) -> Option<Recyclable> {
-        let mut segs = crate::outbox::lock(&self.segs);
+        let mut segs = lock(&self.segs);
         for i in 0..segs.len() {
             if segs[i].size != size {
                 continue;
@@ -338,12 +322,12 @@ impl Recycler {
         let Ok(id) = file_id(fd) else {
             return false;
         };
-        crate::outbox::lock(&self.segs).iter().any(|s| s.id == id)
+        lock(&self.segs).iter().any(|s| s.id == id)
     }
 
     /// Unmap and close every segment (receivers keep theirs until they close them).
     pub fn clear(&self) {
-        crate::outbox::lock(&self.segs).clear();
+        lock(&self.segs).clear();
     }
 }
 

@@ -671,3 +671,28 @@ mod tests {
         }
     }
 }
+
+/// The body of a CREDIT frame granting `n` more items: a little-endian `u32`.
+pub fn credit_body(n: u32) -> [u8; 4] {
+    n.to_le_bytes()
+}
+
+/// The count a CREDIT body grants (0 if the body is shorter than 4 bytes).
+pub fn credit_count(body: &[u8]) -> u32 {
+    body.get(..4)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+#[cfg(test)]
+mod credit_tests {
+    use super::*;
+
+    #[test]
+    fn credit_body_round_trips() {
+        for n in [0, 1, 63, 256, u32::MAX] {
+            assert_eq!(credit_count(&credit_body(n)), n);
+        }
+        assert_eq!(credit_count(&[1, 2, 3]), 0);
+        assert_eq!(credit_count(&[5, 0, 0, 0, 9]), 5);
+    }
+}

@@ -21,9 +21,6 @@ pub use decode::decode;
 pub use encode::{EncodeError, Encoder};
 pub use refs::register as register_type;
 
-use std::os::fd::OwnedFd;
-use std::sync::Arc;
-
 /// What a connection allows beyond the default value set.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -63,8 +60,7 @@ impl Options {
     };
 }
 
-/// Shared-memory segments a frame refers to (by index), sent with it as SCM_RIGHTS.
-pub type Segments = Vec<Arc<OwnedFd>>;
+pub use crate::sys::Segments;
 
 thread_local! {
     /// The buffer `encode_to_bytes` writes into, kept between calls so that a message does
