@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import struct
 import sys
@@ -177,3 +178,24 @@ async def test_unknown_frame_kind_for_a_request_fails_only_that_request(caplog):
         assert results == list(range(20))
         assert [w.pid for w in pool.workers] == [pid]
         assert pool.stats().crashes == 0
+
+
+async def test_the_pool_secret_is_not_in_the_worker_environment():
+    """The secret reaches the worker through a pipe it reads and closes, so neither its
+    environment as the kernel shows it (/proc/<pid>/environ) nor its open descriptors hold it."""
+    async with kameo.Pool("handlers.basic:cmd", size=1) as pool:
+        pid = pool.workers[0].pid
+        secret = pool._secret
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert secret.hex().encode() not in environ
+        assert secret not in environ
+        assert b"KAMEO_SECRET=" not in environ
+        # The handler itself sees no trace of it either.
+        seen = await pool.ask({"op": "read_file", "path": "/proc/self/environ"})
+        assert secret.hex().encode() not in seen
+        # The pipe it came in is closed once read.
+        env = dict(kv.split(b"=", 1) for kv in environ.split(b"\0") if b"=" in kv)
+        named = int(env[b"KAMEO_SECRET_FD"])
+        link = f"/proc/{pid}/fd/{named}"
+        assert not os.path.exists(link) or not os.readlink(link).startswith("pipe:")
+        assert await pool.ask({"op": "echo", "value": 1}) == 1

@@ -65,12 +65,24 @@ def load_target(target: str) -> Callable[[Any], Any]:
     return obj  # type: ignore[no-any-return]
 
 
+def read_secret(fd: int) -> bytes:
+    """The pool's secret, from the pipe the pool wrote it to before exec (never from the
+    environment, which /proc/<pid>/environ would show for the life of the process)."""
+    try:
+        chunks = []
+        while chunk := os.read(fd, 256):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def main() -> int:
     env = os.environ
     fd = int(env.pop("KAMEO_FD"))
     progress_fd = int(env.pop("KAMEO_PROGRESS_FD"))
     worker_id = int(env.pop("KAMEO_WORKER_ID"))
-    secret = bytes.fromhex(env.pop("KAMEO_SECRET"))
+    secret = read_secret(int(env.pop("KAMEO_SECRET_FD")))
     parent = int(env.pop("KAMEO_PARENT_PID", "0"))
     if parent and not _native.die_with_parent(parent):
         return 1  # the parent is already gone

@@ -573,12 +573,11 @@ class Pool:
         env = dict(os.environ)
         env.update(self._env)
         env["KAMEO_WORKER_ID"] = str(worker_id)
-        env["KAMEO_SECRET"] = self._secret.hex()
         env["KAMEO_PARENT_PID"] = str(os.getpid())
         argv = [self._python, "-m", "kameo._worker"]
         try:
             pid, sock_fd, stderr_fd, progress_fd = _native.spawn_worker(
-                argv, list(env.items()), self._cwd
+                argv, list(env.items()), self._cwd, self._secret
             )
         except OSError as exc:
             raise WorkerStartupError(

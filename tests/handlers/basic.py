@@ -72,6 +72,9 @@ def cmd(msg: dict) -> Any:
         return os.environ.get(msg["name"])
     if op == "cwd":
         return os.getcwd()
+    if op == "read_file":
+        with open(msg["path"], "rb") as f:
+            return f.read()
     if op == "stderr":
         print(msg["text"], file=sys.stderr, flush=True)
         return "printed"

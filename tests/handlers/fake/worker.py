@@ -35,7 +35,9 @@ def _current_version() -> int:
 def main() -> None:
     fd = int(os.environ["KAMEO_FD"])
     worker_id = int(os.environ["KAMEO_WORKER_ID"])
-    secret = bytes.fromhex(os.environ["KAMEO_SECRET"])
+    secret_fd = int(os.environ["KAMEO_SECRET_FD"])
+    secret = os.read(secret_fd, 256)
+    os.close(secret_fd)
     mode = os.environ.get("FAKE_MODE", "")
     version = int(os.environ.get("FAKE_VERSION", "0")) or _current_version()
     log = os.environ.get("FAKE_LOG")
