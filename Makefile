@@ -1,17 +1,36 @@
 # Everything runs from a local venv that this Makefile creates: nothing is installed by hand.
+#
+# PY picks the interpreter (default: python3 on PATH). Each interpreter gets its own venv and its
+# own cargo target directory, so switching between them rebuilds nothing twice:
+#   python3      -> .venv            target/
+#   other PY     -> .venv-<tag>      target/py-<tag>/     (<tag>: 3.13, 3.13t, ...)
+# `make pythons` builds CPython 3.13 and 3.13t from Debian's source into ~/.cache/kameo/pythons
+# (scripts/build-python.sh); `make test-all` runs the whole suite on 3.11, 3.13 and 3.13t.
 PYTHON ?= python3
+PY ?= $(PYTHON)
+PYTAG := $(shell $(PY) -c 'import sys, sysconfig; v = sys.version_info; print(f"{v[0]}.{v[1]}" + ("t" if sysconfig.get_config_var("Py_GIL_DISABLED") else ""))' 2>/dev/null)
+ifeq ($(PYTAG),)
+$(error PY=$(PY) is not a Python interpreter that runs)
+endif
+ifeq ($(PY),python3)
 VENV := .venv
+export CARGO_TARGET_DIR ?= $(abspath target)
+else
+VENV := .venv-$(PYTAG)
+export CARGO_TARGET_DIR ?= $(abspath target/py-$(PYTAG))
+endif
 BIN := $(VENV)/bin
 export CARGO_BUILD_JOBS ?= 2
 STAMP := $(VENV)/.deps-stamp
 NATIVE_SRC := $(shell find crates -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
+BUILD_PYTHON := scripts/build-python.sh
 
-.PHONY: all venv develop test test-rust test-python demo bench lint fmt fuzz clean
+.PHONY: all venv develop test test-all test-rust test-python pythons demo bench lint fmt fuzz clean
 
 all: develop
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	$(PY) -m venv $(VENV)
 
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -30,6 +49,17 @@ $(VENV)/.native-stamp: $(STAMP) $(NATIVE_SRC)
 develop: $(VENV)/.native-stamp
 
 test: test-rust test-python
+
+# The Pythons users have: the system 3.11, and 3.13 and free-threaded 3.13t built from source
+# once (a second run finds them in the cache and costs seconds).
+pythons:
+	$(BUILD_PYTHON) 3.13
+	$(BUILD_PYTHON) 3.13 --disable-gil
+
+test-all:
+	$(MAKE) test
+	$(MAKE) test PY="$$($(BUILD_PYTHON) 3.13 | tail -n 1)"
+	$(MAKE) test PY="$$($(BUILD_PYTHON) 3.13 --disable-gil | tail -n 1)"
 
 test-rust:
 	cargo test --workspace --quiet
@@ -80,4 +110,4 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix python tests benches examples
 
 clean:
-	rm -rf $(VENV) target
+	rm -rf .venv .venv-* target
