@@ -86,10 +86,11 @@ rm -rf "$prefix"
 mv "$prefix.tmp$prefix" "$prefix"
 rm -rf "$prefix.tmp" "$build"
 [ -x "$exe" ] || { log "no $exe after the install"; exit 1; }
-"$exe" -c 'import ssl, sqlite3, ctypes, venv' || { log "$exe lacks a standard module"; exit 1; }
+"$exe" -c 'import ssl, sqlite3, ctypes, venv' ||
+  { rm -rf "$prefix"; log "$exe lacks a standard module"; exit 1; }
 # Debian's ensurepip seeds pip only inside virtual environments, which is all kameo needs.
 check=$(mktemp -d)
 "$exe" -m venv "$check/venv" && "$check/venv/bin/python" -m pip --version >/dev/null ||
-  { rm -rf "$check"; log "$exe cannot make a virtual environment with pip"; exit 1; }
+  { rm -rf "$check" "$prefix"; log "$exe cannot make a virtual environment with pip"; exit 1; }
 rm -rf "$check"
 echo "$exe"
