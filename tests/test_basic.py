@@ -429,3 +429,15 @@ async def test_cwd_defaults_to_parent_cwd():
     async with kameo.Pool(f"{BASIC}:cmd", size=1) as pool:
         got = await pool.ask({"op": "cwd"}, timeout=5.0)
         assert os.path.realpath(got) == os.path.realpath(os.getcwd())
+
+
+def test_ask_outside_a_running_loop_is_a_kameo_error():
+    pool = kameo.Pool("handlers.basic:echo", size=1)
+    with pytest.raises(kameo.PoolClosed, match="not started.*outside a running event loop"):
+        pool.ask(1)
+
+
+def test_pool_stats_and_ask_future_are_exported():
+    assert kameo.PoolStats is kameo.pool.PoolStats
+    assert issubclass(kameo.AskFuture, asyncio.Future)
+    assert "PoolStats" in kameo.__all__ and "AskFuture" in kameo.__all__

@@ -7,6 +7,7 @@
 from typing import Any
 
 from kameo import _context, _runtime
+from kameo._future import AskFuture
 from kameo._native import PROTOCOL_VERSION, decode, encode, register_type
 from kameo.callbacks import Callbacks
 from kameo.errors import (
@@ -21,13 +22,14 @@ from kameo.errors import (
     WorkerCrashed,
     WorkerStartupError,
 )
-from kameo.pool import Pool, WorkerInfo
+from kameo.pool import Pool, PoolStats, WorkerInfo
 from kameo.stream import Stream
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "AskFuture",
     "CallTimeout",
     "CallbackNotFound",
     "Callbacks",
@@ -35,6 +37,7 @@ __all__ = [
     "KameoError",
     "Pool",
     "PoolClosed",
+    "PoolStats",
     "ProtocolError",
     "RemoteError",
     "SerializationError",

@@ -384,7 +384,13 @@ class Pool:
         """
         loop = self._loop
         if loop is None:
-            loop = asyncio.get_running_loop()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                # Not started, and no loop to make a future on: say so as a kameo error.
+                raise PoolClosed(
+                    f"{self._not_running()} (pool.ask() was called outside a running event loop)"
+                ) from None
         fut = AskFuture(loop=loop)
         if self._state != "running":
             fut.set_exception(PoolClosed(self._not_running()))
