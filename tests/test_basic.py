@@ -433,7 +433,7 @@ async def test_cwd_defaults_to_parent_cwd():
 
 def test_ask_outside_a_running_loop_is_a_kameo_error():
     pool = kameo.Pool("handlers.basic:echo", size=1)
-    with pytest.raises(kameo.PoolClosed, match="not started.*outside a running event loop"):
+    with pytest.raises(kameo.PoolClosed, match=r"not started.*outside a running event loop"):
         pool.ask(1)
 
 
