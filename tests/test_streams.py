@@ -382,3 +382,31 @@ def test_stream_window_must_be_positive():
 async def test_none_items(gen: str):
     async with kameo.Pool(_target(gen), size=1) as pool:
         assert await _collect(pool.stream(None, timeout=10.0)) == [None, 1, None]
+
+
+async def test_stats_count_streams_left_early_as_cancelled_or_timed_out():
+    """A stream the caller broke out of counts as cancelled, one that timed out as timed out,
+    and neither as completed; a stream read to its end counts as completed."""
+    async with kameo.Pool(f"{MOD}:count", size=1) as pool:
+        async for _ in pool.stream({"n": 3}):
+            pass
+        async for _ in pool.stream({"n": None, "delay": 0.001}):
+            break
+        with pytest.raises(kameo.CallTimeout):
+            async for _ in pool.stream({"n": None, "delay": 0.05}, timeout=0.2):
+                pass
+        await async_wait_until(lambda: pool._core.outstanding() == 0, timeout=10)
+        stats = pool.stats()
+        assert (stats.completed, stats.cancelled, stats.timeouts) == (1, 1, 1), stats
+
+
+async def test_stats_a_timed_out_ask_is_a_timeout_not_also_a_cancellation():
+    async with kameo.Pool("handlers.basic:cmd", size=1) as pool:
+        with pytest.raises(kameo.CallTimeout):
+            await pool.ask({"op": "sleep", "seconds": 0.5}, timeout=0.05)
+        task = asyncio.ensure_future(pool.ask({"op": "sleep", "seconds": 0.5}))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await async_wait_until(lambda: pool._core.outstanding() == 0, timeout=10)
+        stats = pool.stats()
+        assert (stats.completed, stats.cancelled, stats.timeouts) == (0, 1, 1), stats

@@ -472,9 +472,8 @@ class Pool:
     def _expire(self, ref: weakref.ref[AskFuture], timeout: float) -> None:
         fut = ref()
         if fut is not None and not fut.done():
-            self._timeouts += 1
             fut.set_exception(CallTimeout(f"no reply within timeout={timeout}s"))
-            self._abandon(fut._kameo_rid)
+            self._abandon(fut._kameo_rid, timed_out=True)
 
     def _wait_answer(self, fut: AskFuture) -> bool:
         """Awaiting ``fut`` (see ``AskFuture.__await__``): if the loop has nothing to run
@@ -510,14 +509,21 @@ class Pool:
             if task is not None:
                 _enter_task(loop, task)
 
-    def _abandon(self, rid: int) -> None:
+    def _count_abandoned(self, timed_out: bool) -> None:
+        """A caller gave up on a request: it counts as timed out or as cancelled, not both."""
+        if timed_out:
+            self._timeouts += 1
+        else:
+            self._cancelled += 1
+
+    def _abandon(self, rid: int, timed_out: bool = False) -> None:
         """The caller gave up on request ``rid``: cancel it in its worker, and if the worker
         does not let go within ``cancel_grace`` (a sync handler cannot be interrupted),
         replace the worker."""
         core = self._core
         if core is None or self._loop is None:
             return
-        self._cancelled += 1
+        self._count_abandoned(timed_out)
         wid = core.running_on(rid)
         if wid is None:
             return  # still queued (it will be skipped) or already answered

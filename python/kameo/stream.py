@@ -37,6 +37,7 @@ class Stream:
         "_done",
         "_loop",
         "_msg",
+        "_on_abandon",
         "_rid",
         "_timeout",
         "_trace",
@@ -45,6 +46,8 @@ class Stream:
     def __init__(self, pool: Pool, msg: Any, timeout: float | None, trace: str | None) -> None:
         assert pool._loop is not None
         self._core = pool._core
+        # Counts a stream the caller left before its end (cancelled, or timed out).
+        self._on_abandon = pool._count_abandoned
         self._loop: asyncio.AbstractEventLoop = pool._loop
         self._msg = msg
         self._timeout = timeout
@@ -94,22 +97,23 @@ class Stream:
                 handle = self._loop.call_later(max(remaining, 0), _expire, fut, self._timeout)
             try:
                 await fut
-            except BaseException:  # cancellation or timeout: stop the generator in the worker
-                self._cancel()
+            except BaseException as exc:  # cancellation or timeout: stop it in the worker
+                self._cancel(timed_out=isinstance(exc, CallTimeout))
                 raise
             finally:
                 if handle is not None:
                     handle.cancel()
 
     def _expired(self) -> None:
-        self._cancel()
+        self._cancel(timed_out=True)
         raise CallTimeout(f"stream did not finish within timeout={self._timeout}s")
 
-    def _cancel(self) -> None:
+    def _cancel(self, timed_out: bool = False) -> None:
         if not self._done:
             self._done = True
             self._buf.clear()
             if self._rid:
+                self._on_abandon(timed_out)
                 self._core.stream_cancel(self._rid)
 
     async def aclose(self) -> None:
