@@ -44,6 +44,16 @@ def cb_loop(n):
     return time.perf_counter_ns() - t0
 
 
+async def acb_loop(n):
+    """The async-worker form of ``cb_loop``: ``n`` sequential ``async for`` one-item callbacks
+    (``kameo.bench.Echo(i)``, echoed by an ``async def`` parent handler); time in ns."""
+    t0 = time.perf_counter_ns()
+    for i in range(n):
+        async for _x in kameo.bench.Echo(i):
+            pass
+    return time.perf_counter_ns() - t0
+
+
 # ------------------------------------------------------------------------------ resilience
 
 _ledger_fd = None

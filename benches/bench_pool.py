@@ -28,7 +28,9 @@ Workloads:
   parent handler (callbacks/s, timed in the worker), versus the raw round-trip floor (the W1
   ping-pong with a small dict, round trips/s) and a forked child calling a
   ``multiprocessing.Manager().dict()`` proxy (calls/s). ``kameo_sync_parent_handler`` (info) is
-  the same with a plain ``def`` parent handler (run in a handler thread). ``W5_samecpu`` repeats
+  the same with a plain ``def`` parent handler (run in a handler thread); ``kameo_async_worker``
+  the same from an ``async def`` worker handler (``async for x in kameo.bench.Echo(i)``), whose
+  ratio to the raw floor has the same target. ``W5_samecpu`` repeats
   it on one CPU, for the same reason as ``W1_samecpu``.
 * W7 startup: time until a pool of 8 workers is ready versus 8 bare ``python -c "import kameo"``.
 
@@ -1100,9 +1102,9 @@ def w5_interleaved(kameo, sz, kameo_err, workload="W5"):
     errors = {}
     ctx = multiprocessing.get_context("fork")
 
-    async def start_pool(impl, cb):
+    async def start_pool(impl, cb, target="bench_handlers:cb_loop"):
         try:
-            pool = kameo.Pool("bench_handlers:cb_loop", size=1, callbacks=cb)
+            pool = kameo.Pool(target, size=1, callbacks=cb)
             await asyncio.wait_for(pool.start(), KAMEO_TIMEOUT_S)
             await pool.ask(warm, timeout=KAMEO_TIMEOUT_S)
             elapsed[impl] = []
@@ -1113,7 +1115,7 @@ def w5_interleaved(kameo, sz, kameo_err, workload="W5"):
             return None
 
     async def run(conn, child):
-        pool = pool_sync = None
+        pool = pool_sync = pool_async = None
         if kameo is not None:
             cb = kameo.Callbacks()
 
@@ -1127,8 +1129,13 @@ def w5_interleaved(kameo, sz, kameo_err, workload="W5"):
             def ping_sync(req):
                 return {"ok": True}
 
+            @cb.handler("bench.Echo")
+            async def echo(req):
+                return req
+
             pool = await start_pool("kameo", cb)
             pool_sync = await start_pool("kameo_sync_parent_handler", cb_sync)
+            pool_async = await start_pool("kameo_async_worker", cb, "bench_handlers:acb_loop")
         try:
             conn.send(warm)
             conn.recv()
@@ -1166,8 +1173,18 @@ def w5_interleaved(kameo, sz, kameo_err, workload="W5"):
                         del elapsed[impl]
                         await pool_sync.close()
                         pool_sync = None
+                if pool_async is not None:
+                    impl = "kameo_async_worker"
+                    try:
+                        elapsed[impl].append(await pool_async.ask(n, timeout=KAMEO_TIMEOUT_S))
+                    except Exception as exc:
+                        traceback.print_exc(file=sys.stderr)
+                        errors[impl] = f"{type(exc).__name__}: {exc}"
+                        del elapsed[impl]
+                        await pool_async.close()
+                        pool_async = None
         finally:
-            for p in (pool, pool_sync):
+            for p in (pool, pool_sync, pool_async):
                 if p is not None:
                     await asyncio.wait_for(p.close(), 30)
 
@@ -1237,6 +1254,19 @@ def w5_interleaved(kameo, sz, kameo_err, workload="W5"):
             "callbacks/s",
             note="info: as kameo, with a plain 'def' parent handler (run in a handler thread); "
             "timed in the worker",
+        )
+    impl = "kameo_async_worker"
+    if kameo is not None and impl in errors:
+        emit(workload, impl, "error", None, None, error=errors[impl])
+    elif kameo is not None:
+        out[impl] = emit_rate(
+            workload,
+            impl,
+            n,
+            elapsed[impl],
+            "callbacks/s",
+            note="an async worker handler iterating 'async for x in kameo.bench.Echo(i)', async "
+            "parent handler; timed in the worker",
         )
     return out
 
@@ -1613,6 +1643,17 @@ def main(argv=None):
                 "> 1" + info,
                 lambda v: v > 1,
             )
+            if res.get((wl, "kameo_async_worker")) is not None:
+                emit_summary(
+                    wl,
+                    "kameo_async_worker/raw",
+                    ratio(
+                        value_of(res, (wl, "kameo_async_worker")),
+                        value_of(res, (wl, "raw_socketpair")),
+                    ),
+                    ">= 0.7" + info,
+                    lambda v: v >= 0.7,
+                )
             if res.get((wl, "kameo_sync_parent_handler")) is not None:
                 emit_summary(
                     wl,

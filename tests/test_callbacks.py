@@ -778,3 +778,37 @@ async def test_cancelled_ask_cancels_parent_handler_waiting_since_first_step():
         with pytest.raises(asyncio.CancelledError):
             await ask
         assert tracker.starts == 1
+
+
+async def test_async_worker_waits_for_callback_items_without_a_loop_iteration():
+    # An async handler awaiting a callback's item while its loop has nothing else to do waits
+    # on the socket itself (AsyncServer.wait_here): the fast path is taken, not silently
+    # skipped, and every item arrives in order.
+    callbacks = kameo.Callbacks()
+
+    @callbacks.handler("bench.Echo")
+    async def echo(req: dict) -> Any:
+        return req
+
+    async with kameo.Pool(_target("echo_round_trips"), size=1, callbacks=callbacks) as pool:
+        out = await asyncio.wait_for(pool.ask({"n": 50}), BOUND)
+    assert out["items"] == list(range(50))
+    assert out["loop_fd"] >= 0
+    assert out["here_waits"] >= 40  # (the first may find the loop with work to do)
+
+
+def test_a_loop_that_is_not_epoll_based_never_waits_outside_the_loop():
+    import selectors
+
+    from kameo import _serve_async
+
+    loop = asyncio.SelectorEventLoop(selectors.PollSelector())
+    try:
+        assert _serve_async._selector_fd(loop) == -1
+    finally:
+        loop.close()
+    loop = asyncio.SelectorEventLoop(selectors.EpollSelector())
+    try:
+        assert _serve_async._selector_fd(loop) >= 0
+    finally:
+        loop.close()

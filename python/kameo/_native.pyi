@@ -29,6 +29,7 @@ __all__ = [
     "kill_own_group",
     "register_type",
     "spawn_worker",
+    "wait_alone",
 ]
 
 PROTOCOL_VERSION: int
@@ -57,6 +58,7 @@ def spawn_worker(
 ) -> tuple[int, int, int, int]: ...
 def die_with_parent(expected_parent: int) -> bool: ...
 def kill_own_group() -> None: ...
+def wait_alone(fd: int, loop_fd: int, timeout: float) -> bool: ...
 
 @final
 class PoolCore:

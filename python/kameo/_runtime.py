@@ -72,6 +72,10 @@ class Server(Protocol):
     def credit(self, rid: int, n: int) -> None:
         """CREDIT of ``n`` items for the stream of request ``rid``."""
 
+    def wait_here(self) -> bool:
+        """Wait for and handle frames in place of a loop iteration, when that delays nothing;
+        True if frames were handled."""
+
     def flush(self) -> object:
         """Write what is queued, soon; callable from any thread."""
 
@@ -407,6 +411,8 @@ class CallbackCall:
                 return item
             if self.done:
                 raise StopAsyncIteration
+            if rt.server.wait_here():  # type: ignore[union-attr]
+                continue
             self.waiter = rt.loop.create_future()
             try:
                 await self.waiter

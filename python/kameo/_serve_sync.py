@@ -43,6 +43,9 @@ class SyncServer:
     def credit(self, rid: int, n: int) -> None:
         self.credits[rid] = self.credits.get(rid, 0) + n
 
+    def wait_here(self) -> bool:
+        return False  # no event loop: callbacks are iterated with a blocking read
+
     def serve(self) -> None:
         rt = self.rt
         chan = self.chan

@@ -301,3 +301,16 @@ async def trace(msg: dict) -> dict[str, Any]:
 def trace_sync(msg: dict) -> dict[str, Any]:
     items = list(kameo.trace.Probe(None))
     return {"worker": kameo.current_traceparent(), "parent": items}
+
+
+async def echo_round_trips(msg: dict) -> dict[str, Any]:
+    """``msg["n"]`` sequential one-item callbacks to ``bench.Echo``; also how many times the
+    worker waited for an item outside its event loop (its fast path, see AsyncServer.wait_here)."""
+    from kameo import _runtime
+
+    got = []
+    for i in range(msg["n"]):
+        async for item in kameo.bench.Echo({"i": i}):
+            got.append(item["i"])
+    server = _runtime.current().server  # type: ignore[union-attr]
+    return {"items": got, "here_waits": server.here_waits, "loop_fd": server.loop_fd}

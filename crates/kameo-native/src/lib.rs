@@ -58,6 +58,20 @@ fn register_type<'py>(cls: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     Ok(cls.clone())
 }
 
+/// Wait for `fd` (a socket registered in the event loop's epoll set `loop_fd`) to be readable
+/// while nothing else of the loop's is ready, for at most `timeout` seconds (at most 1), with the
+/// GIL released: see [`wait::wait_alone`]. The worker's async server calls it when a handler
+/// awaits a callback's item and the loop has nothing else to run.
+#[pyfunction]
+fn wait_alone(py: Python<'_>, fd: i32, loop_fd: i32, timeout: f64) -> bool {
+    let timeout = timeout.clamp(0.0, 1.0);
+    let ts = libc::timespec {
+        tv_sec: timeout.trunc() as libc::time_t,
+        tv_nsec: (timeout.fract() * 1e9) as libc::c_long,
+    };
+    py.detach(|| wait::wait_alone(fd, loop_fd, wait::spin(), &ts))
+}
+
 /// The real decoder over arbitrary bytes, for the fuzz target `fuzz/fuzz_targets/py_decode.rs`
 /// (not part of the Python API): decode inline without pickle; when that succeeds, encode the
 /// value again and decode that. Errors are fine; a panic or a crash is the bug.
@@ -90,6 +104,8 @@ mod _native {
     use super::register_type;
     #[pymodule_export]
     use super::spawn::{die_with_parent, kill_own_group, spawn_worker};
+    #[pymodule_export]
+    use super::wait_alone;
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

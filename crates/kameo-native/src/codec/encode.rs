@@ -470,9 +470,22 @@ impl<'a> Encoder<'a> {
             if i >= ffi::PyList_GET_SIZE(obj) {
                 break;
             }
-            let item = ffi::PyList_GET_ITEM(obj, i);
-            self.held(item, depth + 1)
-                .map_err(|e| e.at(Step::Index(i as usize), obj))?;
+            #[cfg(not(Py_GIL_DISABLED))]
+            let r = self.held(ffi::PyList_GET_ITEM(obj, i), depth + 1);
+            // Free-threaded: another thread may replace the item (and free it) at any time, so
+            // take a reference of our own with the read.
+            #[cfg(Py_GIL_DISABLED)]
+            let r = {
+                let item = ffi::PyList_GetItemRef(obj, i);
+                if item.is_null() {
+                    ffi::PyErr_Clear(); // shrunk by another thread: reported below
+                    break;
+                }
+                let r = self.value(item, depth + 1);
+                ffi::Py_DECREF(item);
+                r
+            };
+            r.map_err(|e| e.at(Step::Index(i as usize), obj))?;
             i += 1;
         }
         if ffi::PyList_GET_SIZE(obj) != n {
@@ -507,6 +520,26 @@ impl<'a> Encoder<'a> {
         if depth >= MAX_DEPTH {
             return Err(too_deep());
         }
+        #[cfg(not(Py_GIL_DISABLED))]
+        return self.dict_items(obj, depth);
+        // Free-threaded: `PyDict_Next` is only safe while the dict is locked, and its borrowed
+        // key and value only while nothing else can change the dict (the lock is let go while
+        // a nested value waits for another lock), so every pair is held with references.
+        #[cfg(Py_GIL_DISABLED)]
+        {
+            let py = Python::assume_attached();
+            let dict = Bound::from_borrowed_ptr(py, obj);
+            pyo3::sync::critical_section::with_critical_section(&dict, || {
+                self.dict_items(obj, depth)
+            })
+        }
+    }
+
+    unsafe fn dict_items(
+        &mut self,
+        obj: *mut ffi::PyObject,
+        depth: usize,
+    ) -> Result<(), EncodeError> {
         let n = ffi::PyDict_Size(obj);
         self.out.push(wire::TAG_DICT);
         put_varint(self.out, n as u64);
@@ -517,7 +550,10 @@ impl<'a> Encoder<'a> {
         while ffi::PyDict_Next(obj, &mut pos, &mut key, &mut value) != 0 {
             // key and value are borrowed: they need references of their own only while
             // something that may run Python code (which could change the dict) is encoded.
-            if ffi::Py_TYPE(key) == type_ptr!(PyUnicode_Type) && is_scalar(ffi::Py_TYPE(value)) {
+            if cfg!(not(Py_GIL_DISABLED))
+                && ffi::Py_TYPE(key) == type_ptr!(PyUnicode_Type)
+                && is_scalar(ffi::Py_TYPE(value))
+            {
                 let r = self.str(key).and_then(|()| self.held(value, depth + 1));
                 r.map_err(|e| e.at(Step::Key(key_repr(key)), obj))?;
             } else {
@@ -705,6 +741,25 @@ impl<'a> Encoder<'a> {
     }
 
     unsafe fn bytearray(&mut self, obj: *mut ffi::PyObject) -> Result<(), EncodeError> {
+        // Free-threaded: another thread may resize the bytearray (and free its buffer) while it
+        // is copied; an exported buffer cannot be resized.
+        #[cfg(Py_GIL_DISABLED)]
+        {
+            let mut view: ffi::Py_buffer = std::mem::zeroed();
+            if ffi::PyObject_GetBuffer(obj, &mut view, ffi::PyBUF_SIMPLE) != 0 {
+                let py = Python::assume_attached();
+                return Err(py_err("cannot read bytearray", PyErr::fetch(py)));
+            }
+            let data = if view.len == 0 {
+                &[][..]
+            } else {
+                std::slice::from_raw_parts(view.buf as *const u8, view.len as usize)
+            };
+            let r = self.bytes_like(wire::TAG_BYTEARRAY, data, false);
+            ffi::PyBuffer_Release(&mut view);
+            return r;
+        }
+        #[allow(unreachable_code)]
         let n = ffi::PyByteArray_Size(obj) as usize;
         let p = ffi::PyByteArray_AsString(obj) as *const u8;
         let data = if n == 0 {
