@@ -25,7 +25,7 @@ STAMP := $(VENV)/.deps-stamp
 NATIVE_SRC := $(shell find crates -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 BUILD_PYTHON := scripts/build-python.sh
 
-.PHONY: all venv develop test test-all test-rust test-python pythons demo bench lint fmt fuzz clean
+.PHONY: all venv develop test test-all test-rust test-python pythons wheels wheel demo bench lint fmt fuzz clean
 
 all: develop
 
@@ -56,10 +56,24 @@ pythons:
 	$(BUILD_PYTHON) 3.13
 	$(BUILD_PYTHON) 3.13 --disable-gil
 
-test-all:
-	$(MAKE) test
-	$(MAKE) test PY="$$($(BUILD_PYTHON) 3.13 | tail -n 1)"
-	$(MAKE) test PY="$$($(BUILD_PYTHON) 3.13 --disable-gil | tail -n 1)"
+# cargo test once (its crates do not depend on the interpreter), pytest on each interpreter;
+# on 3.13t with PYTHON_GIL=0 (tests/test_threads.py checks, without it, that importing kameo
+# leaves the GIL off).
+test-all: test-rust
+	$(MAKE) test-python
+	$(MAKE) test-python PY="$$($(BUILD_PYTHON) 3.13 | tail -n 1)"
+	PYTHON_GIL=0 $(MAKE) test-python PY="$$($(BUILD_PYTHON) 3.13 --disable-gil | tail -n 1)"
+
+# One wheel per interpreter into dist/: cp311 (the system python3), cp313 and cp313t (built
+# from source on first use, as for test-all).
+wheels:
+	$(MAKE) wheel
+	$(MAKE) wheel PY="$$($(BUILD_PYTHON) 3.13 | tail -n 1)"
+	$(MAKE) wheel PY="$$($(BUILD_PYTHON) 3.13 --disable-gil | tail -n 1)"
+	ls -l dist/
+
+wheel: $(STAMP)
+	$(BIN)/maturin build --release --quiet --out dist --interpreter $(abspath $(BIN)/python)
 
 test-rust:
 	cargo test --workspace --quiet
@@ -110,4 +124,4 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix python tests benches examples
 
 clean:
-	rm -rf .venv .venv-* target
+	rm -rf .venv .venv-* target dist

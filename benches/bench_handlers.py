@@ -54,6 +54,18 @@ async def acb_loop(n):
     return time.perf_counter_ns() - t0
 
 
+# ------------------------------------------------------------------------------ W8 threads
+
+
+def spin(n):
+    """Pure-Python CPU work (``n`` multiply-adds): parallel across handler threads only on a
+    free-threaded interpreter."""
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
 # ------------------------------------------------------------------------------ resilience
 
 _ledger_fd = None

@@ -33,6 +33,9 @@ Workloads:
   ratio to the raw floor has the same target. ``W5_samecpu`` repeats
   it on one CPU, for the same reason as ``W1_samecpu``.
 * W7 startup: time until a pool of 8 workers is ready versus 8 bare ``python -c "import kameo"``.
+* W8 threads: CPU-bound sync requests on one worker with ``max_concurrency=2`` (two handler
+  threads) versus ``1``: the speed-up of threads in one worker (target >= 1.6 on a free-threaded
+  interpreter; info with the GIL, where it stays about 1).
 
 The raw references are the floor: a length-prefixed pickle (protocol 5) echo over a Unix
 socketpair to a child started with ``subprocess``, written as tightly as plain Python allows.
@@ -103,6 +106,9 @@ SIZES = {
         "w5_n": 2000,
         "w5_rounds": 10,
         "w5_warmup": 200,
+        "w8_tasks": 16,
+        "w8_spin": 400_000,
+        "w8_rounds": 5,
     },
     "quick": {
         "w1_n": 1000,
@@ -121,10 +127,13 @@ SIZES = {
         "w5_n": 2000,
         "w5_rounds": 3,
         "w5_warmup": 100,
+        "w8_tasks": 8,
+        "w8_spin": 200_000,
+        "w8_rounds": 3,
     },
 }
 
-WORKLOADS = ("W1", "W2", "W4", "W5", "W7")
+WORKLOADS = ("W1", "W2", "W4", "W5", "W7", "W8")
 
 
 def handlers():
@@ -1272,6 +1281,52 @@ def w5_interleaved(kameo, sz, kameo_err, workload="W5"):
 
 
 # ---------------------------------------------------------------------------------------------
+# W8 threads: sync requests of one worker in 1 or 2 handler threads
+# ---------------------------------------------------------------------------------------------
+
+
+def w8_threads(kameo, sz):
+    """``w8_tasks`` CPU-bound sync requests (``spin``) on one worker, with ``max_concurrency``
+    1 (one at a time) and 2 (two handler threads), in interleaved rounds; tasks/s of each. The
+    ratio is the speed-up of two threads in one worker: about 2 on a free-threaded interpreter
+    with two free cores, about 1 with the GIL."""
+    tasks, n, rounds = sz["w8_tasks"], sz["w8_spin"], sz["w8_rounds"]
+    elapsed = {1: [], 2: []}
+
+    async def run():
+        pools = {c: kameo.Pool("bench_handlers:spin", size=1, max_concurrency=c) for c in (1, 2)}
+        try:
+            for p in pools.values():
+                await asyncio.wait_for(p.start(), KAMEO_TIMEOUT_S)
+                await asyncio.gather(*(p.ask(1000) for _ in range(4)))
+            for _ in range(rounds):
+                for c, p in pools.items():
+                    t0 = clock()
+                    await asyncio.wait_for(
+                        asyncio.gather(*(p.ask(n) for _ in range(tasks))), KAMEO_TIMEOUT_S
+                    )
+                    elapsed[c].append(clock() - t0)
+        finally:
+            for p in pools.values():
+                await asyncio.wait_for(p.close(), 30)
+
+    asyncio.run(run())
+    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+    out = {}
+    for c in (1, 2):
+        out[c] = emit_rate(
+            "W8",
+            f"kameo_{c}_thread" + ("s" if c > 1 else ""),
+            tasks,
+            elapsed[c],
+            "tasks/s",
+            note=f"one worker, max_concurrency={c}, sync CPU-bound handler; GIL "
+            + ("enabled" if gil else "disabled"),
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # W7 startup
 # ---------------------------------------------------------------------------------------------
 
@@ -1494,6 +1549,14 @@ def main(argv=None):
             for impl, rec in (recs or {}).items():
                 r.results[("W5_samecpu", impl)] = rec
 
+    if "W8" in only:
+        if kameo is None:
+            skip("W8", "kameo_1_thread")
+        else:
+            recs = r.run(("W8", "kameo_1_thread"), w8_threads, kameo, sz)
+            for c, rec in (recs or {}).items():
+                r.results[("W8", "kameo_1_thread" if c == 1 else "kameo_2_threads")] = rec
+
     if "W7" in only:
         size = sz["w7_size"]
         bare_import, bare_pass, kameo_start = [], [], []
@@ -1672,6 +1735,17 @@ def main(argv=None):
             ratio(value_of(res, ("W7", "kameo")), value_of(res, ("W7", "bare_import_kameo"))),
             "<= 1.5",
             lambda v: v <= 1.5,
+        )
+    if "W8" in only and res.get(("W8", "kameo_1_thread")) is not None:
+        free = not getattr(sys, "_is_gil_enabled", lambda: True)()
+        emit_summary(
+            "W8",
+            "kameo_2_threads/kameo_1_thread",
+            ratio(
+                value_of(res, ("W8", "kameo_2_threads")), value_of(res, ("W8", "kameo_1_thread"))
+            ),
+            ">= 1.6 (free-threaded)" if free else "info (the GIL is enabled)",
+            (lambda v: v >= 1.6) if free else (lambda v: True),
         )
     emit("total", "bench_pool", "wall_time", round(time.monotonic() - t_start, 2), "s")
     return 0

@@ -67,6 +67,19 @@ if [ -z "$srcdir" ]; then
   srcdir=$(find "$src_root" -maxdepth 1 -type d -name "python$version-$version.*" | sort | tail -n 1)
   [ -n "$srcdir" ] || { log "apt-get source python$version gave no source tree"; exit 1; }
 fi
+# Build from the package's upstream tarball (its .orig.tar.xz), without Debian's patches: they
+# fit CPython to Debian's system layout (dist-packages, python3.13 paths without the
+# free-threaded "t"), under which a free-threaded venv gets its pip where it cannot import it.
+orig=$(find "$src_root" -maxdepth 1 -name "python${version}_$version.*.orig.tar.xz" | sort | tail -n 1)
+[ -n "$orig" ] || { log "no upstream tarball (.orig.tar.xz) beside $srcdir"; exit 1; }
+upstream=$src_root/upstream-$(basename "$orig" .orig.tar.xz)
+if [ ! -x "$upstream/configure" ]; then
+  rm -rf "$upstream" "$upstream.tmp"
+  mkdir -p "$upstream.tmp"
+  tar -xJf "$orig" -C "$upstream.tmp" --strip-components=1
+  mv "$upstream.tmp" "$upstream"
+fi
+srcdir=$upstream
 
 # 3. Configure and build out of tree (one source tree serves both builds), install aside, then
 #    move into place, so an interrupted build leaves nothing that looks finished.
@@ -88,7 +101,7 @@ rm -rf "$prefix.tmp" "$build"
 [ -x "$exe" ] || { log "no $exe after the install"; exit 1; }
 "$exe" -c 'import ssl, sqlite3, ctypes, venv' ||
   { rm -rf "$prefix"; log "$exe lacks a standard module"; exit 1; }
-# Debian's ensurepip seeds pip only inside virtual environments, which is all kameo needs.
+# kameo only needs pip inside virtual environments (ensurepip seeds it from the bundled wheel).
 check=$(mktemp -d)
 "$exe" -m venv "$check/venv" && "$check/venv/bin/python" -m pip --version >/dev/null ||
   { rm -rf "$check" "$prefix"; log "$exe cannot make a virtual environment with pip"; exit 1; }
