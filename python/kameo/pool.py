@@ -7,7 +7,6 @@ import atexit
 import logging
 import os
 import secrets
-import selectors
 import signal
 import sys
 import time
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
-from kameo import _eager, _native, _signals
+from kameo import _aio, _eager, _native, _signals
 from kameo._context import traceparent as _traceparent
 from kameo._future import AskFuture
 from kameo._native import (
@@ -56,27 +55,10 @@ AUTO_PREFETCH_MAX = 64
 #: Longest wait for an answer outside the event loop (seconds); then the loop waits.
 WAIT_ANSWER_MAX = 0.05
 
-
-_enter_task = asyncio.tasks._enter_task
-_leave_task = asyncio.tasks._leave_task
-_current_task = asyncio.current_task
-
-
-def _selector_fd(loop: asyncio.AbstractEventLoop) -> int:
-    """The fd of the loop's selector if it is a plain selector event loop (whose private
-    ``_ready``, ``_scheduled`` and ``_stopping`` ``Pool._wait_answer`` reads), else -1."""
-    if not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
-        return -1
-    selector: Any = getattr(loop, "_selector", None)
-    try:
-        fd = selector.fileno() if isinstance(selector, selectors.EpollSelector) else -1
-    except (AttributeError, OSError, ValueError):
-        return -1
-    if not all(
-        hasattr(loop, name) for name in ("_ready", "_scheduled", "_stopping", "_task_factory")
-    ):
-        return -1
-    return int(fd)
+_current_task = _aio.current_task
+# Only called once _aio.probe() accepted the loop, which it does only where both exist.
+_enter_task: Any = _aio.enter_task
+_leave_task: Any = _aio.leave_task
 
 
 #: Bytes-like values and numpy arrays from this size travel in shared memory.
@@ -242,8 +224,8 @@ class Pool:
         self._timeouts = 0
         self._cancelled = 0
         self._abandon_cb = self._abandon
-        # The selector's fd of a selector event loop (-1: no direct waits, e.g. uvloop).
-        self._loop_fd = -1
+        # The loop's state for direct waits (None: the loop is not one _aio knows, e.g. uvloop).
+        self._direct: _aio.DirectWait | None = None
         self._answer_waits = 0  # waits made by _wait_answer (tests check it is used)
 
     # ----------------------------------------------------------------- public API
@@ -335,7 +317,7 @@ class Pool:
             return
         self._state = "starting"
         loop = self._loop = asyncio.get_running_loop()
-        self._loop_fd = _selector_fd(loop)
+        self._direct = _aio.probe(loop)
         self._core = _native.PoolCore(
             loop,
             self._on_event,
@@ -422,7 +404,7 @@ class Pool:
             return fut
         fut._kameo_rid = rid
         fut._kameo_abandon = self._abandon_cb
-        fut._kameo_wait = self._wait_answer if self._loop_fd >= 0 else None
+        fut._kameo_wait = self._wait_answer if self._direct is not None else None
         return fut
 
     def stream(
@@ -481,25 +463,21 @@ class Pool:
         ``ppoll`` on the worker's socket and the selector (so any other event, a due timer, a
         signal or a thread's ``call_soon_threadsafe`` still ends the wait at once), and resume
         the awaiting task without a loop iteration."""
-        loop: Any = self._loop
-        core = self._core
-        if core is None or loop._ready or loop._stopping or _eager.stepping.depth:
+        direct = self._direct
+        if direct is None or _eager.stepping.depth:  # an eager first step nests in another's
             return False
-        if loop._task_factory is not None:  # eager tasks (3.12+) nest in the step of another
+        timeout = direct.budget(WAIT_ANSWER_MAX)
+        if timeout is None:
             return False
-        timeout = WAIT_ANSWER_MAX
-        if loop._scheduled:
-            timeout = min(timeout, loop._scheduled[0]._when - loop.time())
-            if timeout <= 0:
-                return False
         self._answer_waits += 1
+        loop = direct.loop
         # Whatever the answers bring (a worker's callback into this process) runs as it would
         # from the loop: outside the awaiting task, which is suspended meanwhile.
         task = _current_task(loop)
         if task is not None:
             _leave_task(loop, task)
         try:
-            return bool(core.wait_answer(fut._kameo_rid, self._loop_fd, timeout))
+            return bool(self._core.wait_answer(fut._kameo_rid, direct.fd, timeout))
         except Exception as exc:  # as the loop does with an error in a callback: report it
             loop.call_exception_handler(
                 {"message": "kameo: error while reading a worker's answers", "exception": exc}
