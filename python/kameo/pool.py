@@ -7,11 +7,8 @@ import atexit
 import logging
 import os
 import secrets
-import signal
 import sys
-import time
 import weakref
-from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -33,15 +30,10 @@ from kameo._native import (
     EVENT_RETIRE,
     EVENT_STARTUP_FAILED,
 )
-from kameo._process import WorkerProcess, exit_text
+from kameo._process import WorkerProcess
+from kameo._supervisor import Supervisor, SupervisorOptions
 from kameo.callbacks import CallbackRunner, Callbacks
-from kameo.errors import (
-    CallTimeout,
-    HandlerTypeError,
-    PoolClosed,
-    WorkerCrashed,
-    WorkerStartupError,
-)
+from kameo.errors import CallTimeout, HandlerTypeError, PoolClosed
 from kameo.stream import Stream
 
 __all__ = ["Pool", "PoolStats", "WorkerInfo"]
@@ -64,13 +56,6 @@ _leave_task: Any = _aio.leave_task
 #: Bytes-like values and numpy arrays from this size travel in shared memory.
 DEFAULT_SHM_THRESHOLD = 1 * MiB
 DEFAULT_STREAM_WINDOW = 256
-# Bounds on waiting for a worker to go once it has been told to (each step of close()).
-EXIT_WAIT = 1.0
-KILL_WAIT = 5.0
-# Crash-loop protection: this many crashes of one slot within the window back off.
-CRASH_WINDOW = 10.0
-CRASH_FREE_RESTARTS = 3
-MAX_BACKOFF = 5.0
 Channel = _native.Channel
 
 
@@ -112,21 +97,6 @@ class PoolStats:
     cancelled: int
     p50: float | None
     p99: float | None
-
-
-class _Slot:
-    """One of the ``size`` places in the pool; its process changes when it is replaced."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.worker: WorkerProcess | None = None
-        self.restarts = 0
-        self.crashes: deque[float] = deque(maxlen=CRASH_FREE_RESTARTS + 8)
-        self.last_exit: str | None = None
-        self.last_id = -1
-        self.last_pid = 0
-        self.failures = 0  # consecutive replacements that failed to start
-        self.respawning = False
 
 
 class Pool:
@@ -210,17 +180,14 @@ class Pool:
         self._allow_pickle = allow_pickle
         self._shm_threshold = shm_threshold
         self._secret = secrets.token_bytes(32)
-        self._slots = [_Slot(i) for i in range(size)]
-        self._workers: dict[int, WorkerProcess] = {}
-        self._next_worker_id = 0
         self._core: Any = None
+        self._supervisor: Supervisor | None = None
+        self._workers: dict[int, WorkerProcess] = {}  # the supervisor's, once started
         self._runner: CallbackRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = "new"  # new -> starting -> running -> closing -> closed
         self._closed_event: asyncio.Event | None = None
-        self._background: set[asyncio.Task[Any]] = set()
         self._handler_kind = ""
-        self._crashes = 0
         self._timeouts = 0
         self._cancelled = 0
         self._abandon_cb = self._abandon
@@ -238,12 +205,13 @@ class Pool:
     @property
     def workers(self) -> list[WorkerInfo]:
         """A snapshot of each worker process (and of each slot waiting for a replacement)."""
-        if self._core is None:
+        sup = self._supervisor
+        if sup is None:
             return []
         live = {row[0]: row for row in self._core.worker_stats()}
         out = []
-        for slot in self._slots:
-            procs = [w for w in self._workers.values() if w.slot == slot.index and not w.lost]
+        for slot in sup.slots:
+            procs = [w for w in sup.workers.values() if w.slot == slot.index and not w.lost]
             for w in sorted(procs, key=lambda w: w.id):
                 wid, pid, state, in_flight, completed = live.get(
                     w.id, (w.id, w.pid, "starting", 0, 0)
@@ -279,14 +247,14 @@ class Pool:
 
     def stats(self) -> PoolStats:
         """Counters since the pool started, and request latency percentiles (seconds)."""
-        if self._core is None:
+        if self._core is None or self._supervisor is None:
             return PoolStats(0, 0, 0, 0, 0, 0, 0, None, None)
         completed, errors, retries, p50, p99 = self._core.stats()
         return PoolStats(
             self._core.asks,
             completed,
             errors,
-            self._crashes,
+            self._supervisor.crashes,
             retries,
             self._timeouts,
             self._cancelled,
@@ -333,19 +301,32 @@ class Pool:
             allow_pickle=self._allow_pickle,
             shm_threshold=self._shm_threshold,
         )
-        self._runner = CallbackRunner(
+        runner = self._runner = CallbackRunner(
             self._callbacks, self._core, loop, self._stream_window, Channel
         )
+        options = SupervisorOptions(
+            target=self.target,
+            python=self._python,
+            env=self._env,
+            cwd=self._cwd,
+            secret=self._secret,
+            startup_timeout=self._startup_timeout,
+            heartbeat_timeout=self._heartbeat_timeout,
+            max_memory=self._max_memory,
+            cancel_grace=self._cancel_grace,
+        )
+        sup = self._supervisor = Supervisor(
+            loop, self._core, self._size, options, on_worker_gone=runner.worker_gone
+        )
+        self._workers = sup.workers  # the same dict, read by _on_event
         _live_pools.add(self)
         _signals.acquire(loop, lambda: list(_live_pools))
         try:
-            workers = [self._spawn(slot) for slot in self._slots]
-            await self._await_ready(workers)
+            await sup.start()
         except BaseException:
             await self.close(grace=0)
             raise
         self._state = "running"
-        self._background_task(self._supervise())
 
     def ask(
         self,
@@ -424,7 +405,15 @@ class Pool:
             )
         if timeout is None:
             timeout = self._default_timeout
-        return Stream(self, msg, timeout, traceparent or _traceparent.get())
+        assert self._loop is not None
+        return Stream(
+            self._core,
+            self._loop,
+            self._count_abandoned,
+            msg,
+            timeout,
+            traceparent or _traceparent.get(),
+        )
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop the pool: refuse new asks, let in-flight ones finish within ``grace`` seconds,
@@ -506,19 +495,8 @@ class Pool:
         if wid is None:
             return  # still queued (it will be skipped) or already answered
         core.cancel(rid)
-        self._loop.call_later(self._cancel_grace, self._enforce_cancel, wid, rid)
-
-    def _enforce_cancel(self, wid: int, rid: int) -> None:
-        if self._core is None or self._core.running_on(rid) != wid:
-            return
-        w = self._workers.get(wid)
-        if w is not None and not w.lost:
-            log.warning(
-                "%s did not stop a cancelled request within cancel_grace=%ss; replacing it",
-                w.describe(),
-                self._cancel_grace,
-            )
-            w.kill(signal.SIGKILL)
+        assert self._supervisor is not None
+        self._loop.call_later(self._cancel_grace, self._supervisor.enforce_cancel, wid, rid)
 
     # ----------------------------------------------------------------- internals
 
@@ -528,13 +506,6 @@ class Pool:
         if self._state == "starting":
             return "the pool is still starting"
         return "the pool is closed"
-
-    def _background_task(self, coro: Any) -> asyncio.Task[Any]:
-        assert self._loop is not None
-        task = self._loop.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
 
     def _welcome(self) -> dict[str, Any]:
         same_interpreter = os.path.realpath(self._python) == os.path.realpath(sys.executable)
@@ -555,61 +526,15 @@ class Pool:
             "shm_threshold": self._shm_threshold,
         }
 
-    def _spawn(self, slot: _Slot) -> WorkerProcess:
-        loop = self._loop
-        assert loop is not None
-        worker_id = self._next_worker_id
-        self._next_worker_id += 1
-        env = dict(os.environ)
-        env.update(self._env)
-        env["KAMEO_WORKER_ID"] = str(worker_id)
-        env["KAMEO_PARENT_PID"] = str(os.getpid())
-        argv = [self._python, "-m", "kameo._worker"]
-        try:
-            pid, sock_fd, stderr_fd, progress_fd = _native.spawn_worker(
-                argv, list(env.items()), self._cwd, self._secret
-            )
-        except OSError as exc:
-            raise WorkerStartupError(
-                f"cannot start a worker for {self.target!r} with python {self._python!r}: {exc}"
-            ) from exc
-        w = WorkerProcess(loop, worker_id, slot.index, pid, sock_fd, stderr_fd)
-        self._workers[worker_id] = w
-        if not w.retiring:
-            slot.worker = w
-        self._core.add_worker(worker_id, pid, sock_fd, progress_fd)
-        loop.add_reader(sock_fd, self._core.on_readable, worker_id)
-        w.watch(self._on_exit)
-        return w
-
-    async def _await_ready(self, workers: list[WorkerProcess]) -> None:
-        waits = [w.ready for w in workers]
-        done, pending = await asyncio.wait(waits, timeout=self._startup_timeout)
-        failures = [f.exception() for f in done if f.exception() is not None]
-        if failures:
-            first = failures[0]
-            assert first is not None
-            if len(failures) > 1:
-                raise WorkerStartupError(f"{first} ({len(failures)} workers failed)") from None
-            raise first
-        if pending:
-            late = [w for w in workers if not w.ready.done()]
-            names = ", ".join(w.describe() for w in late)
-            tail = late[0].tail()
-            for w in late:
-                w.kill(signal.SIGKILL)
-            raise WorkerStartupError(
-                f"{names} did not finish starting {self.target!r} within "
-                f"startup_timeout={self._startup_timeout}s"
-                + (f"; last stderr lines:\n{tail}" if tail else "")
-            )
-
     def _on_event(self, worker_id: int, name: str, payload: Any) -> None:
+        """An event from the core about one worker: callbacks go to the runner, lifecycle
+        events to the supervisor."""
         w = self._workers.get(worker_id)
         if w is None:
             return
         runner = self._runner
-        assert runner is not None
+        sup = self._supervisor
+        assert runner is not None and sup is not None
         if name == EVENT_CALLBACK:
             runner.start(worker_id, payload)
         elif name == EVENT_CALLBACK_CREDIT:
@@ -619,264 +544,52 @@ class Pool:
         elif name == EVENT_READY:
             if isinstance(payload, dict):
                 self._handler_kind = str(payload.get("kind", ""))
-            if not w.ready.done():
-                w.ready.set_result(payload)
-            self._slots[w.slot].failures = 0
-            self._core.dispatch_queued()
+            sup.ready(w, payload)
         elif name == EVENT_STARTUP_FAILED:
-            info = payload if isinstance(payload, dict) else {}
-            message = (
-                f"{w.describe()} could not {info.get('stage', 'load target')} "
-                f"{info.get('what', repr(self.target))}: "
-                f"{info.get('type', '?')}: {info.get('message', '')}"
-            )
-            tb = info.get("traceback")
-            if tb:
-                message += f"\n\nWorker traceback:\n{tb.rstrip()}"
-            self._fail_startup(w, WorkerStartupError(message))
+            sup.startup_failed(w, payload)
         elif name == EVENT_REJECTED:
-            self._fail_startup(w, WorkerStartupError(f"{w.describe()} was refused: {payload}"))
-            self._lose(w, f"handshake refused: {payload}")
+            sup.rejected(w, payload)
         elif name in _LOST:
             reason = {EVENT_EOF: "closed its connection"}.get(name, f"{name}: {payload}")
             if name == EVENT_PROTOCOL_ERROR:
                 log.error("%s broke the protocol, replacing it: %s", w.describe(), payload)
-            self._lose(w, reason)
+            sup.lose(w, reason)
         elif name == EVENT_PROTOCOL_WARNING:
             log.warning("%s", payload)
         elif name == EVENT_RETIRE:
-            self._retire(w, str(payload))
-        elif name == EVENT_DRAINED and w.retiring:
-            self._core.send_control(w.id, Channel.SHUTDOWN)
-
-    def _fail_startup(self, w: WorkerProcess, exc: BaseException) -> None:
-        if not w.ready.done():
-            w.ready.set_exception(exc)
-            w.ready.exception()  # retrieved: the waiter may be gone already
-
-    # ----------------------------------------------------------------- supervision
-
-    async def _supervise(self) -> None:
-        """Heartbeats and memory limits, checked a few times per heartbeat timeout."""
-        tick = min(self._heartbeat_timeout / 4, 0.5)
-        while self._state == "running":
-            await asyncio.sleep(tick)
-            for wid in self._core.silent_workers(self._heartbeat_timeout):
-                w = self._workers.get(wid)
-                if w is not None and not w.lost:
-                    log.error(
-                        "%s sent nothing for heartbeat_timeout=%ss; killing it",
-                        w.describe(),
-                        self._heartbeat_timeout,
-                    )
-                    w.hung = True
-                    w.kill(signal.SIGKILL)
-            if self._max_memory is not None:
-                for w in list(self._workers.values()):
-                    if not w.lost and not w.retiring and w.ready.done():
-                        rss = _rss(w.pid)
-                        if rss is not None and rss > self._max_memory:
-                            why = f"max_memory_per_worker ({rss} > {self._max_memory} bytes)"
-                            self._retire(w, why)  # first: the core may report it drained at once
-                            self._core.retire(w.id)
-
-    def _retire(self, w: WorkerProcess, why: str) -> None:
-        """Replace ``w`` gracefully: its successor starts now, it leaves once idle."""
-        if w.retiring or w.lost or self._state != "running":
-            return
-        log.info("%s retires: %s", w.describe(), why)
-        w.retiring = True
-        slot = self._slots[w.slot]
-        slot.last_exit = f"retired: {why}"
-        self._schedule_replace(slot, 0.0)
-
-    def _on_exit(self, w: WorkerProcess) -> None:
-        """The pidfd is readable: the process has exited. Reap it."""
-        w.reap()
-        if not w.lost:
-            self._lose(w, "exited")
-
-    def _lose(self, w: WorkerProcess, reason: str) -> None:
-        """The worker is gone or unusable: reap it, fail what it had started, requeue the rest,
-        and start a replacement."""
-        if w.lost:
-            return
-        w.lost = True
-        assert self._loop is not None
-        self._loop.remove_reader(w.sock_fd)
-        self._background_task(self._finish_loss(w, reason))
-
-    async def _finish_loss(self, w: WorkerProcess, reason: str) -> None:
-        if not await w.wait_exit(0.5 if self._state != "closing" else EXIT_WAIT):
-            w.kill(signal.SIGKILL)
-            await w.wait_exit(KILL_WAIT)
-        w.read_stderr()  # collect the last lines
-        if w.exited.done() and w.exited.result() >= 0:
-            what, exitcode, sig = exit_text(w.exited.result())
-            if reason not in ("exited", "closed its connection"):
-                what = f"was dropped ({reason}) and {what}"
-        else:
-            what, exitcode, sig = reason, None, None
-        if w.hung:
-            what = f"stopped sending heartbeats for {self._heartbeat_timeout}s and was killed"
-        tail = w.tail()
-        suffix = f"; last stderr lines:\n{tail}" if tail else ""
-        self._fail_startup(
-            w,
-            WorkerStartupError(
-                f"{w.describe()} {what} before it was ready (target {self.target!r}){suffix}"
-            ),
-        )
-        exc = WorkerCrashed(
-            f"{w.describe()} {what} while running the request{suffix}",
-            worker_id=w.id,
-            pid=w.pid,
-            exitcode=exitcode,
-            signal=sig,
-            stderr_tail=tail,
-        )
-        completed = next((row[4] for row in self._core.worker_stats() if row[0] == w.id), 0)
-        self._core.remove_worker(w.id, exc)
-        if self._runner is not None:
-            self._runner.worker_gone(w.id)
-        w.close_stderr()
-        self._workers.pop(w.id, None)
-        slot = self._slots[w.slot]
-        if slot.worker is w:
-            slot.worker = None
-        slot.last_id, slot.last_pid = w.id, w.pid
-        if w.retiring:
-            return  # its successor is already running
-        crashed = self._state == "running" and w.ready.done() and not w.ready.exception()
-        if crashed:
-            self._crashes += 1
-            slot.restarts += 1
-            slot.last_exit = what
-            if not completed:
-                # A worker that dies before finishing a single request is what a crash loop
-                # looks like (a broken handler or environment); one killed after doing work
-                # (OOM, an operator, chaos) is replaced at once.
-                slot.crashes.append(time.monotonic())
-            log.warning("%s %s; starting a replacement", w.describe(), what)
-        if self._state == "running" and not slot.respawning:
-            self._schedule_replace(slot, self._backoff(slot))
-        if not any(not x.lost for x in self._workers.values()) and not self._respawn_pending():
-            self._core.fail_queued(exc)
-
-    def _respawn_pending(self) -> bool:
-        return self._state == "running" and any(s.respawning for s in self._slots)
-
-    def _backoff(self, slot: _Slot) -> float:
-        now = time.monotonic()
-        recent = sum(1 for t in slot.crashes if now - t < CRASH_WINDOW)
-        delay = 0.0
-        if recent > CRASH_FREE_RESTARTS:
-            delay = min(0.1 * 2 ** (recent - CRASH_FREE_RESTARTS), MAX_BACKOFF)
-        if slot.failures:
-            delay = max(delay, min(0.1 * 2**slot.failures, MAX_BACKOFF))
-        if delay:
-            slot.last_exit = (
-                f"{slot.last_exit or 'crashed'}; crash loop: next start in {delay:.1f}s"
-            )
-            log.error(
-                "worker slot %d crashed %d times in %ss; backing off %.1fs",
-                slot.index,
-                recent,
-                CRASH_WINDOW,
-                delay,
-            )
-        return delay
-
-    def _schedule_replace(self, slot: _Slot, delay: float) -> None:
-        """Start a replacement for ``slot`` after ``delay``; until it is ready or gives up, the
-        slot counts as respawning (so queued requests wait for it rather than fail)."""
-        slot.respawning = True
-        self._background_task(self._replace(slot, delay))
-
-    async def _replace(self, slot: _Slot, delay: float) -> None:
-        again = False
-        try:
-            if delay:
-                await asyncio.sleep(delay)
-            if self._state != "running":
-                return
-            try:
-                w = self._spawn(slot)
-                await self._await_ready([w])
-            except WorkerStartupError as exc:
-                slot.failures += 1
-                slot.last_exit = f"replacement failed to start: {exc}"
-                log.error("could not start a replacement worker: %s", exc)
-                if not any(not x.lost and x.ready.done() for x in self._workers.values()):
-                    self._core.fail_queued(exc)
-                if self._state == "running":
-                    again = True
-                    self._schedule_replace(slot, self._backoff(slot))
-        finally:
-            if not again:
-                slot.respawning = False
+            sup.retire(w, str(payload))
+        elif name == EVENT_DRAINED:
+            sup.drained(w)
 
     # ----------------------------------------------------------------- shutdown
 
     async def _shutdown(self, grace: float) -> None:
         loop = self._loop
         assert loop is not None
-        core = self._core
-        for task in list(self._background):
-            task.cancel()
+        core, sup = self._core, self._supervisor
+        # What a request still running fails with, and one still waiting for a worker.
+        running = PoolClosed(
+            f"the pool was closed with grace={grace}s before the request completed"
+        )
+        waiting = PoolClosed(
+            f"the pool was closed with grace={grace}s while the request waited for a worker"
+        )
+        if sup is not None:
+            sup.begin_close(running, waiting)
         if core is not None and grace > 0:
             deadline = loop.time() + grace
             while core.outstanding() and loop.time() < deadline:
                 await asyncio.sleep(0.005)
-        closed = PoolClosed("the pool was closed before the request completed")
         if core is not None:
-            core.fail_queued(closed)
+            core.fail_queued(waiting)
         if self._runner is not None:
             self._runner.cancel_all()
-        workers = list(self._workers.values())
-        for w in workers:
-            if w.lost or core is None:
-                continue
-            if w.ready.done():
-                core.send_control(w.id, Channel.SHUTDOWN)
-            else:
-                w.kill(signal.SIGKILL)  # still starting: nothing to finish
-        for step, sig in ((EXIT_WAIT, signal.SIGTERM), (EXIT_WAIT, signal.SIGKILL)):
-            alive = [w for w in workers if not w.exited.done()]
-            if not alive:
-                break
-            await asyncio.wait([loop.create_task(w.wait_exit(step)) for w in alive])
-            for w in alive:
-                if not w.exited.done():
-                    w.kill(sig)
-        for w in workers:
-            if not w.exited.done() and not await w.wait_exit(KILL_WAIT):
-                log.error("%s did not exit after SIGKILL", w.describe())
-        for w in workers:
-            if not w.lost:
-                w.lost = True
-                loop.remove_reader(w.sock_fd)
-            self._fail_startup(w, closed)
-            w.read_stderr()
-            w.close_stderr()
-            if core is not None:
-                core.remove_worker(w.id, closed)
-            self._workers.pop(w.id, None)
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=KILL_WAIT)
+        if sup is not None:
+            await sup.shutdown()
 
     def _kill_now(self) -> None:
-        for w in list(self._workers.values()):
-            w.kill_now()
-
-
-def _rss(pid: int) -> int | None:
-    """Resident set size of ``pid`` in bytes."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
+        if self._supervisor is not None:
+            self._supervisor.kill_now()
 
 
 # Events after which a worker is lost (its connection is read no further).
