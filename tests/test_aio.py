@@ -1,8 +1,8 @@
 """kameo._aio: the one module that reads asyncio's private state.
 
 On the CPython running the tests the default loop must be recognised and awaited asks must
-really wait outside the loop (a fast path silently switched off would still pass every other
-test). A loop of another shape must make kameo await through the loop, with the same results.
+really wait outside the loop (switched off, the fast path would cost speed, not correctness).
+A loop of another shape must make kameo await through the loop, with the same results.
 """
 
 from __future__ import annotations
