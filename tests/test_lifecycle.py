@@ -149,6 +149,104 @@ async def test_close_does_not_wait_beyond_grace():
         await asyncio.wait_for(task, 5.0)
 
 
+async def test_close_fails_the_running_and_the_prefetched_requests_with_pool_closed(
+    tmp_path: Path,
+):
+    """A long request running and two sent ahead behind it on the same worker: close(grace)
+    ends them all with PoolClosed (the pool was closed, no worker crashed), the running one
+    naming the grace it was given."""
+    started = tmp_path / "started"
+    async with kameo.Pool(f"{BASIC}:cmd", size=1, max_concurrency=1, prefetch=2) as pool:
+        first = asyncio.ensure_future(
+            pool.ask({"op": "sleep", "seconds": 30.0, "started": str(started)}, timeout=60.0)
+        )
+        assert await async_wait_until(started.exists, 10.0), "the first request did not start"
+        behind = [
+            asyncio.ensure_future(pool.ask({"op": "sleep", "seconds": 30.0}, timeout=60.0))
+            for _ in range(2)
+        ]
+        assert await async_wait_until(lambda: pool.workers[0].in_flight == 3, 10.0), (
+            "the two requests behind were not sent ahead to the busy worker"
+        )
+        await pool.close(grace=0.5)
+        results = await asyncio.wait_for(
+            asyncio.gather(first, *behind, return_exceptions=True), 10.0
+        )
+    assert all(isinstance(r, kameo.PoolClosed) for r in results), results
+    assert not any(isinstance(r, kameo.WorkerCrashed) for r in results), results
+    assert "grace=0.5s" in str(results[0]), results[0]
+    assert "before the request completed" in str(results[0]), results[0]
+    assert pool.stats().crashes == 0
+
+
+async def test_a_cancelled_request_still_running_at_close_is_killed_not_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A cancelled sync request outlives cancel_grace while the pool closes (what Ctrl-C in
+    ``async with Pool`` does): its worker is killed, nothing is replaced, and the log says so."""
+    caplog.set_level(logging.INFO, logger="kameo")
+    started = tmp_path / "started"
+    pool = kameo.Pool(f"{BASIC}:cmd", size=1, cancel_grace=0.3)
+    await pool.start()
+    task = asyncio.ensure_future(
+        pool.ask({"op": "sleep", "seconds": 30.0, "started": str(started)})
+    )
+    assert await async_wait_until(started.exists, 10.0), "the request did not start"
+    task.cancel()
+    await pool.close(grace=5.0)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    messages = [r.getMessage() for r in caplog.records if r.name == "kameo"]
+    assert not any("replac" in m for m in messages), messages
+    assert any(
+        "did not stop a cancelled request within cancel_grace=0.3s; killing it (the pool is "
+        "closing)" in m
+        for m in messages
+    ), messages
+    assert pool.stats().crashes == 0
+
+
+CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, logging, os, signal, sys
+    import kameo
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="LOG %(message)s")
+
+    async def main():
+        async with kameo.Pool("handlers.basic:cmd", size=2) as pool:
+            started = [os.path.join(sys.argv[1], f"started{i}") for i in range(2)]
+            asks = [pool.ask({"op": "sleep", "seconds": 30.0, "started": f}) for f in started]
+            while not all(os.path.exists(f) for f in started):
+                await asyncio.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.gather(*asks)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_ctrl_c_with_sync_handlers_running_replaces_no_worker(tmp_path: Path):
+    script = tmp_path / "parent.py"
+    script.write_text(CTRL_C_SCRIPT)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=60,
+    )
+    stderr = proc.stderr.decode(errors="replace")
+    assert "KeyboardInterrupt" in stderr, stderr
+    logs = [line for line in stderr.splitlines() if line.startswith("LOG ")]
+    assert not any("replac" in line for line in logs), stderr
+    killed = [line for line in logs if "killing it (the pool is closing)" in line]
+    assert len(killed) == 2, stderr  # one per worker, each once
+
+
 # --------------------------------------------------------------------------- parent SIGKILL
 
 PARENT_SCRIPT = textwrap.dedent(

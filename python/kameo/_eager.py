@@ -23,6 +23,8 @@ import sys
 from collections.abc import Coroutine, Generator
 from typing import Any
 
+from kameo import _aio
+
 __all__ = ["EagerStarter"]
 
 
@@ -57,10 +59,10 @@ if sys.version_info >= (3, 12):
             return None if task.done() else task
 
 else:
-    _enter_task = asyncio.tasks._enter_task
-    _leave_task = asyncio.tasks._leave_task
-    # asyncio.current_task(loop) without its Python frame: the registry _enter_task fills.
-    _current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
+    # Private asyncio state, read in _aio; all three exist on 3.11.
+    _enter_task: Any = _aio.enter_task
+    _leave_task: Any = _aio.leave_task
+    _current_task = _aio.current_task
 
     class _Resume:
         """Drives a coroutine, in its own context, from where its first step stopped
@@ -116,8 +118,7 @@ else:
         def send(self, value: Any) -> Any:
             if self.inner is None and not self._take(None):
                 assert self.handoff is not None
-                self.handoff._asyncio_future_blocking = True  # wait for it, as `await` does
-                return self.handoff
+                return _aio.wait_on(self.handoff)  # wait for it, as `await` does
             assert self.inner is not None
             return self.inner.send(value)
 

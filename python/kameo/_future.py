@@ -14,6 +14,8 @@ import collections.abc
 from collections.abc import Callable, Generator
 from typing import Any
 
+from kameo._aio import wait_on
+
 __all__ = ["AskFuture"]
 
 
@@ -41,10 +43,7 @@ class AskFuture(asyncio.Future[Any]):
             while wait is not None and wait(self) and not self.done():
                 pass
             if not self.done():
-                self._asyncio_future_blocking = True
-                yield self
-                if not self.done():
-                    raise RuntimeError("await wasn't used with future")
+                return (yield from _future_await(self))  # wait through the loop
         return self.result()
 
     __iter__ = __await__
@@ -64,8 +63,7 @@ class AskFuture(asyncio.Future[Any]):
     # The coroutine protocol, driven by a Task: yield this future until it is done.
     def send(self, value: Any) -> Any:
         if not self.done():
-            self._asyncio_future_blocking = True
-            return self
+            return wait_on(self)
         raise StopIteration(self.result())
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
@@ -82,5 +80,7 @@ class AskFuture(asyncio.Future[Any]):
     def close(self) -> None:
         pass
 
+
+_future_await = asyncio.Future.__await__
 
 collections.abc.Coroutine.register(AskFuture)

@@ -55,6 +55,7 @@ class WorkerProcess:
         self.lost = False
         self.retiring = False
         self.hung = False
+        self.stopping = False  # the pool is stopping it (close): what it had fails as PoolClosed
         self.started_at = time.monotonic()
 
     def describe(self) -> str:

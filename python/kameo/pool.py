@@ -7,17 +7,13 @@ import atexit
 import logging
 import os
 import secrets
-import selectors
-import signal
 import sys
-import time
 import weakref
-from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
-from kameo import _eager, _native, _signals
+from kameo import _aio, _eager, _native, _signals
 from kameo._context import traceparent as _traceparent
 from kameo._future import AskFuture
 from kameo._native import (
@@ -34,15 +30,10 @@ from kameo._native import (
     EVENT_RETIRE,
     EVENT_STARTUP_FAILED,
 )
-from kameo._process import WorkerProcess, exit_text
+from kameo._process import WorkerProcess
+from kameo._supervisor import Supervisor, SupervisorOptions
 from kameo.callbacks import CallbackRunner, Callbacks
-from kameo.errors import (
-    CallTimeout,
-    HandlerTypeError,
-    PoolClosed,
-    WorkerCrashed,
-    WorkerStartupError,
-)
+from kameo.errors import CallTimeout, HandlerTypeError, PoolClosed
 from kameo.stream import Stream
 
 __all__ = ["Pool", "PoolStats", "WorkerInfo"]
@@ -56,39 +47,15 @@ AUTO_PREFETCH_MAX = 64
 #: Longest wait for an answer outside the event loop (seconds); then the loop waits.
 WAIT_ANSWER_MAX = 0.05
 
-
-_enter_task = asyncio.tasks._enter_task
-_leave_task = asyncio.tasks._leave_task
-_current_task = asyncio.current_task
-
-
-def _selector_fd(loop: asyncio.AbstractEventLoop) -> int:
-    """The fd of the loop's selector if it is a plain selector event loop (whose private
-    ``_ready``, ``_scheduled`` and ``_stopping`` ``Pool._wait_answer`` reads), else -1."""
-    if not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
-        return -1
-    selector: Any = getattr(loop, "_selector", None)
-    try:
-        fd = selector.fileno() if isinstance(selector, selectors.EpollSelector) else -1
-    except (AttributeError, OSError, ValueError):
-        return -1
-    if not all(
-        hasattr(loop, name) for name in ("_ready", "_scheduled", "_stopping", "_task_factory")
-    ):
-        return -1
-    return int(fd)
+_current_task = _aio.current_task
+# Only called once _aio.probe() accepted the loop, which it does only where both exist.
+_enter_task: Any = _aio.enter_task
+_leave_task: Any = _aio.leave_task
 
 
 #: Bytes-like values and numpy arrays from this size travel in shared memory.
 DEFAULT_SHM_THRESHOLD = 1 * MiB
 DEFAULT_STREAM_WINDOW = 256
-# Bounds on waiting for a worker to go once it has been told to (each step of close()).
-EXIT_WAIT = 1.0
-KILL_WAIT = 5.0
-# Crash-loop protection: this many crashes of one slot within the window back off.
-CRASH_WINDOW = 10.0
-CRASH_FREE_RESTARTS = 3
-MAX_BACKOFF = 5.0
 Channel = _native.Channel
 
 
@@ -130,21 +97,6 @@ class PoolStats:
     cancelled: int
     p50: float | None
     p99: float | None
-
-
-class _Slot:
-    """One of the ``size`` places in the pool; its process changes when it is replaced."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.worker: WorkerProcess | None = None
-        self.restarts = 0
-        self.crashes: deque[float] = deque(maxlen=CRASH_FREE_RESTARTS + 8)
-        self.last_exit: str | None = None
-        self.last_id = -1
-        self.last_pid = 0
-        self.failures = 0  # consecutive replacements that failed to start
-        self.respawning = False
 
 
 class Pool:
@@ -228,22 +180,19 @@ class Pool:
         self._allow_pickle = allow_pickle
         self._shm_threshold = shm_threshold
         self._secret = secrets.token_bytes(32)
-        self._slots = [_Slot(i) for i in range(size)]
-        self._workers: dict[int, WorkerProcess] = {}
-        self._next_worker_id = 0
         self._core: Any = None
+        self._supervisor: Supervisor | None = None
+        self._workers: dict[int, WorkerProcess] = {}  # the supervisor's, once started
         self._runner: CallbackRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = "new"  # new -> starting -> running -> closing -> closed
         self._closed_event: asyncio.Event | None = None
-        self._background: set[asyncio.Task[Any]] = set()
         self._handler_kind = ""
-        self._crashes = 0
         self._timeouts = 0
         self._cancelled = 0
         self._abandon_cb = self._abandon
-        # The selector's fd of a selector event loop (-1: no direct waits, e.g. uvloop).
-        self._loop_fd = -1
+        # The loop's state for direct waits (None: the loop is not one _aio knows, e.g. uvloop).
+        self._direct: _aio.DirectWait | None = None
         self._answer_waits = 0  # waits made by _wait_answer (tests check it is used)
 
     # ----------------------------------------------------------------- public API
@@ -256,12 +205,13 @@ class Pool:
     @property
     def workers(self) -> list[WorkerInfo]:
         """A snapshot of each worker process (and of each slot waiting for a replacement)."""
-        if self._core is None:
+        sup = self._supervisor
+        if sup is None:
             return []
         live = {row[0]: row for row in self._core.worker_stats()}
         out = []
-        for slot in self._slots:
-            procs = [w for w in self._workers.values() if w.slot == slot.index and not w.lost]
+        for slot in sup.slots:
+            procs = [w for w in sup.workers.values() if w.slot == slot.index and not w.lost]
             for w in sorted(procs, key=lambda w: w.id):
                 wid, pid, state, in_flight, completed = live.get(
                     w.id, (w.id, w.pid, "starting", 0, 0)
@@ -297,14 +247,14 @@ class Pool:
 
     def stats(self) -> PoolStats:
         """Counters since the pool started, and request latency percentiles (seconds)."""
-        if self._core is None:
+        if self._core is None or self._supervisor is None:
             return PoolStats(0, 0, 0, 0, 0, 0, 0, None, None)
         completed, errors, retries, p50, p99 = self._core.stats()
         return PoolStats(
             self._core.asks,
             completed,
             errors,
-            self._crashes,
+            self._supervisor.crashes,
             retries,
             self._timeouts,
             self._cancelled,
@@ -335,7 +285,7 @@ class Pool:
             return
         self._state = "starting"
         loop = self._loop = asyncio.get_running_loop()
-        self._loop_fd = _selector_fd(loop)
+        self._direct = _aio.probe(loop)
         self._core = _native.PoolCore(
             loop,
             self._on_event,
@@ -351,19 +301,32 @@ class Pool:
             allow_pickle=self._allow_pickle,
             shm_threshold=self._shm_threshold,
         )
-        self._runner = CallbackRunner(
+        runner = self._runner = CallbackRunner(
             self._callbacks, self._core, loop, self._stream_window, Channel
         )
+        options = SupervisorOptions(
+            target=self.target,
+            python=self._python,
+            env=self._env,
+            cwd=self._cwd,
+            secret=self._secret,
+            startup_timeout=self._startup_timeout,
+            heartbeat_timeout=self._heartbeat_timeout,
+            max_memory=self._max_memory,
+            cancel_grace=self._cancel_grace,
+        )
+        sup = self._supervisor = Supervisor(
+            loop, self._core, self._size, options, on_worker_gone=runner.worker_gone
+        )
+        self._workers = sup.workers  # the same dict, read by _on_event
         _live_pools.add(self)
         _signals.acquire(loop, lambda: list(_live_pools))
         try:
-            workers = [self._spawn(slot) for slot in self._slots]
-            await self._await_ready(workers)
+            await sup.start()
         except BaseException:
             await self.close(grace=0)
             raise
         self._state = "running"
-        self._background_task(self._supervise())
 
     def ask(
         self,
@@ -422,7 +385,7 @@ class Pool:
             return fut
         fut._kameo_rid = rid
         fut._kameo_abandon = self._abandon_cb
-        fut._kameo_wait = self._wait_answer if self._loop_fd >= 0 else None
+        fut._kameo_wait = self._wait_answer if self._direct is not None else None
         return fut
 
     def stream(
@@ -442,7 +405,15 @@ class Pool:
             )
         if timeout is None:
             timeout = self._default_timeout
-        return Stream(self, msg, timeout, traceparent or _traceparent.get())
+        assert self._loop is not None
+        return Stream(
+            self._core,
+            self._loop,
+            self._count_abandoned,
+            msg,
+            timeout,
+            traceparent or _traceparent.get(),
+        )
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop the pool: refuse new asks, let in-flight ones finish within ``grace`` seconds,
@@ -481,25 +452,21 @@ class Pool:
         ``ppoll`` on the worker's socket and the selector (so any other event, a due timer, a
         signal or a thread's ``call_soon_threadsafe`` still ends the wait at once), and resume
         the awaiting task without a loop iteration."""
-        loop: Any = self._loop
-        core = self._core
-        if core is None or loop._ready or loop._stopping or _eager.stepping.depth:
+        direct = self._direct
+        if direct is None or _eager.stepping.depth:  # an eager first step nests in another's
             return False
-        if loop._task_factory is not None:  # eager tasks (3.12+) nest in the step of another
+        timeout = direct.budget(WAIT_ANSWER_MAX)
+        if timeout is None:
             return False
-        timeout = WAIT_ANSWER_MAX
-        if loop._scheduled:
-            timeout = min(timeout, loop._scheduled[0]._when - loop.time())
-            if timeout <= 0:
-                return False
         self._answer_waits += 1
+        loop = direct.loop
         # Whatever the answers bring (a worker's callback into this process) runs as it would
         # from the loop: outside the awaiting task, which is suspended meanwhile.
         task = _current_task(loop)
         if task is not None:
             _leave_task(loop, task)
         try:
-            return bool(core.wait_answer(fut._kameo_rid, self._loop_fd, timeout))
+            return bool(self._core.wait_answer(fut._kameo_rid, direct.fd, timeout))
         except Exception as exc:  # as the loop does with an error in a callback: report it
             loop.call_exception_handler(
                 {"message": "kameo: error while reading a worker's answers", "exception": exc}
@@ -528,19 +495,8 @@ class Pool:
         if wid is None:
             return  # still queued (it will be skipped) or already answered
         core.cancel(rid)
-        self._loop.call_later(self._cancel_grace, self._enforce_cancel, wid, rid)
-
-    def _enforce_cancel(self, wid: int, rid: int) -> None:
-        if self._core is None or self._core.running_on(rid) != wid:
-            return
-        w = self._workers.get(wid)
-        if w is not None and not w.lost:
-            log.warning(
-                "%s did not stop a cancelled request within cancel_grace=%ss; replacing it",
-                w.describe(),
-                self._cancel_grace,
-            )
-            w.kill(signal.SIGKILL)
+        assert self._supervisor is not None
+        self._loop.call_later(self._cancel_grace, self._supervisor.enforce_cancel, wid, rid)
 
     # ----------------------------------------------------------------- internals
 
@@ -550,13 +506,6 @@ class Pool:
         if self._state == "starting":
             return "the pool is still starting"
         return "the pool is closed"
-
-    def _background_task(self, coro: Any) -> asyncio.Task[Any]:
-        assert self._loop is not None
-        task = self._loop.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
 
     def _welcome(self) -> dict[str, Any]:
         same_interpreter = os.path.realpath(self._python) == os.path.realpath(sys.executable)
@@ -577,61 +526,15 @@ class Pool:
             "shm_threshold": self._shm_threshold,
         }
 
-    def _spawn(self, slot: _Slot) -> WorkerProcess:
-        loop = self._loop
-        assert loop is not None
-        worker_id = self._next_worker_id
-        self._next_worker_id += 1
-        env = dict(os.environ)
-        env.update(self._env)
-        env["KAMEO_WORKER_ID"] = str(worker_id)
-        env["KAMEO_PARENT_PID"] = str(os.getpid())
-        argv = [self._python, "-m", "kameo._worker"]
-        try:
-            pid, sock_fd, stderr_fd, progress_fd = _native.spawn_worker(
-                argv, list(env.items()), self._cwd, self._secret
-            )
-        except OSError as exc:
-            raise WorkerStartupError(
-                f"cannot start a worker for {self.target!r} with python {self._python!r}: {exc}"
-            ) from exc
-        w = WorkerProcess(loop, worker_id, slot.index, pid, sock_fd, stderr_fd)
-        self._workers[worker_id] = w
-        if not w.retiring:
-            slot.worker = w
-        self._core.add_worker(worker_id, pid, sock_fd, progress_fd)
-        loop.add_reader(sock_fd, self._core.on_readable, worker_id)
-        w.watch(self._on_exit)
-        return w
-
-    async def _await_ready(self, workers: list[WorkerProcess]) -> None:
-        waits = [w.ready for w in workers]
-        done, pending = await asyncio.wait(waits, timeout=self._startup_timeout)
-        failures = [f.exception() for f in done if f.exception() is not None]
-        if failures:
-            first = failures[0]
-            assert first is not None
-            if len(failures) > 1:
-                raise WorkerStartupError(f"{first} ({len(failures)} workers failed)") from None
-            raise first
-        if pending:
-            late = [w for w in workers if not w.ready.done()]
-            names = ", ".join(w.describe() for w in late)
-            tail = late[0].tail()
-            for w in late:
-                w.kill(signal.SIGKILL)
-            raise WorkerStartupError(
-                f"{names} did not finish starting {self.target!r} within "
-                f"startup_timeout={self._startup_timeout}s"
-                + (f"; last stderr lines:\n{tail}" if tail else "")
-            )
-
     def _on_event(self, worker_id: int, name: str, payload: Any) -> None:
+        """An event from the core about one worker: callbacks go to the runner, lifecycle
+        events to the supervisor."""
         w = self._workers.get(worker_id)
         if w is None:
             return
         runner = self._runner
-        assert runner is not None
+        sup = self._supervisor
+        assert runner is not None and sup is not None
         if name == EVENT_CALLBACK:
             runner.start(worker_id, payload)
         elif name == EVENT_CALLBACK_CREDIT:
@@ -641,264 +544,52 @@ class Pool:
         elif name == EVENT_READY:
             if isinstance(payload, dict):
                 self._handler_kind = str(payload.get("kind", ""))
-            if not w.ready.done():
-                w.ready.set_result(payload)
-            self._slots[w.slot].failures = 0
-            self._core.dispatch_queued()
+            sup.ready(w, payload)
         elif name == EVENT_STARTUP_FAILED:
-            info = payload if isinstance(payload, dict) else {}
-            message = (
-                f"{w.describe()} could not {info.get('stage', 'load target')} "
-                f"{info.get('what', repr(self.target))}: "
-                f"{info.get('type', '?')}: {info.get('message', '')}"
-            )
-            tb = info.get("traceback")
-            if tb:
-                message += f"\n\nWorker traceback:\n{tb.rstrip()}"
-            self._fail_startup(w, WorkerStartupError(message))
+            sup.startup_failed(w, payload)
         elif name == EVENT_REJECTED:
-            self._fail_startup(w, WorkerStartupError(f"{w.describe()} was refused: {payload}"))
-            self._lose(w, f"handshake refused: {payload}")
+            sup.rejected(w, payload)
         elif name in _LOST:
             reason = {EVENT_EOF: "closed its connection"}.get(name, f"{name}: {payload}")
             if name == EVENT_PROTOCOL_ERROR:
                 log.error("%s broke the protocol, replacing it: %s", w.describe(), payload)
-            self._lose(w, reason)
+            sup.lose(w, reason)
         elif name == EVENT_PROTOCOL_WARNING:
             log.warning("%s", payload)
         elif name == EVENT_RETIRE:
-            self._retire(w, str(payload))
-        elif name == EVENT_DRAINED and w.retiring:
-            self._core.send_control(w.id, Channel.SHUTDOWN)
-
-    def _fail_startup(self, w: WorkerProcess, exc: BaseException) -> None:
-        if not w.ready.done():
-            w.ready.set_exception(exc)
-            w.ready.exception()  # retrieved: the waiter may be gone already
-
-    # ----------------------------------------------------------------- supervision
-
-    async def _supervise(self) -> None:
-        """Heartbeats and memory limits, checked a few times per heartbeat timeout."""
-        tick = min(self._heartbeat_timeout / 4, 0.5)
-        while self._state == "running":
-            await asyncio.sleep(tick)
-            for wid in self._core.silent_workers(self._heartbeat_timeout):
-                w = self._workers.get(wid)
-                if w is not None and not w.lost:
-                    log.error(
-                        "%s sent nothing for heartbeat_timeout=%ss; killing it",
-                        w.describe(),
-                        self._heartbeat_timeout,
-                    )
-                    w.hung = True
-                    w.kill(signal.SIGKILL)
-            if self._max_memory is not None:
-                for w in list(self._workers.values()):
-                    if not w.lost and not w.retiring and w.ready.done():
-                        rss = _rss(w.pid)
-                        if rss is not None and rss > self._max_memory:
-                            why = f"max_memory_per_worker ({rss} > {self._max_memory} bytes)"
-                            self._retire(w, why)  # first: the core may report it drained at once
-                            self._core.retire(w.id)
-
-    def _retire(self, w: WorkerProcess, why: str) -> None:
-        """Replace ``w`` gracefully: its successor starts now, it leaves once idle."""
-        if w.retiring or w.lost or self._state != "running":
-            return
-        log.info("%s retires: %s", w.describe(), why)
-        w.retiring = True
-        slot = self._slots[w.slot]
-        slot.last_exit = f"retired: {why}"
-        self._schedule_replace(slot, 0.0)
-
-    def _on_exit(self, w: WorkerProcess) -> None:
-        """The pidfd is readable: the process has exited. Reap it."""
-        w.reap()
-        if not w.lost:
-            self._lose(w, "exited")
-
-    def _lose(self, w: WorkerProcess, reason: str) -> None:
-        """The worker is gone or unusable: reap it, fail what it had started, requeue the rest,
-        and start a replacement."""
-        if w.lost:
-            return
-        w.lost = True
-        assert self._loop is not None
-        self._loop.remove_reader(w.sock_fd)
-        self._background_task(self._finish_loss(w, reason))
-
-    async def _finish_loss(self, w: WorkerProcess, reason: str) -> None:
-        if not await w.wait_exit(0.5 if self._state != "closing" else EXIT_WAIT):
-            w.kill(signal.SIGKILL)
-            await w.wait_exit(KILL_WAIT)
-        w.read_stderr()  # collect the last lines
-        if w.exited.done() and w.exited.result() >= 0:
-            what, exitcode, sig = exit_text(w.exited.result())
-            if reason not in ("exited", "closed its connection"):
-                what = f"was dropped ({reason}) and {what}"
-        else:
-            what, exitcode, sig = reason, None, None
-        if w.hung:
-            what = f"stopped sending heartbeats for {self._heartbeat_timeout}s and was killed"
-        tail = w.tail()
-        suffix = f"; last stderr lines:\n{tail}" if tail else ""
-        self._fail_startup(
-            w,
-            WorkerStartupError(
-                f"{w.describe()} {what} before it was ready (target {self.target!r}){suffix}"
-            ),
-        )
-        exc = WorkerCrashed(
-            f"{w.describe()} {what} while running the request{suffix}",
-            worker_id=w.id,
-            pid=w.pid,
-            exitcode=exitcode,
-            signal=sig,
-            stderr_tail=tail,
-        )
-        completed = next((row[4] for row in self._core.worker_stats() if row[0] == w.id), 0)
-        self._core.remove_worker(w.id, exc)
-        if self._runner is not None:
-            self._runner.worker_gone(w.id)
-        w.close_stderr()
-        self._workers.pop(w.id, None)
-        slot = self._slots[w.slot]
-        if slot.worker is w:
-            slot.worker = None
-        slot.last_id, slot.last_pid = w.id, w.pid
-        if w.retiring:
-            return  # its successor is already running
-        crashed = self._state == "running" and w.ready.done() and not w.ready.exception()
-        if crashed:
-            self._crashes += 1
-            slot.restarts += 1
-            slot.last_exit = what
-            if not completed:
-                # A worker that dies before finishing a single request is what a crash loop
-                # looks like (a broken handler or environment); one killed after doing work
-                # (OOM, an operator, chaos) is replaced at once.
-                slot.crashes.append(time.monotonic())
-            log.warning("%s %s; starting a replacement", w.describe(), what)
-        if self._state == "running" and not slot.respawning:
-            self._schedule_replace(slot, self._backoff(slot))
-        if not any(not x.lost for x in self._workers.values()) and not self._respawn_pending():
-            self._core.fail_queued(exc)
-
-    def _respawn_pending(self) -> bool:
-        return self._state == "running" and any(s.respawning for s in self._slots)
-
-    def _backoff(self, slot: _Slot) -> float:
-        now = time.monotonic()
-        recent = sum(1 for t in slot.crashes if now - t < CRASH_WINDOW)
-        delay = 0.0
-        if recent > CRASH_FREE_RESTARTS:
-            delay = min(0.1 * 2 ** (recent - CRASH_FREE_RESTARTS), MAX_BACKOFF)
-        if slot.failures:
-            delay = max(delay, min(0.1 * 2**slot.failures, MAX_BACKOFF))
-        if delay:
-            slot.last_exit = (
-                f"{slot.last_exit or 'crashed'}; crash loop: next start in {delay:.1f}s"
-            )
-            log.error(
-                "worker slot %d crashed %d times in %ss; backing off %.1fs",
-                slot.index,
-                recent,
-                CRASH_WINDOW,
-                delay,
-            )
-        return delay
-
-    def _schedule_replace(self, slot: _Slot, delay: float) -> None:
-        """Start a replacement for ``slot`` after ``delay``; until it is ready or gives up, the
-        slot counts as respawning (so queued requests wait for it rather than fail)."""
-        slot.respawning = True
-        self._background_task(self._replace(slot, delay))
-
-    async def _replace(self, slot: _Slot, delay: float) -> None:
-        again = False
-        try:
-            if delay:
-                await asyncio.sleep(delay)
-            if self._state != "running":
-                return
-            try:
-                w = self._spawn(slot)
-                await self._await_ready([w])
-            except WorkerStartupError as exc:
-                slot.failures += 1
-                slot.last_exit = f"replacement failed to start: {exc}"
-                log.error("could not start a replacement worker: %s", exc)
-                if not any(not x.lost and x.ready.done() for x in self._workers.values()):
-                    self._core.fail_queued(exc)
-                if self._state == "running":
-                    again = True
-                    self._schedule_replace(slot, self._backoff(slot))
-        finally:
-            if not again:
-                slot.respawning = False
+            sup.retire(w, str(payload))
+        elif name == EVENT_DRAINED:
+            sup.drained(w)
 
     # ----------------------------------------------------------------- shutdown
 
     async def _shutdown(self, grace: float) -> None:
         loop = self._loop
         assert loop is not None
-        core = self._core
-        for task in list(self._background):
-            task.cancel()
+        core, sup = self._core, self._supervisor
+        # What a request still running fails with, and one still waiting for a worker.
+        running = PoolClosed(
+            f"the pool was closed with grace={grace}s before the request completed"
+        )
+        waiting = PoolClosed(
+            f"the pool was closed with grace={grace}s while the request waited for a worker"
+        )
+        if sup is not None:
+            sup.begin_close(running, waiting)
         if core is not None and grace > 0:
             deadline = loop.time() + grace
             while core.outstanding() and loop.time() < deadline:
                 await asyncio.sleep(0.005)
-        closed = PoolClosed("the pool was closed before the request completed")
         if core is not None:
-            core.fail_queued(closed)
+            core.fail_queued(waiting)
         if self._runner is not None:
             self._runner.cancel_all()
-        workers = list(self._workers.values())
-        for w in workers:
-            if w.lost or core is None:
-                continue
-            if w.ready.done():
-                core.send_control(w.id, Channel.SHUTDOWN)
-            else:
-                w.kill(signal.SIGKILL)  # still starting: nothing to finish
-        for step, sig in ((EXIT_WAIT, signal.SIGTERM), (EXIT_WAIT, signal.SIGKILL)):
-            alive = [w for w in workers if not w.exited.done()]
-            if not alive:
-                break
-            await asyncio.wait([loop.create_task(w.wait_exit(step)) for w in alive])
-            for w in alive:
-                if not w.exited.done():
-                    w.kill(sig)
-        for w in workers:
-            if not w.exited.done() and not await w.wait_exit(KILL_WAIT):
-                log.error("%s did not exit after SIGKILL", w.describe())
-        for w in workers:
-            if not w.lost:
-                w.lost = True
-                loop.remove_reader(w.sock_fd)
-            self._fail_startup(w, closed)
-            w.read_stderr()
-            w.close_stderr()
-            if core is not None:
-                core.remove_worker(w.id, closed)
-            self._workers.pop(w.id, None)
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=KILL_WAIT)
+        if sup is not None:
+            await sup.shutdown()
 
     def _kill_now(self) -> None:
-        for w in list(self._workers.values()):
-            w.kill_now()
-
-
-def _rss(pid: int) -> int | None:
-    """Resident set size of ``pid`` in bytes."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
+        if self._supervisor is not None:
+            self._supervisor.kill_now()
 
 
 # Events after which a worker is lost (its connection is read no further).

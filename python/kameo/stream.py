@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kameo.errors import CallTimeout
-
-if TYPE_CHECKING:
-    from kameo.pool import Pool
 
 __all__ = ["Stream"]
 
@@ -43,12 +41,21 @@ class Stream:
         "_trace",
     )
 
-    def __init__(self, pool: Pool, msg: Any, timeout: float | None, trace: str | None) -> None:
-        assert pool._loop is not None
-        self._core = pool._core
-        # Counts a stream the caller left before its end (cancelled, or timed out).
-        self._on_abandon = pool._count_abandoned
-        self._loop: asyncio.AbstractEventLoop = pool._loop
+    def __init__(
+        self,
+        core: Any,
+        loop: asyncio.AbstractEventLoop,
+        on_abandon: Callable[[bool], None],
+        msg: Any,
+        timeout: float | None,
+        trace: str | None,
+    ) -> None:
+        """Made by ``Pool.stream``: ``core`` is the pool's ``PoolCore`` (which submits the
+        request and buffers its items), ``on_abandon(timed_out)`` counts a stream the caller
+        left before its end (cancelled, or timed out)."""
+        self._core = core
+        self._on_abandon = on_abandon
+        self._loop = loop
         self._msg = msg
         self._timeout = timeout
         self._trace = trace
