@@ -793,22 +793,5 @@ async def test_async_worker_waits_for_callback_items_without_a_loop_iteration():
     async with kameo.Pool(_target("echo_round_trips"), size=1, callbacks=callbacks) as pool:
         out = await asyncio.wait_for(pool.ask({"n": 50}), BOUND)
     assert out["items"] == list(range(50))
-    assert out["loop_fd"] >= 0
+    assert out["direct"]
     assert out["here_waits"] >= 40  # (the first may find the loop with work to do)
-
-
-def test_a_loop_that_is_not_epoll_based_never_waits_outside_the_loop():
-    import selectors
-
-    from kameo import _serve_async
-
-    loop = asyncio.SelectorEventLoop(selectors.PollSelector())
-    try:
-        assert _serve_async._selector_fd(loop) == -1
-    finally:
-        loop.close()
-    loop = asyncio.SelectorEventLoop(selectors.EpollSelector())
-    try:
-        assert _serve_async._selector_fd(loop) >= 0
-    finally:
-        loop.close()

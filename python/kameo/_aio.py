@@ -2,7 +2,9 @@
 
 kameo's fast paths need two things asyncio has no public API for:
 
-* **Waiting outside the loop** (``Pool._wait_answer``): an awaited ask may wait for its answer
+* **Waiting outside the loop** (the parent's ``Pool._wait_answer``, the worker's
+  ``AsyncServer.wait_here``): an awaited ask, or a worker handler's ``async for`` over a
+  callback, may wait for its answer
   in one ``ppoll`` instead of a loop iteration, but only while the loop has nothing else to do.
   Whether it has is private state of a selector event loop: its ready queue (``_ready``), its
   timer heap (``_scheduled``) and ``_stopping``; the ``ppoll`` also watches the selector's own

@@ -14,13 +14,12 @@ import contextlib
 import contextvars
 import functools
 import inspect
-import selectors
 import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from kameo import _eager, _error_info, _native
+from kameo import _aio, _eager, _error_info, _native
 from kameo._eager import EagerStarter
 from kameo._handler import ASYNC, ASYNCGEN, Flow, Threads, produce
 from kameo._runtime import (
@@ -34,43 +33,8 @@ from kameo._runtime import (
     traceparent,
 )
 
-_current_task = asyncio.current_task
-_enter_task = asyncio.tasks._enter_task
-_leave_task = asyncio.tasks._leave_task
-
-
 #: Longest wait for a callback's item outside the event loop (seconds); then the loop waits.
 WAIT_HERE_MAX = 0.05
-
-
-def _selector_fd(loop: asyncio.AbstractEventLoop) -> int:
-    """The loop's epoll fd if it is a plain selector loop whose private state
-    :func:`_idle_budget` can read, else -1 (then handlers always await through the loop)."""
-    if not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
-        return -1
-    selector: Any = getattr(loop, "_selector", None)
-    try:
-        fd = selector.fileno() if isinstance(selector, selectors.EpollSelector) else -1
-    except (AttributeError, OSError, ValueError):
-        return -1
-    if not all(hasattr(loop, name) for name in ("_ready", "_scheduled", "_stopping")):
-        return -1
-    return int(fd)
-
-
-def _idle_budget(loop: Any) -> float | None:
-    """How long the loop could block in its selector now (it has nothing to run), capped at
-    ``WAIT_HERE_MAX``; None if it has something to run."""
-    if loop._ready or loop._stopping or _eager.stepping.depth:
-        return None
-    if loop.get_task_factory() is not None:  # eager tasks (3.12+) nest in the step of another
-        return None
-    budget = WAIT_HERE_MAX
-    if loop._scheduled:
-        budget = min(budget, loop._scheduled[0]._when - loop.time())
-        if budget <= 0:
-            return None
-    return budget
 
 
 async def serve(
@@ -117,7 +81,7 @@ class AsyncServer:
         self.writer = False  # waiting for the socket to take more (add_writer)
         self.pumping = False  # pump() is starting requests
         self.eager = EagerStarter(loop)
-        self.loop_fd = _selector_fd(loop)  # -1: never wait outside the loop (wait_here)
+        self.direct = _aio.probe(loop)  # None: never wait outside the loop (wait_here)
         self.here_waits = 0  # waits done by wait_here (tests check that the fast path runs)
         # Each request runs in a fresh copy of this, never in the context of the request whose
         # end started it.
@@ -157,24 +121,27 @@ class AsyncServer:
         ``call_soon_threadsafe`` ends the wait at once), and handle what arrived as the loop
         would, outside the waiting task. True if frames were read: the caller looks again
         without a loop iteration (about a third of a callback round trip)."""
-        loop = self.loop
-        if self.loop_fd < 0 or self.writer or threading.get_ident() != self.thread:
+        direct = self.direct
+        if direct is None or self.writer or _eager.stepping.depth:
             return False
-        budget = _idle_budget(loop)
+        if threading.get_ident() != self.thread:
+            return False
+        budget = direct.budget(WAIT_HERE_MAX)
         if budget is None:
             return False
         self.here_waits += 1
-        task = _current_task(loop)
+        loop = self.loop
+        task = _aio.current_task(loop)
         if task is not None:
-            _leave_task(loop, task)
+            _aio.leave_task(loop, task)  # type: ignore[misc]
         try:
-            if not _native.wait_alone(self.fd, self.loop_fd, budget):
+            if not _native.wait_alone(self.fd, direct.fd, budget):
                 return False
             self.on_readable()
             return True
         finally:
             if task is not None:
-                _enter_task(loop, task)
+                _aio.enter_task(loop, task)  # type: ignore[misc]
 
     # -- serving -----------------------------------------------------------------------
 

@@ -313,4 +313,4 @@ async def echo_round_trips(msg: dict) -> dict[str, Any]:
         async for item in kameo.bench.Echo({"i": i}):
             got.append(item["i"])
     server = _runtime.current().server  # type: ignore[union-attr]
-    return {"items": got, "here_waits": server.here_waits, "loop_fd": server.loop_fd}
+    return {"items": got, "here_waits": server.here_waits, "direct": server.direct is not None}
