@@ -6,20 +6,20 @@
 
 use crate::codec::{self, Options, Segments};
 use crate::errors;
-use crate::fdio;
+use crate::frames::{self, Body, EncodeFrameError, Head, Inbox, Incoming};
 use crate::outbox::Outbox;
 use crate::progress::Progress;
 use crate::shm::Recycler;
 use crate::sys::lock;
 use crate::wait;
-use kameo_proto::frame::{self, Event, FrameReader, Kind};
+use kameo_proto::frame::{self, Kind};
 use kameo_proto::handshake::Hello;
 use kameo_proto::PROTOCOL_VERSION;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -27,12 +27,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// Pseudo-kinds reported by `recv` for events that are not frames.
 const OVERSIZE: u32 = 0x100;
 const UNDECODABLE: u32 = 0x101;
-
-struct ReadHalf {
-    frames: FrameReader,
-    /// Descriptors received for frames not yet complete.
-    fds: VecDeque<OwnedFd>,
-}
 
 #[derive(Default)]
 struct Arrivals {
@@ -43,7 +37,7 @@ struct Arrivals {
 #[pyclass(module = "kameo._native", frozen)]
 pub struct Channel {
     sock: Arc<UnixStream>,
-    reader: Mutex<ReadHalf>,
+    reader: Mutex<Inbox>,
     out: Arc<Outbox>,
     /// Arrival index of each request received and not yet taken up (see `progress`).
     arrivals: Mutex<Arrivals>,
@@ -101,34 +95,11 @@ impl Channel {
         py: Python<'_>,
         id: u64,
         value: &Bound<'_, PyAny>,
+        is_final: bool,
     ) -> PyResult<(Vec<u8>, Segments)> {
-        self.encode_value_frame(Kind::Item, id, value).map_err(|m| {
-            if m.contains("max_frame_bytes") {
-                errors::protocol(py, m)
-            } else {
-                errors::serialization(py, m)
-            }
-        })
-    }
-
-    /// Encode `value` into `buf` after a frame header begun at `start`, declaring any
-    /// shared-memory segments it needs.
-    fn encode_body(
-        &self,
-        buf: &mut Vec<u8>,
-        start: usize,
-        value: &Bound<'_, PyAny>,
-        what: &str,
-    ) -> Result<Segments, String> {
-        let opts = self.opts();
-        let mut segs = Segments::new();
-        codec::Encoder::new(buf, &opts, &mut segs)
-            .encode(value)
-            .map_err(|e| e.describe(what))?;
-        if !segs.is_empty() {
-            frame::set_fds(buf, start, segs.len());
-        }
-        Ok(segs)
+        let head = Head::new(Kind::Item as u8, id).is_final(is_final);
+        frames::encode_frame(head, Body::Value(value), &self.opts(), self.max_frame())
+            .map_err(|e| e.into_pyerr(py, "item", "item"))
     }
 
     fn encode_value_frame(
@@ -136,24 +107,9 @@ impl Channel {
         kind: Kind,
         id: u64,
         value: &Bound<'_, PyAny>,
-    ) -> Result<(Vec<u8>, Segments), String> {
-        let mut buf = Vec::with_capacity(128);
-        let start = frame::begin_frame(&mut buf, kind as u8, id, None);
-        let what = match kind {
-            Kind::Reply => "reply",
-            Kind::Item => "item",
-            _ => "value",
-        };
-        let segs = self.encode_body(&mut buf, start, value, what)?;
-        let size = buf.len() - frame::LEN_PREFIX;
-        if size > self.max_frame() {
-            return Err(format!(
-                "the {what} frame is {size} bytes, over max_frame_bytes={}; raise Pool(max_frame_bytes=...) or send less",
-                self.max_frame()
-            ));
-        }
-        frame::finish_frame(&mut buf, start).expect("checked against max_frame");
-        Ok((buf, segs))
+    ) -> Result<(Vec<u8>, Segments), EncodeFrameError> {
+        let head = Head::new(kind as u8, id);
+        frames::encode_frame(head, Body::Value(value), &self.opts(), self.max_frame())
     }
 
     fn error_frame(
@@ -168,13 +124,15 @@ impl Channel {
         info.set_item("type", type_name)?;
         info.set_item("message", message)?;
         info.set_item("traceback", "")?;
-        let mut buf = Vec::with_capacity(128);
-        let start = frame::begin_frame(&mut buf, Kind::Error as u8, id, None);
-        codec::Encoder::new(&mut buf, &Options::INLINE, &mut Segments::new())
-            .encode(info.as_any())
-            .map_err(|e| errors::serialization(py, e.describe("error")))?;
-        frame::finish_frame(&mut buf, start).expect("small");
-        Ok(buf)
+        let head = Head::new(Kind::Error as u8, id);
+        frames::encode_frame(
+            head,
+            Body::Value(info.as_any()),
+            &Options::INLINE,
+            usize::MAX,
+        )
+        .map(|(buf, _)| buf)
+        .map_err(|e| e.into_pyerr(py, "error", "error"))
     }
 }
 
@@ -188,10 +146,7 @@ impl Channel {
         Ok(Channel {
             out: Outbox::new(Arc::clone(&sock)),
             sock,
-            reader: Mutex::new(ReadHalf {
-                frames: FrameReader::new(max_frame_bytes),
-                fds: VecDeque::new(),
-            }),
+            reader: Mutex::new(Inbox::new(max_frame_bytes)),
             arrivals: Mutex::new(Arrivals::default()),
             progress: OnceLock::new(),
             max_frame: max_frame_bytes.into(),
@@ -212,7 +167,7 @@ impl Channel {
     /// Adopt the pool's frame limit (after WELCOME).
     fn set_max_frame(&self, max_frame_bytes: usize) {
         self.max_frame.store(max_frame_bytes, Ordering::Relaxed);
-        lock(&self.reader).frames.set_max_frame(max_frame_bytes);
+        lock(&self.reader).set_max_frame(max_frame_bytes);
     }
 
     /// Adopt the pool's codec options (after WELCOME): pickle, and the size from which
@@ -255,20 +210,20 @@ impl Channel {
             secret,
         }
         .encode();
-        let mut buf = Vec::new();
-        frame::write_frame(&mut buf, Kind::Hello as u8, 0, None, &body);
-        self.push_frame(buf);
+        self.push_frame(frames::raw_frame(Kind::Hello as u8, 0, &body));
         self.flush(py).map(|_| ())
     }
 
     /// Queue a frame of `kind` with an encoded `value` body (READY, STARTUP_FAILED, ...).
     fn send(&self, py: Python<'_>, kind: u8, id: u64, value: &Bound<'_, PyAny>) -> PyResult<()> {
-        let mut buf = Vec::with_capacity(64);
-        let start = frame::begin_frame(&mut buf, kind, id, None);
-        codec::Encoder::new(&mut buf, &Options::INLINE, &mut Segments::new())
-            .encode(value)
-            .map_err(|e| errors::serialization(py, e.describe("value")))?;
-        frame::finish_frame(&mut buf, start).expect("small");
+        // Startup frames, inline and not bounded here (the parent bounds them).
+        let (buf, _) = frames::encode_frame(
+            Head::new(kind, id),
+            Body::Value(value),
+            &Options::INLINE,
+            usize::MAX,
+        )
+        .map_err(|e| e.into_pyerr(py, "value", "value"))?;
         self.push_frame(buf);
         Ok(())
     }
@@ -278,12 +233,13 @@ impl Channel {
     fn reply(&self, py: Python<'_>, id: u64, value: &Bound<'_, PyAny>) -> PyResult<()> {
         let (buf, segs) = match self.encode_value_frame(Kind::Reply, id, value) {
             Ok(b) => b,
-            Err(msg) => {
-                let kind = if msg.contains("max_frame_bytes") {
+            Err(e) => {
+                let kind = if e.is_oversize() {
                     "protocol"
                 } else {
                     "serialization"
                 };
+                let msg = e.message("reply", "reply");
                 (Self::error_frame(py, id, kind, "", &msg)?, Segments::new())
             }
         };
@@ -295,10 +251,14 @@ impl Channel {
     fn error(&self, py: Python<'_>, id: u64, info: &Bound<'_, PyAny>) -> PyResult<()> {
         let (buf, segs) = match self.encode_value_frame(Kind::Error, id, info) {
             Ok(b) => b,
-            Err(msg) => (
-                Self::error_frame(py, id, "serialization", "", &msg)?,
-                Segments::new(),
-            ),
+            // (an error info over the limit, too, is reported as a serialization error)
+            Err(e) => {
+                let msg = e.message("value", "error");
+                (
+                    Self::error_frame(py, id, "serialization", "", &msg)?,
+                    Segments::new(),
+                )
+            }
         };
         self.push_frame_with(buf, segs);
         Ok(())
@@ -325,20 +285,15 @@ impl Channel {
         let mut unwritten = block && !self.out.is_empty();
         let out = PyList::empty(py);
         let mut guard = lock(&self.reader);
-        let ReadHalf {
-            frames: reader,
-            fds,
-        } = &mut *guard;
+        let inbox: &mut Inbox = &mut guard;
         let opts = self.opts();
         loop {
-            while let Some(ev) = reader
-                .next_event()
+            while let Some(ev) = inbox
+                .next()
                 .map_err(|e| errors::protocol(py, e.to_string()))?
             {
                 let item = match ev {
-                    Event::Frame(env) => {
-                        let segs =
-                            fdio::take(fds, env.nfds).map_err(|e| errors::protocol(py, e))?;
+                    Incoming::Frame(env, segs) => {
                         let trace = match env.trace {
                             Some(t) => PyString::new(py, &String::from_utf8_lossy(t)).into_any(),
                             None => py.None().into_bound(py),
@@ -370,15 +325,13 @@ impl Channel {
                         };
                         (kind, env.id, env.is_final(), body, trace).into_pyobject(py)?
                     }
-                    Event::Oversize {
+                    Incoming::Oversize {
                         kind,
                         id,
                         size,
                         limit,
-                        nfds,
                     } => {
                         self.arrived(kind, id); // the parent numbered it too
-                        drop(fdio::take(fds, nfds));
                         let msg = format!("frame of {size} bytes is over max_frame_bytes={limit}");
                         (OVERSIZE, id, true, msg, py.None()).into_pyobject(py)?
                     }
@@ -398,14 +351,14 @@ impl Channel {
                         self.out.write_out()?;
                     }
                     wait::spin_until_readable(fd, wait::spin());
-                    Ok(reader.read_with(|buf| fdio::recv(fd, buf, fds, 0)))
+                    Ok(inbox.read(fd, 0))
                 });
                 match written {
                     Err(e) => return Err(write_error(e)),
                     Ok(read) => read,
                 }
             } else {
-                reader.read_with(|buf| fdio::recv(fd, buf, fds, libc::MSG_DONTWAIT))
+                inbox.read(fd, libc::MSG_DONTWAIT)
             };
             match result {
                 Ok(0) => return Ok(None),
@@ -431,10 +384,7 @@ impl Channel {
         value: &Bound<'_, PyAny>,
         is_final: bool,
     ) -> PyResult<()> {
-        let (mut buf, segs) = self.item_frame(py, id, value)?;
-        if is_final {
-            frame::mark_final(&mut buf, 0);
-        }
+        let (buf, segs) = self.item_frame(py, id, value, is_final)?;
         self.push_frame_with(buf, segs);
         Ok(())
     }
@@ -443,7 +393,7 @@ impl Channel {
     /// pause, else within `LINGER` (100 µs) of being queued (a sync generator's fast path).
     /// A value that cannot be encoded raises SerializationError (nothing is queued).
     fn item_paced(&self, py: Python<'_>, id: u64, value: &Bound<'_, PyAny>) -> PyResult<()> {
-        let (buf, segs) = self.item_frame(py, id, value)?;
+        let (buf, segs) = self.item_frame(py, id, value, false)?;
         if self.out.push_paced(buf, segs) {
             self.write_out(py)?;
         }
@@ -452,22 +402,16 @@ impl Channel {
 
     /// Queue a frame with an empty body (END, CANCEL, STARTED, ...).
     fn signal(&self, kind: u8, id: u64) {
-        let mut buf = Vec::with_capacity(16);
-        frame::write_frame(&mut buf, kind, id, None, b"");
-        self.push_frame(buf);
+        self.push_frame(frames::raw_frame(kind, id, b""));
     }
 
     /// Queue CREDIT for `n` more items of call `id`.
     fn credit(&self, id: u64, n: u32) {
-        let mut buf = Vec::with_capacity(20);
-        frame::write_frame(
-            &mut buf,
+        self.push_frame(frames::raw_frame(
             Kind::Credit as u8,
             id,
-            None,
             &frame::credit_body(n),
-        );
-        self.push_frame(buf);
+        ));
     }
 
     /// Queue CALLBACK `id` for the parent handler at `path`, on behalf of request `request_id`.
@@ -481,31 +425,11 @@ impl Channel {
         request_id: u64,
         trace: Option<&str>,
     ) -> PyResult<()> {
-        let mut buf = Vec::with_capacity(128);
-        let trace = trace
-            .map(str::as_bytes)
-            .filter(|t| t.len() <= frame::MAX_TRACE_LEN);
-        let start = frame::begin_frame(&mut buf, Kind::Callback as u8, id, trace);
         let body = (path, data, request_id).into_pyobject(py)?;
-        let opts = self.opts();
-        let mut segs = Segments::new();
-        codec::Encoder::new(&mut buf, &opts, &mut segs)
-            .encode_record(&body)
-            .map_err(|e| errors::serialization(py, e.describe("callback data")))?;
-        if !segs.is_empty() {
-            frame::set_fds(&mut buf, start, segs.len());
-        }
-        let size = buf.len() - frame::LEN_PREFIX;
-        if size > self.max_frame() {
-            return Err(errors::protocol(
-                py,
-                format!(
-                    "the callback frame is {size} bytes, over max_frame_bytes={}",
-                    self.max_frame()
-                ),
-            ));
-        }
-        frame::finish_frame(&mut buf, start).expect("checked");
+        let head = Head::new(Kind::Callback as u8, id).trace(trace);
+        let (buf, segs) =
+            frames::encode_frame(head, Body::Record(&body), &self.opts(), self.max_frame())
+                .map_err(|e| e.into_pyerr(py, "callback data", "callback"))?;
         self.push_frame_with(buf, segs);
         Ok(())
     }

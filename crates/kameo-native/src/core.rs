@@ -14,11 +14,11 @@
 use crate::codec::{self, Options, Segments};
 use crate::errors;
 use crate::events;
-use crate::fdio;
+use crate::frames::{self, Body, Head, Incoming};
 use crate::link::{self, Link, LinkState, Slot, Target};
 use crate::progress::Progress;
 use crate::wait;
-use kameo_proto::frame::{self, Event, Kind};
+use kameo_proto::frame::{self, Kind};
 use kameo_proto::handshake::{secrets_equal, Hello};
 use kameo_proto::PROTOCOL_VERSION;
 use pyo3::exceptions::PyKeyError;
@@ -184,10 +184,6 @@ pub struct PoolCore {
     asks: u64,
 }
 
-fn oversize_message(what: &str, size: usize, limit: usize) -> String {
-    format!("{what} is {size} bytes, over max_frame_bytes={limit}; raise Pool(max_frame_bytes=...) or send less")
-}
-
 /// After a write attempt: arm the loop's writer if output is left over, report a broken socket.
 fn settle_write(py: Python<'_>, link: &mut Link, result: io::Result<()>, fx: &mut Effects) {
     match result {
@@ -342,8 +338,7 @@ impl PoolCore {
     ) {
         if let Some(idx) = self.link_index(worker_id) {
             let link = &mut self.links[idx];
-            let mut f = Vec::with_capacity(16 + body.len());
-            frame::write_frame(&mut f, kind as u8, id, None, body);
+            let f = frames::raw_frame(kind as u8, id, body);
             let result = link.send_now(&f, &Vec::new());
             settle_write(py, link, result, fx);
         }
@@ -628,8 +623,7 @@ impl PoolCore {
         };
         match verdict {
             Ok(()) => {
-                let mut f = Vec::with_capacity(self.welcome.len() + 16);
-                frame::write_frame(&mut f, Kind::Welcome as u8, 0, None, &self.welcome);
+                let f = frames::raw_frame(Kind::Welcome as u8, 0, &self.welcome);
                 link.state = LinkState::Loading;
                 if let Err(e) = link.send_now(&f, &Vec::new()) {
                     fx.events
@@ -637,8 +631,7 @@ impl PoolCore {
                 }
             }
             Err(reason) => {
-                let mut f = Vec::new();
-                frame::write_frame(&mut f, Kind::Reject as u8, 0, None, reason.as_bytes());
+                let f = frames::raw_frame(Kind::Reject as u8, 0, reason.as_bytes());
                 let _ = link.send_now(&f, &Vec::new());
                 fx.events.push((wid, events::REJECTED, pystr(py, &reason)));
             }
@@ -653,27 +646,9 @@ impl PoolCore {
         msg: &Bound<'_, PyAny>,
         trace: Option<&str>,
     ) -> PyResult<(Vec<u8>, Segments)> {
-        let mut buf = Vec::with_capacity(128);
-        let trace = trace
-            .map(str::as_bytes)
-            .filter(|t| t.len() <= frame::MAX_TRACE_LEN);
-        let start = frame::begin_frame(&mut buf, kind as u8, id, trace);
-        let mut segs = Segments::new();
-        codec::Encoder::new(&mut buf, &self.opts, &mut segs)
-            .encode(msg)
-            .map_err(|e| errors::serialization(py, e.describe("message")))?;
-        if !segs.is_empty() {
-            frame::set_fds(&mut buf, start, segs.len());
-        }
-        let size = buf.len() - frame::LEN_PREFIX;
-        if size > self.max_frame {
-            return Err(errors::protocol(
-                py,
-                oversize_message("the request frame", size, self.max_frame),
-            ));
-        }
-        frame::finish_frame(&mut buf, start).expect("checked against max_frame");
-        Ok((buf, segs))
+        let head = Head::new(kind as u8, id).trace(trace);
+        frames::encode_frame(head, Body::Value(msg), &self.opts, self.max_frame)
+            .map_err(|e| e.into_pyerr(py, "message", "request"))
     }
 
     fn enqueue(&mut self, py: Python<'_>, q: Queued, fx: &mut Effects) {
@@ -971,28 +946,14 @@ impl PoolCore {
             let Some(idx) = core.link_index(worker_id) else {
                 return Ok(false);
             };
-            let mut buf = Vec::with_capacity(64);
-            let start = frame::begin_frame(&mut buf, kind, id, None);
-            if is_final {
-                frame::mark_final(&mut buf, start);
-            }
-            let mut segs = Segments::new();
-            if kind != Kind::End as u8 {
-                codec::Encoder::new(&mut buf, &core.opts, &mut segs)
-                    .encode(value)
-                    .map_err(|e| errors::serialization(py, e.describe("item")))?;
-                if !segs.is_empty() {
-                    frame::set_fds(&mut buf, start, segs.len());
-                }
-            }
-            let size = buf.len() - frame::LEN_PREFIX;
-            if size > core.max_frame {
-                return Err(errors::protocol(
-                    py,
-                    oversize_message("the callback item", size, core.max_frame),
-                ));
-            }
-            frame::finish_frame(&mut buf, start).expect("checked against max_frame");
+            let body = if kind == Kind::End as u8 {
+                Body::Empty
+            } else {
+                Body::Value(value)
+            };
+            let head = Head::new(kind, id).is_final(is_final);
+            let (buf, segs) = frames::encode_frame(head, body, &core.opts, core.max_frame)
+                .map_err(|e| e.into_pyerr(py, "item", "callback item"))?;
             let link = &mut core.links[idx];
             let result = link.send_now(&buf, &segs);
             settle_write(py, link, result, fx);
@@ -1041,17 +1002,15 @@ impl PoolCore {
             if core.links[idx].closed {
                 return Ok(());
             }
-            let mut reader = core.links[idx].reader.take().expect("reader present");
+            let mut inbox = core.links[idx].inbox.take().expect("inbox present");
             let (wid, pid) = (core.links[idx].id, core.links[idx].pid);
             loop {
-                let link = &mut core.links[idx];
-                let sock = link.sock.as_raw_fd();
-                let in_fds = &mut link.in_fds;
-                let n = match reader.read_with(|buf| fdio::recv(sock, buf, in_fds, 0)) {
+                let sock = core.links[idx].sock.as_raw_fd();
+                let n = match inbox.read(sock, 0) {
                     Ok(0) => {
                         fx.events.push((wid, events::EOF, py.None()));
                         core.links[idx].closed = true;
-                        fx.disarm_readers.push(core.links[idx].sock.as_raw_fd());
+                        fx.disarm_readers.push(sock);
                         break;
                     }
                     Ok(n) => {
@@ -1064,36 +1023,26 @@ impl PoolCore {
                         fx.events
                             .push((wid, events::IO_ERROR, pystr(py, &e.to_string())));
                         core.links[idx].closed = true;
-                        fx.disarm_readers.push(core.links[idx].sock.as_raw_fd());
+                        fx.disarm_readers.push(sock);
                         break;
                     }
                 };
                 let mut broken = None;
                 loop {
-                    match reader.next_event() {
+                    match inbox.next() {
                         Ok(None) => break,
-                        Ok(Some(Event::Frame(env))) => {
-                            match fdio::take(&mut core.links[idx].in_fds, env.nfds) {
-                                Ok(segs) => {
-                                    core.handle_frame(py, idx, &env, &segs, fx);
-                                    if core.links[idx].closed {
-                                        break; // it broke the protocol: read no further
-                                    }
-                                }
-                                Err(e) => {
-                                    broken = Some(format!("worker {wid} (pid {pid}): {e}"));
-                                    break;
-                                }
+                        Ok(Some(Incoming::Frame(env, segs))) => {
+                            core.handle_frame(py, idx, &env, &segs, fx);
+                            if core.links[idx].closed {
+                                break; // it broke the protocol: read no further
                             }
                         }
-                        Ok(Some(Event::Oversize {
+                        Ok(Some(Incoming::Oversize {
                             kind,
                             id,
-                            nfds,
                             size,
                             limit,
                         })) => {
-                            let _ = fdio::take(&mut core.links[idx].in_fds, nfds);
                             // A kameo worker checks sizes before sending, so this peer is
                             // broken: fail that request, and replace the worker rather than
                             // trust the rest of its stream.
@@ -1128,7 +1077,7 @@ impl PoolCore {
                     fx.events
                         .push((wid, events::PROTOCOL_ERROR, pystr(py, &msg)));
                     core.links[idx].closed = true;
-                    fx.disarm_readers.push(core.links[idx].sock.as_raw_fd());
+                    fx.disarm_readers.push(sock);
                     break;
                 }
                 if core.links[idx].closed {
@@ -1138,7 +1087,7 @@ impl PoolCore {
                     break; // drained what was there; the loop calls again when more arrives
                 }
             }
-            core.links[idx].reader = Some(reader);
+            core.links[idx].inbox = Some(inbox);
             core.dispatch(py, fx);
             core.flush_links(py, fx);
             Ok(())

@@ -11,6 +11,7 @@ mod core;
 mod errors;
 mod events;
 mod fdio;
+mod frames;
 mod link;
 mod outbox;
 mod progress;

@@ -2,13 +2,13 @@
 //! calls in flight on it.
 
 use crate::fdio;
+use crate::frames::Inbox;
 use crate::progress::Progress;
 use crate::sys::Segments;
-use kameo_proto::frame::FrameReader;
 use pyo3::prelude::*;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -66,14 +66,13 @@ pub struct Link {
     pub pid: u32,
     pub sock: UnixStream,
     pub state: LinkState,
-    /// Taken out while its frames are handled, so the handler can borrow the link.
-    pub reader: Option<FrameReader>,
+    /// Bytes and descriptors read and not yet handled: taken out while its frames are
+    /// handled, so the handler can borrow the link.
+    pub inbox: Option<Inbox>,
     pub out: Vec<u8>,
     pub out_pos: usize,
     /// Segments of frames in `out` not yet sent: attached to the next write.
     pub out_fds: Segments,
-    /// Descriptors received for frames not yet complete.
-    pub in_fds: VecDeque<OwnedFd>,
     pub writer_armed: bool,
     pub slots: HashMap<u64, Slot>,
     pub completed: u64,
@@ -101,11 +100,10 @@ impl Link {
             pid,
             sock,
             state: LinkState::Connecting,
-            reader: Some(FrameReader::new(max_frame)),
+            inbox: Some(Inbox::new(max_frame)),
             out: Vec::new(),
             out_pos: 0,
             out_fds: Vec::new(),
-            in_fds: VecDeque::new(),
             writer_armed: false,
             slots: HashMap::new(),
             completed: 0,
