@@ -32,9 +32,11 @@ all: develop
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# --prefer-binary: the newest release with a wheel for this interpreter (numpy's latest have none
+# for 3.13t, and building numpy from source takes longer than the whole test run).
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "maturin>=1.9,<2" "pytest>=8" "pytest-asyncio>=1.0" \
+	$(BIN)/python -m pip install --quiet --prefer-binary "maturin>=1.9,<2" "pytest>=8" "pytest-asyncio>=1.0" \
 		"pytest-timeout>=2.3" "pytest-benchmark>=4" "hypothesis>=6" "ruff>=0.6" "mypy>=1.11" \
 		"numpy>=1.24"  # optional for users; the codec tests cover arrays
 	touch $@
