@@ -165,7 +165,7 @@ impl PoolState {
             Some(Kind::Error) if serving => {
                 if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
                     let exc = match codec::decode(py, env.body, &opts, segs) {
-                        Ok(info) => errors::make(py, "_from_worker", (info, wid, pid)),
+                        Ok(info) => errors::from_worker(py, info, wid, pid),
                         Err(e) => errors::protocol(
                             py,
                             format!("error reply from worker {wid} (pid {pid}) could not be decoded: {e}"),
