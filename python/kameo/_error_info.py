@@ -13,8 +13,8 @@ here (:func:`from_worker`, :func:`from_peer`). One producer lives in Rust: the w
 (``Channel::error_frame`` in ``crates/kameo-native/src/channel.rs``) builds the
 :data:`SERIALIZATION` / :data:`PROTOCOL` dict for a reply it cannot encode or that is over the
 frame limit; keep its keys in step with the ones named below. The Rust core decodes a worker's
-ERROR frame by calling ``kameo.errors._from_worker`` by name, which delegates to
-:func:`from_worker`.
+ERROR frame by calling :func:`from_worker` here by name (``errors::from_worker`` in
+``crates/kameo-native/src/errors.rs``).
 """
 
 from __future__ import annotations

@@ -97,12 +97,3 @@ class RemoteError(KameoError):
         if self.remote_traceback:
             return f"{base}\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
         return base
-
-
-def _from_worker(info: Any, worker_id: int, pid: int) -> BaseException:
-    """Build the exception for an ERROR frame from a worker. The Rust core calls this by name;
-    the format lives in ``kameo._error_info`` (imported here, at call time, so that this module
-    stays a leaf: ``_error_info`` imports the classes above)."""
-    from kameo._error_info import from_worker
-
-    return from_worker(info, worker_id, pid)

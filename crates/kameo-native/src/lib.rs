@@ -14,6 +14,7 @@ mod fdio;
 mod frames;
 mod link;
 mod outbox;
+mod pool;
 mod progress;
 mod shm;
 mod spawn;
