@@ -1123,6 +1123,20 @@ def w5_interleaved(kameo, sz, kameo_err, workload="W5"):
             errors[impl] = f"{type(exc).__name__}: {exc}"
             return None
 
+    async def timed_round(impl, pool):
+        """One round of ``n`` callbacks timed in the worker; the pool, or None once it failed."""
+        if pool is None:
+            return None
+        try:
+            elapsed[impl].append(await pool.ask(n, timeout=KAMEO_TIMEOUT_S))
+            return pool
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            errors[impl] = f"{type(exc).__name__}: {exc}"
+            del elapsed[impl]
+            await pool.close()
+            return None
+
     async def run(conn, child):
         pool = pool_sync = pool_async = None
         if kameo is not None:
@@ -1172,26 +1186,8 @@ def w5_interleaved(kameo, sz, kameo_err, workload="W5"):
                         del elapsed["kameo"]
                         await pool.close()
                         pool = None
-                if pool_sync is not None:
-                    impl = "kameo_sync_parent_handler"
-                    try:
-                        elapsed[impl].append(await pool_sync.ask(n, timeout=KAMEO_TIMEOUT_S))
-                    except Exception as exc:
-                        traceback.print_exc(file=sys.stderr)
-                        errors[impl] = f"{type(exc).__name__}: {exc}"
-                        del elapsed[impl]
-                        await pool_sync.close()
-                        pool_sync = None
-                if pool_async is not None:
-                    impl = "kameo_async_worker"
-                    try:
-                        elapsed[impl].append(await pool_async.ask(n, timeout=KAMEO_TIMEOUT_S))
-                    except Exception as exc:
-                        traceback.print_exc(file=sys.stderr)
-                        errors[impl] = f"{type(exc).__name__}: {exc}"
-                        del elapsed[impl]
-                        await pool_async.close()
-                        pool_async = None
+                pool_sync = await timed_round("kameo_sync_parent_handler", pool_sync)
+                pool_async = await timed_round("kameo_async_worker", pool_async)
         finally:
             for p in (pool, pool_sync, pool_async):
                 if p is not None:
@@ -1251,32 +1247,22 @@ def w5_interleaved(kameo, sz, kameo_err, workload="W5"):
             note="sync worker 'for x in kameo.bench.Ping({})', async parent handler; timed in "
             "the worker (outer_rate: whole ask timed in the parent)",
         )
-    impl = "kameo_sync_parent_handler"
-    if kameo is not None and impl in errors:
-        emit(workload, impl, "error", None, None, error=errors[impl])
-    elif kameo is not None:
-        out[impl] = emit_rate(
-            workload,
-            impl,
-            n,
-            elapsed[impl],
-            "callbacks/s",
-            note="info: as kameo, with a plain 'def' parent handler (run in a handler thread); "
+    for impl, note in (
+        (
+            "kameo_sync_parent_handler",
+            "info: as kameo, with a plain 'def' parent handler (run in a handler thread); "
             "timed in the worker",
-        )
-    impl = "kameo_async_worker"
-    if kameo is not None and impl in errors:
-        emit(workload, impl, "error", None, None, error=errors[impl])
-    elif kameo is not None:
-        out[impl] = emit_rate(
-            workload,
-            impl,
-            n,
-            elapsed[impl],
-            "callbacks/s",
-            note="an async worker handler iterating 'async for x in kameo.bench.Echo(i)', async "
+        ),
+        (
+            "kameo_async_worker",
+            "an async worker handler iterating 'async for x in kameo.bench.Echo(i)', async "
             "parent handler; timed in the worker",
-        )
+        ),
+    ):
+        if kameo is not None and impl in errors:
+            emit(workload, impl, "error", None, None, error=errors[impl])
+        elif kameo is not None:
+            out[impl] = emit_rate(workload, impl, n, elapsed[impl], "callbacks/s", note=note)
     return out
 
 
