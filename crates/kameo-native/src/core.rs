@@ -283,11 +283,7 @@ impl PoolCore {
             }
             (link.id, link.sock.as_raw_fd())
         };
-        let timeout = timeout.clamp(0.0, 1.0);
-        let ts = libc::timespec {
-            tv_sec: timeout.trunc() as libc::time_t,
-            tv_nsec: (timeout.fract() * 1e9) as libc::c_long,
-        };
+        let ts = wait::timeout(timeout);
         let readable = slf
             .py()
             .detach(|| wait::wait_alone(sock, loop_fd, wait::spin(), &ts));

@@ -66,11 +66,7 @@ fn register_type<'py>(cls: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
 /// awaits a callback's item and the loop has nothing else to run.
 #[pyfunction]
 fn wait_alone(py: Python<'_>, fd: i32, loop_fd: i32, timeout: f64) -> bool {
-    let timeout = timeout.clamp(0.0, 1.0);
-    let ts = libc::timespec {
-        tv_sec: timeout.trunc() as libc::time_t,
-        tv_nsec: (timeout.fract() * 1e9) as libc::c_long,
-    };
+    let ts = wait::timeout(timeout);
     py.detach(|| wait::wait_alone(fd, loop_fd, wait::spin(), &ts))
 }
 

@@ -55,6 +55,15 @@ fn spin_on<T>(spin: std::time::Duration, mut probe: impl FnMut() -> Option<T>) -
     }
 }
 
+/// `seconds` as a `ppoll` timeout, clamped to 0..=1 s (a wait outside the event loop is short).
+pub fn timeout(seconds: f64) -> libc::timespec {
+    let t = seconds.clamp(0.0, 1.0);
+    libc::timespec {
+        tv_sec: t.trunc() as libc::time_t,
+        tv_nsec: (t.fract() * 1e9) as libc::c_long,
+    }
+}
+
 /// What the event loop's epoll set `epfd` has ready, as seen by [`wait_alone`].
 enum Ready {
     Nothing,
