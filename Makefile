@@ -4,8 +4,8 @@
 # own cargo target directory, so switching between them rebuilds nothing twice:
 #   python3      -> .venv            target/
 #   other PY     -> .venv-<tag>      target/py-<tag>/     (<tag>: 3.13, 3.13t, ...)
-# `make pythons` builds CPython 3.13 from Debian's source into ~/.cache/kameo/pythons
-# (scripts/build-python.sh); `make test-all` runs the whole suite on 3.11 and 3.13.
+# `make pythons` builds CPython 3.13 and 3.13t from Debian's source into ~/.cache/kameo/pythons
+# (scripts/build-python.sh); `make test-all` runs the whole suite on 3.11, 3.13 and 3.13t.
 PYTHON ?= python3
 PY ?= $(PYTHON)
 PYTAG := $(shell $(PY) -c 'import sys, sysconfig; v = sys.version_info; print(f"{v[0]}.{v[1]}" + ("t" if sysconfig.get_config_var("Py_GIL_DISABLED") else ""))' 2>/dev/null)
@@ -22,6 +22,9 @@ endif
 BIN := $(VENV)/bin
 export CARGO_BUILD_JOBS ?= 2
 STAMP := $(VENV)/.deps-stamp
+# mypy (for `make lint`, run on the default venv) is left out of free-threaded venvs: its newest
+# releases need ast-serialize, which has no free-threaded wheel and does not build from source.
+MYPY := $(if $(filter %t,$(PYTAG)),,"mypy>=1.11")
 NATIVE_SRC := $(shell find crates -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 BUILD_PYTHON := scripts/build-python.sh
 
@@ -37,7 +40,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --prefer-binary "maturin>=1.9,<2" "pytest>=8" "pytest-asyncio>=1.0" \
-		"pytest-timeout>=2.3" "pytest-benchmark>=4" "hypothesis>=6" "ruff>=0.6" "mypy>=1.11" \
+		"pytest-timeout>=2.3" "pytest-benchmark>=4" "hypothesis>=6" "ruff>=0.6" $(MYPY) \
 		"numpy>=1.24"  # optional for users; the codec tests cover arrays
 	touch $@
 
@@ -56,19 +59,22 @@ test: test-rust test-python
 # once (a second run finds them in the cache and costs seconds).
 pythons:
 	$(BUILD_PYTHON) 3.13
+	$(BUILD_PYTHON) 3.13 --disable-gil
 
-# cargo test once (its crates do not depend on the interpreter), pytest on each interpreter.
-# Free-threaded 3.13t is not in the list: pyo3 0.29 builds free-threaded extensions only for
-# 3.14t and later (`scripts/build-python.sh 3.13 --disable-gil` builds the interpreter itself).
+# cargo test once (its crates do not depend on the interpreter), pytest on each interpreter;
+# on 3.13t with PYTHON_GIL=0 (tests/test_threads.py checks, without it, that importing kameo
+# leaves the GIL off).
 test-all: test-rust
 	$(MAKE) test-python
 	$(MAKE) test-python PY="$$($(BUILD_PYTHON) 3.13 | tail -n 1)"
+	PYTHON_GIL=0 $(MAKE) test-python PY="$$($(BUILD_PYTHON) 3.13 --disable-gil | tail -n 1)"
 
-# One wheel per interpreter into dist/: cp311 (the system python3) and cp313 (built from source
-# on first use, as for test-all).
+# One wheel per interpreter into dist/: cp311 (the system python3), cp313 and cp313t (built
+# from source on first use, as for test-all).
 wheels:
 	$(MAKE) wheel
 	$(MAKE) wheel PY="$$($(BUILD_PYTHON) 3.13 | tail -n 1)"
+	$(MAKE) wheel PY="$$($(BUILD_PYTHON) 3.13 --disable-gil | tail -n 1)"
 	ls -l dist/
 
 wheel: $(STAMP)
