@@ -30,7 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kameo import _context
 from kameo._handler import handler_kind
 from kameo.errors import HandlerTypeError, KameoError
 
