@@ -138,6 +138,9 @@ class Channel:
     ERROR: ClassVar[int]
     CREDIT: ClassVar[int]
     HEARTBEAT: ClassVar[int]
+    CALL: ClassVar[int]
+    CALL_STREAM: ClassVar[int]
+    RELEASE: ClassVar[int]
     def __new__(cls, fd: int, max_frame_bytes: int) -> Channel: ...
     def fileno(self) -> int: ...
     def set_blocking(self, blocking: bool) -> None: ...

@@ -82,7 +82,7 @@ impl Channel {
 
     /// Number a request in arrival order (the parent numbers its sends the same way).
     fn arrived(&self, kind: u8, id: u64) {
-        if kind == Kind::Request as u8 || kind == Kind::RequestStream as u8 {
+        if Kind::is_request(kind) {
             let mut a = lock(&self.arrivals);
             let index = a.next;
             a.next += 1;
@@ -273,8 +273,8 @@ impl Channel {
     /// Read what is available and decode every complete frame.
     ///
     /// Returns a list of `(kind, id, final, body, trace)` tuples, or None at end of stream.
-    /// `body` is decoded for REQUEST, REQUEST_STREAM, WELCOME, ITEM and ERROR, an int for
-    /// CREDIT, a str for REJECT and for the pseudo-kinds OVERSIZE/UNDECODABLE, else None;
+    /// `body` is decoded for REQUEST, REQUEST_STREAM, CALL, CALL_STREAM, WELCOME, ITEM and
+    /// ERROR, an int for CREDIT, a list of object numbers for RELEASE, a str for REJECT and for the pseudo-kinds OVERSIZE/UNDECODABLE, else None;
     /// `trace` is the envelope's traceparent or None. With `block`, first writes every queued
     /// frame, then waits (GIL released) until at least one frame or EOF arrives; without,
     /// returns what is already there (maybe []).
@@ -303,6 +303,8 @@ impl Channel {
                             Some(
                                 Kind::Request
                                 | Kind::RequestStream
+                                | Kind::Call
+                                | Kind::CallStream
                                 | Kind::Welcome
                                 | Kind::Item
                                 | Kind::Error,
@@ -317,6 +319,18 @@ impl Channel {
                                 let n = frame::credit_count(env.body);
                                 (u32::from(env.kind), n.into_pyobject(py)?.into_any())
                             }
+                            Some(Kind::Release) => match frame::release_numbers(env.body) {
+                                Some(nums) => {
+                                    (u32::from(env.kind), PyList::new(py, nums)?.into_any())
+                                }
+                                None => {
+                                    let msg = format!(
+                                        "release frame of {} bytes is malformed",
+                                        env.body.len()
+                                    );
+                                    (UNDECODABLE, PyString::new(py, &msg).into_any())
+                                }
+                            },
                             Some(Kind::Reject) => {
                                 let reason = String::from_utf8_lossy(env.body);
                                 (u32::from(env.kind), PyString::new(py, &reason).into_any())
@@ -461,6 +475,12 @@ impl Channel {
     const CREDIT: u8 = Kind::Credit as u8;
     #[classattr]
     const HEARTBEAT: u8 = Kind::Heartbeat as u8;
+    #[classattr]
+    const CALL: u8 = Kind::Call as u8;
+    #[classattr]
+    const CALL_STREAM: u8 = Kind::CallStream as u8;
+    #[classattr]
+    const RELEASE: u8 = Kind::Release as u8;
     #[classattr]
     const OVERSIZE: u32 = OVERSIZE;
     #[classattr]
