@@ -47,6 +47,8 @@ pub struct Channel {
     shm_threshold: AtomicUsize,
     /// Segments reused for large bytes-like values we send.
     recycler: Arc<Recycler>,
+    /// What a remote object reference in a CALL body becomes (`set_ref_hook`).
+    ref_hook: OnceLock<codec::RefHook>,
 }
 
 impl Channel {
@@ -60,6 +62,8 @@ impl Channel {
             shm_threshold: self.shm_threshold.load(Ordering::Relaxed),
             recycler: Some(Arc::clone(&self.recycler)),
             arrays: codec::Arrays::Worker,
+            refs: codec::RefMode::Worker,
+            ref_hook: self.ref_hook.get().cloned(),
         }
     }
 
@@ -153,6 +157,7 @@ impl Channel {
             allow_pickle: AtomicBool::new(false),
             shm_threshold: AtomicUsize::new(usize::MAX),
             recycler: Arc::default(),
+            ref_hook: OnceLock::new(),
         })
     }
 
@@ -247,6 +252,39 @@ impl Channel {
         Ok(())
     }
 
+    /// Queue the reply to `rid` if `value` can be encoded without pickle (remote object
+    /// references included); else queue nothing and return False. A value over the frame limit
+    /// still becomes the protocol error reply, as with `reply` (True).
+    fn try_reply(&self, py: Python<'_>, rid: u64, value: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let opts = Options {
+            allow_pickle: false,
+            ..self.opts()
+        };
+        let head = Head::new(Kind::Reply as u8, rid);
+        let (buf, segs) =
+            match frames::encode_frame(head, Body::Value(value), &opts, self.max_frame()) {
+                Ok(b) => b,
+                Err(e) if e.is_oversize() => {
+                    let msg = e.message("reply", "reply");
+                    (
+                        Self::error_frame(py, rid, "protocol", "", &msg)?,
+                        Segments::new(),
+                    )
+                }
+                Err(_) => return Ok(false),
+            };
+        self.push_frame_with(buf, segs);
+        Ok(true)
+    }
+
+    /// Set what a remote object reference arriving in a CALL body becomes:
+    /// `hook(worker_id, number, type_name) -> object` (once per channel).
+    fn set_ref_hook(&self, hook: Py<PyAny>) -> PyResult<()> {
+        self.ref_hook
+            .set(Arc::new(hook))
+            .map_err(|_| PyErr::new::<pyo3::exceptions::PyRuntimeError, _>("ref hook already set"))
+    }
+
     /// Queue an error reply; `info` is a dict {kind, type, message, traceback}.
     fn error(&self, py: Python<'_>, id: u64, info: &Bound<'_, PyAny>) -> PyResult<()> {
         let (buf, segs) = match self.encode_value_frame(Kind::Error, id, info) {
@@ -274,7 +312,9 @@ impl Channel {
     ///
     /// Returns a list of `(kind, id, final, body, trace)` tuples, or None at end of stream.
     /// `body` is decoded for REQUEST, REQUEST_STREAM, CALL, CALL_STREAM, WELCOME, ITEM and
-    /// ERROR, an int for CREDIT, a list of object numbers for RELEASE, a str for REJECT and for the pseudo-kinds OVERSIZE/UNDECODABLE, else None;
+    /// ERROR, an int for CREDIT, a list of object numbers for RELEASE, a str for REJECT and for the
+    /// pseudo-kinds OVERSIZE/UNDECODABLE (for UNDECODABLE, the exception instance when the ref
+    /// hook raised one), else None;
     /// `trace` is the envelope's traceparent or None. With `block`, first writes every queued
     /// frame, then waits (GIL released) until at least one frame or EOF arrives; without,
     /// returns what is already there (maybe []).
@@ -308,8 +348,12 @@ impl Channel {
                                 | Kind::Welcome
                                 | Kind::Item
                                 | Kind::Error,
-                            ) => match codec::decode(py, env.body, &opts, &segs) {
+                            ) => match codec::decode_full(py, env.body, &opts, &segs) {
                                 Ok(v) => (u32::from(env.kind), v),
+                                // The hook refused a reference: its exception, to answer with.
+                                Err(codec::DecodeFail::Hook(exc)) => {
+                                    (UNDECODABLE, exc.into_value(py).into_bound(py).into_any())
+                                }
                                 Err(e) => {
                                     let msg = format!("frame {} could not be decoded: {e}", env.id);
                                     (UNDECODABLE, PyString::new(py, &msg).into_any())
