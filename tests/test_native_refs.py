@@ -294,3 +294,34 @@ async def test_calls_pinned_to_a_real_worker_reach_it_in_order_with_releases() -
         reply = await pool.ask("after", timeout=10.0)
         assert reply["msg"] == "after"
         assert core.running_on(rid) is None
+
+
+async def test_the_parent_resolves_refs_in_replies_and_items_with_its_hook() -> None:
+    seen: list[tuple[int, int, str]] = []
+
+    def hook(wid: int, num: int, type_name: str) -> object:
+        seen.append((wid, num, type_name))
+        if num == 0:
+            raise kameo.errors.RefError(f"ref {wid}:{num} is not ours")
+        return ("resolved", wid, num, type_name)
+
+    async with kameo.Pool("handlers.refs:make", size=1) as pool:
+        # No hook yet: a reply holding a ref cannot be decoded.
+        with pytest.raises(kameo.SerializationError, match="holds no remote objects"):
+            await pool.ask({"wid": 4, "nums": [1], "type": "Counter"}, timeout=10.0)
+        pool._core.set_ref_hook(hook)
+        reply = await pool.ask({"wid": 4, "nums": [1, 2**40], "type": "Counter"}, timeout=10.0)
+        assert reply == [("resolved", 4, 1, "Counter"), ("resolved", 4, 2**40, "Counter")]
+        # The hook's exception fails that request, as it is.
+        with pytest.raises(kameo.errors.RefError, match=r"^ref 4:0 is not ours$"):
+            await pool.ask({"wid": 4, "nums": [0], "type": "Counter"}, timeout=10.0)
+        assert await pool.ask({"wid": 1, "nums": [], "type": "X"}, timeout=10.0) == []
+    assert seen == [(4, 1, "Counter"), (4, 2**40, "Counter"), (4, 0, "Counter")]
+
+    async with kameo.Pool("handlers.refs:stream", size=1) as pool:
+        pool._core.set_ref_hook(hook)
+        items = [item async for item in pool.stream({"wid": 2, "nums": [5, 6], "type": "M"})]
+        assert items == [{"ref": ("resolved", 2, 5, "M")}, {"ref": ("resolved", 2, 6, "M")}]
+        with pytest.raises(kameo.errors.RefError, match="is not ours"):
+            async for _ in pool.stream({"wid": 2, "nums": [7, 0], "type": "M"}):
+                pass
