@@ -7,12 +7,16 @@ parent's side of the wire is ``PoolCore``, exercised with real workers elsewhere
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import kameo
 import pytest
+from conftest import async_wait_until
 from kameo import _native
 from kameo._native import Channel
 
@@ -325,3 +329,32 @@ async def test_the_parent_resolves_refs_in_replies_and_items_with_its_hook() -> 
         with pytest.raises(kameo.errors.RefError, match="is not ours"):
             async for _ in pool.stream({"wid": 2, "nums": [7, 0], "type": "M"}):
                 pass
+
+
+async def test_pinned_calls_wait_for_their_busy_worker_and_fail_with_it(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    async with kameo.Pool("handlers.basic:cmd", size=2, prefetch=0) as pool:
+        ids = {w.pid: w.id for w in pool.workers}
+        busy = asyncio.ensure_future(
+            pool.ask({"op": "sleep", "seconds": 30, "started": str(started)}, timeout=40)
+        )
+        assert await async_wait_until(lambda: started.exists() and started.read_text() != "", 10)
+        victim = int(started.read_text())
+        wid = ids[victim]
+        core = pool._core
+        fut = asyncio.get_running_loop().create_future()
+        _, pinned = core.submit_call(("op",), fut, worker=wid)
+        assert pinned == wid
+        assert core.queued == 1, "its worker is full: the call waits in the parent"
+        # It holds up no one: a request goes to the other worker.
+        assert await pool.ask({"op": "echo", "value": 1}, timeout=10) == 1
+        assert core.queued == 1 and not fut.done()
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(kameo.WorkerCrashed) as crashed:
+            await asyncio.wait_for(busy, 10)
+        # Never sent, yet it fails with its worker (it can run nowhere else).
+        with pytest.raises(kameo.WorkerCrashed) as pinned_crashed:
+            await asyncio.wait_for(fut, 10)
+        assert pinned_crashed.value is crashed.value
+        assert crashed.value.worker_id == wid
+        assert core.queued == 0
