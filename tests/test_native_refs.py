@@ -358,3 +358,30 @@ async def test_pinned_calls_wait_for_their_busy_worker_and_fail_with_it(tmp_path
         assert pinned_crashed.value is crashed.value
         assert crashed.value.worker_id == wid
         assert core.queued == 0
+
+
+@pytest.mark.parametrize("retire", [False, True])
+async def test_a_waiting_pinned_call_goes_out_when_its_worker_has_room(
+    tmp_path: Path, retire: bool
+) -> None:
+    """Also when the worker retires meanwhile: its pinned calls still go to it."""
+    started = tmp_path / "started"
+    async with kameo.Pool("handlers.basic:cmd", size=1, prefetch=0) as pool:
+        busy = asyncio.ensure_future(
+            pool.ask({"op": "sleep", "seconds": 0.5, "started": str(started)}, timeout=20)
+        )
+        assert await async_wait_until(lambda: started.exists() and started.read_text() != "", 10)
+        core = pool._core
+        ((wid, in_flight, retiring),) = core.loads()
+        assert (in_flight, retiring) == (1, False)
+        fut = asyncio.get_running_loop().create_future()
+        assert core.submit_call(("op",), fut, worker=wid)[1] == wid
+        assert core.queued == 1
+        if retire:
+            core.retire(wid)
+            assert core.loads() == [(wid, 1, True)]
+        await asyncio.wait_for(busy, 20)
+        # Today's worker answers CALL as an unknown kind: it did reach the worker.
+        with pytest.raises(kameo.ProtocolError, match="unknown frame kind 27"):
+            await asyncio.wait_for(fut, 10)
+        assert core.queued == 0
