@@ -385,3 +385,41 @@ async def test_a_waiting_pinned_call_goes_out_when_its_worker_has_room(
         with pytest.raises(kameo.ProtocolError, match="unknown frame kind 27"):
             await asyncio.wait_for(fut, 10)
         assert core.queued == 0
+
+
+def test_calls_are_numbered_as_requests_on_the_progress_page(
+    pair: tuple[socket.socket, Channel],
+) -> None:
+    sock, chan = pair
+    fd = os.memfd_create("test-progress")
+    os.ftruncate(fd, 8)
+    chan.set_progress(os.dup(fd))
+    page = os.fdopen(fd, "rb", buffering=0)
+    release = struct.pack("<IQ", 1, 5)
+    none = kameo.encode(None)
+    sock.sendall(
+        frame(Channel.REQUEST, 1, none)
+        + frame(Channel.RELEASE, 0, release)  # not numbered
+        + frame(Channel.CALL, 2, none)
+        + frame(Channel.CALL_STREAM, 3, none)
+        + frame(Channel.REQUEST_STREAM, 4, none)
+    )
+    assert [f[:2] for f in recv_all(chan, 5)] == [
+        (Channel.REQUEST, 1),
+        (Channel.RELEASE, 0),
+        (Channel.CALL, 2),
+        (Channel.CALL_STREAM, 3),
+        (Channel.REQUEST_STREAM, 4),
+    ]
+
+    def taken() -> int:
+        page.seek(0)
+        return int(struct.unpack("<Q", page.read(8))[0])
+
+    chan.take(2)
+    assert taken() == 2  # the CALL is arrival index 1
+    chan.take(3)
+    assert taken() == 3
+    chan.take(4)
+    assert taken() == 4
+    page.close()
