@@ -7,12 +7,16 @@ parent's side of the wire is ``PoolCore``, exercised with real workers elsewhere
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import kameo
 import pytest
+from conftest import async_wait_until
 from kameo import _native
 from kameo._native import Channel
 
@@ -325,3 +329,97 @@ async def test_the_parent_resolves_refs_in_replies_and_items_with_its_hook() -> 
         with pytest.raises(kameo.errors.RefError, match="is not ours"):
             async for _ in pool.stream({"wid": 2, "nums": [7, 0], "type": "M"}):
                 pass
+
+
+async def test_pinned_calls_wait_for_their_busy_worker_and_fail_with_it(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    async with kameo.Pool("handlers.basic:cmd", size=2, prefetch=0) as pool:
+        ids = {w.pid: w.id for w in pool.workers}
+        busy = asyncio.ensure_future(
+            pool.ask({"op": "sleep", "seconds": 30, "started": str(started)}, timeout=40)
+        )
+        assert await async_wait_until(lambda: started.exists() and started.read_text() != "", 10)
+        victim = int(started.read_text())
+        wid = ids[victim]
+        core = pool._core
+        fut = asyncio.get_running_loop().create_future()
+        _, pinned = core.submit_call(("op",), fut, worker=wid)
+        assert pinned == wid
+        assert core.queued == 1, "its worker is full: the call waits in the parent"
+        # It holds up no one: a request goes to the other worker.
+        assert await pool.ask({"op": "echo", "value": 1}, timeout=10) == 1
+        assert core.queued == 1 and not fut.done()
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(kameo.WorkerCrashed) as crashed:
+            await asyncio.wait_for(busy, 10)
+        # Never sent, yet it fails with its worker (it can run nowhere else).
+        with pytest.raises(kameo.WorkerCrashed) as pinned_crashed:
+            await asyncio.wait_for(fut, 10)
+        assert pinned_crashed.value is crashed.value
+        assert crashed.value.worker_id == wid
+        assert core.queued == 0
+
+
+@pytest.mark.parametrize("retire", [False, True])
+async def test_a_waiting_pinned_call_goes_out_when_its_worker_has_room(
+    tmp_path: Path, retire: bool
+) -> None:
+    """Also when the worker retires meanwhile: its pinned calls still go to it."""
+    started = tmp_path / "started"
+    async with kameo.Pool("handlers.basic:cmd", size=1, prefetch=0) as pool:
+        busy = asyncio.ensure_future(
+            pool.ask({"op": "sleep", "seconds": 0.5, "started": str(started)}, timeout=20)
+        )
+        assert await async_wait_until(lambda: started.exists() and started.read_text() != "", 10)
+        core = pool._core
+        ((wid, in_flight, retiring),) = core.loads()
+        assert (in_flight, retiring) == (1, False)
+        fut = asyncio.get_running_loop().create_future()
+        assert core.submit_call(("op",), fut, worker=wid)[1] == wid
+        assert core.queued == 1
+        if retire:
+            core.retire(wid)
+            assert core.loads() == [(wid, 1, True)]
+        await asyncio.wait_for(busy, 20)
+        # Today's worker answers CALL as an unknown kind: it did reach the worker.
+        with pytest.raises(kameo.ProtocolError, match="unknown frame kind 27"):
+            await asyncio.wait_for(fut, 10)
+        assert core.queued == 0
+
+
+def test_calls_are_numbered_as_requests_on_the_progress_page(
+    pair: tuple[socket.socket, Channel],
+) -> None:
+    sock, chan = pair
+    fd = os.memfd_create("test-progress")
+    os.ftruncate(fd, 8)
+    chan.set_progress(os.dup(fd))
+    page = os.fdopen(fd, "rb", buffering=0)
+    release = struct.pack("<IQ", 1, 5)
+    none = kameo.encode(None)
+    sock.sendall(
+        frame(Channel.REQUEST, 1, none)
+        + frame(Channel.RELEASE, 0, release)  # not numbered
+        + frame(Channel.CALL, 2, none)
+        + frame(Channel.CALL_STREAM, 3, none)
+        + frame(Channel.REQUEST_STREAM, 4, none)
+    )
+    assert [f[:2] for f in recv_all(chan, 5)] == [
+        (Channel.REQUEST, 1),
+        (Channel.RELEASE, 0),
+        (Channel.CALL, 2),
+        (Channel.CALL_STREAM, 3),
+        (Channel.REQUEST_STREAM, 4),
+    ]
+
+    def taken() -> int:
+        page.seek(0)
+        return int(struct.unpack("<Q", page.read(8))[0])
+
+    chan.take(2)
+    assert taken() == 2  # the CALL is arrival index 1
+    chan.take(3)
+    assert taken() == 3
+    chan.take(4)
+    assert taken() == 4
+    page.close()
