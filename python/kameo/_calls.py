@@ -30,15 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kameo._handler import handler_kind
-from kameo.errors import HandlerTypeError, KameoError
+from kameo._handler import ASYNC, ASYNCGEN, GEN, handler_kind
+from kameo.errors import HandlerTypeError, RefError
+from kameo.remote import Ref
 
 RETURN_REF = 1
-
-
-class RefGone(KameoError, LookupError):
-    """Raised in the worker for a reference to an object it no longer holds (the parent's
-    :class:`kameo.RefError` is made from it)."""
 
 
 @dataclass(slots=True)
@@ -53,6 +49,9 @@ class Job:
     return_ref: bool = False
     #: The result is always kept as an object (``new``).
     keep: bool = False
+    #: Cheap and never blocking (attribute access, the table's own ops): run it in place, not
+    #: in a handler thread.
+    inline: bool = False
 
 
 @dataclass(slots=True)
@@ -137,13 +136,13 @@ class Objects:
     def resolve(self, worker_id: int, number: int, _type: str) -> Any:
         """The live object of a reference (the channel's ref hook)."""
         if worker_id != self.worker_id:
-            raise RefGone(
+            raise RefError(
                 f"a reference to an object of worker {worker_id} reached worker {self.worker_id}"
             )
         try:
             return self.table[number]
         except KeyError:
-            raise RefGone(
+            raise RefError(
                 f"worker {self.worker_id} no longer holds object {number} ({_type}): it was "
                 "released"
             ) from None
@@ -209,7 +208,15 @@ class Calls:
         self._targets[target] = fn
         return fn  # type: ignore[no-any-return]
 
-    def prepare(self, op: tuple[Any, ...]) -> Job:
+    def prepare(self, op: Any) -> Job:
+        if not (isinstance(op, tuple) and len(op) >= 2 and isinstance(op[0], str)):
+            raise ValueError(f"malformed call op: {type(op).__name__} {str(op)[:80]}")
+        try:
+            return self._prepare(op)
+        except (IndexError, KeyError):
+            raise ValueError(f"malformed call op {op[0]!r}: {str(op)[:80]}") from None
+
+    def _prepare(self, op: tuple[Any, ...]) -> Job:
         name, sid = op[0], op[1]
         if name == "call":
             fn = self.function(op[2])
@@ -226,16 +233,64 @@ class Calls:
             cls = self.function(op[2])
             return Job(cls, op[3], op[4], "sync", sid, True, keep=True)
         if name == "getattr":
-            return Job(getattr, (op[2], op[3]), {}, "sync", sid)
+            return Job(getattr, (op[2], op[3]), {}, "sync", sid, inline=True)
         if name == "setattr":
-            return Job(setattr, (op[2], op[3], op[4]), {}, "sync", sid)
+            return Job(setattr, (op[2], op[3], op[4]), {}, "sync", sid, inline=True)
         if name == "handler":
             handler = self.handler if self.handler is not None else self.adapter
             if handler is None or not callable(handler):
                 raise HandlerTypeError("this pool has no handler to ask (no target)")
             return Job(handler, (op[2],), {}, handler_kind(handler), sid)
         if name == "release":
-            return Job(self.objects.release, (op[2],), {}, "sync", sid)
+            return Job(self.objects.release, (op[2],), {}, "sync", sid, inline=True)
         if name == "close_session":
-            return Job(self.objects.close_session, (sid,), {}, "sync", None)
+            return Job(self.objects.close_session, (sid,), {}, "sync", None, inline=True)
         raise ValueError(f"unknown call op {name!r}")
+
+    def answer(self, chan: Any, rid: int, job: Job, result: Any) -> None:
+        """REPLY with ``result``, or with a reference to it (kept here) when it must stay an
+        object (``new``, ``return_ref``) or the codec cannot encode it."""
+        if not job.keep and not job.return_ref and chan.try_reply(rid, result):
+            return
+        number, type_name = self.objects.keep(result, job.session)
+        chan.reply(rid, token(self.objects.worker_id, number, type_name))
+
+
+def token(worker_id: int, number: int, type_name: str) -> Ref:
+    """What a kept object travels as: a ``kameo.Ref`` bound to no pool (codec tag 0x1F)."""
+    ref = Ref.__new__(Ref)
+    ref._wid, ref._num, ref._type, ref._key, ref._pool = worker_id, number, type_name, 0, None
+    return ref
+
+
+def apply(job: Job) -> Any:
+    """Run a sync job (in a handler thread or in place)."""
+    return job.fn(*job.args, **job.kwargs)
+
+
+def as_stream(job: Job) -> tuple[Callable[[Any], Any], str]:
+    """A generator function of one (ignored) argument and its kind, for ``_handler.produce``:
+    the job's own generator, or the items of the iterable it returns."""
+    fn, args, kwargs = job.fn, job.args, job.kwargs
+    if job.kind in (GEN, ASYNCGEN):
+        return (lambda _: fn(*args, **kwargs)), job.kind
+    if job.kind == ASYNC:
+
+        async def items_async(_: Any) -> Any:
+            it = await fn(*args, **kwargs)
+            if hasattr(it, "__aiter__"):
+                async for x in it:
+                    yield x
+            else:
+                for x in it:
+                    yield x
+
+        return items_async, ASYNCGEN
+
+    def items(_: Any) -> Any:
+        it = fn(*args, **kwargs)
+        if hasattr(it, "__aiter__"):
+            raise TypeError(f"{job.fn!r} returned an async iterable to a sync worker")
+        yield from it
+
+    return items, GEN
