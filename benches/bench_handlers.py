@@ -108,3 +108,13 @@ def peer_task(msg):
         return os.getpid()
     time.sleep(msg["sleep"])
     return msg["x"] * 2
+
+
+# ------------------------------------------------------------------------------ W9 calls
+
+
+class Echo:
+    """A remote object for W9: one method that answers its argument."""
+
+    def echo(self, msg):
+        return msg

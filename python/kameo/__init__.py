@@ -17,12 +17,14 @@ from kameo.errors import (
     KameoError,
     PoolClosed,
     ProtocolError,
+    RefError,
     RemoteError,
     SerializationError,
     WorkerCrashed,
     WorkerStartupError,
 )
 from kameo.pool import Pool, PoolStats, WorkerInfo
+from kameo.remote import Ref, RemoteFunction
 from kameo.stream import Stream
 
 __version__ = "0.1.0"
@@ -39,7 +41,10 @@ __all__ = [
     "PoolClosed",
     "PoolStats",
     "ProtocolError",
+    "Ref",
+    "RefError",
     "RemoteError",
+    "RemoteFunction",
     "SerializationError",
     "Stream",
     "WorkerCrashed",
@@ -47,9 +52,11 @@ __all__ = [
     "WorkerStartupError",
     "__version__",
     "callback_handle",
+    "current_session",
     "current_traceparent",
     "decode",
     "encode",
+    "live_refs",
     "register_type",
 ]
 
@@ -71,6 +78,18 @@ def current_traceparent() -> str | None:
     """The W3C traceparent of the request (in a worker) or callback (in the parent) being
     handled, if the caller sent one."""
     return _context.traceparent.get()
+
+
+def current_session() -> str | None:
+    """In a worker: the id of the session the running call belongs to (None outside one)."""
+    return _context.session.get()
+
+
+def live_refs() -> int:
+    """In a worker: how many objects it holds for the parent's Refs
+    (``await pool.call("kameo:live_refs")``); 0 outside a worker."""
+    rt = _runtime.current()
+    return 0 if rt is None else len(rt.ops.objects)
 
 
 def __getattr__(name: str) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextvars
 
-__all__ = ["current_request", "traceparent"]
+__all__ = ["current_request", "session", "traceparent"]
 
 #: The W3C traceparent of the request being handled (worker) or of the callback being
 #: handled (parent); read it with ``kameo.current_traceparent()``.
@@ -18,3 +18,6 @@ traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 #: Worker side: the id of the request being handled, so that the callbacks it makes are tied to
 #: it (0 outside a request).
 current_request: contextvars.ContextVar[int] = contextvars.ContextVar("kameo_request", default=0)
+#: Worker side: the id of the session the running call belongs to (None outside a session);
+#: read it with ``kameo.current_session()``.
+session: contextvars.ContextVar[str | None] = contextvars.ContextVar("kameo_session", default=None)

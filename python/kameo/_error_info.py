@@ -28,6 +28,7 @@ from kameo.errors import (
     HandlerTypeError,
     KameoError,
     ProtocolError,
+    RefError,
     RemoteError,
     SerializationError,
 )
@@ -44,6 +45,7 @@ CALLBACK_NOT_FOUND = "callback_not_found"
 CANCELLED = "cancelled"
 HANDLER_TYPE = "handler_type"
 PROTOCOL = "protocol"
+REF = "ref"
 SERIALIZATION = "serialization"
 
 Info = dict[str, str]
@@ -77,7 +79,14 @@ def from_exception(exc: BaseException) -> Info:
         type_name, message = exc.remote_type, exc.remote_message
     else:
         type_name, message = f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc)
-    kind = CALLBACK_NOT_FOUND if isinstance(exc, CallbackNotFound) else REMOTE
+    if isinstance(exc, CallbackNotFound):
+        kind = CALLBACK_NOT_FOUND
+    elif isinstance(exc, RefError):
+        kind = REF
+    elif isinstance(exc, HandlerTypeError):
+        kind = HANDLER_TYPE
+    else:
+        kind = REMOTE
     return make(kind, message, type_name, "".join(traceback.format_exception(exc)))
 
 
@@ -116,6 +125,8 @@ def decode(info: Any, location: str, worker_id: int, pid: int) -> BaseException:
         return CallbackNotFound(message)
     if kind == HANDLER_TYPE:
         return HandlerTypeError(message)
+    if kind == REF:
+        return RefError(f"{message} [{where}]")
     if kind == CANCELLED:
         return KameoError(f"the call was cancelled in {where}")
     return _remote(info, worker_id, pid, location)

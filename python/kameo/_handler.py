@@ -23,12 +23,14 @@ import threading
 from collections.abc import Callable, Generator
 from typing import Any
 
-__all__ = ["ASYNC", "ASYNCGEN", "GEN", "SYNC", "Flow", "Threads", "handler_kind", "produce"]
+__all__ = ["ASYNC", "ASYNCGEN", "GEN", "NONE", "SYNC", "Flow", "Threads", "handler_kind", "produce"]
 
 SYNC = "sync"
 ASYNC = "async"
 GEN = "gen"
 ASYNCGEN = "asyncgen"
+#: A worker with no handler to ask (a pool without target, an adapter class without __call__).
+NONE = "none"
 
 #: A paced producer (:class:`Flow` with ``flush_soon``) writes at once and lets the loop run
 #: every this many items; in between, its items go out within one loop iteration.

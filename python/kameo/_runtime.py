@@ -19,8 +19,9 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any, Protocol
 
 from kameo import _error_info, _native
+from kameo._calls import Calls
 from kameo._context import current_request, traceparent
-from kameo.errors import CallbackNotFound, KameoError
+from kameo.errors import CallbackNotFound, HandlerTypeError, KameoError
 
 __all__ = ["CallbackCall", "Runtime", "Server", "current", "current_request", "traceparent"]
 
@@ -33,6 +34,9 @@ ITEM = Channel.ITEM
 END = Channel.END
 ERROR = Channel.ERROR
 CREDIT = Channel.CREDIT
+CALL = Channel.CALL
+CALL_STREAM = Channel.CALL_STREAM
+RELEASE = Channel.RELEASE
 
 #: A request waiting to start: (frame kind, request id, body, traceparent).
 Request = tuple[int, int, Any, "str | None"]
@@ -83,13 +87,20 @@ class Server(Protocol):
 def mismatch(kind: str, frame_kind: int, target: str) -> dict[str, str] | None:
     """The error for ask() on a generator or stream() on a plain function, if any."""
     is_gen = kind in ("gen", "asyncgen")
-    if frame_kind == REQUEST and is_gen:
+    if kind == "none" and frame_kind in (REQUEST, REQUEST_STREAM):
+        message = f"this pool has no handler to ask ({target}): use pool.call()"
+    elif frame_kind == REQUEST and is_gen:
         message = f"handler {target!r} is a generator: use pool.stream(), not pool.ask()"
     elif frame_kind == REQUEST_STREAM and not is_gen:
         message = f"handler {target!r} is not a generator: use pool.ask(), not pool.stream()"
     else:
         return None
     return _error_info.handler_type(message)
+
+
+def no_handler(_msg: Any) -> Any:
+    """The handler of a worker that has none (``mismatch`` answers asks before they get here)."""
+    raise HandlerTypeError("this pool has no handler to ask: use pool.call()")
 
 
 class Runtime:
@@ -107,6 +118,8 @@ class Runtime:
         self.credit_every = max(1, self.stream_window // 4)  # items taken before CREDIT is sent
         self.heartbeat_interval = float(config.get("heartbeat_interval") or 0)
         self.init: str | None = config.get("init")
+        #: Dynamic calls and the objects the parent holds Refs to (set by kameo._worker).
+        self.ops: Calls = Calls(worker_id)
         # Open calls only, weakly: a call dropped by its handler (`break` out of the loop) is
         # collected at once, and the callback of its reference cancels the parent handler.
         self.calls: dict[int, weakref.ref[CallbackCall]] = {}
@@ -193,8 +206,10 @@ class Runtime:
     def route(self, frames: list[tuple[int, int, bool, Any, str | None]]) -> None:
         enqueue = self._enqueue
         for kind, fid, final, body, trace in frames:
-            if kind in (REQUEST, REQUEST_STREAM):
+            if kind in (REQUEST, REQUEST_STREAM, CALL, CALL_STREAM):
                 enqueue((kind, fid, body, trace))
+            elif kind == RELEASE:
+                self.ops.objects.release(body)
             elif kind in (ITEM, END, ERROR):
                 ref = self.calls.get(fid)
                 call = ref() if ref is not None else None
@@ -206,6 +221,8 @@ class Runtime:
                 self.server.cancel(fid)  # type: ignore[union-attr]
             elif kind == SHUTDOWN:
                 self.shutdown = True
+            elif isinstance(body, BaseException):  # a call's Ref argument did not resolve
+                self.chan.error(fid, _error_info.from_exception(body))
             else:
                 message = str(body) if isinstance(body, str) else f"unknown frame kind {kind}"
                 self.chan.error(fid, _error_info.protocol(message))

@@ -19,10 +19,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from kameo import _aio, _eager, _error_info, _native
+from kameo import _aio, _calls, _context, _eager, _error_info, _native
 from kameo._eager import EagerStarter
-from kameo._handler import ASYNC, ASYNCGEN, Flow, Threads, produce
+from kameo._handler import ASYNC, ASYNCGEN, GEN, Flow, Threads, produce
 from kameo._runtime import (
+    CALL,
+    CALL_STREAM,
     END,
     REQUEST,
     Channel,
@@ -30,6 +32,7 @@ from kameo._runtime import (
     Runtime,
     current_request,
     mismatch,
+    no_handler,
     traceparent,
 )
 
@@ -39,14 +42,16 @@ WAIT_HERE_MAX = 0.05
 
 async def serve(
     rt: Runtime,
-    handler: Callable[[Any], Any],
+    handler: Callable[[Any], Any] | None,
     kind: str,
     target: str,
     max_concurrency: int,
     init: Callable[[], Any] | None,
+    after_init: Callable[[], None],
 ) -> None:
-    """Run the init hook, send READY and serve until SHUTDOWN or the parent goes away."""
-    await AsyncServer(rt, handler, kind, target, max_concurrency).serve(init)
+    """Run the init hook (then ``after_init``), send READY and serve until SHUTDOWN or the
+    parent goes away."""
+    await AsyncServer(rt, handler, kind, target, max_concurrency).serve(init, after_init)
 
 
 class AsyncServer:
@@ -55,14 +60,14 @@ class AsyncServer:
     def __init__(
         self,
         rt: Runtime,
-        handler: Callable[[Any], Any],
+        handler: Callable[[Any], Any] | None,
         kind: str,
         target: str,
         max_concurrency: int,
     ) -> None:
         self.rt = rt
         self.chan = chan = rt.chan
-        self.handler = handler
+        self.handler: Callable[[Any], Any] = handler if handler is not None else no_handler
         self.kind = kind
         self.target = target
         self.max_concurrency = max_concurrency
@@ -74,7 +79,7 @@ class AsyncServer:
         self.cancelled: set[int] = set()  # unused: a cancelled request's task is cancelled
         self.tasks: dict[int, asyncio.Task[None]] = {}  # requests that did not finish at once
         self.flows: dict[int, Flow] = {}  # streams, for their CREDIT
-        self.threads = (
+        self.threads: Threads | None = (
             None if kind in (ASYNC, ASYNCGEN) else Threads(loop, max_concurrency, "kameo")
         )
         self.write_scheduled = False  # a write() is queued with call_soon
@@ -145,7 +150,7 @@ class AsyncServer:
 
     # -- serving -----------------------------------------------------------------------
 
-    async def serve(self, init: Callable[[], Any] | None) -> None:
+    async def serve(self, init: Callable[[], Any] | None, after_init: Callable[[], None]) -> None:
         rt, chan, loop = self.rt, self.chan, self.loop
         chan.set_blocking(False)
         try:
@@ -156,6 +161,12 @@ class AsyncServer:
         except BaseException as exc:
             rt.startup_failed(exc, "run init hook", rt.init)
             return
+        try:
+            after_init()
+        except BaseException as exc:
+            rt.startup_failed(exc, "make the adapter instance", self.target)
+            return
+        self.handler = rt.ops.handler if rt.ops.handler is not None else no_handler
         rt.ready(self.kind)
         if rt.heartbeat_interval:
             loop.call_later(rt.heartbeat_interval, self.heartbeat)
@@ -224,6 +235,29 @@ class AsyncServer:
             wrong = mismatch(self.kind, frame_kind, self.target)
             if wrong is not None:
                 chan.error(rid, wrong)
+            elif frame_kind == CALL:
+                ops = self.rt.ops
+                job = ops.prepare(body)
+                _context.session.set(job.session)
+                if job.kind == ASYNC:
+                    result = await job.fn(*job.args, **job.kwargs)
+                elif job.inline:
+                    result = _calls.apply(job)
+                else:
+                    result = await self.call_threads().call(
+                        contextvars.copy_context(), _calls.apply, job
+                    )
+                ops.answer(chan, rid, job, result)
+            elif frame_kind == CALL_STREAM:
+                job = self.rt.ops.prepare(body)
+                _context.session.set(job.session)
+                fn, kind = _calls.as_stream(job)
+                send = functools.partial(chan.item, rid)
+                flow = self.flows[rid] = Flow(
+                    send, self.rt.stream_window, self.write, self.write_soon
+                )
+                await produce(fn, kind, None, flow, self.call_threads() if kind == GEN else None)
+                chan.signal(END, rid)
             elif frame_kind == REQUEST:
                 threads = self.threads
                 if threads is None:
@@ -249,6 +283,12 @@ class AsyncServer:
             if not self.pumping:  # else it finished in its first step: pump() writes
                 self.pump()
                 self.write_soon()
+
+    def call_threads(self) -> Threads:
+        """The handler threads, made on first use in a worker whose handler is async."""
+        if self.threads is None:
+            self.threads = Threads(self.loop, self.max_concurrency, "kameo")
+        return self.threads
 
     # -- writing -----------------------------------------------------------------------
 

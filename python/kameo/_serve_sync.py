@@ -7,13 +7,27 @@ make no Python call per request beyond the handler's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from kameo import _error_info
-from kameo._runtime import END, REQUEST, Request, Runtime, current_request, mismatch, traceparent
+from kameo import _calls, _context, _error_info
+from kameo._handler import ASYNC, ASYNCGEN, GEN
+from kameo._runtime import (
+    CALL,
+    END,
+    REQUEST,
+    REQUEST_STREAM,
+    Request,
+    Runtime,
+    current_request,
+    mismatch,
+    no_handler,
+    traceparent,
+)
+from kameo.errors import HandlerTypeError
 
 #: While a stream has credit, read the socket (for CANCEL and CREDIT) every this many items.
 STREAM_POLL_EVERY = 16
@@ -25,16 +39,19 @@ class SyncServer:
     loop = None
     thread = None
 
-    def __init__(self, rt: Runtime, handler: Callable[[Any], Any], kind: str, target: str) -> None:
+    def __init__(
+        self, rt: Runtime, handler: Callable[[Any], Any] | None, kind: str, target: str
+    ) -> None:
         self.rt = rt
         self.chan = rt.chan
-        self.handler = handler
+        self.handler: Callable[[Any], Any] = handler if handler is not None else no_handler
         self.kind = kind
         self.target = target
         self.waiting: deque[Request] = deque()
         self.cancelled: set[int] = set()
         self.credits: dict[int, int] = {}  # stream request id -> CREDIT not yet counted
         self.flush: Callable[[], object] = self.chan.flush  # the caller's thread writes
+        self._coroutine_loop: asyncio.AbstractEventLoop | None = None
         rt.attach(self)
 
     def cancel(self, rid: int) -> None:
@@ -81,8 +98,12 @@ class SyncServer:
                     chan.error(rid, error_info(exc))
                 else:
                     chan.reply(rid, result)
+            elif frame_kind == REQUEST_STREAM:
+                self.stream(rid, handler, body)
+            elif frame_kind == CALL:
+                self.call(rid, body)
             else:
-                self.stream(rid, body)
+                self.call_stream(rid, body)
             cancelled.discard(rid)
             rt.end_request(rid)
             # Drop the request and its result now, not when the next request arrives: they may
@@ -90,7 +111,57 @@ class SyncServer:
             body = result = None
         chan.flush()
 
-    def stream(self, rid: int, body: Any) -> None:
+    def call(self, rid: int, op: Any) -> None:
+        """A CALL: a sync function runs here; a coroutine function on this worker's own event
+        loop (made on first use; its callbacks cannot be iterated with ``async for``)."""
+        ops = self.rt.ops
+        token = None
+        try:
+            job = ops.prepare(op)
+            token = _context.session.set(job.session)
+            if job.kind == ASYNC:
+                result = self.coroutine_loop().run_until_complete(_calls.apply(job))
+            elif job.kind in (GEN, ASYNCGEN):
+                raise HandlerTypeError(
+                    f"{job.fn!r} is a generator function: use pool.call_stream(), not pool.call()"
+                )
+            else:
+                result = _calls.apply(job)
+        except BaseException as exc:
+            self.chan.error(rid, _error_info.from_exception(exc))
+            return
+        finally:
+            if token is not None:
+                _context.session.reset(token)
+        ops.answer(self.chan, rid, job, result)
+
+    def call_stream(self, rid: int, op: Any) -> None:
+        token = None
+        try:
+            try:
+                job = self.rt.ops.prepare(op)
+                token = _context.session.set(job.session)
+                fn, kind = _calls.as_stream(job)
+                if kind == ASYNCGEN:
+                    raise HandlerTypeError(
+                        f"{job.fn!r} is asynchronous: this worker serves a sync handler one "
+                        "request at a time, without an event loop to iterate it on; use a pool "
+                        "with max_concurrency > 1 or an async handler"
+                    )
+            except BaseException as exc:
+                self.chan.error(rid, _error_info.from_exception(exc))
+                return
+            self.stream(rid, fn, None)
+        finally:
+            if token is not None:
+                _context.session.reset(token)
+
+    def coroutine_loop(self) -> asyncio.AbstractEventLoop:
+        if self._coroutine_loop is None:
+            self._coroutine_loop = asyncio.new_event_loop()
+        return self._coroutine_loop
+
+    def stream(self, rid: int, fn: Callable[[Any], Any], body: Any) -> None:
         rt = self.rt
         chan = self.chan
         cancelled = self.cancelled
@@ -99,7 +170,7 @@ class SyncServer:
         count = 0
         gen = None
         try:
-            gen = self.handler(body)
+            gen = fn(body)
             for item in gen:
                 chan.item_paced(rid, item)  # written at once after a pause, else within 100 µs
                 count += 1

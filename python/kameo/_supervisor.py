@@ -84,7 +84,7 @@ class Supervisor:
         size: int,
         options: SupervisorOptions,
         *,
-        on_worker_gone: Callable[[int], None],
+        on_worker_gone: Callable[[int, str], None],
     ) -> None:
         self.loop = loop
         self.core = core
@@ -306,7 +306,7 @@ class Supervisor:
         core.remove_worker(w.id, exc)
         if self._stopping and self._closed_waiting is not None:
             core.fail_queued(self._closed_waiting)  # what it had not started: no one will
-        self.on_worker_gone(w.id)
+        self.on_worker_gone(w.id, f"{w.describe()} {what}")
         w.close_stderr()
         self.workers.pop(w.id, None)
         slot = self.slots[w.slot]

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kameo import _native, _serve_async
-from kameo._handler import GEN, SYNC, handler_kind
+from kameo._handler import GEN, NONE, SYNC, handler_kind
 from kameo._runtime import Runtime, install
 from kameo._serve_sync import SyncServer
 
@@ -108,12 +108,15 @@ def main() -> int:
     rt = Runtime(chan, config, worker_id)
     install(rt)
 
-    target = str(config["target"])
-    try:
-        handler = load_target(target)
-    except BaseException as exc:
-        rt.startup_failed(exc, "load target", target)
-        return 3
+    target = config.get("target")
+    handler: Callable[[Any], Any] | None = None
+    if target is not None:
+        try:
+            handler = load_target(str(target))
+        except BaseException as exc:
+            rt.startup_failed(exc, "load target", target)
+            return 3
+    chan.set_ref_hook(rt.ops.objects.resolve)
     init: Callable[[], Any] | None = None
     if rt.init:
         try:
@@ -121,11 +124,31 @@ def main() -> int:
         except BaseException as exc:
             rt.startup_failed(exc, "load init hook", rt.init)
             return 3
-    kind = handler_kind(handler)
+    adapter_class = inspect.isclass(handler)
+    if handler is None:
+        kind = NONE
+    elif adapter_class:
+        # Instances are called by pool.ask only if the class defines __call__.
+        mro = type.mro(handler)  # type: ignore[arg-type]
+        call = next((vars(c)["__call__"] for c in mro[:-1] if "__call__" in vars(c)), None)
+        kind = handler_kind(call) if call is not None else NONE
+    else:
+        kind = handler_kind(handler)
     max_concurrency = int(config.get("max_concurrency", 1))
+    target = str(target) if target is not None else "(no target)"
+
+    def load_adapter() -> None:
+        """An adapter class target: one instance, made after the init hook."""
+        nonlocal handler, kind
+        if adapter_class:
+            assert handler is not None
+            instance = handler()  # type: ignore[call-arg]
+            rt.ops.adapter = instance
+            handler = instance if kind != NONE else None
+        rt.ops.handler = handler
 
     try:
-        if kind in (SYNC, GEN) and max_concurrency == 1:
+        if kind in (SYNC, GEN, NONE) and max_concurrency == 1:
             try:
                 if init is not None:
                     result = init()
@@ -134,13 +157,20 @@ def main() -> int:
             except BaseException as exc:
                 rt.startup_failed(exc, "run init hook", rt.init)
                 return 3
+            try:
+                load_adapter()
+            except BaseException as exc:
+                rt.startup_failed(exc, "make the adapter instance", target)
+                return 3
             server = SyncServer(rt, handler, kind, target)
             rt.ready(kind)
             if rt.heartbeat_interval:
                 start_heartbeat_thread(chan, rt.heartbeat_interval)
             server.serve()
         else:
-            asyncio.run(_serve_async.serve(rt, handler, kind, target, max_concurrency, init))
+            asyncio.run(
+                _serve_async.serve(rt, handler, kind, target, max_concurrency, init, load_adapter)
+            )
     except (EOFError, BrokenPipeError, ConnectionResetError):
         rt.eof = True
     if rt.eof and not rt.shutdown:

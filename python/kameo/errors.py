@@ -15,6 +15,7 @@ __all__ = [
     "KameoError",
     "PoolClosed",
     "ProtocolError",
+    "RefError",
     "RemoteError",
     "SerializationError",
     "WorkerCrashed",
@@ -36,6 +37,11 @@ class ProtocolError(KameoError):
 
 class SerializationError(KameoError, TypeError):
     """A value cannot be encoded (the message names its type and its path) or decoded."""
+
+
+class RefError(KameoError, LookupError):
+    """A remote object reference cannot be used: it was released, its worker died, or it
+    belongs to another pool (or a call mixes refs of two workers)."""
 
 
 class CallTimeout(KameoError, TimeoutError):

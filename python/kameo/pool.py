@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
+import itertools
 import logging
 import os
 import secrets
@@ -33,7 +35,8 @@ from kameo._native import (
 from kameo._process import WorkerProcess
 from kameo._supervisor import Supervisor, SupervisorOptions
 from kameo.callbacks import CallbackRunner, Callbacks
-from kameo.errors import CallTimeout, HandlerTypeError, PoolClosed
+from kameo.errors import CallTimeout, HandlerTypeError, PoolClosed, RefError
+from kameo.remote import Ref, RefTable, RemoteFunction
 from kameo.stream import Stream
 
 __all__ = ["Pool", "PoolStats", "WorkerInfo"]
@@ -107,7 +110,7 @@ class Pool:
 
     def __init__(
         self,
-        target: str,
+        target: str | None = None,
         *,
         size: int | None = None,
         python: str | None = None,
@@ -130,9 +133,10 @@ class Pool:
         allow_pickle: bool = False,
         shm_threshold: int | None = DEFAULT_SHM_THRESHOLD,
     ) -> None:
-        module, sep, attr = target.partition(":")
-        if not sep or not module or not attr:
-            raise ValueError(f"target must be 'module:function', got {target!r}")
+        if target is not None:
+            module, sep, attr = target.partition(":")
+            if not sep or not module or not attr:
+                raise ValueError(f"target must be 'module:function', got {target!r}")
         if init is not None and ":" not in init:
             raise ValueError(f"init must be 'module:function', got {init!r}")
         size = os.cpu_count() or 1 if size is None else size
@@ -194,6 +198,7 @@ class Pool:
         # The loop's state for direct waits (None: the loop is not one _aio knows, e.g. uvloop).
         self._direct: _aio.DirectWait | None = None
         self._answer_waits = 0  # waits made by _wait_answer (tests check it is used)
+        self._refs = RefTable(next(_pool_keys))
 
     # ----------------------------------------------------------------- public API
 
@@ -305,7 +310,7 @@ class Pool:
             self._callbacks, self._core, loop, self._stream_window, Channel
         )
         options = SupervisorOptions(
-            target=self.target,
+            target=self.target or "(no target)",
             python=self._python,
             env=self._env,
             cwd=self._cwd,
@@ -315,8 +320,17 @@ class Pool:
             max_memory=self._max_memory,
             cancel_grace=self._cancel_grace,
         )
+        refs = self._refs
+        refs.attach(self._core, loop)
+        self._core.set_ref_key(refs.key)
+        self._core.set_ref_hook(functools.partial(refs.make, pool=self))
+
+        def worker_gone(worker_id: int, why: str) -> None:
+            runner.worker_gone(worker_id)
+            refs.worker_lost(worker_id, why)
+
         sup = self._supervisor = Supervisor(
-            loop, self._core, self._size, options, on_worker_gone=runner.worker_gone
+            loop, self._core, self._size, options, on_worker_gone=worker_gone
         )
         self._workers = sup.workers  # the same dict, read by _on_event
         _live_pools.add(self)
@@ -357,6 +371,14 @@ class Pool:
         fut = AskFuture(loop=loop)
         if self._state != "running":
             fut.set_exception(PoolClosed(self._not_running()))
+            return fut
+        if self._handler_kind == "none":
+            fut.set_exception(
+                HandlerTypeError(
+                    f"{self!r} has no handler to ask (no target, or an adapter class without "
+                    "__call__): use pool.call()"
+                )
+            )
             return fut
         if self._handler_kind in ("gen", "asyncgen"):
             fut.set_exception(
@@ -414,6 +436,112 @@ class Pool:
             timeout,
             traceparent or _traceparent.get(),
         )
+
+    # ------------------------------------------------------------ calls and objects
+
+    def call(self, target: str, /, *args: Any, **kwargs: Any) -> AskFuture:
+        """Call ``target`` ("module:qualname", "module.name", or a bare method name of the
+        pool's adapter class) in a worker with these arguments: ``await pool.call("math:hypot",
+        3, 4)``. A result the codec cannot encode comes back as a :class:`Ref`; a Ref among the
+        arguments is the live object, and the call runs on its worker."""
+        return self._submit_op(
+            ("call", None, target, args, kwargs, 0), None, None, 0, None, args, kwargs
+        )
+
+    def function(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        return_ref: bool = False,
+    ) -> RemoteFunction:
+        """``target`` as a callable with its options: ``f = pool.function("m:f", timeout=5)``,
+        then ``await f(1, 2)``. ``idempotent=True`` lets a call run again on another worker
+        if its worker dies; ``return_ref=True`` always gives a :class:`Ref` to the result."""
+        return RemoteFunction(self, target, timeout, idempotent, return_ref)
+
+    def new(self, target: str, /, *args: Any, **kwargs: Any) -> AskFuture:
+        """Make ``target(*args, **kwargs)`` (a class, or any callable) in a worker and return a
+        :class:`Ref` to it: ``c = await pool.new("collections:Counter", "abc")``."""
+        return self._submit_op(
+            ("new", None, target, args, kwargs, 0), None, None, 0, None, args, kwargs
+        )
+
+    def call_stream(self, target: str, /, *args: Any, **kwargs: Any) -> Stream:
+        """Iterate what ``target(*args, **kwargs)`` returns (a generator or any iterable, sync
+        or async) as the worker produces it, with the backpressure and cancellation of
+        :meth:`stream`."""
+        if self._state != "running":
+            raise PoolClosed(self._not_running())
+        assert self._loop is not None
+        op = ("call", None, target, args, kwargs, 0)
+        return Stream(
+            self._core,
+            self._loop,
+            self._count_abandoned,
+            op,
+            self._default_timeout,
+            _traceparent.get(),
+            submit=functools.partial(_submit_call_stream, self._core),
+        )
+
+    def _submit_op(
+        self,
+        op: tuple[Any, ...],
+        worker: int | None,
+        timeout: float | None,
+        retries: int,
+        traceparent: str | None,
+        *keep: Any,
+    ) -> AskFuture:
+        """Send a CALL (see ``kameo._calls``) and return its future."""
+        loop = self._loop
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise PoolClosed(
+                    f"{self._not_running()} (called outside a running event loop)"
+                ) from None
+        fut = AskFuture(loop=loop)
+        if self._state != "running":
+            fut.set_exception(PoolClosed(self._not_running()))
+            return fut
+        refs = self._refs
+        if refs.drops:
+            refs.flush()  # objects dropped before this call are freed before it runs
+        if worker is not None and worker in refs.gone:
+            fut.set_exception(RefError(f"worker {worker} is gone ({refs.gone[worker]})"))
+            return fut
+        for value in keep:
+            if type(value) is Ref:
+                try:
+                    refs.check(value)
+                except RefError as exc:
+                    fut.set_exception(exc)
+                    return fut
+        if timeout is None:
+            timeout = self._default_timeout
+        timer = None
+        if timeout is not None:
+            timer = fut._kameo_timer = loop.call_later(
+                timeout, self._expire, weakref.ref(fut), timeout
+            )
+        try:
+            rid, _ = self._core.submit_call(
+                op, fut, traceparent or _traceparent.get(), retries, timer is not None, worker
+            )
+        except Exception as exc:
+            if timer is not None:
+                timer.cancel()
+            fut.set_exception(exc)
+            return fut
+        fut._kameo_rid = rid
+        fut._kameo_keep = keep
+        fut._kameo_abandon = self._abandon_cb
+        fut._kameo_wait = self._wait_answer if self._direct is not None else None
+        return fut
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop the pool: refuse new asks, let in-flight ones finish within ``grace`` seconds,
@@ -596,6 +724,14 @@ class Pool:
 _LOST = (EVENT_EOF, EVENT_IO_ERROR, EVENT_PROTOCOL_ERROR)
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _submit_call_stream(core: Any, op: Any, trace: str | None, worker: int | None = None) -> int:
+    rid: int = core.submit_call_stream(op, trace, worker)[0]
+    return rid
+
+
+_pool_keys = itertools.count(1)  # RefTable keys: a Ref names the pool it belongs to
 
 
 @atexit.register

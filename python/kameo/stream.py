@@ -37,6 +37,7 @@ class Stream:
         "_msg",
         "_on_abandon",
         "_rid",
+        "_submit",
         "_timeout",
         "_trace",
     )
@@ -49,11 +50,15 @@ class Stream:
         msg: Any,
         timeout: float | None,
         trace: str | None,
+        submit: Callable[[Any, str | None], int] | None = None,
     ) -> None:
         """Made by ``Pool.stream``: ``core`` is the pool's ``PoolCore`` (which submits the
         request and buffers its items), ``on_abandon(timed_out)`` counts a stream the caller
-        left before its end (cancelled, or timed out)."""
+        left before its end (cancelled, or timed out). ``submit(msg, trace)`` sends the request
+        and returns its id (default: ``core.submit_stream``, the handler's stream; calls give
+        their own)."""
         self._core = core
+        self._submit = submit if submit is not None else core.submit_stream
         self._on_abandon = on_abandon
         self._loop = loop
         self._msg = msg
@@ -77,7 +82,7 @@ class Stream:
             raise StopAsyncIteration
         core = self._core
         if not self._rid:
-            self._rid = core.submit_stream(self._msg, self._trace)
+            self._rid = self._submit(self._msg, self._trace)
             self._msg = None
             if self._timeout is not None:
                 self._deadline = self._loop.time() + self._timeout

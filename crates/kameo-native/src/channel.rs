@@ -47,6 +47,8 @@ pub struct Channel {
     shm_threshold: AtomicUsize,
     /// Segments reused for large bytes-like values we send.
     recycler: Arc<Recycler>,
+    /// What a remote object reference in a CALL body becomes (`set_ref_hook`).
+    ref_hook: OnceLock<codec::RefHook>,
 }
 
 impl Channel {
@@ -60,6 +62,8 @@ impl Channel {
             shm_threshold: self.shm_threshold.load(Ordering::Relaxed),
             recycler: Some(Arc::clone(&self.recycler)),
             arrays: codec::Arrays::Worker,
+            refs: codec::RefMode::Worker,
+            ref_hook: self.ref_hook.get().cloned(),
         }
     }
 
@@ -82,7 +86,7 @@ impl Channel {
 
     /// Number a request in arrival order (the parent numbers its sends the same way).
     fn arrived(&self, kind: u8, id: u64) {
-        if kind == Kind::Request as u8 || kind == Kind::RequestStream as u8 {
+        if Kind::is_request(kind) {
             let mut a = lock(&self.arrivals);
             let index = a.next;
             a.next += 1;
@@ -153,6 +157,7 @@ impl Channel {
             allow_pickle: AtomicBool::new(false),
             shm_threshold: AtomicUsize::new(usize::MAX),
             recycler: Arc::default(),
+            ref_hook: OnceLock::new(),
         })
     }
 
@@ -247,6 +252,39 @@ impl Channel {
         Ok(())
     }
 
+    /// Queue the reply to `rid` if `value` can be encoded without pickle (remote object
+    /// references included); else queue nothing and return False. A value over the frame limit
+    /// still becomes the protocol error reply, as with `reply` (True).
+    fn try_reply(&self, py: Python<'_>, rid: u64, value: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let opts = Options {
+            allow_pickle: false,
+            ..self.opts()
+        };
+        let head = Head::new(Kind::Reply as u8, rid);
+        let (buf, segs) =
+            match frames::encode_frame(head, Body::Value(value), &opts, self.max_frame()) {
+                Ok(b) => b,
+                Err(e) if e.is_oversize() => {
+                    let msg = e.message("reply", "reply");
+                    (
+                        Self::error_frame(py, rid, "protocol", "", &msg)?,
+                        Segments::new(),
+                    )
+                }
+                Err(_) => return Ok(false),
+            };
+        self.push_frame_with(buf, segs);
+        Ok(true)
+    }
+
+    /// Set what a remote object reference arriving in a CALL body becomes:
+    /// `hook(worker_id, number, type_name) -> object` (once per channel).
+    fn set_ref_hook(&self, hook: Py<PyAny>) -> PyResult<()> {
+        self.ref_hook
+            .set(Arc::new(hook))
+            .map_err(|_| PyErr::new::<pyo3::exceptions::PyRuntimeError, _>("ref hook already set"))
+    }
+
     /// Queue an error reply; `info` is a dict {kind, type, message, traceback}.
     fn error(&self, py: Python<'_>, id: u64, info: &Bound<'_, PyAny>) -> PyResult<()> {
         let (buf, segs) = match self.encode_value_frame(Kind::Error, id, info) {
@@ -273,8 +311,10 @@ impl Channel {
     /// Read what is available and decode every complete frame.
     ///
     /// Returns a list of `(kind, id, final, body, trace)` tuples, or None at end of stream.
-    /// `body` is decoded for REQUEST, REQUEST_STREAM, WELCOME, ITEM and ERROR, an int for
-    /// CREDIT, a str for REJECT and for the pseudo-kinds OVERSIZE/UNDECODABLE, else None;
+    /// `body` is decoded for REQUEST, REQUEST_STREAM, CALL, CALL_STREAM, WELCOME, ITEM and
+    /// ERROR, an int for CREDIT, a list of object numbers for RELEASE, a str for REJECT and for the
+    /// pseudo-kinds OVERSIZE/UNDECODABLE (for UNDECODABLE, the exception instance when the ref
+    /// hook raised one), else None;
     /// `trace` is the envelope's traceparent or None. With `block`, first writes every queued
     /// frame, then waits (GIL released) until at least one frame or EOF arrives; without,
     /// returns what is already there (maybe []).
@@ -303,11 +343,17 @@ impl Channel {
                             Some(
                                 Kind::Request
                                 | Kind::RequestStream
+                                | Kind::Call
+                                | Kind::CallStream
                                 | Kind::Welcome
                                 | Kind::Item
                                 | Kind::Error,
-                            ) => match codec::decode(py, env.body, &opts, &segs) {
+                            ) => match codec::decode_full(py, env.body, &opts, &segs) {
                                 Ok(v) => (u32::from(env.kind), v),
+                                // The hook refused a reference: its exception, to answer with.
+                                Err(codec::DecodeFail::Hook(exc)) => {
+                                    (UNDECODABLE, exc.into_value(py).into_bound(py).into_any())
+                                }
                                 Err(e) => {
                                     let msg = format!("frame {} could not be decoded: {e}", env.id);
                                     (UNDECODABLE, PyString::new(py, &msg).into_any())
@@ -317,6 +363,18 @@ impl Channel {
                                 let n = frame::credit_count(env.body);
                                 (u32::from(env.kind), n.into_pyobject(py)?.into_any())
                             }
+                            Some(Kind::Release) => match frame::release_numbers(env.body) {
+                                Some(nums) => {
+                                    (u32::from(env.kind), PyList::new(py, nums)?.into_any())
+                                }
+                                None => {
+                                    let msg = format!(
+                                        "release frame of {} bytes is malformed",
+                                        env.body.len()
+                                    );
+                                    (UNDECODABLE, PyString::new(py, &msg).into_any())
+                                }
+                            },
                             Some(Kind::Reject) => {
                                 let reason = String::from_utf8_lossy(env.body);
                                 (u32::from(env.kind), PyString::new(py, &reason).into_any())
@@ -461,6 +519,12 @@ impl Channel {
     const CREDIT: u8 = Kind::Credit as u8;
     #[classattr]
     const HEARTBEAT: u8 = Kind::Heartbeat as u8;
+    #[classattr]
+    const CALL: u8 = Kind::Call as u8;
+    #[classattr]
+    const CALL_STREAM: u8 = Kind::CallStream as u8;
+    #[classattr]
+    const RELEASE: u8 = Kind::Release as u8;
     #[classattr]
     const OVERSIZE: u32 = OVERSIZE;
     #[classattr]

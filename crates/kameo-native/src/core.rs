@@ -111,7 +111,10 @@ impl PoolCore {
                 shm_threshold: shm_threshold.unwrap_or(usize::MAX).max(1),
                 recycler: Some(Default::default()),
                 arrays: codec::Arrays::Parent,
+                refs: codec::RefMode::Refuse,
+                ref_hook: None,
             },
+            ref_key: 0,
         };
         Ok(PoolCore {
             state,
@@ -159,11 +162,95 @@ impl PoolCore {
                     segs,
                     target,
                     retries,
+                    pin: None,
                 },
                 fx,
             );
             Ok(id)
         })
+    }
+
+    /// Like `submit`, as a CALL frame (an operation on remote objects, `op`). It is pinned to
+    /// `worker`, or to the worker of the remote object references it holds: sent only there
+    /// (waiting for it while it is busy or starting) and never run elsewhere (no retries).
+    /// Raises RefError for refs of another pool or of two workers, refs of another worker than
+    /// `worker`, or a worker that is gone. Returns (id, the worker it is pinned to or None).
+    #[pyo3(signature = (op, fut, trace=None, retries=0, timed=false, worker=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit_call(
+        slf: &Bound<'_, Self>,
+        op: &Bound<'_, PyAny>,
+        fut: PyObject,
+        trace: Option<&str>,
+        retries: u32,
+        timed: bool,
+        worker: Option<u32>,
+    ) -> PyResult<(u64, Option<u32>)> {
+        Self::with(slf, |core, py, fx| {
+            let id = core.next_id;
+            let (frame, segs, pin) = core.encode_call(py, Kind::Call, id, op, trace, worker)?;
+            core.next_id += 1;
+            let q = Queued {
+                id,
+                frame,
+                segs,
+                target: Target::Ask(fut, timed),
+                retries: if pin.is_some() { 0 } else { retries },
+                pin,
+            };
+            core.enqueue(py, q, fx);
+            Ok((id, pin))
+        })
+    }
+
+    /// Like `submit_stream`, as a CALL_STREAM frame, pinned as `submit_call` is.
+    #[pyo3(signature = (op, trace=None, worker=None))]
+    fn submit_call_stream(
+        slf: &Bound<'_, Self>,
+        op: &Bound<'_, PyAny>,
+        trace: Option<&str>,
+        worker: Option<u32>,
+    ) -> PyResult<(u64, Option<u32>)> {
+        Self::with(slf, |core, py, fx| {
+            let id = core.next_id;
+            let (frame, segs, pin) =
+                core.encode_call(py, Kind::CallStream, id, op, trace, worker)?;
+            core.next_id += 1;
+            core.streams.open(id);
+            let q = Queued {
+                id,
+                frame,
+                segs,
+                target: Target::Stream,
+                retries: 0,
+                pin,
+            };
+            core.enqueue(py, q, fx);
+            Ok((id, pin))
+        })
+    }
+
+    /// Tell worker `worker_id` to forget the remote objects `numbers` (a RELEASE frame, written
+    /// behind the requests already sent to it). False if the worker is gone.
+    fn release(slf: &Bound<'_, Self>, worker_id: u32, numbers: Vec<u64>) -> PyResult<bool> {
+        Self::with(slf, |core, py, fx| {
+            if core.link_index(worker_id).is_none() {
+                return Ok(false);
+            }
+            let body = frame::release_body(&numbers);
+            core.control(py, worker_id, Kind::Release, 0, &body, fx);
+            Ok(true)
+        })
+    }
+
+    /// (worker_id, in_flight, retiring) of each worker that takes calls (ready or retiring).
+    fn loads(&self) -> Vec<(u32, usize, bool)> {
+        self.state
+            .links
+            .iter()
+            .filter(|l| matches!(l.state, LinkState::Ready | LinkState::Draining))
+            .map(|l| (l.id, l.in_flight(), l.state == LinkState::Draining))
+            .collect()
     }
 
     /// Like `submit`, for a generator handler: items collect in a stream buffer read with
@@ -188,6 +275,7 @@ impl PoolCore {
                     segs,
                     target,
                     retries: 0,
+                    pin: None,
                 },
                 fx,
             );
@@ -425,6 +513,18 @@ impl PoolCore {
                 (l.id, l.pid, state, l.in_flight(), l.completed).into_pyobject(py)
             })
             .collect()
+    }
+
+    /// The pool's key: CALLs take remote object references whose `_key` is this one.
+    fn set_ref_key(&mut self, key: u64) {
+        self.state.ref_key = key;
+    }
+
+    /// Set what a remote object reference in a reply or stream item becomes:
+    /// `hook(worker_id, number, type_name) -> object`; an exception it raises fails that
+    /// request.
+    fn set_ref_hook(&mut self, hook: PyObject) {
+        self.state.opts.ref_hook = Some(std::sync::Arc::new(hook));
     }
 
     /// Requests waiting in the parent for a worker.

@@ -90,6 +90,8 @@ impl EncodeFrameError {
         let message = self.message(value, frame);
         if self.is_oversize() {
             errors::protocol(py, message)
+        } else if matches!(&self, EncodeFrameError::Encode(e) if e.is_ref_error()) {
+            errors::err(py, "RefError", message)
         } else {
             errors::serialization(py, message)
         }
@@ -105,15 +107,33 @@ pub fn encode_frame(
     opts: &Options,
     max_frame: usize,
 ) -> Result<(Vec<u8>, Segments), EncodeFrameError> {
+    encode_frame_refs(head, body, opts, max_frame).map(|(buf, segs, _)| (buf, segs))
+}
+
+/// As [`encode_frame`], also returning the worker of the remote references the body holds
+/// (with `RefMode::Parent`; all of one worker, or an error).
+#[inline]
+pub fn encode_frame_refs(
+    head: Head<'_>,
+    body: Body<'_, '_>,
+    opts: &Options,
+    max_frame: usize,
+) -> Result<(Vec<u8>, Segments, Option<u64>), EncodeFrameError> {
     let mut buf = Vec::with_capacity(128);
     let start = frame::begin_frame(&mut buf, head.kind, head.id, head.trace);
     if head.is_final {
         frame::mark_final(&mut buf, start);
     }
     let mut segs = Segments::new();
+    let mut ref_worker = None;
     let encoded = match body {
         Body::Empty => Ok(()),
-        Body::Value(v) => codec::Encoder::new(&mut buf, opts, &mut segs).encode(v),
+        Body::Value(v) => {
+            let mut enc = codec::Encoder::new(&mut buf, opts, &mut segs);
+            let r = enc.encode(v);
+            ref_worker = enc.ref_worker();
+            r
+        }
         Body::Record(t) => codec::Encoder::new(&mut buf, opts, &mut segs).encode_record(t),
     };
     encoded.map_err(EncodeFrameError::Encode)?;
@@ -127,7 +147,7 @@ pub fn encode_frame(
             limit: max_frame,
         });
     }
-    Ok((buf, segs))
+    Ok((buf, segs, ref_worker))
 }
 
 /// A small frame with a raw body (control frames, HELLO, CREDIT, REJECT).

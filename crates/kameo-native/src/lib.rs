@@ -60,6 +60,13 @@ fn register_type<'py>(cls: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     Ok(cls.clone())
 }
 
+/// Make exact instances of `cls` (kameo.Ref) travel as remote object references: its
+/// `_wid`, `_num`, `_type` (and `_key`, checked by the parent) are read when one is encoded.
+#[pyfunction]
+fn set_ref_type(cls: &Bound<'_, PyAny>) -> PyResult<()> {
+    codec::set_ref_type(cls)
+}
+
 /// Wait for `fd` (a socket registered in the event loop's epoll set `loop_fd`) to be readable
 /// while nothing else of the loop's is ready, for at most `timeout` seconds (at most 1), with the
 /// GIL released: see [`wait::wait_alone`]. The worker's async server calls it when a handler
@@ -100,6 +107,8 @@ mod _native {
     use super::encode;
     #[pymodule_export]
     use super::register_type;
+    #[pymodule_export]
+    use super::set_ref_type;
     #[pymodule_export]
     use super::spawn::{die_with_parent, kill_own_group, spawn_worker};
     #[pymodule_export]

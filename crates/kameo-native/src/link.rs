@@ -59,6 +59,8 @@ pub struct Slot {
     /// How many more times the request may run elsewhere if this worker dies (idempotent asks).
     pub retries: u32,
     pub sent: Instant,
+    /// Pinned to this worker (a CALL on its remote objects): never sent to another one.
+    pub pinned: bool,
 }
 
 pub struct Link {

@@ -71,6 +71,15 @@ pub enum Kind {
     Callback = 25,
     /// worker → parent: the worker is alive (empty body, id 0), sent every heartbeat interval.
     Heartbeat = 26,
+    /// parent → worker: run an operation on the worker's remote objects; body = one encoded
+    /// value (the op, opaque to this crate). Answered like REQUEST (REPLY or ERROR, CANCEL) and
+    /// numbered as a request on the progress page.
+    Call = 27,
+    /// parent → worker: like CALL, answered like REQUEST_STREAM (ITEM*/END or ERROR, CREDIT).
+    CallStream = 28,
+    /// parent → worker: forget remote objects; body = n:u32le then n × u64le object numbers.
+    /// No answer, not a request, id 0.
+    Release = 29,
     /// parent → worker: finish in-flight work, then exit (empty body).
     Shutdown = 32,
 }
@@ -94,6 +103,9 @@ impl Kind {
             24 => Kind::Credit,
             25 => Kind::Callback,
             26 => Kind::Heartbeat,
+            27 => Kind::Call,
+            28 => Kind::CallStream,
+            29 => Kind::Release,
             32 => Kind::Shutdown,
             _ => return None,
         })
@@ -117,8 +129,19 @@ impl Kind {
             Kind::Credit => "credit",
             Kind::Callback => "callback",
             Kind::Heartbeat => "heartbeat",
+            Kind::Call => "call",
+            Kind::CallStream => "call_stream",
+            Kind::Release => "release",
             Kind::Shutdown => "shutdown",
         }
+    }
+}
+
+impl Kind {
+    /// Whether frames of this kind open a call the worker numbers in arrival order (REQUEST,
+    /// REQUEST_STREAM, CALL, CALL_STREAM): the parent numbers its sends of them the same way.
+    pub fn is_request(b: u8) -> bool {
+        matches!(b, 16 | 21 | 27 | 28)
     }
 }
 
@@ -683,9 +706,63 @@ pub fn credit_count(body: &[u8]) -> u32 {
         .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
+/// The body of a RELEASE frame: `n:u32le` then `n` object numbers as `u64le`.
+pub fn release_body(numbers: &[u64]) -> Vec<u8> {
+    let n = u32::try_from(numbers.len()).expect("fewer than 2^32 numbers");
+    let mut out = Vec::with_capacity(4 + 8 * numbers.len());
+    out.extend_from_slice(&n.to_le_bytes());
+    for x in numbers {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// The object numbers of a RELEASE body; `None` if the body is not exactly `4 + 8n` bytes.
+pub fn release_numbers(body: &[u8]) -> Option<Vec<u64>> {
+    let n = usize::try_from(credit_count(body.get(..4)?)).ok()?;
+    let rest = &body[4..];
+    if rest.len() != n.checked_mul(8)? {
+        return None;
+    }
+    Some(
+        rest.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod credit_tests {
     use super::*;
+
+    #[test]
+    fn release_body_round_trips_and_rejects_bad_lengths() {
+        for nums in [vec![], vec![1], vec![0, u64::MAX, 42]] {
+            assert_eq!(release_numbers(&release_body(&nums)), Some(nums));
+        }
+        let mut b = release_body(&[1, 2]);
+        b.pop();
+        assert_eq!(release_numbers(&b), None);
+        assert_eq!(release_numbers(&[1, 0]), None);
+        assert_eq!(release_numbers(&[0xff, 0xff, 0xff, 0xff]), None);
+        let mut b = release_body(&[7]);
+        b.push(0);
+        assert_eq!(release_numbers(&b), None);
+    }
+
+    #[test]
+    fn request_kinds_are_the_numbered_ones() {
+        let numbered: Vec<u8> = (0..=255u8).filter(|&b| Kind::is_request(b)).collect();
+        assert_eq!(
+            numbered,
+            [
+                Kind::Request as u8,
+                Kind::RequestStream as u8,
+                Kind::Call as u8,
+                Kind::CallStream as u8
+            ]
+        );
+    }
 
     #[test]
     fn credit_body_round_trips() {

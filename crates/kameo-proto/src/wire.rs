@@ -90,6 +90,10 @@ pub const TAG_SHARED: u8 = 0x1D;
 /// Another occurrence of a shared value: a varint index into the shared table. Only a value
 /// already complete can be referred to, so references never form a cycle.
 pub const TAG_REF: u8 = 0x1E;
+/// A reference to a remote object living in a worker: varint worker id (a `u32`), varint object
+/// number, then its type name as a varint-prefixed str. Only CALL bodies (parent → worker) and
+/// a worker's answers carry them; each side resolves them with its own hook.
+pub const TAG_REMOTE: u8 = 0x1F;
 
 /// `tz` kinds of datetime and time values.
 pub const TZ_NAIVE: u8 = 0;
@@ -344,6 +348,17 @@ impl<'a> Reader<'a> {
         Ok(i)
     }
 
+    /// The payload of a TAG_REMOTE: (worker id, object number, type name).
+    pub fn remote(&mut self) -> Result<(u32, u64, &'a str), DecodeError> {
+        let at = self.pos;
+        let worker = u32::try_from(self.varint()?).map_err(|_| DecodeError::Invalid {
+            at,
+            why: "remote object worker id over u32",
+        })?;
+        let number = self.varint()?;
+        Ok((worker, number, self.str()?))
+    }
+
     /// Fail unless the whole input was consumed.
     pub fn finish(&self) -> Result<(), DecodeError> {
         if self.pos == self.buf.len() {
@@ -413,6 +428,12 @@ pub enum Value {
     /// Kept as a reference, not copied: a chain of references can stand for a tree far larger
     /// than the input.
     Ref(u64),
+    /// A remote object reference (TAG_REMOTE).
+    Remote {
+        worker: u32,
+        number: u64,
+        type_name: String,
+    },
 }
 
 /// The tzinfo of a datetime or time.
@@ -644,6 +665,16 @@ impl Value {
                 out.push(TAG_REF);
                 put_varint(out, *i);
             }
+            Value::Remote {
+                worker,
+                number,
+                type_name,
+            } => {
+                out.push(TAG_REMOTE);
+                put_varint(out, u64::from(*worker));
+                put_varint(out, *number);
+                put_str(out, type_name);
+            }
         }
     }
 
@@ -871,6 +902,14 @@ impl Value {
                 Value::Shared(Box::new(v))
             }
             TAG_REF => Value::Ref(r.shared_ref()?),
+            TAG_REMOTE => {
+                let (worker, number, type_name) = r.remote()?;
+                Value::Remote {
+                    worker,
+                    number,
+                    type_name: type_name.to_owned(),
+                }
+            }
             tag => return Err(DecodeError::UnknownTag { tag, at }),
         })
     }
@@ -925,6 +964,13 @@ mod tests {
     fn arb_value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::None),
+            (any::<u32>(), any::<u64>(), "[A-Za-z_.]{0,12}").prop_map(|(w, n, t)| {
+                Value::Remote {
+                    worker: w,
+                    number: n,
+                    type_name: t,
+                }
+            }),
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(Value::Int),
             proptest::collection::vec(any::<u8>(), 9..20).prop_map(Value::BigInt),
@@ -1153,6 +1199,26 @@ mod tests {
         // A registered subclass wraps a built-in value, not None.
         assert!(matches!(
             Value::decode(&[TAG_SUBCLASS, 1, b'm', 1, b'C', TAG_NONE]),
+            Err(DecodeError::Invalid { .. })
+        ));
+        // A remote reference: worker id within u32, a type name that is a str.
+        let remote = Value::Remote {
+            worker: 3,
+            number: 300,
+            type_name: "Counter".into(),
+        };
+        let mut b = Vec::new();
+        remote.encode(&mut b);
+        assert_eq!(b[..4], [TAG_REMOTE, 3, 0xAC, 0x02]);
+        assert_eq!(Value::decode(&b), Ok(remote));
+        for cut in 0..b.len() {
+            assert!(Value::decode(&b[..cut]).is_err());
+        }
+        let mut over = vec![TAG_REMOTE];
+        put_varint(&mut over, 1 << 32);
+        over.extend_from_slice(&[1, 0]);
+        assert!(matches!(
+            Value::decode(&over),
             Err(DecodeError::Invalid { .. })
         ));
         let ok = [TAG_SUBCLASS, 1, b'm', 1, b'C', TAG_LIST, 0];

@@ -21,14 +21,48 @@ unsafe extern "C" {
     fn _PyDict_NewPresized(minused: ffi::Py_ssize_t) -> *mut ffi::PyObject;
 }
 
+/// Why a value could not be decoded.
+pub enum DecodeFail {
+    /// Malformed or refused input.
+    Codec(DecodeError),
+    /// The remote reference hook (`Options::ref_hook`) raised this exception.
+    Hook(PyErr),
+}
+
+impl std::fmt::Display for DecodeFail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeFail::Codec(e) => e.fmt(f),
+            DecodeFail::Hook(e) => write!(f, "remote object reference refused: {e}"),
+        }
+    }
+}
+
 /// Decode one value spanning all of `buf`; `segs` are the shared-memory segments that came
-/// with the frame.
+/// with the frame. An exception of the remote reference hook is only described (see
+/// [`decode_full`]).
 pub fn decode<'py>(
     py: Python<'py>,
     buf: &[u8],
     opts: &Options,
     segs: &[Arc<OwnedFd>],
 ) -> Result<Bound<'py, PyAny>, DecodeError> {
+    decode_full(py, buf, opts, segs).map_err(|e| match e {
+        DecodeFail::Codec(e) => e,
+        DecodeFail::Hook(e) => DecodeError::Refused {
+            at: 0,
+            why: format!("remote object reference refused: {e}"),
+        },
+    })
+}
+
+/// As [`decode`], keeping the exception the remote reference hook raised.
+pub fn decode_full<'py>(
+    py: Python<'py>,
+    buf: &[u8],
+    opts: &Options,
+    segs: &[Arc<OwnedFd>],
+) -> Result<Bound<'py, PyAny>, DecodeFail> {
     // The str cache is borrowed for the whole decode (a nested decode, from Python code a
     // class runs, goes without it).
     STR_CACHE.with(|cache| {
@@ -41,12 +75,13 @@ pub fn decode<'py>(
             cache: cache.as_deref_mut(),
             keys: LastKeys { slots: None },
             shared: Vec::new(),
+            hook_err: None,
         };
         run(d, buf.len())
     })
 }
 
-fn run<'py>(mut d: Decoder<'_, 'py>, len: usize) -> Result<Bound<'py, PyAny>, DecodeError> {
+fn run<'py>(mut d: Decoder<'_, 'py>, len: usize) -> Result<Bound<'py, PyAny>, DecodeFail> {
     // Building thousands of containers would run the cyclic GC several times over objects
     // that cannot be garbage yet; pause it for the decode (it runs at the next allocation).
     // SAFETY: the GIL is held.
@@ -56,8 +91,11 @@ fn run<'py>(mut d: Decoder<'_, 'py>, len: usize) -> Result<Bound<'py, PyAny>, De
         // SAFETY: as above.
         unsafe { ffi::PyGC_Enable() };
     }
-    let v = v?;
-    d.r.finish()?;
+    let v = v.map_err(|e| match d.hook_err.take() {
+        Some(exc) => DecodeFail::Hook(exc),
+        None => DecodeFail::Codec(e),
+    })?;
+    d.r.finish().map_err(DecodeFail::Codec)?;
     Ok(v)
 }
 
@@ -163,6 +201,8 @@ struct Decoder<'b, 'py> {
     keys: LastKeys,
     /// The shared lists and dicts (TAG_SHARED) decoded so far, in the order they ended.
     shared: Vec<Py<PyAny>>,
+    /// The exception the remote reference hook raised, if it did.
+    hook_err: Option<PyErr>,
 }
 
 fn owned<'py>(
@@ -627,6 +667,23 @@ impl<'b, 'py> Decoder<'b, 'py> {
                     };
                     let shm = ShmRef::read(&mut self.r)?;
                     self.shm_bytes(bytearray, shm, at)
+                }
+                wire::TAG_REMOTE => {
+                    let (worker, number, type_name) = self.r.remote()?;
+                    let opts = self.opts;
+                    let Some(hook) = &opts.ref_hook else {
+                        return Err(DecodeError::Refused {
+                            at,
+                            why: "a remote object reference arrived, but this side holds no remote objects".into(),
+                        });
+                    };
+                    hook.bind(py)
+                        .call1((worker, number, type_name))
+                        .map_err(|e| {
+                            let why = format!("remote object reference refused: {e}");
+                            self.hook_err = Some(e);
+                            DecodeError::Refused { at, why }
+                        })
                 }
                 tag => Err(DecodeError::UnknownTag { tag, at }),
             }

@@ -1,6 +1,6 @@
 //! Python values to bytes.
 
-use super::{refs, Arrays, Options, Segments};
+use super::{refs, Arrays, Options, RefMode, Segments};
 use crate::shm::{self, ShmView};
 use kameo_proto::wire::{self, put_str, put_varint, Tz, MAX_DEPTH};
 use pyo3::exceptions::PyUnicodeEncodeError;
@@ -25,6 +25,18 @@ pub struct EncodeError {
     /// The container of each step (to tell a reference cycle from deep nesting).
     parents: Vec<usize>,
     message: String,
+    /// A remote reference refused for where it is (RefError rather than SerializationError).
+    ref_error: bool,
+    /// Refs of two workers in one call: (address of the first, its worker, the other worker),
+    /// and once found, the first one's path (steps, parents).
+    conflict: Option<Box<Conflict>>,
+}
+
+struct Conflict {
+    first: usize,
+    first_worker: u64,
+    worker: u64,
+    first_steps: Vec<Step>,
 }
 
 /// Longest path printed in full; deeper paths are elided in the middle.
@@ -36,7 +48,21 @@ impl EncodeError {
             steps: Vec::new(),
             parents: Vec::new(),
             message,
+            ref_error: false,
+            conflict: None,
         }
+    }
+
+    fn refused_ref(message: String) -> Self {
+        EncodeError {
+            ref_error: true,
+            ..Self::new(message)
+        }
+    }
+
+    /// A remote reference refused where it was (kameo.errors.RefError).
+    pub fn is_ref_error(&self) -> bool {
+        self.ref_error
     }
 
     fn at(mut self, step: Step, parent: *mut ffi::PyObject) -> Self {
@@ -78,7 +104,17 @@ impl EncodeError {
                 );
             }
         }
-        format!("{}: {}", Self::path(root, &steps), self.message)
+        let here = Self::path(root, &steps);
+        if let Some(c) = &self.conflict {
+            let first: Vec<&Step> = c.first_steps.iter().rev().collect();
+            return format!(
+                "{here}: refs of two workers in one call: {} is a ref of worker {}, {here} of worker {}; a call runs on the one worker that holds its refs",
+                Self::path(root, &first),
+                c.first_worker,
+                c.worker,
+            );
+        }
+        format!("{here}: {}", self.message)
     }
 }
 
@@ -143,6 +179,8 @@ pub struct Encoder<'a> {
     opts: &'a Options,
     segs: &'a mut Segments,
     shared: Option<Box<Shared>>,
+    /// The first remote reference met with [`RefMode::Parent`]: (its worker, its address).
+    first_ref: Option<(u64, usize)>,
 }
 
 /// The lists and dicts a message holds more than once. The first occurrence is written as
@@ -201,13 +239,41 @@ impl<'a> Encoder<'a> {
             opts,
             segs,
             shared: None,
+            first_ref: None,
         }
     }
 
     /// Encode `obj` and append its bytes.
     pub fn encode(&mut self, obj: &Bound<'_, PyAny>) -> Result<(), EncodeError> {
         // SAFETY: the GIL is held (we have a Bound), and obj is a live object.
-        unsafe { self.value(obj.as_ptr(), 0) }
+        let r = unsafe { self.value(obj.as_ptr(), 0) };
+        r.map_err(|e| self.locate_conflict(e, |enc| enc.encode(obj)))
+    }
+
+    /// The worker of the remote references the value held (with [`RefMode::Parent`]).
+    pub fn ref_worker(&self) -> Option<u64> {
+        self.first_ref.map(|(w, _)| w)
+    }
+
+    /// For refs of two workers: encode the value again, failing at the first ref, for its path.
+    #[cold]
+    fn locate_conflict(
+        &self,
+        mut e: EncodeError,
+        again: impl FnOnce(&mut Encoder<'_>) -> Result<(), EncodeError>,
+    ) -> EncodeError {
+        if let Some(c) = e.conflict.as_mut() {
+            let opts = Options {
+                refs: RefMode::Locate(c.first),
+                shm_threshold: usize::MAX,
+                ..self.opts.clone()
+            };
+            let (mut out, mut segs) = (Vec::new(), Segments::new());
+            if let Err(found) = again(&mut Encoder::new(&mut out, &opts, &mut segs)) {
+                c.first_steps = found.steps;
+            }
+        }
+        e
     }
 
     /// Encode the tuple `obj` as a record of values of their own: a frame body the caller
@@ -215,6 +281,11 @@ impl<'a> Encoder<'a> {
     /// not looked up as shared (other holders, such as the caller's variables, do not make it
     /// so): as for a top-level value, only a cycle could meet it again in this message.
     pub fn encode_record(&mut self, obj: &Bound<'_, PyTuple>) -> Result<(), EncodeError> {
+        let r = self.record(obj);
+        r.map_err(|e| self.locate_conflict(e, |enc| enc.record(obj)))
+    }
+
+    fn record(&mut self, obj: &Bound<'_, PyTuple>) -> Result<(), EncodeError> {
         let obj = obj.as_ptr();
         // SAFETY: the GIL is held (we have a Bound); the tuple holds its items while it lives.
         unsafe {
@@ -606,6 +677,9 @@ impl<'a> Encoder<'a> {
     unsafe fn other(&mut self, obj: *mut ffi::PyObject, depth: usize) -> Result<(), EncodeError> {
         let py = Python::assume_attached();
         let any = Bound::from_borrowed_ptr(py, obj);
+        if ffi::Py_TYPE(obj) == refs::ref_type() {
+            return self.remote(&any);
+        }
         if refs::is_registered(py, any.get_type().as_any()) {
             return self.registered(&any, depth);
         }
@@ -738,6 +812,67 @@ impl<'a> Encoder<'a> {
             return self.bytes_like(wire::TAG_BYTES, bytes_data(obj), true);
         }
         self.pickled(&any)
+    }
+
+    /// A remote object reference (an exact instance of the `set_ref_type` class): TAG_REMOTE,
+    /// where `opts.refs` allows it.
+    fn remote(&mut self, any: &Bound<'_, PyAny>) -> Result<(), EncodeError> {
+        let addr = any.as_ptr() as usize;
+        match self.opts.refs {
+            RefMode::Refuse => return Err(EncodeError::new(
+                "a kameo.Ref can only be sent to the workers of its pool (in a call's arguments)"
+                    .into(),
+            )),
+            RefMode::Locate(at) if at == addr => {
+                return Err(EncodeError::new("(located)".into()));
+            }
+            _ => {}
+        }
+        let attr = |name: &str| {
+            any.getattr(name)
+                .map_err(|e| py_err(&format!("cannot read kameo.Ref.{name}"), e))
+        };
+        let int = |name: &str| {
+            attr(name)?
+                .extract::<u64>()
+                .map_err(|e| py_err(&format!("kameo.Ref.{name} is not a non-negative int"), e))
+        };
+        let wid = int("_wid")?;
+        if wid > u64::from(u32::MAX) {
+            return Err(EncodeError::new(format!(
+                "kameo.Ref._wid {wid} is not a worker id"
+            )));
+        }
+        let num = int("_num")?;
+        let type_name: String = attr("_type")?
+            .extract()
+            .map_err(|e| py_err("kameo.Ref._type is not a str", e))?;
+        if let RefMode::Parent { key } = self.opts.refs {
+            if int("_key")? != key {
+                return Err(EncodeError::refused_ref(format!(
+                    "ref {wid}:{num} ({type_name}) belongs to another pool"
+                )));
+            }
+            match self.first_ref {
+                None => self.first_ref = Some((wid, addr)),
+                Some((first_worker, first)) if first_worker != wid => {
+                    let mut e = EncodeError::refused_ref(String::new());
+                    e.conflict = Some(Box::new(Conflict {
+                        first,
+                        first_worker,
+                        worker: wid,
+                        first_steps: Vec::new(),
+                    }));
+                    return Err(e);
+                }
+                Some(_) => {}
+            }
+        }
+        self.out.push(wire::TAG_REMOTE);
+        put_varint(self.out, wid);
+        put_varint(self.out, num);
+        put_str(self.out, &type_name);
+        Ok(())
     }
 
     unsafe fn bytearray(&mut self, obj: *mut ffi::PyObject) -> Result<(), EncodeError> {

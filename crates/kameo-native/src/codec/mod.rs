@@ -17,9 +17,29 @@ mod decode;
 mod encode;
 mod refs;
 
-pub use decode::decode;
+pub use decode::{decode, decode_full, DecodeFail};
 pub use encode::{EncodeError, Encoder};
 pub use refs::register as register_type;
+pub use refs::set_ref_type;
+
+/// Where a value may hold remote object references (instances of the class given to
+/// `_native.set_ref_type`, encoded as `TAG_REMOTE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefMode {
+    /// Not here (`kameo.encode`, control frames, plain requests): a SerializationError.
+    Refuse,
+    /// The parent's CALL bodies: only refs of the pool with this key (else RefError), all of
+    /// one worker (the encoder records it, see [`Encoder::ref_worker`]).
+    Parent { key: u64 },
+    /// A worker's answers: written as they are.
+    Worker,
+    /// Internal: fail at the ref at this address (to find its path for an error message).
+    #[doc(hidden)]
+    Locate(usize),
+}
+
+/// The decoder's hook for remote references: `hook(worker_id, number, type_name) -> object`.
+pub type RefHook = std::sync::Arc<pyo3::Py<pyo3::PyAny>>;
 
 /// What a connection allows beyond the default value set.
 #[derive(Clone, Debug)]
@@ -34,6 +54,10 @@ pub struct Options {
     pub recycler: Option<std::sync::Arc<crate::shm::Recycler>>,
     /// How numpy arrays use shared memory on this side.
     pub arrays: Arrays,
+    /// Whether values may hold remote object references.
+    pub refs: RefMode,
+    /// What a received remote reference becomes; None: refused when decoding.
+    pub ref_hook: Option<RefHook>,
 }
 
 /// How numpy arrays use shared memory. A received array is a view on its segment only when
@@ -57,6 +81,8 @@ impl Options {
         shm_threshold: usize::MAX,
         recycler: None,
         arrays: Arrays::Sealed,
+        refs: RefMode::Refuse,
+        ref_hook: None,
     };
 }
 

@@ -11,7 +11,8 @@ use pyo3::types::{
     PyByteArray, PyBytes, PyComplex, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PySet, PyString,
     PyTuple, PyType,
 };
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::Mutex;
 
 type Cell = PyOnceLock<Py<PyAny>>;
 
@@ -209,5 +210,31 @@ pub fn register(cls: &Bound<'_, PyAny>) -> PyResult<()> {
         .map_err(|why| PyValueError::new_err(format!("cannot register {name}: {why}")))?;
     registered_set(py)?.add(ty)?;
     ANY_REGISTERED.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The class whose exact instances are remote object references (kameo.Ref), null until
+/// `set_ref_type`; the classes ever set are kept alive in `REF_TYPES`.
+static REF_TYPE: AtomicPtr<pyo3::ffi::PyTypeObject> = AtomicPtr::new(std::ptr::null_mut());
+static REF_TYPES: Mutex<Vec<Py<PyAny>>> = Mutex::new(Vec::new());
+
+/// The remote reference class, or null.
+#[inline]
+pub fn ref_type() -> *mut pyo3::ffi::PyTypeObject {
+    REF_TYPE.load(Ordering::Relaxed)
+}
+
+/// Make exact instances of `cls` travel as remote object references (`TAG_REMOTE`); None:
+/// no class does any more.
+pub fn set_ref_type(cls: &Bound<'_, PyAny>) -> PyResult<()> {
+    if cls.is_none() {
+        REF_TYPE.store(std::ptr::null_mut(), Ordering::Relaxed);
+        return Ok(());
+    }
+    let ty = cls
+        .cast::<PyType>()
+        .map_err(|_| PyTypeError::new_err("set_ref_type() takes a class"))?;
+    crate::sys::lock(&REF_TYPES).push(ty.clone().into_any().unbind());
+    REF_TYPE.store(ty.as_type_ptr(), Ordering::Relaxed);
     Ok(())
 }

@@ -151,13 +151,14 @@ impl PoolState {
         match env.kind() {
             Some(Kind::Reply) if serving => {
                 if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
-                    let v = codec::decode(py, env.body, &opts, segs).map_err(|e| {
-                        errors::serialization(
+                    let v = codec::decode_full(py, env.body, &opts, segs).map_err(|e| match e {
+                        codec::DecodeFail::Hook(exc) => exc,
+                        codec::DecodeFail::Codec(e) => errors::serialization(
                             py,
                             format!(
                                 "reply from worker {wid} (pid {pid}) could not be decoded: {e}"
                             ),
-                        )
+                        ),
                     });
                     self.answer(py, env.id, slot, v, false);
                 }
@@ -175,13 +176,16 @@ impl PoolState {
                 }
             }
             Some(Kind::Item) if serving => {
-                let decoded = codec::decode(py, env.body, &opts, segs);
+                let decoded = codec::decode_full(py, env.body, &opts, segs);
                 let Some(s) = self.streams.get_mut(env.id) else {
                     return;
                 };
                 if !s.is_cancelled() {
                     let waiter = match decoded {
                         Ok(v) => s.push(v.unbind()),
+                        Err(codec::DecodeFail::Hook(exc)) => {
+                            s.finish(Err(exc.into_value(py).into_any()))
+                        }
                         Err(e) => {
                             let exc = errors::serialization(
                                 py,

@@ -1,5 +1,9 @@
 //! Which worker gets a request, and the FIFO of requests waiting for one. No Python: a
 //! [`Queued`] request carries its waiter as an opaque [`Target`].
+//!
+//! A request pinned to a worker (a CALL on its remote objects) waits in that worker's own
+//! FIFO instead: it is sent when that worker has room (ready or retiring), before the general
+//! FIFO's requests, and a full worker's pinned requests hold up no one else.
 
 use crate::codec::Segments;
 use crate::link::{Link, LinkState, Slot, Target};
@@ -18,10 +22,16 @@ pub struct Queued {
     pub segs: Segments,
     pub target: Target,
     pub retries: u32,
+    /// The worker it must run on (by id), if pinned.
+    pub pin: Option<u32>,
 }
 
 pub struct Scheduler {
     queue: VecDeque<Queued>,
+    /// Pinned requests waiting for their worker, by worker id.
+    pinned: HashMap<u32, VecDeque<Queued>>,
+    /// How many requests `pinned` holds (0: the pool never pinned, nothing to look at).
+    pinned_len: usize,
     /// Requests a worker runs at once (max_concurrency).
     concurrency: usize,
     /// This many more are sent ahead to a busy worker; with `adaptive` at most this many, by
@@ -36,6 +46,8 @@ impl Scheduler {
     pub fn new(concurrency: usize, prefetch: usize, adaptive: bool) -> Self {
         Scheduler {
             queue: VecDeque::new(),
+            pinned: HashMap::new(),
+            pinned_len: 0,
             concurrency: concurrency.max(1),
             prefetch,
             adaptive,
@@ -45,7 +57,34 @@ impl Scheduler {
 
     /// Requests waiting for a worker.
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.pinned_len
+    }
+
+    /// Pinned requests waiting for worker `worker_id`.
+    #[inline]
+    pub fn pinned_waiting(&self, worker_id: u32) -> usize {
+        if self.pinned_len == 0 {
+            return 0;
+        }
+        self.pinned.get(&worker_id).map_or(0, VecDeque::len)
+    }
+
+    /// Whether `l` can take one more request: it runs `concurrency` at once, plus those sent
+    /// ahead (see [`Self::pick`]).
+    #[inline]
+    fn has_room(&self, l: &Link, now: Instant) -> bool {
+        let ahead = if self.adaptive {
+            l.ahead(now, self.prefetch, PREFETCH_BUDGET_NS)
+        } else {
+            self.prefetch
+        };
+        l.in_flight() < self.concurrency + ahead
+    }
+
+    /// Whether a pinned request may be sent to `l` now: ready or retiring (its sessions go
+    /// on until they end), with room.
+    fn pinned_room(&self, l: &Link, now: Instant) -> bool {
+        matches!(l.state, LinkState::Ready | LinkState::Draining) && self.has_room(l, now)
     }
 
     /// Least-loaded ready worker with room in its window: what it runs at once, plus the
@@ -58,12 +97,7 @@ impl Scheduler {
         for (i, l) in links.iter().enumerate() {
             if l.state == LinkState::Ready {
                 let n = l.in_flight();
-                let ahead = if self.adaptive {
-                    l.ahead(now, self.prefetch, PREFETCH_BUDGET_NS)
-                } else {
-                    self.prefetch
-                };
-                if best.is_none_or(|(_, b)| n < b) && n < self.concurrency + ahead {
+                if best.is_none_or(|(_, b)| n < b) && self.has_room(l, now) {
                     best = Some((i, n));
                 }
             }
@@ -76,6 +110,9 @@ impl Scheduler {
     #[inline]
     pub fn admit(&mut self, links: &[Link], q: Queued) -> Option<(usize, Queued)> {
         self.asks += 1;
+        if let Some(wid) = q.pin {
+            return self.admit_pinned(links, wid, q);
+        }
         if self.queue.is_empty() {
             if let Some(idx) = self.pick(links) {
                 return Some((idx, q));
@@ -85,14 +122,67 @@ impl Scheduler {
         None
     }
 
-    /// The first queued request, with the worker to send it to, while one has room.
+    /// A pinned request: sent now if its worker has room and none of its pinned requests
+    /// waits before it, else queued for that worker.
+    #[cold]
+    fn admit_pinned(&mut self, links: &[Link], wid: u32, q: Queued) -> Option<(usize, Queued)> {
+        if self.pinned_waiting(wid) == 0 {
+            let now = Instant::now();
+            if let Some(idx) = links.iter().position(|l| l.id == wid) {
+                if self.pinned_room(&links[idx], now) {
+                    return Some((idx, q));
+                }
+            }
+        }
+        self.pinned.entry(wid).or_default().push_back(q);
+        self.pinned_len += 1;
+        None
+    }
+
+    /// The next queued request, with the worker to send it to, while one has room: a worker's
+    /// pinned requests first, then the general FIFO.
     #[inline]
     pub fn next(&mut self, links: &[Link]) -> Option<(usize, Queued)> {
+        if self.pinned_len > 0 {
+            if let Some(found) = self.next_pinned(links) {
+                return Some(found);
+            }
+        }
         if self.queue.is_empty() {
             return None;
         }
         let idx = self.pick(links)?;
         self.queue.pop_front().map(|q| (idx, q))
+    }
+
+    fn next_pinned(&mut self, links: &[Link]) -> Option<(usize, Queued)> {
+        let now = Instant::now();
+        for (idx, l) in links.iter().enumerate() {
+            if self.pinned_waiting(l.id) > 0 && self.pinned_room(l, now) {
+                let queue = self.pinned.get_mut(&l.id)?;
+                let q = queue.pop_front()?;
+                if queue.is_empty() {
+                    self.pinned.remove(&l.id);
+                }
+                self.pinned_len -= 1;
+                return Some((idx, q));
+            }
+        }
+        None
+    }
+
+    /// Take the pinned requests waiting for worker `worker_id` (it is gone), in their order.
+    pub fn take_pinned(&mut self, worker_id: u32) -> Vec<Queued> {
+        if self.pinned_len == 0 {
+            return Vec::new();
+        }
+        let taken: Vec<Queued> = self
+            .pinned
+            .remove(&worker_id)
+            .map(Vec::from)
+            .unwrap_or_default();
+        self.pinned_len -= taken.len();
+        taken
     }
 
     /// Put requests back at the front of the queue, in their order (ahead of newer ones).
@@ -102,9 +192,11 @@ impl Scheduler {
         }
     }
 
-    /// Empty the queue (no worker can take its requests).
+    /// Empty the queue, pinned requests included (no worker can take its requests).
     pub fn drain(&mut self) -> impl Iterator<Item = Queued> + '_ {
-        self.queue.drain(..)
+        self.pinned_len = 0;
+        let pinned: Vec<Queued> = self.pinned.drain().flat_map(|(_, q)| q).collect();
+        self.queue.drain(..).chain(pinned)
     }
 }
 
@@ -113,7 +205,8 @@ pub struct Loss {
     /// To send again, in their order: those it never started, and those that may have run
     /// but have retries left (one fewer now).
     pub again: Vec<Queued>,
-    /// Those that may have run and have no retries left: they fail.
+    /// Those that may have run and have no retries left, and every pinned one (it can run on
+    /// no other worker): they fail.
     pub failed: Vec<(u64, Target)>,
     /// How many of `again` are retries (may have run).
     pub retried: u64,
@@ -132,6 +225,10 @@ pub fn requeue_after_loss(slots: HashMap<u64, Slot>, taken: u64) -> Loss {
     };
     for (id, slot) in slots {
         let maybe_started = slot.seq < taken;
+        if slot.pinned {
+            loss.failed.push((id, slot.target));
+            continue;
+        }
         let retries = if !maybe_started {
             slot.retries
         } else if slot.retries > 0 {
@@ -147,6 +244,7 @@ pub fn requeue_after_loss(slots: HashMap<u64, Slot>, taken: u64) -> Loss {
             segs: slot.segs,
             target: slot.target,
             retries,
+            pin: None,
         });
     }
     loss
@@ -179,6 +277,7 @@ mod tests {
             seq,
             retries,
             sent: Instant::now(),
+            pinned: false,
         }
     }
 
@@ -189,7 +288,107 @@ mod tests {
             segs: Segments::new(),
             target: Target::Stream,
             retries: 0,
+            pin: None,
         }
+    }
+
+    fn pinned(id: u64, worker: u32) -> Queued {
+        Queued {
+            pin: Some(worker),
+            ..queued(id)
+        }
+    }
+
+    /// Send what the scheduler hands out, as the pool would (a slot per request).
+    fn dispatch(s: &mut Scheduler, links: &mut [Link]) -> Vec<(u32, u64)> {
+        let mut sent = Vec::new();
+        while let Some((idx, q)) = s.next(links) {
+            let seq = links[idx].slots.len() as u64;
+            links[idx].slots.insert(q.id, slot(seq, 0));
+            sent.push((links[idx].id, q.id));
+        }
+        sent
+    }
+
+    #[test]
+    fn pinned_requests_wait_for_their_worker_and_block_no_one_else() {
+        let mut s = Scheduler::new(1, 0, false);
+        let mut links = vec![link(1, LinkState::Ready, 0), link(2, LinkState::Ready, 0)];
+        // Worker 1 free: a pinned request goes at once.
+        let (idx, q) = s.admit(&links, pinned(10, 1)).expect("room");
+        assert_eq!((idx, q.id), (0, 10));
+        links[0].slots.insert(10, slot(0, 0));
+        // Worker 1 full: its pinned requests wait for it, in order.
+        assert!(s.admit(&links, pinned(11, 1)).is_none());
+        assert!(s.admit(&links, pinned(12, 1)).is_none());
+        assert_eq!(
+            (s.len(), s.pinned_waiting(1), s.pinned_waiting(2)),
+            (2, 2, 0)
+        );
+        // They hold up neither unpinned requests nor another worker's pinned ones.
+        let (idx, q) = s.admit(&links, queued(20)).expect("worker 2 has room");
+        assert_eq!((idx, q.id), (1, 20));
+        links[1].slots.insert(20, slot(0, 0));
+        assert!(s.admit(&links, queued(21)).is_none(), "everyone is full");
+        assert!(s.admit(&links, pinned(30, 2)).is_none());
+        assert_eq!(dispatch(&mut s, &mut links), []);
+        // Worker 2 answers: its pinned request goes before the older general one.
+        links[1].slots.clear();
+        assert_eq!(dispatch(&mut s, &mut links), [(2, 30)]);
+        // Worker 1 answers and retires: pinned requests still go to it, general ones do not.
+        links[0].slots.clear();
+        links[0].state = LinkState::Draining;
+        assert_eq!(dispatch(&mut s, &mut links), [(1, 11)]);
+        links[0].slots.clear();
+        links[1].slots.clear();
+        assert_eq!(dispatch(&mut s, &mut links), [(1, 12), (2, 21)]);
+        assert_eq!(s.len(), 0);
+        assert_eq!(s.asks, 6);
+    }
+
+    #[test]
+    fn pinned_requests_wait_while_their_worker_starts_and_leave_with_it() {
+        let mut s = Scheduler::new(2, 0, false);
+        let mut links = vec![link(1, LinkState::Loading, 0)];
+        assert!(s.admit(&links, pinned(1, 1)).is_none(), "starting: wait");
+        assert!(s.admit(&links, pinned(2, 1)).is_none());
+        assert!(
+            s.admit(&links, pinned(3, 7)).is_none(),
+            "unknown worker: waits too"
+        );
+        assert_eq!(dispatch(&mut s, &mut links), []);
+        links[0].state = LinkState::Ready;
+        // A newer pinned request does not overtake the waiting ones.
+        assert!(s.admit(&links, pinned(4, 1)).is_none());
+        assert_eq!(dispatch(&mut s, &mut links), [(1, 1), (1, 2)]);
+        assert_eq!(
+            s.take_pinned(1).iter().map(|q| q.id).collect::<Vec<_>>(),
+            [4]
+        );
+        assert!(s.take_pinned(1).is_empty());
+        assert_eq!(s.drain().map(|q| q.id).collect::<Vec<_>>(), [3]);
+        assert_eq!((s.len(), s.pinned_waiting(7)), (0, 0));
+    }
+
+    #[test]
+    fn after_a_loss_pinned_requests_fail_whether_or_not_they_started() {
+        let pin = |seq, retries| Slot {
+            pinned: true,
+            ..slot(seq, retries)
+        };
+        let slots = HashMap::from([
+            (1, pin(0, 0)),  // may have run
+            (2, slot(1, 0)), // may have run, unpinned, no retries: fails
+            (3, pin(2, 0)),  // never started, pinned: fails all the same
+            (4, slot(3, 0)), // never started, unpinned: again
+        ]);
+        let loss = requeue_after_loss(slots, 2);
+        let mut failed: Vec<u64> = loss.failed.iter().map(|(id, _)| *id).collect();
+        failed.sort();
+        assert_eq!(failed, [1, 2, 3]);
+        assert_eq!(loss.again.iter().map(|q| q.id).collect::<Vec<_>>(), [4]);
+        assert!(loss.again.iter().all(|q| q.pin.is_none()));
+        assert_eq!(loss.retried, 0);
     }
 
     fn ids(q: &Scheduler) -> Vec<u64> {

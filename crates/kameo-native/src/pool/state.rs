@@ -7,7 +7,8 @@ use super::py::{is_done, pystr, wake};
 use super::scheduler::{self, Queued, Scheduler};
 use super::stats::Stats;
 use super::streams::{Finished, Streams};
-use crate::codec::{Options, Segments};
+use crate::codec::{Options, RefMode, Segments};
+use crate::errors;
 use crate::events;
 use crate::frames::{self, Body, Head};
 use crate::link::{self, Link, LinkState, Slot, Target};
@@ -34,6 +35,8 @@ pub struct PoolState {
     pub flush_scheduled: bool,
     /// Codec options of every connection (pickle, shared-memory threshold).
     pub opts: Options,
+    /// The pool's key, which the remote object references of its CALLs carry.
+    pub ref_key: u64,
 }
 
 impl PoolState {
@@ -53,6 +56,46 @@ impl PoolState {
             Target::Ask(fut, _) => is_done(py, fut.bind(py)),
             Target::Stream => self.streams.abandoned(id),
         }
+    }
+
+    /// Encode a CALL or CALL_STREAM (remote object references allowed, all of one worker) and
+    /// find the worker it is pinned to: `worker`, or that of its refs. RefError for refs of
+    /// another pool, of two workers, of another worker than `worker`, or of a worker gone.
+    pub fn encode_call(
+        &self,
+        py: Python<'_>,
+        kind: Kind,
+        id: u64,
+        op: &Bound<'_, PyAny>,
+        trace: Option<&str>,
+        worker: Option<u32>,
+    ) -> PyResult<(Vec<u8>, Segments, Option<u32>)> {
+        let opts = Options {
+            refs: RefMode::Parent { key: self.ref_key },
+            ..self.opts.clone()
+        };
+        let head = Head::new(kind as u8, id).trace(trace);
+        let (frame, segs, refs) =
+            frames::encode_frame_refs(head, Body::Value(op), &opts, self.max_frame)
+                .map_err(|e| e.into_pyerr(py, "op", "call"))?;
+        let refs = refs.map(|w| u32::try_from(w).expect("checked by the encoder"));
+        let pin = match (worker, refs) {
+            (Some(w), Some(r)) if w != r => {
+                return Err(errors::err(
+                    py,
+                    "RefError",
+                    format!("op: holds refs of worker {r}, but the call is for worker {w}"),
+                ))
+            }
+            (Some(w), _) | (None, Some(w)) => Some(w),
+            (None, None) => None,
+        };
+        if let Some(w) = pin {
+            if self.link_index(w).is_none() {
+                return Err(errors::err(py, "RefError", format!("worker {w} is gone")));
+            }
+        }
+        Ok((frame, segs, pin))
     }
 
     /// Encode a request; SerializationError or ProtocolError (oversize) sends nothing.
@@ -85,6 +128,7 @@ impl PoolState {
             segs,
             target,
             retries,
+            pin,
         } = q;
         let link = &mut self.links[idx];
         if let Target::Stream = target {
@@ -118,6 +162,7 @@ impl PoolState {
                 seq,
                 retries,
                 sent: now,
+                pinned: pin.is_some(),
             },
         );
         if let Some(result) = result {
@@ -193,7 +238,10 @@ impl PoolState {
                 }
             }
         }
-        if link.state == LinkState::Draining && link.slots.is_empty() {
+        if link.state == LinkState::Draining
+            && link.slots.is_empty()
+            && self.sched.pinned_waiting(link.id) == 0
+        {
             fx.event(link.id, events::DRAINED, py.None());
         }
         Some(slot)
@@ -294,7 +342,7 @@ impl PoolState {
             if link.state == LinkState::Ready {
                 link.state = LinkState::Draining;
             }
-            if link.slots.is_empty() {
+            if link.slots.is_empty() && self.sched.pinned_waiting(worker_id) == 0 {
                 fx.event(worker_id, events::DRAINED, py.None());
             }
         }
@@ -325,8 +373,11 @@ impl PoolState {
         let taken = link.progress.taken();
         let loss = scheduler::requeue_after_loss(link.slots, taken);
         self.stats.retries += loss.retried;
-        let failed = loss.failed.len();
-        for (id, target) in loss.failed {
+        // Pinned requests still waiting for it can run nowhere else either.
+        let stranded = self.sched.take_pinned(link.id);
+        let failed = loss.failed.len() + stranded.len();
+        let stranded = stranded.into_iter().map(|q| (q.id, q.target));
+        for (id, target) in loss.failed.into_iter().chain(stranded) {
             self.resolve(py, id, target, Err(PyErr::from_value(exc.clone())));
         }
         let requeued = loss.again.len();

@@ -1,0 +1,296 @@
+"""Worker: what CALL and CALL_STREAM frames ask for (dynamic calls, remote objects, sessions).
+
+An *op* is a tuple the parent encodes (``kameo.Pool.call``, ``Pool.new``, ``Ref`` methods,
+``Session``, ``Pipeline``); its first two fields are the op's name and the session id (or
+None). :meth:`Calls.prepare` turns one into a :class:`Job` (a callable and its arguments)
+without running user code, imports aside, so that a server can tell a coroutine from a plain
+function before it starts it; the server runs the job as it runs a handler and answers with
+:meth:`Calls.answer` (the value, or a reference to it when the codec cannot encode it).
+
+The objects the parent holds ``kameo.Ref``\\ s to live in :class:`Objects`, numbered per
+worker. A ``Ref`` in a call's arguments arrives decoded as the live object (the channel's ref
+hook, :meth:`Objects.resolve`); one the parent dropped arrives in a RELEASE frame.
+
+Op layouts (``sid``: session id or None; ``flags`` bit 0: return a Ref whatever the result)::
+
+    ("call", sid, target, args, kwargs, flags)        target: "mod:qualname", "mod.name",
+    ("new", sid, target, args, kwargs, 0)             or a bare adapter method name
+    ("method", sid, obj, name, args, kwargs, flags)   obj: the live object (a Ref's)
+    ("getattr", sid, obj, name)
+    ("setattr", sid, obj, name, value)
+    ("handler", sid, message)                         the pool's handler (a session's ask)
+    ("release", sid, numbers)                         free at once, answered
+    ("close_session", sid)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kameo._handler import ASYNC, ASYNCGEN, GEN, handler_kind
+from kameo.errors import HandlerTypeError, RefError
+from kameo.remote import Ref
+
+RETURN_REF = 1
+
+
+@dataclass(slots=True)
+class Job:
+    """A prepared op: ``fn(*args, **kwargs)``, of handler kind ``kind``."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    kind: str
+    session: str | None
+    return_ref: bool = False
+    #: The result is always kept as an object (``new``).
+    keep: bool = False
+    #: Cheap and never blocking (attribute access, the table's own ops): run it in place, not
+    #: in a handler thread.
+    inline: bool = False
+
+
+@dataclass(slots=True)
+class SessionState:
+    state: dict[str, Any] = field(default_factory=dict)
+    numbers: set[int] = field(default_factory=set)
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """``"mod:qual.name"`` -> (``mod``, ``qual.name``); a dotted ``"pkg.mod.name"`` is split at
+    its longest importable module prefix."""
+    module, sep, qualname = target.partition(":")
+    if sep:
+        if not module or not qualname:
+            raise ValueError(f"target {target!r} must be 'module:qualname'")
+        return module, qualname
+    parts = target.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"target {target!r} must be 'module:qualname' or 'module.name'")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        try:
+            importlib.import_module(prefix)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and (prefix == exc.name or prefix.startswith(exc.name + ".")):
+                continue  # that prefix is not a module: try a shorter one
+            raise
+        return prefix, ".".join(parts[i:])
+    raise ModuleNotFoundError(f"target {target!r}: no module named {parts[0]!r}", name=parts[0])
+
+
+def load(target: str) -> Any:
+    """The object a target names (not necessarily callable)."""
+    module_name, qualname = split_target(target)
+    if module_name == "__main__":
+        raise ImportError(
+            f"target {target!r}: the worker cannot import the parent's __main__; move it to a "
+            "module"
+        )
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(f"target {target!r}: {exc}", name=exc.name) from None
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AttributeError(
+                f"target {target!r}: module {module_name!r} has no attribute {qualname!r}"
+            ) from None
+    return obj
+
+
+def type_name(obj: Any) -> str:
+    cls = type(obj)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+class Objects:
+    """The objects of this worker that the parent holds references to."""
+
+    def __init__(self, worker_id: int) -> None:
+        self.worker_id = worker_id
+        self.table: dict[int, Any] = {}
+        self.owner: dict[int, str] = {}  # number -> session that made it
+        self.sessions: dict[str, SessionState] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def keep(self, obj: Any, session: str | None) -> tuple[int, str]:
+        """Hold ``obj`` for the parent: its number and type name."""
+        self._next = n = self._next + 1
+        self.table[n] = obj
+        if session is not None:
+            self.session(session).numbers.add(n)
+            self.owner[n] = session
+        return n, type_name(obj)
+
+    def resolve(self, worker_id: int, number: int, _type: str) -> Any:
+        """The live object of a reference (the channel's ref hook)."""
+        if worker_id != self.worker_id:
+            raise RefError(
+                f"a reference to an object of worker {worker_id} reached worker {self.worker_id}"
+            )
+        try:
+            return self.table[number]
+        except KeyError:
+            raise RefError(
+                f"worker {self.worker_id} no longer holds object {number} ({_type}): it was "
+                "released"
+            ) from None
+
+    def release(self, numbers: list[int]) -> None:
+        table, owner = self.table, self.owner
+        for n in numbers:
+            table.pop(n, None)
+            sid = owner.pop(n, None)
+            if sid is not None:
+                s = self.sessions.get(sid)
+                if s is not None:
+                    s.numbers.discard(n)
+
+    def session(self, sid: str) -> SessionState:
+        s = self.sessions.get(sid)
+        if s is None:
+            s = self.sessions[sid] = SessionState()
+        return s
+
+    def close_session(self, sid: str) -> int:
+        """Drop a session's objects and state; how many objects went."""
+        s = self.sessions.pop(sid, None)
+        if s is None:
+            return 0
+        for n in s.numbers:
+            self.table.pop(n, None)
+            self.owner.pop(n, None)
+        s.state.clear()
+        return len(s.numbers)
+
+
+class Calls:
+    """Prepares ops for the servers of one worker."""
+
+    def __init__(self, worker_id: int, adapter: Any = None) -> None:
+        self.objects = Objects(worker_id)
+        self.adapter = adapter  # the instance of an adapter class target, if any
+        self.handler: Callable[[Any], Any] | None = None  # the pool's handler, if any
+        self._targets: dict[str, Callable[..., Any]] = {}
+
+    def function(self, target: str) -> Callable[..., Any]:
+        fn = self._targets.get(target)
+        if fn is not None:
+            return fn
+        if ":" not in target and "." not in target:
+            adapter = self.adapter
+            if adapter is None:
+                raise ValueError(
+                    f"target {target!r} must be 'module:qualname' or 'module.name' (a bare "
+                    "name calls a method of the pool's adapter class, and this pool has none)"
+                )
+            try:
+                fn = getattr(adapter, target)
+            except AttributeError:
+                raise AttributeError(
+                    f"target {target!r}: adapter {type_name(adapter)} has no method {target!r}"
+                ) from None
+        else:
+            fn = load(target)
+        if not callable(fn):
+            raise TypeError(f"target {target!r} is not callable (it is {type(fn).__name__})")
+        self._targets[target] = fn
+        return fn  # type: ignore[no-any-return]
+
+    def prepare(self, op: Any) -> Job:
+        if not (isinstance(op, tuple) and len(op) >= 2 and isinstance(op[0], str)):
+            raise ValueError(f"malformed call op: {type(op).__name__} {str(op)[:80]}")
+        try:
+            return self._prepare(op)
+        except (IndexError, KeyError):
+            raise ValueError(f"malformed call op {op[0]!r}: {str(op)[:80]}") from None
+
+    def _prepare(self, op: tuple[Any, ...]) -> Job:
+        name, sid = op[0], op[1]
+        if name == "call":
+            fn = self.function(op[2])
+            return Job(fn, op[3], op[4], handler_kind(fn), sid, bool(op[5] & RETURN_REF))
+        if name == "method":
+            obj, attr = op[2], op[3]
+            if attr.startswith("_"):
+                raise AttributeError(f"{type_name(obj)}.{attr}: private names cannot be called")
+            fn = getattr(obj, attr)
+            if not callable(fn):
+                raise TypeError(f"{type_name(obj)}.{attr} is not callable")
+            return Job(fn, op[4], op[5], handler_kind(fn), sid, bool(op[6] & RETURN_REF))
+        if name == "new":
+            cls = self.function(op[2])
+            return Job(cls, op[3], op[4], "sync", sid, True, keep=True)
+        if name == "getattr":
+            return Job(getattr, (op[2], op[3]), {}, "sync", sid, inline=True)
+        if name == "setattr":
+            return Job(setattr, (op[2], op[3], op[4]), {}, "sync", sid, inline=True)
+        if name == "handler":
+            handler = self.handler if self.handler is not None else self.adapter
+            if handler is None or not callable(handler):
+                raise HandlerTypeError("this pool has no handler to ask (no target)")
+            return Job(handler, (op[2],), {}, handler_kind(handler), sid)
+        if name == "release":
+            return Job(self.objects.release, (op[2],), {}, "sync", sid, inline=True)
+        if name == "close_session":
+            return Job(self.objects.close_session, (sid,), {}, "sync", None, inline=True)
+        raise ValueError(f"unknown call op {name!r}")
+
+    def answer(self, chan: Any, rid: int, job: Job, result: Any) -> None:
+        """REPLY with ``result``, or with a reference to it (kept here) when it must stay an
+        object (``new``, ``return_ref``) or the codec cannot encode it."""
+        if not job.keep and not job.return_ref and chan.try_reply(rid, result):
+            return
+        number, type_name = self.objects.keep(result, job.session)
+        chan.reply(rid, token(self.objects.worker_id, number, type_name))
+
+
+def token(worker_id: int, number: int, type_name: str) -> Ref:
+    """What a kept object travels as: a ``kameo.Ref`` bound to no pool (codec tag 0x1F)."""
+    ref = Ref.__new__(Ref)
+    ref._wid, ref._num, ref._type, ref._key, ref._pool = worker_id, number, type_name, 0, None
+    return ref
+
+
+def apply(job: Job) -> Any:
+    """Run a sync job (in a handler thread or in place)."""
+    return job.fn(*job.args, **job.kwargs)
+
+
+def as_stream(job: Job) -> tuple[Callable[[Any], Any], str]:
+    """A generator function of one (ignored) argument and its kind, for ``_handler.produce``:
+    the job's own generator, or the items of the iterable it returns."""
+    fn, args, kwargs = job.fn, job.args, job.kwargs
+    if job.kind in (GEN, ASYNCGEN):
+        return (lambda _: fn(*args, **kwargs)), job.kind
+    if job.kind == ASYNC:
+
+        async def items_async(_: Any) -> Any:
+            it = await fn(*args, **kwargs)
+            if hasattr(it, "__aiter__"):
+                async for x in it:
+                    yield x
+            else:
+                for x in it:
+                    yield x
+
+        return items_async, ASYNCGEN
+
+    def items(_: Any) -> Any:
+        it = fn(*args, **kwargs)
+        if hasattr(it, "__aiter__"):
+            raise TypeError(f"{job.fn!r} returned an async iterable to a sync worker")
+        yield from it
+
+    return items, GEN
