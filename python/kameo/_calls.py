@@ -88,8 +88,8 @@ def load(target: str) -> Any:
     module_name, qualname = split_target(target)
     if module_name == "__main__":
         raise ImportError(
-            f"target {target!r}: the worker cannot import the parent's __main__; move it to a "
-            "module"
+            f"target {target!r}: a function defined in __main__ cannot be imported by a "
+            "worker; move it to a module"
         )
     try:
         obj: Any = importlib.import_module(module_name)

@@ -24,7 +24,6 @@ loop stops them), from a thread in sync mode (a long sync handler is not a hang)
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import os
 import sys
@@ -33,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kameo import _native, _serve_async
+from kameo import _calls, _native, _serve_async
 from kameo._handler import GEN, NONE, SYNC, handler_kind
 from kameo._runtime import Runtime, install
 from kameo._serve_sync import SyncServer
@@ -43,23 +42,11 @@ HANDSHAKE_MAX_FRAME = 1 << 20
 
 
 def load_target(target: str) -> Callable[[Any], Any]:
+    """The callable a ``module:qualname`` target names (the handler, or the init hook)."""
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"target {target!r} must be 'module:function'")
-    if module_name == "__main__":
-        raise ImportError(
-            f"target {target!r}: a handler defined in __main__ cannot be imported by a worker; "
-            "move it to a module"
-        )
-    module = importlib.import_module(module_name)
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise AttributeError(
-                f"target {target!r}: module {module_name!r} has no attribute {attr!r}"
-            ) from None
+    obj = _calls.load(target)
     if not callable(obj):
         raise TypeError(f"target {target!r} is not callable (it is {type(obj).__name__})")
     return obj  # type: ignore[no-any-return]
