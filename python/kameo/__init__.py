@@ -20,11 +20,13 @@ from kameo.errors import (
     RefError,
     RemoteError,
     SerializationError,
+    SessionLost,
     WorkerCrashed,
     WorkerStartupError,
 )
 from kameo.pool import Pool, PoolStats, WorkerInfo
 from kameo.remote import Ref, RemoteFunction
+from kameo.session import Session
 from kameo.stream import Stream
 
 __version__ = "0.1.0"
@@ -46,6 +48,8 @@ __all__ = [
     "RemoteError",
     "RemoteFunction",
     "SerializationError",
+    "Session",
+    "SessionLost",
     "Stream",
     "WorkerCrashed",
     "WorkerInfo",
@@ -58,6 +62,7 @@ __all__ = [
     "encode",
     "live_refs",
     "register_type",
+    "session_state",
 ]
 
 
@@ -83,6 +88,16 @@ def current_traceparent() -> str | None:
 def current_session() -> str | None:
     """In a worker: the id of the session the running call belongs to (None outside one)."""
     return _context.session.get()
+
+
+def session_state() -> dict[str, Any]:
+    """In a worker, inside a session's call: a dict private to that session on this worker,
+    dropped when the session closes."""
+    rt = _runtime.current()
+    sid = _context.session.get()
+    if rt is None or sid is None:
+        raise KameoError("session_state() is only available inside a session's call in a worker")
+    return rt.ops.objects.session(sid).state
 
 
 def live_refs() -> int:

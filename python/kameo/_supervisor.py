@@ -85,11 +85,15 @@ class Supervisor:
         options: SupervisorOptions,
         *,
         on_worker_gone: Callable[[int, str], None],
+        held: Callable[[int], bool] = lambda _wid: False,
     ) -> None:
         self.loop = loop
         self.core = core
         self.options = options
         self.on_worker_gone = on_worker_gone
+        #: Whether the pool holds Refs or open sessions on a worker: a retiring one stays
+        #: until they are gone (:meth:`unheld`).
+        self.held = held
         self.slots = [Slot(i) for i in range(size)]
         self.workers: dict[int, WorkerProcess] = {}
         self.crashes = 0  # workers that died while serving (PoolStats.crashes)
@@ -186,8 +190,15 @@ class Supervisor:
 
     def drained(self, w: WorkerProcess) -> None:
         """The worker has nothing in flight: a retiring one may go now."""
-        if w.retiring:
+        if w.retiring and not self.held(w.id):
             self.core.send_control(w.id, Channel.SHUTDOWN)
+
+    def unheld(self, wid: int) -> None:
+        """The pool's last Ref or session on worker ``wid`` went: a retiring worker may go once
+        idle (the core reports it drained again)."""
+        w = self.workers.get(wid)
+        if w is not None and w.retiring and not w.lost:
+            self.core.retire(wid)
 
     def _fail_startup(self, w: WorkerProcess, exc: BaseException) -> None:
         if not w.ready.done():

@@ -18,6 +18,7 @@ __all__ = [
     "RefError",
     "RemoteError",
     "SerializationError",
+    "SessionLost",
     "WorkerCrashed",
     "WorkerStartupError",
 ]
@@ -42,6 +43,11 @@ class SerializationError(KameoError, TypeError):
 class RefError(KameoError, LookupError):
     """A remote object reference cannot be used: it was released, its worker died, or it
     belongs to another pool (or a call mixes refs of two workers)."""
+
+
+class SessionLost(KameoError):
+    """A strict session's worker died: its state and objects are gone, and so is the session
+    (the call in flight when it died failed with :class:`WorkerCrashed`)."""
 
 
 class CallTimeout(KameoError, TimeoutError):

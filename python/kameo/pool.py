@@ -37,6 +37,7 @@ from kameo._supervisor import Supervisor, SupervisorOptions
 from kameo.callbacks import CallbackRunner, Callbacks
 from kameo.errors import CallTimeout, HandlerTypeError, PoolClosed, RefError
 from kameo.remote import Ref, RefTable, RemoteFunction
+from kameo.session import Session
 from kameo.stream import Stream
 
 __all__ = ["Pool", "PoolStats", "WorkerInfo"]
@@ -199,6 +200,7 @@ class Pool:
         self._direct: _aio.DirectWait | None = None
         self._answer_waits = 0  # waits made by _wait_answer (tests check it is used)
         self._refs = RefTable(next(_pool_keys))
+        self._sessions: dict[int, set[Session]] = {}  # worker id -> its open sessions
 
     # ----------------------------------------------------------------- public API
 
@@ -328,10 +330,13 @@ class Pool:
         def worker_gone(worker_id: int, why: str) -> None:
             runner.worker_gone(worker_id)
             refs.worker_lost(worker_id, why)
+            for session in self._sessions.pop(worker_id, ()):
+                session.worker_lost(why)
 
         sup = self._supervisor = Supervisor(
-            loop, self._core, self._size, options, on_worker_gone=worker_gone
+            loop, self._core, self._size, options, on_worker_gone=worker_gone, held=self._holds
         )
+        refs.on_empty = sup.unheld
         self._workers = sup.workers  # the same dict, read by _on_event
         _live_pools.add(self)
         _signals.acquire(loop, lambda: list(_live_pools))
@@ -475,7 +480,19 @@ class Pool:
         if self._state != "running":
             raise PoolClosed(self._not_running())
         assert self._loop is not None
-        op = ("call", None, target, args, kwargs, 0)
+        return self._call_stream(("call", None, target, args, kwargs, 0), None)
+
+    def session(self, *, strict: bool = True) -> Session:
+        """A :class:`Session`: ``async with pool.session() as s:`` runs every call of ``s``
+        on one worker, with state of its own there (see :mod:`kameo.session`)."""
+        if self._state != "running":
+            raise PoolClosed(self._not_running())
+        return Session(self, strict)
+
+    def _call_stream(self, op: tuple[Any, ...], worker: int | None) -> Stream:
+        if self._state != "running":
+            raise PoolClosed(self._not_running())
+        assert self._loop is not None
         return Stream(
             self._core,
             self._loop,
@@ -483,8 +500,31 @@ class Pool:
             op,
             self._default_timeout,
             _traceparent.get(),
-            submit=functools.partial(_submit_call_stream, self._core),
+            submit=functools.partial(_submit_call_stream, self._core, worker=worker),
         )
+
+    def _bind_session(self, session: Session) -> int:
+        """The worker for a new session: not retiring, fewest sessions, then least loaded."""
+        loads = [(wid, n) for wid, n, retiring in self._core.loads() if not retiring]
+        if not loads:
+            raise PoolClosed(f"{self!r} has no ready worker for a session")
+        wid: int = min(loads, key=lambda w: (len(self._sessions.get(w[0], ())), w[1]))[0]
+        self._sessions.setdefault(wid, set()).add(session)
+        return wid
+
+    def _unbind_session(self, session: Session, wid: int) -> None:
+        open_here = self._sessions.get(wid)
+        if open_here is None:
+            return
+        open_here.discard(session)
+        if not open_here:
+            del self._sessions[wid]
+            if not self._refs.held.get(wid) and self._supervisor is not None:
+                self._supervisor.unheld(wid)
+
+    def _holds(self, wid: int) -> bool:
+        """Refs or open sessions on worker ``wid`` keep it while it retires."""
+        return bool(self._refs.held.get(wid) or self._sessions.get(wid))
 
     def _submit_op(
         self,
@@ -726,7 +766,7 @@ _LOST = (EVENT_EOF, EVENT_IO_ERROR, EVENT_PROTOCOL_ERROR)
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
-def _submit_call_stream(core: Any, op: Any, trace: str | None, worker: int | None = None) -> int:
+def _submit_call_stream(core: Any, op: Any, trace: str | None, *, worker: int | None) -> int:
     rid: int = core.submit_call_stream(op, trace, worker)[0]
     return rid
 

@@ -95,7 +95,7 @@ class RefTable:
                 self.held[worker_id] = left
                 return
             self.held.pop(worker_id, None)
-        if self.on_empty is not None:
+        if self.on_empty is not None and not self.closed:
             self.on_empty(worker_id)
 
     def check(self, ref: Ref) -> None:

@@ -108,3 +108,29 @@ class Adapter:
 class PlainAdapter:
     def predict(self, x: int) -> int:
         return x + 1
+
+
+def session_info() -> tuple[Any, int]:
+    """The session id the worker sees, and its pid."""
+    import kameo
+
+    return kameo.current_session(), os.getpid()
+
+
+def remember(key: str, value: Any) -> None:
+    import kameo
+
+    kameo.session_state()[key] = value
+
+
+def recall(key: str) -> Any:
+    import kameo
+
+    return kameo.session_state().get(key)
+
+
+def handler(msg: Any) -> Any:
+    """A handler for session asks: the session id with the message."""
+    import kameo
+
+    return (kameo.current_session(), msg)
