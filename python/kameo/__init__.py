@@ -24,6 +24,7 @@ from kameo.errors import (
     WorkerCrashed,
     WorkerStartupError,
 )
+from kameo.pipeline import Pipeline, PipelineError
 from kameo.pool import Pool, PoolStats, WorkerInfo
 from kameo.remote import Ref, RemoteFunction
 from kameo.session import Session
@@ -39,6 +40,8 @@ __all__ = [
     "Callbacks",
     "HandlerTypeError",
     "KameoError",
+    "Pipeline",
+    "PipelineError",
     "Pool",
     "PoolClosed",
     "PoolStats",

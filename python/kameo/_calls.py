@@ -26,12 +26,16 @@ Op layouts (``sid``: session id or None; ``flags`` bit 0: return a Ref whatever 
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kameo import _error_info, _native
 from kameo._handler import ASYNC, ASYNCGEN, GEN, handler_kind
 from kameo.errors import HandlerTypeError, RefError
+from kameo.pipeline import Result
 from kameo.remote import Ref
 
 RETURN_REF = 1
@@ -241,11 +245,48 @@ class Calls:
             if handler is None or not callable(handler):
                 raise HandlerTypeError("this pool has no handler to ask (no target)")
             return Job(handler, (op[2],), {}, handler_kind(handler), sid)
+        if name == "pipeline":
+            return Job(self.run_pipeline, (op[2], sid), {}, ASYNC, sid)
         if name == "release":
             return Job(self.objects.release, (op[2],), {}, "sync", sid, inline=True)
         if name == "close_session":
             return Job(self.objects.close_session, (sid,), {}, "sync", None, inline=True)
         raise ValueError(f"unknown call op {name!r}")
+
+    async def run_pipeline(self, steps: list[tuple[Any, ...]], sid: str | None) -> tuple[Any, ...]:
+        """Run a pipeline's steps in order (``kameo.pipeline``): ``("ok", entries)``, or
+        ``("error", step, entries before it, error info, worker id, pid)``. Sync steps run in
+        place (on the serving loop, one after the other), async ones are awaited."""
+        live: list[Any] = []
+        entries: list[Any] = []
+        for k, step in enumerate(steps):
+            try:
+                if not (isinstance(step, tuple) and step and step[0] in _STEP_OPS):
+                    raise ValueError(f"malformed pipeline step {k}: {str(step)[:80]}")
+                step = _substitute(step, live)
+                job = self.prepare((step[0], sid, *step[1:]))
+                value = job.fn(*job.args, **job.kwargs)
+                if inspect.isawaitable(value):
+                    value = await value
+            except Exception as exc:
+                info = _error_info.from_exception(exc)
+                return ("error", k, entries, info, self.objects.worker_id, os.getpid())
+            live.append(value)
+            entries.append(self._entry(value, job))
+        return ("ok", entries)
+
+    def _entry(self, value: Any, job: Job) -> Any:
+        """A pipeline step's result as it travels: the value, or a Ref to it."""
+        if not job.keep and not job.return_ref:
+            if value is None or type(value) in _PLAIN:
+                return value
+            try:
+                _native.encode(value)
+                return value
+            except Exception:
+                pass
+        number, type_name = self.objects.keep(value, job.session)
+        return token(self.objects.worker_id, number, type_name)
 
     def answer(self, chan: Any, rid: int, job: Job, result: Any) -> None:
         """REPLY with ``result``, or with a reference to it (kept here) when it must stay an
@@ -294,3 +335,30 @@ def as_stream(job: Job) -> tuple[Callable[[Any], Any], str]:
         yield from it
 
     return items, GEN
+
+
+_STEP_OPS = frozenset(("call", "new", "method", "getattr"))
+_PLAIN = (bool, int, float, str, bytes)
+
+
+def _substitute(step: tuple[Any, ...], live: list[Any]) -> tuple[Any, ...]:
+    """``step`` with each pipeline placeholder (``kameo.pipeline.Result``) among its arguments
+    and as its object replaced by that step's live result."""
+
+    def sub(x: Any) -> Any:
+        if type(x) is Result:
+            if not 0 <= x.index < len(live):
+                raise ValueError(f"placeholder of step {x.index} used before that step ran")
+            return live[x.index]
+        return x
+
+    name = step[0]
+    if name in ("call", "new"):
+        _, target, args, kwargs, flags = step
+        return (name, target, tuple(map(sub, args)), {k: sub(v) for k, v in kwargs.items()}, flags)
+    if name == "method":
+        _, obj, attr, args, kwargs, flags = step
+        args = tuple(map(sub, args))
+        return (name, sub(obj), attr, args, {k: sub(v) for k, v in kwargs.items()}, flags)
+    _, obj, attr = step
+    return (name, sub(obj), attr)

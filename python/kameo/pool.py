@@ -36,6 +36,7 @@ from kameo._process import WorkerProcess
 from kameo._supervisor import Supervisor, SupervisorOptions
 from kameo.callbacks import CallbackRunner, Callbacks
 from kameo.errors import CallTimeout, HandlerTypeError, PoolClosed, RefError
+from kameo.pipeline import Pipeline
 from kameo.remote import Ref, RefTable, RemoteFunction
 from kameo.session import Session
 from kameo.stream import Stream
@@ -481,6 +482,10 @@ class Pool:
             raise PoolClosed(self._not_running())
         assert self._loop is not None
         return self._call_stream(("call", None, target, args, kwargs, 0), None)
+
+    def pipeline(self) -> Pipeline:
+        """A :class:`~kameo.pipeline.Pipeline`: several steps in one round trip."""
+        return Pipeline(self)
 
     def session(self, *, strict: bool = True) -> Session:
         """A :class:`Session`: ``async with pool.session() as s:`` runs every call of ``s``

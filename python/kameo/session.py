@@ -21,6 +21,7 @@ from kameo.errors import PoolClosed, SessionLost
 
 if TYPE_CHECKING:
     from kameo._future import AskFuture
+    from kameo.pipeline import Pipeline
     from kameo.pool import Pool
     from kameo.stream import Stream
 
@@ -107,6 +108,12 @@ class Session:
         """``pool.call_stream`` on the session's worker, in the session."""
         op = ("call", self.id, target, args, kwargs, 0)
         return self._pool._call_stream(op, self._bound())
+
+    def pipeline(self) -> Pipeline:
+        """A pipeline whose steps run on the session's worker, in the session."""
+        from kameo.pipeline import Pipeline
+
+        return Pipeline(self._pool, self)
 
     async def close(self) -> None:
         """Drop the session's state and objects in its worker. Idempotent."""
