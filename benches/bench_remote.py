@@ -6,6 +6,7 @@ One pool of two workers serving ``bench_handlers:echo``; in interleaved rounds:
 
 * p50 latency of ``pool.ask(msg)`` (the anchor), ``pool.call("bench_handlers:echo", msg)``
   (target: <= 1.2x) and a Ref method call ``ref.echo(msg)`` (target: <= 1.3x);
+* p50 of a 10-step pipeline of calls (target: <= 2x);
 * throughput of ``asyncio.gather`` over 20,000 calls against 20,000 asks (target: >= 0.8x).
 
 One JSON object per line, as the other benches (``_report``).
@@ -43,10 +44,18 @@ async def latencies(fn, n):
 async def run(n, rounds, total, repeats):
     async with kameo.Pool("bench_handlers:echo", size=2) as pool:
         ref = await pool.new("bench_handlers:Echo")
+
+        def pipeline10(m):
+            p = pool.pipeline()
+            for _ in range(10):
+                p.call("bench_handlers:echo", m)
+            return p.run()
+
         kinds = {
             "ask": pool.ask,
             "call": lambda m: pool.call("bench_handlers:echo", m),
             "ref_method": ref.echo,
+            "pipeline10": pipeline10,
         }
         for fn in kinds.values():
             await latencies(fn, 200)
@@ -75,6 +84,7 @@ async def run(n, rounds, total, repeats):
     for name, value, target, ok in (
         ("call_p50/ask_p50", p50["call"] / p50["ask"], "<= 1.2", lambda x: x <= 1.2),
         ("ref_method_p50/ask_p50", p50["ref_method"] / p50["ask"], "<= 1.3", lambda x: x <= 1.3),
+        ("pipeline10_p50/ask_p50", p50["pipeline10"] / p50["ask"], "<= 2", lambda x: x <= 2),
         ("gather_call/gather_ask", rate["call"] / rate["ask"], ">= 0.8", lambda x: x >= 0.8),
     ):
         emit("W9", "summary", name, round(value, 3), "ratio", target=target, passed=ok(value))

@@ -66,3 +66,16 @@ async def test_a_ref_in_a_pipeline_pins_it_to_the_ref_worker() -> None:
             p.call(f"{R}:pid_of", ref)
             _, pid = await p.run()
             assert pid == next(w.pid for w in pool.workers if w.id == ref.worker_id)
+
+
+@pytest.mark.parametrize("max_concurrency", [1, 2])
+async def test_async_steps_on_either_server(max_concurrency: int) -> None:
+    """The sync server runs an async step on its own loop; the async server runs the pipeline
+    in a handler thread and its async steps on the serving loop."""
+    async with kameo.Pool(size=1, max_concurrency=max_concurrency) as pool:
+        p = pool.pipeline()
+        a = p.call(f"{R}:async_add", 1, 2)
+        p.call(f"{R}:async_add", a, 10)
+        box = p.new(f"{R}:Box", 7)
+        p.call_method(box, "aget")
+        assert (await p.run())[::3] == [3, 7] and len(await p.run()) == 4

@@ -187,6 +187,8 @@ class Calls:
         self.adapter = adapter  # the instance of an adapter class target, if any
         self.handler: Callable[[Any], Any] | None = None  # the pool's handler, if any
         self._targets: dict[str, Callable[..., Any]] = {}
+        #: Runs an awaitable to completion from a sync job (set by the server).
+        self.wait: Callable[[Any], Any] = _no_loop
 
     def function(self, target: str) -> Callable[..., Any]:
         fn = self._targets.get(target)
@@ -246,17 +248,18 @@ class Calls:
                 raise HandlerTypeError("this pool has no handler to ask (no target)")
             return Job(handler, (op[2],), {}, handler_kind(handler), sid)
         if name == "pipeline":
-            return Job(self.run_pipeline, (op[2], sid), {}, ASYNC, sid)
+            return Job(self.run_pipeline, (op[2], sid), {}, "sync", sid)
         if name == "release":
             return Job(self.objects.release, (op[2],), {}, "sync", sid, inline=True)
         if name == "close_session":
             return Job(self.objects.close_session, (sid,), {}, "sync", None, inline=True)
         raise ValueError(f"unknown call op {name!r}")
 
-    async def run_pipeline(self, steps: list[tuple[Any, ...]], sid: str | None) -> tuple[Any, ...]:
+    def run_pipeline(self, steps: list[tuple[Any, ...]], sid: str | None) -> tuple[Any, ...]:
         """Run a pipeline's steps in order (``kameo.pipeline``): ``("ok", entries)``, or
-        ``("error", step, entries before it, error info, worker id, pid)``. Sync steps run in
-        place (on the serving loop, one after the other), async ones are awaited."""
+        ``("error", step, entries before it, error info, worker id, pid)``. A sync job: in
+        place in the sync server, in a handler thread in the async one; an async step is run
+        to completion by :attr:`wait` (the server's)."""
         live: list[Any] = []
         entries: list[Any] = []
         for k, step in enumerate(steps):
@@ -267,7 +270,7 @@ class Calls:
                 job = self.prepare((step[0], sid, *step[1:]))
                 value = job.fn(*job.args, **job.kwargs)
                 if inspect.isawaitable(value):
-                    value = await value
+                    value = self.wait(value)
             except Exception as exc:
                 info = _error_info.from_exception(exc)
                 return ("error", k, entries, info, self.objects.worker_id, os.getpid())
@@ -362,3 +365,9 @@ def _substitute(step: tuple[Any, ...], live: list[Any]) -> tuple[Any, ...]:
         return (name, sub(obj), attr, args, {k: sub(v) for k, v in kwargs.items()}, flags)
     _, obj, attr = step
     return (name, sub(obj), attr)
+
+
+def _no_loop(awaitable: Any) -> Any:
+    import asyncio
+
+    return asyncio.run(awaitable)

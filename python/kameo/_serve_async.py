@@ -87,6 +87,8 @@ class AsyncServer:
         self.writer = False  # waiting for the socket to take more (add_writer)
         self.pumping = False  # pump() is starting requests
         self.eager = EagerStarter(loop)
+        # A sync job (a pipeline in a handler thread) waits for an async step on the loop.
+        rt.ops.wait = lambda aw: asyncio.run_coroutine_threadsafe(_awaited(aw), loop).result()
         self.direct = _aio.probe(loop)  # None: never wait outside the loop (wait_here)
         self.here_waits = 0  # waits done by wait_here (tests check that the fast path runs)
         # Each request runs in a fresh copy of this, never in the context of the request whose
@@ -330,3 +332,7 @@ class AsyncServer:
         self.chan.signal(Channel.HEARTBEAT, 0)
         self.write_soon()
         self.loop.call_later(self.rt.heartbeat_interval, self.heartbeat)
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable

@@ -52,6 +52,7 @@ class SyncServer:
         self.credits: dict[int, int] = {}  # stream request id -> CREDIT not yet counted
         self.flush: Callable[[], object] = self.chan.flush  # the caller's thread writes
         self._coroutine_loop: asyncio.AbstractEventLoop | None = None
+        rt.ops.wait = lambda aw: self.coroutine_loop().run_until_complete(aw)
         rt.attach(self)
 
     def cancel(self, rid: int) -> None:
