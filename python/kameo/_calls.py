@@ -187,6 +187,8 @@ class Calls:
         self.adapter = adapter  # the instance of an adapter class target, if any
         self.handler: Callable[[Any], Any] | None = None  # the pool's handler, if any
         self._targets: dict[str, Callable[..., Any]] = {}
+        # handler_kind() of each target and of each (type, method name): inspect is slow.
+        self._kinds: dict[Any, str] = {}
         #: Runs an awaitable to completion from a sync job (set by the server).
         self.wait: Callable[[Any], Any] = _no_loop
 
@@ -225,8 +227,12 @@ class Calls:
     def _prepare(self, op: tuple[Any, ...]) -> Job:
         name, sid = op[0], op[1]
         if name == "call":
-            fn = self.function(op[2])
-            return Job(fn, op[3], op[4], handler_kind(fn), sid, bool(op[5] & RETURN_REF))
+            target = op[2]
+            fn = self.function(target)
+            kind = self._kinds.get(target)
+            if kind is None:
+                kind = self._kinds[target] = handler_kind(fn)
+            return Job(fn, op[3], op[4], kind, sid, bool(op[5] & RETURN_REF))
         if name == "method":
             obj, attr = op[2], op[3]
             if attr.startswith("_"):
@@ -234,7 +240,14 @@ class Calls:
             fn = getattr(obj, attr)
             if not callable(fn):
                 raise TypeError(f"{type_name(obj)}.{attr} is not callable")
-            return Job(fn, op[4], op[5], handler_kind(fn), sid, bool(op[6] & RETURN_REF))
+            if attr in getattr(obj, "__dict__", ()):  # the instance's own: not cached
+                kind = handler_kind(fn)
+            else:
+                key = (type(obj), attr)
+                kind = self._kinds.get(key)
+                if kind is None:
+                    kind = self._kinds[key] = handler_kind(fn)
+            return Job(fn, op[4], op[5], kind, sid, bool(op[6] & RETURN_REF))
         if name == "new":
             cls = self.function(op[2])
             return Job(cls, op[3], op[4], "sync", sid, True, keep=True)
