@@ -68,8 +68,10 @@ async def test_call_stream_iterables_and_cancellation(tmp_path) -> None:
         async for x in pool.call_stream(f"{R}:gen", 1_000_000):
             if x == 10:
                 break
-        await async_wait_until(lambda: marker.exists(), timeout=5)
-        assert marker.read_text() == "closed\n"
+        # The generator's finally ran in the worker (written, not only opened, by then).
+        assert await async_wait_until(
+            lambda: marker.exists() and marker.read_text() == "closed\n", timeout=5
+        )
         assert await pool.call("math:sqrt", 9) == 3.0
 
 
@@ -172,7 +174,7 @@ async def test_refs_of_a_dead_worker_raise_ref_error_with_the_reason() -> None:
         box = await pool.new(f"{R}:Box", 1)
         pid = pool.workers[0].pid
         os.kill(pid, signal.SIGKILL)
-        await async_wait_until(
+        assert await async_wait_until(
             lambda: any(w.pid != pid and w.state == "ready" for w in pool.workers), timeout=10
         )
         with pytest.raises(kameo.RefError, match="SIGKILL"):

@@ -72,7 +72,7 @@ async def test_a_loose_session_moves_to_another_worker() -> None:
         await s.call(f"{R}:remember", "k", 1)
         _, pid = await s.call(f"{R}:session_info")
         os.kill(pid, signal.SIGKILL)
-        await async_wait_until(
+        assert await async_wait_until(
             lambda: (
                 any(w.pid == pid and w.state == "dead" for w in pool.workers)
                 or pid not in {w.pid for w in pool.workers}
@@ -94,5 +94,5 @@ async def test_a_retiring_worker_keeps_its_open_session() -> None:
             await s.call(f"{R}:remember", "k", 1)
             assert await s.call(f"{R}:recall", "k") == 1
         # Closed: the retiring worker goes, its successor serves.
-        await async_wait_until(lambda: pid not in {w.pid for w in pool.workers}, timeout=10)
+        assert await async_wait_until(lambda: pid not in {w.pid for w in pool.workers}, timeout=10)
         assert (await pool.call(f"{R}:session_info"))[1] != pid
