@@ -18,7 +18,7 @@ use crate::link::{Link, LinkState, Target};
 use crate::pool::scheduler::Scheduler;
 use crate::pool::stats::Stats;
 use crate::pool::streams::{Streams, Take};
-use crate::pool::{Effects, PoolState, Queued};
+use crate::pool::{Effects, PoolState};
 use crate::progress::Progress;
 use crate::wait;
 use kameo_proto::frame::{self, Kind};
@@ -150,22 +150,11 @@ impl PoolCore {
         timed: bool,
     ) -> PyResult<u64> {
         Self::with(slf, |core, py, fx| {
-            let id = core.next_id;
-            let (frame, segs) = core.encode_request(py, Kind::Request, id, msg, trace)?;
-            core.next_id += 1;
             let target = Target::Ask(fut, timed);
-            core.enqueue(
-                py,
-                Queued {
-                    id,
-                    frame,
-                    segs,
-                    target,
-                    retries,
-                    pin: None,
-                },
-                fx,
-            );
+            let (id, _) = core.submit(py, target, retries, fx, |core, id| {
+                let (frame, segs) = core.encode_request(py, Kind::Request, id, msg, trace)?;
+                Ok((frame, segs, None))
+            })?;
             Ok(id)
         })
     }
@@ -187,19 +176,9 @@ impl PoolCore {
         worker: Option<u32>,
     ) -> PyResult<(u64, Option<u32>)> {
         Self::with(slf, |core, py, fx| {
-            let id = core.next_id;
-            let (frame, segs, pin) = core.encode_call(py, Kind::Call, id, op, trace, worker)?;
-            core.next_id += 1;
-            let q = Queued {
-                id,
-                frame,
-                segs,
-                target: Target::Ask(fut, timed),
-                retries: if pin.is_some() { 0 } else { retries },
-                pin,
-            };
-            core.enqueue(py, q, fx);
-            Ok((id, pin))
+            core.submit(py, Target::Ask(fut, timed), retries, fx, |core, id| {
+                core.encode_call(py, Kind::Call, id, op, trace, worker)
+            })
         })
     }
 
@@ -212,21 +191,9 @@ impl PoolCore {
         worker: Option<u32>,
     ) -> PyResult<(u64, Option<u32>)> {
         Self::with(slf, |core, py, fx| {
-            let id = core.next_id;
-            let (frame, segs, pin) =
-                core.encode_call(py, Kind::CallStream, id, op, trace, worker)?;
-            core.next_id += 1;
-            core.streams.open(id);
-            let q = Queued {
-                id,
-                frame,
-                segs,
-                target: Target::Stream,
-                retries: 0,
-                pin,
-            };
-            core.enqueue(py, q, fx);
-            Ok((id, pin))
+            core.submit(py, Target::Stream, 0, fx, |core, id| {
+                core.encode_call(py, Kind::CallStream, id, op, trace, worker)
+            })
         })
     }
 
@@ -262,23 +229,10 @@ impl PoolCore {
         trace: Option<&str>,
     ) -> PyResult<u64> {
         Self::with(slf, |core, py, fx| {
-            let id = core.next_id;
-            let (frame, segs) = core.encode_request(py, Kind::RequestStream, id, msg, trace)?;
-            core.next_id += 1;
-            core.streams.open(id);
-            let target = Target::Stream;
-            core.enqueue(
-                py,
-                Queued {
-                    id,
-                    frame,
-                    segs,
-                    target,
-                    retries: 0,
-                    pin: None,
-                },
-                fx,
-            );
+            let (id, _) = core.submit(py, Target::Stream, 0, fx, |core, id| {
+                let (frame, segs) = core.encode_request(py, Kind::RequestStream, id, msg, trace)?;
+                Ok((frame, segs, None))
+            })?;
             Ok(id)
         })
     }

@@ -22,5 +22,4 @@ pub mod streams;
 
 pub use effects::Effects;
 pub use py::wake;
-pub use scheduler::Queued;
 pub use state::PoolState;

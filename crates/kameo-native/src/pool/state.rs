@@ -112,6 +112,38 @@ impl PoolState {
             .map_err(|e| e.into_pyerr(py, "message", "request"))
     }
 
+    /// A new request: numbered, encoded by `encode` with that number (which is used up only if
+    /// encoding succeeds), its stream buffer opened for a stream, then sent or queued. A
+    /// request pinned to a worker never runs elsewhere, so it gets no retries. Returns the id
+    /// and the worker it is pinned to.
+    #[inline]
+    pub fn submit(
+        &mut self,
+        py: Python<'_>,
+        target: Target,
+        retries: u32,
+        fx: &mut Effects,
+        encode: impl FnOnce(&Self, u64) -> PyResult<(Vec<u8>, Segments, Option<u32>)>,
+    ) -> PyResult<(u64, Option<u32>)> {
+        let id = self.next_id;
+        let (frame, segs, pin) = encode(self, id)?;
+        self.next_id += 1;
+        if let Target::Stream = target {
+            self.streams.open(id);
+        }
+        let retries = if pin.is_some() { 0 } else { retries };
+        let q = Queued {
+            id,
+            frame,
+            segs,
+            target,
+            retries,
+            pin,
+        };
+        self.enqueue(py, q, fx);
+        Ok((id, pin))
+    }
+
     /// Send a new request to a worker with room, or queue it.
     #[inline]
     pub fn enqueue(&mut self, py: Python<'_>, q: Queued, fx: &mut Effects) {
