@@ -151,6 +151,8 @@ async def test_release_frees_at_once_and_later_use_raises() -> None:
         with pytest.raises(kameo.RefError, match="released"):
             await pool.call("builtins:len", c)
         await c.release()  # idempotent
+        d = await pool.new("collections:Counter", "ab")
+    await d.release()  # after close: the object went with its worker, nothing to do
 
 
 async def test_dropped_refs_are_freed_in_batches_and_rss_stays_flat() -> None:

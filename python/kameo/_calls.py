@@ -315,9 +315,16 @@ class Calls:
 
 def token(worker_id: int, number: int, type_name: str) -> Ref:
     """What a kept object travels as: a ``kameo.Ref`` bound to no pool (codec tag 0x1F)."""
-    ref = Ref.__new__(Ref)
-    ref._wid, ref._num, ref._type, ref._key, ref._pool = worker_id, number, type_name, 0, None
-    return ref
+    return Ref._make(worker_id, number, type_name, 0, None)
+
+
+def refuse_generator(job: Job) -> None:
+    """A CALL (one answer) of a generator function: say to stream it."""
+    if job.kind in (GEN, ASYNCGEN):
+        raise HandlerTypeError(
+            f"{job.fn!r} is a generator function: use call_stream() (or stream() for a "
+            "handler), not call() or ask()"
+        )
 
 
 def apply(job: Job) -> Any:

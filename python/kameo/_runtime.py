@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from kameo import _error_info, _native
 from kameo._calls import Calls
 from kameo._context import current_request, traceparent
+from kameo._handler import NONE
 from kameo.errors import CallbackNotFound, HandlerTypeError, KameoError
 
 __all__ = ["CallbackCall", "Runtime", "Server", "current", "current_request", "traceparent"]
@@ -87,7 +88,7 @@ class Server(Protocol):
 def mismatch(kind: str, frame_kind: int, target: str) -> dict[str, str] | None:
     """The error for ask() on a generator or stream() on a plain function, if any."""
     is_gen = kind in ("gen", "asyncgen")
-    if kind == "none" and frame_kind in (REQUEST, REQUEST_STREAM):
+    if kind == NONE and frame_kind in (REQUEST, REQUEST_STREAM):
         message = f"this pool has no handler to ask ({target}): use pool.call()"
     elif frame_kind == REQUEST and is_gen:
         message = f"handler {target!r} is a generator: use pool.stream(), not pool.ask()"

@@ -35,7 +35,6 @@ from kameo._runtime import (
     no_handler,
     traceparent,
 )
-from kameo.errors import HandlerTypeError
 
 #: Longest wait for a callback's item outside the event loop (seconds); then the loop waits.
 WAIT_HERE_MAX = 0.05
@@ -242,11 +241,7 @@ class AsyncServer:
                 ops = self.rt.ops
                 job = ops.prepare(body)
                 _context.session.set(job.session)
-                if job.kind in (GEN, ASYNCGEN):
-                    raise HandlerTypeError(
-                        f"{job.fn!r} is a generator function: use call_stream() (or stream() "
-                        "for a handler), not call() or ask()"
-                    )
+                _calls.refuse_generator(job)
                 if job.kind == ASYNC:
                     result = await job.fn(*job.args, **job.kwargs)
                 elif job.inline:

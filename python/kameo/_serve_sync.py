@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kameo import _calls, _context, _error_info
-from kameo._handler import ASYNC, ASYNCGEN, GEN
+from kameo._handler import ASYNC, ASYNCGEN
 from kameo._runtime import (
     CALL,
     END,
@@ -52,7 +52,7 @@ class SyncServer:
         self.credits: dict[int, int] = {}  # stream request id -> CREDIT not yet counted
         self.flush: Callable[[], object] = self.chan.flush  # the caller's thread writes
         self._coroutine_loop: asyncio.AbstractEventLoop | None = None
-        rt.ops.wait = lambda aw: self.coroutine_loop().run_until_complete(aw)
+        rt.ops.wait = self.run_coroutine
         rt.attach(self)
 
     def cancel(self, rid: int) -> None:
@@ -120,14 +120,10 @@ class SyncServer:
         try:
             job = ops.prepare(op)
             token = _context.session.set(job.session)
+            _calls.refuse_generator(job)
+            result = _calls.apply(job)
             if job.kind == ASYNC:
-                result = self.coroutine_loop().run_until_complete(_calls.apply(job))
-            elif job.kind in (GEN, ASYNCGEN):
-                raise HandlerTypeError(
-                    f"{job.fn!r} is a generator function: use pool.call_stream(), not pool.call()"
-                )
-            else:
-                result = _calls.apply(job)
+                result = self.run_coroutine(result)
         except BaseException as exc:
             self.chan.error(rid, _error_info.from_exception(exc))
             return
@@ -157,10 +153,12 @@ class SyncServer:
             if token is not None:
                 _context.session.reset(token)
 
-    def coroutine_loop(self) -> asyncio.AbstractEventLoop:
+    def run_coroutine(self, awaitable: Any) -> Any:
+        """Run an async function's coroutine to its end, on this worker's own event loop (made
+        on first use)."""
         if self._coroutine_loop is None:
             self._coroutine_loop = asyncio.new_event_loop()
-        return self._coroutine_loop
+        return self._coroutine_loop.run_until_complete(awaitable)
 
     def stream(self, rid: int, fn: Callable[[Any], Any], body: Any) -> None:
         rt = self.rt

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from kameo import _aio, _eager, _native, _signals
 from kameo._context import traceparent as _traceparent
 from kameo._future import AskFuture
+from kameo._handler import NONE
 from kameo._native import (
     EVENT_CALLBACK,
     EVENT_CALLBACK_CANCEL,
@@ -378,7 +379,7 @@ class Pool:
         if self._state != "running":
             fut.set_exception(PoolClosed(self._not_running()))
             return fut
-        if self._handler_kind == "none":
+        if self._handler_kind == NONE:
             fut.set_exception(
                 HandlerTypeError(
                     f"{self!r} has no handler to ask (no target, or an adapter class without "
@@ -478,9 +479,6 @@ class Pool:
         """Iterate what ``target(*args, **kwargs)`` returns (a generator or any iterable, sync
         or async) as the worker produces it, with the backpressure and cancellation of
         :meth:`stream`."""
-        if self._state != "running":
-            raise PoolClosed(self._not_running())
-        assert self._loop is not None
         return self._call_stream(("call", None, target, args, kwargs, 0), None)
 
     def pipeline(self) -> Pipeline:
@@ -604,6 +602,7 @@ class Pool:
             await self._shutdown(grace)
         finally:
             self._state = "closed"
+            self._refs.closed = True  # the workers went, and every object with them
             self._closed_event.set()
             _live_pools.discard(self)
             _signals.release()

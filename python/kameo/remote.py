@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,29 +38,21 @@ class RefTable:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.held: dict[int, int] = {}  # worker id -> live Refs
         self.gone: dict[int, str] = {}  # worker id -> why its objects are gone
-        self.drops: list[tuple[int, int]] = []  # (worker id, number), appended from any thread
+        # (worker id, number) of collected Refs: appended from any thread (a Ref may be
+        # collected anywhere), drained on the loop's, never swapped (no append is lost).
+        self.drops: deque[tuple[int, int]] = deque()
         self.flushing = False
-        self.closed = False
-        self.lock = threading.Lock()
+        self.closed = False  # the pool closed: its workers and their objects are gone
         self.on_empty: Callable[[int], object] | None = None  # a worker holds no Refs any more
 
     def attach(self, core: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.core, self.loop = core, loop
 
     def make(self, worker_id: int, number: int, type_name: str, pool: Any) -> Ref:
-        """A Ref for an object a worker kept (the core's ref hook, on the loop's thread)."""
-        ref = Ref.__new__(Ref)
-        ref._wid, ref._num, ref._type, ref._key, ref._pool = (
-            worker_id,
-            number,
-            type_name,
-            self.key,
-            pool,
-        )
-        ref._released = False
-        with self.lock:
-            self.held[worker_id] = self.held.get(worker_id, 0) + 1
-        return ref
+        """A Ref for an object a worker kept (the core's ref hook, on the loop's thread, as
+        everything here but :meth:`dropped`)."""
+        self.held[worker_id] = self.held.get(worker_id, 0) + 1
+        return Ref._make(worker_id, number, type_name, self.key, pool)
 
     def dropped(self, worker_id: int, number: int) -> None:
         """A Ref was collected (any thread, any time): free its object soon, in a batch."""
@@ -77,11 +69,12 @@ class RefTable:
     def flush(self) -> None:
         """Send the drops collected so far, one RELEASE frame per worker."""
         self.flushing = False
-        drops, self.drops = self.drops, []
+        drops = self.drops
         if not drops or self.closed:
             return
         by_worker: dict[int, list[int]] = {}
-        for wid, num in drops:
+        while drops:
+            wid, num = drops.popleft()
             by_worker.setdefault(wid, []).append(num)
         for wid, nums in by_worker.items():
             if wid not in self.gone:
@@ -89,12 +82,11 @@ class RefTable:
             self.forget(wid, len(nums))
 
     def forget(self, worker_id: int, n: int) -> None:
-        with self.lock:
-            left = self.held.get(worker_id, 0) - n
-            if left > 0:
-                self.held[worker_id] = left
-                return
-            self.held.pop(worker_id, None)
+        left = self.held.get(worker_id, 0) - n
+        if left > 0:
+            self.held[worker_id] = left
+            return
+        self.held.pop(worker_id, None)
         if self.on_empty is not None and not self.closed:
             self.on_empty(worker_id)
 
@@ -108,8 +100,7 @@ class RefTable:
 
     def worker_lost(self, worker_id: int, why: str) -> None:
         self.gone[worker_id] = why
-        with self.lock:
-            self.held.pop(worker_id, None)
+        self.held.pop(worker_id, None)
 
 
 class Ref:
@@ -133,6 +124,21 @@ class Ref:
 
     def __init__(self) -> None:
         raise TypeError("kameo.Ref is made by pool.new() or returned by a call, not directly")
+
+    @classmethod
+    def _make(cls, worker_id: int, number: int, type_name: str, key: int, pool: Any) -> Ref:
+        """A Ref to object ``number`` of worker ``worker_id``: bound to ``pool`` (of ``key``)
+        in the parent; bound to none (key 0) as a worker's answer (``_calls.token``)."""
+        ref = cls.__new__(cls)
+        ref._wid, ref._num, ref._type, ref._key, ref._pool = (
+            worker_id,
+            number,
+            type_name,
+            key,
+            pool,
+        )
+        ref._released = False
+        return ref
 
     @property
     def id(self) -> str:

@@ -18,10 +18,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from kameo.errors import PoolClosed, SessionLost
+from kameo.pipeline import Pipeline
 
 if TYPE_CHECKING:
     from kameo._future import AskFuture
-    from kameo.pipeline import Pipeline
     from kameo.pool import Pool
     from kameo.stream import Stream
 
@@ -111,8 +111,6 @@ class Session:
 
     def pipeline(self) -> Pipeline:
         """A pipeline whose steps run on the session's worker, in the session."""
-        from kameo.pipeline import Pipeline
-
         return Pipeline(self._pool, self)
 
     async def close(self) -> None:
