@@ -79,3 +79,30 @@ async def test_async_steps_on_either_server(max_concurrency: int) -> None:
         box = p.new(f"{R}:Box", 7)
         p.call_method(box, "aget")
         assert (await p.run())[::3] == [3, 7] and len(await p.run()) == 4
+
+
+async def test_placeholders_as_keywords_and_unencodable_entries() -> None:
+    """A placeholder may be a keyword argument; an entry the codec cannot encode comes back
+    as a Ref while the others stay values; placeholders belong to their own pipeline."""
+    async with kameo.Pool(size=1) as pool:
+        p = pool.pipeline()
+        d = p.call("builtins:dict", a=1)
+        lock = p.call("threading:Lock")  # not encodable: a Ref
+        merged = p.call("builtins:dict", d, b=d)
+        results = await p.run()
+        assert results[d.index] == {"a": 1}
+        assert isinstance(results[lock.index], kameo.Ref)
+        assert results[lock.index].type_name == "_thread.lock"
+        assert results[merged.index] == {"a": 1, "b": {"a": 1}}
+        assert await results[lock.index].locked() is False
+        other = pool.pipeline()
+        with pytest.raises(ValueError, match="another pipeline"):
+            other.call("builtins:len", d)
+        with pytest.raises(TypeError, match="Ref or a step's Result"):
+            other.call_method("not a ref", "upper")
+        ref = await pool.new("collections:Counter", "ab")
+        q = pool.pipeline()
+        q.call_method(ref, "most_common", 1)
+        await ref.release()
+        with pytest.raises(kameo.RefError, match="released"):
+            await q.run()

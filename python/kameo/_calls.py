@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kameo import _error_info, _native
-from kameo._handler import ASYNC, ASYNCGEN, GEN, handler_kind
+from kameo._handler import ASYNC, ASYNCGEN, GEN, SYNC, handler_kind
 from kameo.errors import HandlerTypeError, RefError
-from kameo.pipeline import Result
 from kameo.remote import Ref
 
 RETURN_REF = 1
@@ -189,6 +188,11 @@ class Calls:
         self._targets: dict[str, Callable[..., Any]] = {}
         # handler_kind() of each target and of each (type, method name): inspect is slow.
         self._kinds: dict[Any, str] = {}
+        #: Targets known to be plain sync functions, and (type, method name) pairs known to be
+        #: plain sync methods of the type: a server may run such calls without preparing a
+        #: Job (:meth:`SyncServer.call`).
+        self.sync_functions: dict[str, Callable[..., Any]] = {}
+        self.sync_methods: set[tuple[type, str]] = set()
         #: Runs an awaitable to completion from a sync job (set by the server).
         self.wait: Callable[[Any], Any] = _no_loop
 
@@ -232,6 +236,8 @@ class Calls:
             kind = self._kinds.get(target)
             if kind is None:
                 kind = self._kinds[target] = handler_kind(fn)
+                if kind == SYNC:
+                    self.sync_functions[target] = fn
             return Job(fn, op[3], op[4], kind, sid, bool(op[5] & RETURN_REF))
         if name == "method":
             obj, attr = op[2], op[3]
@@ -247,6 +253,8 @@ class Calls:
                 kind = self._kinds.get(key)
                 if kind is None:
                     kind = self._kinds[key] = handler_kind(fn)
+                    if kind == SYNC:
+                        self.sync_methods.add(key)
             return Job(fn, op[4], op[5], kind, sid, bool(op[6] & RETURN_REF))
         if name == "new":
             cls = self.function(op[2])
@@ -270,44 +278,76 @@ class Calls:
 
     def run_pipeline(self, steps: list[tuple[Any, ...]], sid: str | None) -> tuple[Any, ...]:
         """Run a pipeline's steps in order (``kameo.pipeline``): ``("ok", entries)``, or
-        ``("error", step, entries before it, error info, worker id, pid)``. A sync job: in
+        ``("error", step, entries before it, error info, worker id, pid)``; an entry is the
+        step's value, or a Ref token for what must stay an object (``new``, ``return_ref``;
+        :meth:`answer` makes tokens of the values the codec cannot encode). A sync job: in
         place in the sync server, in a handler thread in the async one; an async step is run
         to completion by :attr:`wait` (the server's)."""
         live: list[Any] = []
         entries: list[Any] = []
+        sync_functions = self.sync_functions
         for k, step in enumerate(steps):
             try:
-                if not (isinstance(step, tuple) and step and step[0] in _STEP_OPS):
+                if not (type(step) is tuple and len(step) >= 4 and step[0] in _STEP_OPS):
                     raise ValueError(f"malformed pipeline step {k}: {str(step)[:80]}")
-                step = _substitute(step, live)
-                job = self.prepare((step[0], sid, *step[1:]))
-                value = job.fn(*job.args, **job.kwargs)
-                if inspect.isawaitable(value):
-                    value = self.wait(value)
+                if step[-1]:
+                    step = _link(step, live)
+                fn = None
+                if step[0] == "call" and not step[4]:
+                    fn = sync_functions.get(step[1])
+                if fn is not None:  # the usual step: a plain sync function, for a value
+                    value = fn(*step[2], **step[3])
+                    entry = value
+                else:
+                    job = self._prepare((step[0], sid, *step[1:-1]))
+                    value = job.fn(*job.args, **job.kwargs)
+                    if job.kind == ASYNC or (job.kind == SYNC and inspect.isawaitable(value)):
+                        value = self.wait(value)
+                    entry = value
+                    if job.keep or job.return_ref:
+                        number, type_name = self.objects.keep(value, sid)
+                        entry = token(self.objects.worker_id, number, type_name)
             except Exception as exc:
                 info = _error_info.from_exception(exc)
-                return ("error", k, entries, info, self.objects.worker_id, os.getpid())
+                return (
+                    "error",
+                    k,
+                    self._entries(entries, sid),
+                    info,
+                    self.objects.worker_id,
+                    os.getpid(),
+                )
             live.append(value)
-            entries.append(self._entry(value, job))
+            entries.append(entry)
         return ("ok", entries)
 
-    def _entry(self, value: Any, job: Job) -> Any:
-        """A pipeline step's result as it travels: the value, or a Ref to it."""
-        if not job.keep and not job.return_ref:
-            if value is None or type(value) in _PLAIN:
-                return value
-            try:
-                _native.encode(value)
-                return value
-            except Exception:
-                pass
-        number, type_name = self.objects.keep(value, job.session)
-        return token(self.objects.worker_id, number, type_name)
+    def _entries(self, entries: list[Any], sid: str | None) -> list[Any]:
+        """Pipeline entries as they can travel: a Ref token for each the codec cannot
+        encode (kept here)."""
+        out = []
+        for value in entries:
+            if not (value is None or type(value) in _PLAIN or type(value) is Ref):
+                try:
+                    _native.encode(value)
+                except Exception:
+                    number, type_name = self.objects.keep(value, sid)
+                    value = token(self.objects.worker_id, number, type_name)
+            out.append(value)
+        return out
 
     def answer(self, chan: Any, rid: int, job: Job, result: Any) -> None:
         """REPLY with ``result``, or with a reference to it (kept here) when it must stay an
         object (``new``, ``return_ref``) or the codec cannot encode it."""
         if not job.keep and not job.return_ref and chan.try_reply(rid, result):
+            return
+        if job.fn == self.run_pipeline:
+            # Some entry cannot be encoded: those become Refs, the others stay values.
+            kind, *rest = result
+            if kind == "ok":
+                chan.reply(rid, (kind, self._entries(rest[0], job.session)))
+            else:
+                rest[1] = self._entries(rest[1], job.session)
+                chan.reply(rid, (kind, *rest))
             return
         number, type_name = self.objects.keep(result, job.session)
         chan.reply(rid, token(self.objects.worker_id, number, type_name))
@@ -364,27 +404,32 @@ _STEP_OPS = frozenset(("call", "new", "method", "getattr"))
 _PLAIN = (bool, int, float, str, bytes)
 
 
-def _substitute(step: tuple[Any, ...], live: list[Any]) -> tuple[Any, ...]:
-    """``step`` with each pipeline placeholder (``kameo.pipeline.Result``) among its arguments
-    and as its object replaced by that step's live result."""
+#: Where a pipeline step of each kind has its args (its kwargs follow), if it has any.
+_ARGS_AT = {"call": 2, "new": 2, "method": 3, "getattr": None}
 
-    def sub(x: Any) -> Any:
-        if type(x) is Result:
-            if not 0 <= x.index < len(live):
-                raise ValueError(f"placeholder of step {x.index} used before that step ran")
-            return live[x.index]
-        return x
 
-    name = step[0]
-    if name in ("call", "new"):
-        _, target, args, kwargs, flags = step
-        return (name, target, tuple(map(sub, args)), {k: sub(v) for k, v in kwargs.items()}, flags)
-    if name == "method":
-        _, obj, attr, args, kwargs, flags = step
-        args = tuple(map(sub, args))
-        return (name, sub(obj), attr, args, {k: sub(v) for k, v in kwargs.items()}, flags)
-    _, obj, attr = step
-    return (name, sub(obj), attr)
+def _link(step: tuple[Any, ...], live: list[Any]) -> tuple[Any, ...]:
+    """``step`` with the live results of earlier steps put where its links say (see
+    ``kameo.pipeline``), and its links emptied."""
+    parts = list(step)
+    at = _ARGS_AT[step[0]]
+    args = list(step[at]) if at is not None else []
+    kwargs = dict(step[at + 1]) if at is not None else {}
+    for where, index in step[-1]:
+        if not (type(index) is int and 0 <= index < len(live)):
+            raise ValueError(f"placeholder of step {index!r} used before that step ran")
+        if where is None and step[0] in ("method", "getattr"):
+            parts[1] = live[index]
+        elif type(where) is int and 0 <= where < len(args):
+            args[where] = live[index]
+        elif type(where) is str and where in kwargs:
+            kwargs[where] = live[index]
+        else:
+            raise ValueError(f"malformed pipeline link {where!r}")
+    if at is not None:
+        parts[at], parts[at + 1] = tuple(args), kwargs
+    parts[-1] = ()
+    return tuple(parts)
 
 
 def _no_loop(awaitable: Any) -> Any:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kameo import _calls, _context, _error_info
-from kameo._handler import ASYNC, ASYNCGEN
+from kameo._handler import ASYNC, ASYNCGEN, SYNC
 from kameo._runtime import (
     CALL,
     END,
@@ -116,6 +116,29 @@ class SyncServer:
         """A CALL: a sync function runs here; a coroutine function on this worker's own event
         loop (made on first use; its callbacks cannot be iterated with ``async for``)."""
         ops = self.rt.ops
+        # The usual call, of a function or method already known to be plain sync, outside a
+        # session, for a value: run it at once (what prepare, apply and answer would do).
+        if type(op) is tuple and len(op) in (6, 7) and op[1] is None:
+            fn = None
+            if op[0] == "call" and len(op) == 6 and not op[5]:
+                fn = ops.sync_functions.get(op[2])
+                args, kwargs = op[3], op[4]
+            elif op[0] == "method" and len(op) == 7 and not op[6]:
+                obj, name = op[2], op[3]
+                if (type(obj), name) in ops.sync_methods and name not in getattr(
+                    obj, "__dict__", ()
+                ):
+                    fn = getattr(obj, name)
+                    args, kwargs = op[4], op[5]
+            if fn is not None:
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    self.chan.error(rid, _error_info.from_exception(exc))
+                    return
+                if not self.chan.try_reply(rid, result):
+                    ops.answer(self.chan, rid, _calls.Job(fn, (), {}, SYNC, None), result)
+                return
         token = None
         try:
             job = ops.prepare(op)

@@ -2,7 +2,9 @@
 
 Each step returns a :class:`Result` placeholder, usable as an argument (positional or keyword)
 of a later step, or as the object of ``call_method``/``getattr``: in the worker it is that
-step's live result. ``await p.run()`` sends every step in one CALL and returns one entry per
+step's live result. Placeholders do not travel: a step carries ``None`` in their place and a
+tuple of *links*, ``(position or keyword or None for the object, step index)`` (op layouts in
+``kameo._calls``). ``await p.run()`` sends every step in one CALL and returns one entry per
 step (a value, or a :class:`~kameo.Ref` for what the codec cannot encode and for ``new``). If
 step ``k`` raises, the later steps do not run and :class:`PipelineError` says which (``step``,
 ``results`` of the steps before, ``__cause__`` the remote error, of its built-in type).
@@ -10,11 +12,11 @@ step ``k`` raises, the later steps do not run and :class:`PipelineError` says wh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kameo import _error_info
 from kameo.errors import KameoError
+from kameo.remote import Ref
 
 if TYPE_CHECKING:
     from kameo.pool import Pool
@@ -23,11 +25,18 @@ if TYPE_CHECKING:
 __all__ = ["Pipeline", "PipelineError", "Result"]
 
 
-@dataclass(frozen=True, slots=True)
 class Result:
-    """The result of step ``index`` of a pipeline, as an argument of a later step."""
+    """The result of step ``index`` of a pipeline, as an argument of a later step (directly:
+    not inside a list or another value)."""
 
-    index: int
+    __slots__ = ("_pipeline", "index")
+
+    def __init__(self, pipeline: Pipeline, index: int) -> None:
+        self._pipeline = pipeline
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"<kameo.pipeline.Result of step {self.index}>"
 
 
 class PipelineError(KameoError):
@@ -47,28 +56,69 @@ class Pipeline:
         self._pool = pool
         self._session = session
         self._steps: list[tuple[Any, ...]] = []
-        self._keep: list[Any] = []
+        self._refs: list[Ref] = []  # Refs that are the object of a step (checked at run)
 
     def __len__(self) -> int:
         return len(self._steps)
 
-    def _add(self, step: tuple[Any, ...], *keep: Any) -> Result:
+    def _add(self, step: tuple[Any, ...]) -> Result:
         self._steps.append(step)
-        self._keep.extend(keep)
-        return Result(len(self._steps) - 1)
+        return Result(self, len(self._steps) - 1)
+
+    def _link(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], obj: Any = None
+    ) -> tuple[tuple[Any, ...], dict[str, Any], tuple[Any, ...]]:
+        """``args`` and ``kwargs`` with each placeholder replaced by None, and the links that
+        say where the worker puts which step's result: (position, step), (keyword, step), or
+        (None, step) for the object of a method call or attribute."""
+        links: list[tuple[int | str | None, int]] = []
+        if type(obj) is Result:
+            links.append((None, self._own(obj)))
+        if Result in map(type, args):
+            links += [(i, self._own(a)) for i, a in enumerate(args) if type(a) is Result]
+            args = tuple(None if type(a) is Result else a for a in args)
+        if kwargs and Result in map(type, kwargs.values()):
+            links += [(k, self._own(v)) for k, v in kwargs.items() if type(v) is Result]
+            kwargs = {k: None if type(v) is Result else v for k, v in kwargs.items()}
+        return args, kwargs, tuple(links)
+
+    def _own(self, result: Result) -> int:
+        if result._pipeline is not self:
+            raise ValueError(f"{result!r} is a placeholder of another pipeline")
+        return result.index
+
+    def _target(self, obj: Any) -> Any:
+        if type(obj) is Result:
+            return None
+        if type(obj) is not Ref:
+            raise TypeError(
+                f"the object of a pipeline step must be a Ref or a step's Result, not "
+                f"{type(obj).__name__}"
+            )
+        self._refs.append(obj)
+        return obj
 
     def call(self, target: str, /, *args: Any, **kwargs: Any) -> Result:
-        return self._add(("call", target, args, kwargs, 0), args, kwargs)
+        if Result in map(type, args) or (kwargs and Result in map(type, kwargs.values())):
+            args, kwargs, links = self._link(args, kwargs)
+        else:
+            links = ()  # the usual step (inline: a step costs little more than its tuple)
+        steps = self._steps
+        steps.append(("call", target, args, kwargs, 0, links))
+        return Result(self, len(steps) - 1)
 
     def new(self, target: str, /, *args: Any, **kwargs: Any) -> Result:
-        return self._add(("new", target, args, kwargs, 0), args, kwargs)
+        args, kwargs, links = self._link(args, kwargs)
+        return self._add(("new", target, args, kwargs, 0, links))
 
     def call_method(self, obj: Any, name: str, /, *args: Any, **kwargs: Any) -> Result:
         """``obj.name(*args, **kwargs)``: ``obj`` a :class:`Result` or a :class:`~kameo.Ref`."""
-        return self._add(("method", obj, name, args, kwargs, 0), obj, args, kwargs)
+        args, kwargs, links = self._link(args, kwargs, obj)
+        return self._add(("method", self._target(obj), name, args, kwargs, 0, links))
 
     def getattr(self, obj: Any, name: str) -> Result:
-        return self._add(("getattr", obj, name), obj)
+        _, _, links = self._link((), {}, obj)
+        return self._add(("getattr", self._target(obj), name, links))
 
     async def run(self) -> list[Any]:
         """Run every step (one round trip); one entry per step."""
@@ -78,7 +128,9 @@ class Pipeline:
         sid = None if session is None else session.id
         op = ("pipeline", sid, self._steps)
         worker = None if session is None else session._bound()
-        reply = await self._pool._submit_op(op, worker, None, 0, None, *self._keep)
+        for ref in self._refs:
+            self._pool._refs.check(ref)
+        reply = await self._pool._submit_op(op, worker)
         if reply[0] == "ok":
             return list(reply[1])
         _, step, results, info, wid, pid = reply

@@ -38,7 +38,7 @@ from kameo._supervisor import Supervisor, SupervisorOptions
 from kameo.callbacks import CallbackRunner, Callbacks
 from kameo.errors import CallTimeout, HandlerTypeError, PoolClosed, RefError
 from kameo.pipeline import Pipeline
-from kameo.remote import Ref, RefTable, RemoteFunction
+from kameo.remote import RefTable, RemoteFunction
 from kameo.session import Session
 from kameo.stream import Stream
 
@@ -451,9 +451,7 @@ class Pool:
         pool's adapter class) in a worker with these arguments: ``await pool.call("math:hypot",
         3, 4)``. A result the codec cannot encode comes back as a :class:`Ref`; a Ref among the
         arguments is the live object, and the call runs on its worker."""
-        return self._submit_op(
-            ("call", None, target, args, kwargs, 0), None, None, 0, None, args, kwargs
-        )
+        return self._submit_op(("call", None, target, args, kwargs, 0))
 
     def function(
         self,
@@ -471,9 +469,7 @@ class Pool:
     def new(self, target: str, /, *args: Any, **kwargs: Any) -> AskFuture:
         """Make ``target(*args, **kwargs)`` (a class, or any callable) in a worker and return a
         :class:`Ref` to it: ``c = await pool.new("collections:Counter", "abc")``."""
-        return self._submit_op(
-            ("new", None, target, args, kwargs, 0), None, None, 0, None, args, kwargs
-        )
+        return self._submit_op(("new", None, target, args, kwargs, 0))
 
     def call_stream(self, target: str, /, *args: Any, **kwargs: Any) -> Stream:
         """Iterate what ``target(*args, **kwargs)`` returns (a generator or any iterable, sync
@@ -529,16 +525,25 @@ class Pool:
         """Refs or open sessions on worker ``wid`` keep it while it retires."""
         return bool(self._refs.held.get(wid) or self._sessions.get(wid))
 
+    def _refused(self, exc: BaseException) -> AskFuture:
+        """A future that fails with ``exc`` (a request refused before it was sent)."""
+        loop = self._loop
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        fut = AskFuture(loop=loop)
+        fut.set_exception(exc)
+        return fut
+
     def _submit_op(
         self,
         op: tuple[Any, ...],
-        worker: int | None,
-        timeout: float | None,
-        retries: int,
-        traceparent: str | None,
-        *keep: Any,
+        worker: int | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
     ) -> AskFuture:
-        """Send a CALL (see ``kameo._calls``) and return its future."""
+        """Send a CALL (see ``kameo._calls``) and return its future. The op lives as long as
+        the future: a Ref among its arguments is not freed before the call has run. The
+        caller has checked the Refs it passes directly (released ones: :meth:`RefTable.check`)."""
         loop = self._loop
         if loop is None:
             try:
@@ -557,13 +562,6 @@ class Pool:
         if worker is not None and worker in refs.gone:
             fut.set_exception(RefError(f"worker {worker} is gone ({refs.gone[worker]})"))
             return fut
-        for value in keep:
-            if type(value) is Ref:
-                try:
-                    refs.check(value)
-                except RefError as exc:
-                    fut.set_exception(exc)
-                    return fut
         if timeout is None:
             timeout = self._default_timeout
         timer = None
@@ -573,7 +571,7 @@ class Pool:
             )
         try:
             rid, _ = self._core.submit_call(
-                op, fut, traceparent or _traceparent.get(), retries, timer is not None, worker
+                op, fut, _traceparent.get(), retries, timer is not None, worker
             )
         except Exception as exc:
             if timer is not None:
@@ -581,7 +579,7 @@ class Pool:
             fut.set_exception(exc)
             return fut
         fut._kameo_rid = rid
-        fut._kameo_keep = keep
+        fut._kameo_keep = op
         fut._kameo_abandon = self._abandon_cb
         fut._kameo_wait = self._wait_answer if self._direct is not None else None
         return fut

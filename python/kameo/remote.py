@@ -183,14 +183,16 @@ class Ref:
         self._released = True  # from now on (even while the release is on its way)
         if self._wid in table.gone or table.closed:
             return
-        await self._pool._submit_op(("release", None, [self._num]), self._wid, None, 0, None)
+        await self._pool._submit_op(("release", None, [self._num]), self._wid)
         table.forget(self._wid, 1)
 
     def _submit(self, op: tuple[Any, ...]) -> AskFuture:
         pool = self._pool
         if pool is None:
             raise RefError(f"{self!r} is not bound to a pool")
-        fut: AskFuture = pool._submit_op(op, self._wid, None, 0, None, self, *op[4:6])
+        if self._released:
+            return pool._refused(RefError(f"{self!r} was released"))  # type: ignore[no-any-return]
+        fut: AskFuture = pool._submit_op(op, self._wid)
         return fut
 
     def __del__(self) -> None:
@@ -240,7 +242,7 @@ class RemoteFunction:
         flags = RETURN_REF if self.return_ref else 0
         op = ("call", None, self.target, args, kwargs, flags)
         retries = self.pool._max_retries if self.idempotent else 0
-        fut: AskFuture = self.pool._submit_op(op, None, self.timeout, retries, None, args, kwargs)
+        fut: AskFuture = self.pool._submit_op(op, None, self.timeout, retries)
         return fut
 
     def __repr__(self) -> str:

@@ -84,21 +84,21 @@ class Session:
     def worker_lost(self, why: str) -> None:
         self._lost = why
 
-    def _op(self, op: tuple[Any, ...], *keep: Any) -> AskFuture:
-        fut: AskFuture = self._pool._submit_op(op, self._bound(), None, 0, None, *keep)
+    def _op(self, op: tuple[Any, ...]) -> AskFuture:
+        fut: AskFuture = self._pool._submit_op(op, self._bound())
         return fut
 
     def call(self, target: str, /, *args: Any, **kwargs: Any) -> AskFuture:
         """``pool.call`` on the session's worker, in the session."""
-        return self._op(("call", self.id, target, args, kwargs, 0), args, kwargs)
+        return self._op(("call", self.id, target, args, kwargs, 0))
 
     def new(self, target: str, /, *args: Any, **kwargs: Any) -> AskFuture:
         """``pool.new`` in the session: the object goes when the session closes."""
-        return self._op(("new", self.id, target, args, kwargs, 0), args, kwargs)
+        return self._op(("new", self.id, target, args, kwargs, 0))
 
     def ask(self, msg: Any) -> AskFuture:
         """The pool's handler on ``msg``, on the session's worker, in the session."""
-        return self._op(("handler", self.id, msg), msg)
+        return self._op(("handler", self.id, msg))
 
     def stream(self, msg: Any) -> Stream:
         """The pool's generator handler on ``msg``, on the session's worker."""
@@ -124,7 +124,7 @@ class Session:
         pool = self._pool
         try:
             if self._lost is None and pool._state == "running":
-                await pool._submit_op(("close_session", self.id), wid, 10.0, 0, None)
+                await pool._submit_op(("close_session", self.id), wid, 10.0)
         except Exception as exc:  # the worker died meanwhile, or the pool closes
             log.debug("session %s: close on worker %s: %s", self.id, wid, exc)
         finally:
