@@ -26,7 +26,6 @@ Op layouts (``sid``: session id or None; ``flags`` bit 0: return a Ref whatever 
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -288,35 +287,30 @@ class Calls:
         sync_functions = self.sync_functions
         for k, step in enumerate(steps):
             try:
+                # The usual step: a call of a plain sync function, for a value, no links.
+                if type(step) is tuple and len(step) == 6 and step[0] == "call":
+                    fn = None if step[4] or step[5] else sync_functions.get(step[1])
+                    if fn is not None:
+                        value = fn(*step[2], **step[3])
+                        live.append(value)
+                        entries.append(value)
+                        continue
                 if not (type(step) is tuple and len(step) >= 4 and step[0] in _STEP_OPS):
                     raise ValueError(f"malformed pipeline step {k}: {str(step)[:80]}")
                 if step[-1]:
                     step = _link(step, live)
-                fn = None
-                if step[0] == "call" and not step[4]:
-                    fn = sync_functions.get(step[1])
-                if fn is not None:  # the usual step: a plain sync function, for a value
-                    value = fn(*step[2], **step[3])
-                    entry = value
-                else:
-                    job = self._prepare((step[0], sid, *step[1:-1]))
-                    value = job.fn(*job.args, **job.kwargs)
-                    if job.kind == ASYNC or (job.kind == SYNC and inspect.isawaitable(value)):
-                        value = self.wait(value)
-                    entry = value
-                    if job.keep or job.return_ref:
-                        number, type_name = self.objects.keep(value, sid)
-                        entry = token(self.objects.worker_id, number, type_name)
+                job = self._prepare((step[0], sid, *step[1:-1]))
+                value = job.fn(*job.args, **job.kwargs)
+                if job.kind == ASYNC:
+                    value = self.wait(value)
+                entry = value
+                if job.keep or job.return_ref:
+                    number, type_name = self.objects.keep(value, sid)
+                    entry = token(self.objects.worker_id, number, type_name)
             except Exception as exc:
                 info = _error_info.from_exception(exc)
-                return (
-                    "error",
-                    k,
-                    self._entries(entries, sid),
-                    info,
-                    self.objects.worker_id,
-                    os.getpid(),
-                )
+                entries = self._entries(entries, sid)
+                return ("error", k, entries, info, self.objects.worker_id, os.getpid())
             live.append(value)
             entries.append(entry)
         return ("ok", entries)

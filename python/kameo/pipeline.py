@@ -132,7 +132,8 @@ class Pipeline:
             self._pool._refs.check(ref)
         reply = await self._pool._submit_op(op, worker)
         if reply[0] == "ok":
-            return list(reply[1])
+            entries: list[Any] = reply[1]  # a list as it arrives
+            return entries
         _, step, results, info, wid, pid = reply
         cause = _error_info.from_worker(info, wid, pid)
         error = PipelineError(
