@@ -9,6 +9,7 @@ import asyncio
 import gc
 import os
 import signal
+from typing import Any
 
 import kameo
 import pytest
@@ -72,6 +73,38 @@ async def test_call_stream_iterables_and_cancellation(tmp_path) -> None:
         assert await async_wait_until(
             lambda: marker.exists() and marker.read_text() == "closed\n", timeout=5
         )
+        assert await pool.call("math:sqrt", 9) == 3.0
+
+
+@pytest.mark.parametrize("max_concurrency", [1, 2])
+async def test_async_iterables_and_async_callbacks_on_either_server(
+    tmp_path, max_concurrency: int
+) -> None:
+    """The sync server (max_concurrency=1) has no serving loop: it runs async generators, the
+    async iterables that functions return, and `async for` over a parent callback on a loop
+    of its own; the async server on its serving loop."""
+    marker = tmp_path / "finally"
+    callbacks = kameo.Callbacks()
+
+    @callbacks.handler("trading.DataFetch")
+    async def data_fetch(req: dict) -> Any:
+        for i in range(3):
+            yield {"price": 100.0 + i}
+
+    env = {"KAMEO_TEST_FINALLY": str(marker)}
+    async with kameo.Pool(
+        size=1, max_concurrency=max_concurrency, env=env, callbacks=callbacks, stream_window=4
+    ) as pool:
+        assert [x async for x in pool.call_stream(f"{R}:agen", 3)] == [0, 1, 2]
+        assert [x async for x in pool.call_stream(f"{R}:async_iterable_of", 4)] == [0, 1, 2, 3]
+        async for x in pool.call_stream(f"{R}:agen_forever"):
+            if x == 20:
+                break
+        assert await async_wait_until(
+            lambda: marker.exists() and marker.read_text() == "aclosed\n", timeout=5
+        )
+        result = await pool.call("handlers.callers:execute_trade", {"symbol": "KAM"})
+        assert result["prices"] == result["again"] == [100.0, 101.0, 102.0]
         assert await pool.call("math:sqrt", 9) == 3.0
 
 

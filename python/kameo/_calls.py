@@ -366,9 +366,11 @@ def apply(job: Job) -> Any:
     return job.fn(*job.args, **job.kwargs)
 
 
-def as_stream(job: Job) -> tuple[Callable[[Any], Any], str]:
+def as_stream(job: Job, wait: Callable[[Any], Any]) -> tuple[Callable[[Any], Any], str]:
     """A generator function of one (ignored) argument and its kind, for ``_handler.produce``:
-    the job's own generator, or the items of the iterable it returns."""
+    the job's own generator, or the items of the iterable it returns. An async iterable that
+    a sync function returns is iterated with ``wait`` (the server's: it runs an awaitable to
+    completion from where the generator runs)."""
     fn, args, kwargs = job.fn, job.args, job.kwargs
     if job.kind in (GEN, ASYNCGEN):
         return (lambda _: fn(*args, **kwargs)), job.kind
@@ -388,15 +390,32 @@ def as_stream(job: Job) -> tuple[Callable[[Any], Any], str]:
     def items(_: Any) -> Any:
         it = fn(*args, **kwargs)
         if hasattr(it, "__aiter__"):
-            raise TypeError(f"{job.fn!r} returned an async iterable to a sync worker")
-        yield from it
+            yield from drive(it, wait)
+        else:
+            yield from it
 
     return items, GEN
 
 
+def drive(iterable: Any, wait: Callable[[Any], Any]) -> Any:
+    """The items of an async iterable, as a sync generator: each step runs to completion with
+    ``wait``; closing the generator closes the async one (its ``finally`` runs)."""
+    it = iterable.__aiter__()
+    try:
+        while True:
+            try:
+                item = wait(it.__anext__())
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            wait(aclose())
+
+
 _STEP_OPS = frozenset(("call", "new", "method", "getattr"))
 _PLAIN = (bool, int, float, str, bytes)
-
 
 #: Where a pipeline step of each kind has its args (its kwargs follow), if it has any.
 _ARGS_AT = {"call": 2, "new": 2, "method": 3, "getattr": None}

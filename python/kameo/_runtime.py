@@ -420,7 +420,12 @@ class CallbackCall:
     async def __anext__(self) -> Any:
         rt = self.rt
         if rt.loop is None:
-            raise KameoError(f"callback {self.path}: use 'for' inside a sync handler")
+            # A coroutine run by the sync server on its own loop (a called async function):
+            # it has the loop to itself, so wait for the item with a blocking read.
+            try:
+                return self.__next__()
+            except StopIteration:
+                raise StopAsyncIteration from None
         if not self.cid:
             self.cid = rt.open_call(self)
         while True:

@@ -252,9 +252,10 @@ class AsyncServer:
                     )
                 ops.answer(chan, rid, job, result)
             elif frame_kind == CALL_STREAM:
-                job = self.rt.ops.prepare(body)
+                ops = self.rt.ops
+                job = ops.prepare(body)
                 _context.session.set(job.session)
-                fn, kind = _calls.as_stream(job)
+                fn, kind = _calls.as_stream(job, ops.wait)
                 send = functools.partial(chan.item, rid)
                 flow = self.flows[rid] = Flow(
                     send, self.rt.stream_window, self.write, self.write_soon

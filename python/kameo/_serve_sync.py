@@ -27,7 +27,6 @@ from kameo._runtime import (
     no_handler,
     traceparent,
 )
-from kameo.errors import HandlerTypeError
 
 #: While a stream has credit, read the socket (for CANCEL and CREDIT) every this many items.
 STREAM_POLL_EVERY = 16
@@ -114,7 +113,8 @@ class SyncServer:
 
     def call(self, rid: int, op: Any) -> None:
         """A CALL: a sync function runs here; a coroutine function on this worker's own event
-        loop (made on first use; its callbacks cannot be iterated with ``async for``)."""
+        loop (made on first use; it has the loop to itself: a callback iterated there with
+        ``async for`` waits for its items with a blocking read)."""
         ops = self.rt.ops
         # The usual call, of a function or method already known to be plain sync, outside a
         # session, for a value: run it at once (what prepare, apply and answer would do).
@@ -161,13 +161,9 @@ class SyncServer:
             try:
                 job = self.rt.ops.prepare(op)
                 token = _context.session.set(job.session)
-                fn, kind = _calls.as_stream(job)
-                if kind == ASYNCGEN:
-                    raise HandlerTypeError(
-                        f"{job.fn!r} is asynchronous: this worker serves a sync handler one "
-                        "request at a time, without an event loop to iterate it on; use a pool "
-                        "with max_concurrency > 1 or an async handler"
-                    )
+                fn, kind = _calls.as_stream(job, self.run_coroutine)
+                if kind == ASYNCGEN:  # its steps run on this worker's own event loop
+                    fn = self.synchronous(fn)
             except BaseException as exc:
                 self.chan.error(rid, _error_info.from_exception(exc))
                 return
@@ -175,6 +171,10 @@ class SyncServer:
         finally:
             if token is not None:
                 _context.session.reset(token)
+
+    def synchronous(self, agen_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """An async generator function as a sync one, each step run on this worker's loop."""
+        return lambda body: _calls.drive(agen_fn(body), self.run_coroutine)
 
     def run_coroutine(self, awaitable: Any) -> Any:
         """Run an async function's coroutine to its end, on this worker's own event loop (made

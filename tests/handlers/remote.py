@@ -45,6 +45,25 @@ async def agen(n: int) -> AsyncIterator[int]:
         yield i
 
 
+async def agen_forever() -> AsyncIterator[int]:
+    """Counts until closed; its finally writes to FINALLY_FILE."""
+    try:
+        i = 0
+        while True:
+            await asyncio.sleep(0)
+            yield i
+            i += 1
+    finally:
+        if FINALLY_FILE:
+            with open(FINALLY_FILE, "a") as f:
+                f.write("aclosed\n")
+
+
+def async_iterable_of(n: int) -> AsyncIterator[int]:
+    """A plain function that returns an async iterable."""
+    return agen(n)
+
+
 def sleep(seconds: float) -> str:
     time.sleep(seconds)
     return "slept"
