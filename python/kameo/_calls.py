@@ -19,6 +19,9 @@ Op layouts (``sid``: session id or None; ``flags`` bit 0: return a Ref whatever 
     ("getattr", sid, obj, name)
     ("setattr", sid, obj, name, value)
     ("handler", sid, message)                         the pool's handler (a session's ask)
+    ("batch", sid, target, items, flags)              target on each item of a list (None:
+                                                      the pool's handler); flags bit 1: each
+                                                      item is an args tuple
     ("release", sid, numbers)                         free at once, answered
     ("close_session", sid)
 """
@@ -37,6 +40,8 @@ from kameo.errors import HandlerTypeError, RefError
 from kameo.remote import Ref
 
 RETURN_REF = 1
+#: Op flag of ``batch``: each item is a tuple of arguments.
+STAR = 2
 
 
 @dataclass(slots=True)
@@ -54,6 +59,9 @@ class Job:
     #: Cheap and never blocking (attribute access, the table's own ops): run it in place, not
     #: in a handler thread.
     inline: bool = False
+    #: The result is a tuple whose lists hold one entry per step or item (``pipeline``,
+    #: ``batch``): an entry the codec cannot encode becomes a Ref, not the whole result.
+    entries: bool = False
 
 
 @dataclass(slots=True)
@@ -268,12 +276,72 @@ class Calls:
                 raise HandlerTypeError("this pool has no handler to ask (no target)")
             return Job(handler, (op[2],), {}, handler_kind(handler), sid)
         if name == "pipeline":
-            return Job(self.run_pipeline, (op[2], sid), {}, "sync", sid)
+            return Job(self.run_pipeline, (op[2], sid), {}, "sync", sid, entries=True)
+        if name == "batch":
+            return self._batch(op[2], op[3], op[4], sid)
         if name == "release":
             return Job(self.objects.release, (op[2],), {}, "sync", sid, inline=True)
         if name == "close_session":
             return Job(self.objects.close_session, (sid,), {}, "sync", None, inline=True)
         raise ValueError(f"unknown call op {name!r}")
+
+    def _batch(self, target: Any, items: Any, flags: int, sid: str | None) -> Job:
+        if target is None:
+            fn = self.handler if self.handler is not None else self.adapter
+            if fn is None or not callable(fn):
+                raise HandlerTypeError("this pool has no handler to map (no target)")
+            kind = handler_kind(fn)
+        else:
+            fn = self.function(target)
+            known = self._kinds.get(target)
+            if known is None:
+                known = self._kinds[target] = handler_kind(fn)
+            kind = known
+        if kind in (GEN, ASYNCGEN):
+            raise HandlerTypeError(f"{fn!r} is a generator function: map() needs one result each")
+        if not isinstance(items, list):
+            raise ValueError(f"malformed batch: items must be a list, not {type(items).__name__}")
+        star = bool(flags & STAR)
+        if kind == ASYNC:
+            return Job(self.run_batch_async, (fn, items, star), {}, ASYNC, sid, entries=True)
+        return Job(self.run_batch, (fn, items, star), {}, SYNC, sid, entries=True)
+
+    def run_batch(self, fn: Callable[..., Any], items: list[Any], star: bool) -> tuple[Any, ...]:
+        """``fn`` on each item (``fn(*item)`` with ``star``), in order: ``("ok", results)``, or
+        ``("mixed", results, {index: error info}, worker id, pid)`` when some raised (their
+        results are None); one item's error does not stop the others."""
+        results: list[Any] = []
+        errors: dict[int, Any] | None = None
+        append = results.append
+        for i, item in enumerate(items):
+            try:
+                append(fn(*item) if star else fn(item))
+            except Exception as exc:
+                if errors is None:
+                    errors = {}
+                errors[i] = _error_info.from_exception(exc)
+                append(None)
+        if errors is None:
+            return ("ok", results)
+        return ("mixed", results, errors, self.objects.worker_id, os.getpid())
+
+    async def run_batch_async(
+        self, fn: Callable[..., Any], items: list[Any], star: bool
+    ) -> tuple[Any, ...]:
+        """:meth:`run_batch` for a coroutine function (one item at a time)."""
+        results: list[Any] = []
+        errors: dict[int, Any] | None = None
+        for i, item in enumerate(items):
+            try:
+                results.append(await (fn(*item) if star else fn(item)))
+            except Exception as exc:
+                if errors is None:
+                    errors = {}
+                errors[i] = _error_info.from_exception(exc)
+                results.append(None)
+        if errors is None:
+            return ("ok", results)
+        return ("mixed", results, errors, self.objects.worker_id, os.getpid())
 
     def run_pipeline(self, steps: list[tuple[Any, ...]], sid: str | None) -> tuple[Any, ...]:
         """Run a pipeline's steps in order (``kameo.pipeline``): ``("ok", entries)``, or
@@ -334,14 +402,10 @@ class Calls:
         object (``new``, ``return_ref``) or the codec cannot encode it."""
         if not job.keep and not job.return_ref and chan.try_reply(rid, result):
             return
-        if job.fn == self.run_pipeline:
+        if job.entries:
             # Some entry cannot be encoded: those become Refs, the others stay values.
-            kind, *rest = result
-            if kind == "ok":
-                chan.reply(rid, (kind, self._entries(rest[0], job.session)))
-            else:
-                rest[1] = self._entries(rest[1], job.session)
-                chan.reply(rid, (kind, *rest))
+            sid = job.session
+            chan.reply(rid, tuple(self._entries(x, sid) if type(x) is list else x for x in result))
             return
         number, type_name = self.objects.keep(result, job.session)
         chan.reply(rid, token(self.objects.worker_id, number, type_name))

@@ -11,6 +11,7 @@ import os
 import secrets
 import sys
 import weakref
+from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from kameo import _aio, _eager, _native, _signals
 from kameo._context import traceparent as _traceparent
 from kameo._future import AskFuture
 from kameo._handler import NONE
+from kameo._mapping import MapResults
 from kameo._native import (
     EVENT_CALLBACK,
     EVENT_CALLBACK_CANCEL,
@@ -476,6 +478,50 @@ class Pool:
         or async) as the worker produces it, with the backpressure and cancellation of
         :meth:`stream`."""
         return self._call_stream(("call", None, target, args, kwargs, 0), None)
+
+    def map(
+        self,
+        items: Iterable[Any] | AsyncIterable[Any],
+        /,
+        fn: str | None = None,
+        *,
+        ordered: bool = True,
+        progress: bool = False,
+        return_exceptions: bool = False,
+        window: int | None = None,
+        chunksize: int | None = None,
+        timeout: float | None = None,
+    ) -> MapResults:
+        """``fn`` (a target, as for :meth:`call`; None: the pool's handler) on each item, as
+        an async iterator: ``async for r in pool.map(items, fn="pkg.mod:f"): ...``.
+
+        The input (sync or async iterable) is pulled lazily: at most ``window`` items are in
+        flight (default: a few batches per worker). Small items travel in batches whose size
+        adapts to how long items take (``chunksize`` fixes it). Results come in input order,
+        or as they finish with ``ordered=False``. An item that raised is raised in its place
+        (the rest is cancelled), or yielded in its place with ``return_exceptions=True``.
+        ``timeout`` bounds each item (:class:`CallTimeout`). ``progress=True`` shows a tqdm
+        bar (extra ``kameo[progress]``). Leaving the loop early cancels the work in flight.
+        """
+        if self._state != "running":
+            raise PoolClosed(self._not_running())
+        if fn is None and self._handler_kind in (NONE, "gen", "asyncgen"):
+            raise HandlerTypeError(
+                f"{self!r} has no handler to map over ("
+                + ("a generator" if self._handler_kind != NONE else "no target")
+                + "): pass fn='module:function'"
+            )
+        return MapResults(
+            self,
+            items,
+            fn,
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+            window=window,
+            chunksize=chunksize,
+            timeout=timeout if timeout is not None else self._default_timeout,
+            progress=progress,
+        )
 
     def pipeline(self) -> Pipeline:
         """A :class:`~kameo.pipeline.Pipeline`: several steps in one round trip."""
