@@ -147,6 +147,35 @@ class MapResults:
             if self._bar is not None:
                 self._bar.update(batch.n)
 
+    async def take(self) -> tuple[list[Any], dict[int, BaseException] | None]:
+        """The rest of the current batch, else the next one (waiting for it): its values and
+        the errors at their positions; ``([], None)`` at the end. One hop per batch for a
+        consumer on another thread (``Executor.map``)."""
+        pos = self._pos
+        if pos >= len(self._values):
+            if self._closed:
+                return [], None
+            try:
+                await self._fill()
+                batch = await self._next_answered()
+            except BaseException:
+                self.close()
+                raise
+            if batch is None:
+                self.close()
+                return [], None
+            self._values, self._errors, pos = batch.values or [], batch.errors, 0
+            if self._bar is not None:
+                self._bar.update(batch.n)
+        values, errors = self._values, self._errors
+        self._pos = len(values)
+        self._in_flight -= len(values) - pos
+        if pos:
+            values = values[pos:]
+            if errors is not None:
+                errors = {i - pos: e for i, e in errors.items() if i >= pos}
+        return values, errors
+
     async def aclose(self) -> None:
         """Stop: cancel what is in flight (also done when the loop is left, or on collection)."""
         self.close()
