@@ -14,6 +14,7 @@ import gc
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,19 @@ class _Feed:
         return callbacks
 
 
+def _stopped(marker: Path) -> Callable[[], bool]:
+    """The function writing to ``marker`` started and its finally ran."""
+    return lambda: _lines(marker) == ["started", "finally"]
+
+
+def _starts(feed: _Feed, n: int) -> Callable[[], bool]:
+    return lambda: feed.starts == n
+
+
+def _finals(feed: _Feed, n: int) -> Callable[[], bool]:
+    return lambda: feed.finals == n
+
+
 async def test_a_timed_out_session_call_stops_in_the_worker_and_the_session_goes_on(
     tmp_path: Path,
 ) -> None:
@@ -241,19 +255,29 @@ async def test_a_timed_out_session_call_stops_in_the_worker_and_the_session_goes
         assert pool.stats().timeouts == 2
 
 
-async def test_a_timed_out_sync_session_call_waiting_on_a_callback_stops(tmp_path: Path) -> None:
-    """The sync server cannot interrupt a sync function, but one waiting for a callback's item
-    sees its cancellation: it stops, the parent handler is cancelled, the worker stays."""
-    marker = tmp_path / "m"
+@pytest.mark.parametrize("max_concurrency", [1, 2], ids=["sync-server", "async-server"])
+async def test_a_timed_out_sync_session_call_waiting_on_a_callback_stops(
+    tmp_path: Path, max_concurrency: int
+) -> None:
+    """A sync function cannot be interrupted, but one waiting for a callback's item sees its
+    cancellation: it stops, the parent handler is cancelled, the worker stays (on the async
+    server, its handler thread is free again: more timeouts than it has threads)."""
     feed = _Feed()
-    async with kameo.Pool(size=1, default_timeout=3.0, callbacks=feed.callbacks()) as pool:
+    async with kameo.Pool(
+        size=1,
+        max_concurrency=max_concurrency,
+        default_timeout=3.0,
+        callbacks=feed.callbacks(),
+    ) as pool:
         async with pool.session() as s:
             await s.call(f"{R}:remember", "k", 1)
             _, pid = await s.call(f"{R}:session_info")
-            with pytest.raises(kameo.CallTimeout):
-                await s.call(f"{C}:drain_feed", str(marker))
-            assert await async_wait_until(lambda: _lines(marker) == ["started", "finally"], BOUND)
-            assert await async_wait_until(lambda: feed.finals == 1, BOUND)
+            for k in range(1, max_concurrency + 2):
+                marker = tmp_path / f"m{k}"
+                with pytest.raises(kameo.CallTimeout):
+                    await s.call(f"{C}:drain_feed", str(marker))
+                assert await async_wait_until(_stopped(marker), BOUND)
+                assert await async_wait_until(_finals(feed, k), BOUND)
             assert await s.call(f"{R}:recall", "k") == 1
             assert await s.call(f"{R}:session_info") == (s.id, pid)
         assert pool.workers[0].pid == pid
@@ -301,21 +325,27 @@ async def test_cancelling_an_awaited_call_reaches_the_worker(tmp_path: Path, via
         assert pool.stats().crashes == 0
 
 
-async def test_cancelling_a_sync_session_call_waiting_on_a_callback(tmp_path: Path) -> None:
-    marker = tmp_path / "m"
+@pytest.mark.parametrize("max_concurrency", [1, 2], ids=["sync-server", "async-server"])
+async def test_cancelling_a_sync_session_call_waiting_on_a_callback(
+    tmp_path: Path, max_concurrency: int
+) -> None:
     feed = _Feed()
-    async with kameo.Pool(size=1, callbacks=feed.callbacks()) as pool:
+    async with kameo.Pool(
+        size=1, max_concurrency=max_concurrency, callbacks=feed.callbacks()
+    ) as pool:
         async with pool.session() as s:
             await s.call(f"{R}:remember", "k", 1)
             waiter = await s.new(f"{C}:Waiter")
-            task = asyncio.create_task(waiter.drain(str(marker)))
-            assert await async_wait_until(lambda: feed.starts == 1, BOUND)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            assert await async_wait_until(lambda: _lines(marker) == ["started", "finally"], BOUND)
-            assert await async_wait_until(lambda: feed.finals == 1, BOUND)
-            assert await s.call(f"{R}:recall", "k") == 1
+            for k in range(1, max_concurrency + 2):  # more than the handler threads
+                marker = tmp_path / f"m{k}"
+                task = asyncio.create_task(waiter.drain(str(marker)))
+                assert await async_wait_until(_starts(feed, k), BOUND)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert await async_wait_until(_stopped(marker), BOUND)
+                assert await async_wait_until(_finals(feed, k), BOUND)
+            assert await asyncio.wait_for(s.call(f"{R}:recall", "k"), BOUND) == 1
         assert pool.stats().crashes == 0
 
 
