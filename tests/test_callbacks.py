@@ -549,6 +549,30 @@ async def test_cancelled_ask_cancels_parent_handler(target: str):
         assert n == 1
 
 
+async def test_cancelled_sync_handler_in_a_handler_thread_stops_waiting_for_its_callback():
+    # The async server runs a sync handler in a handler thread, which waits on the loop for
+    # the callback's next item: cancelling the ask must end that wait (the handler stops),
+    # or the thread is lost for good. More cancellations than the worker has threads, then an
+    # ask that needs one.
+    tracker = Tracker()
+    callbacks = kameo.Callbacks()
+    callbacks.register("feed.Endless", tracker.endless())
+    callbacks.register("feed.Finite", lambda data: data)
+    async with kameo.Pool(
+        _target("drain_sync"), size=1, max_concurrency=2, callbacks=callbacks
+    ) as pool:
+        for n in range(1, 4):
+            ask = asyncio.create_task(pool.ask({"path": "feed.Endless", "data": None}))
+            ok = await async_wait_until(lambda: tracker.starts >= n, BOUND)  # noqa: B023
+            assert ok, f"ask {n} did not start: its worker has no free handler thread"
+            ask.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await ask
+            await tracker.wait_finally("the asking task was cancelled", n)
+        n = await asyncio.wait_for(pool.ask({"path": "feed.Finite", "data": 1}), BOUND)
+        assert n == 1
+
+
 @pytest.mark.parametrize("target", ["drain", "drain_sync"])
 async def test_timed_out_ask_cancels_parent_handler(target: str):
     tracker = Tracker()

@@ -141,6 +141,7 @@ async def test_new_methods_attributes_and_repr() -> None:
         assert c.type_name == "collections.Counter"
         assert isinstance(c.id, str) and isinstance(c.worker_id, int)
         assert "collections.Counter" in repr(c) and c.id in repr(c)
+        assert f"worker={c.worker_id}" in repr(c)
         assert await c.most_common(1) == [("a", 5)]
         assert await c.call_method("most_common", 1) == [("a", 5)]
         await c.setattr("x", 1)
@@ -160,8 +161,11 @@ async def test_a_ref_argument_is_the_live_object_on_its_worker() -> None:
             assert await pool.call(f"{R}:pid_of", r) == pid_by_worker[r.worker_id]
         assert await pool.call("builtins:len", await pool.new("collections:Counter", "abc")) == 3
         other = next(r for r in refs if r.worker_id != refs[0].worker_id)
-        with pytest.raises(kameo.RefError, match="two workers"):
+        with pytest.raises(kameo.RefError, match="two workers") as info:
             await pool.call("builtins:print", refs[0], other)
+        # It says which: the path and worker of each.
+        assert f"op[3][0] is a ref of worker {refs[0].worker_id}" in str(info.value)
+        assert f"op[3][1] of worker {other.worker_id}" in str(info.value)
 
 
 async def test_unencodable_results_come_back_as_refs() -> None:

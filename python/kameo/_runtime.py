@@ -200,7 +200,7 @@ class Runtime:
         for ref in list(self.calls.values()):
             call = ref()
             if call is not None and call.request_id == rid:
-                call._abandon()
+                call._request_ended()
 
     # -- routing -----------------------------------------------------------------------
 
@@ -451,6 +451,21 @@ class CallbackCall:
             self.done = True
             self.rt.chan.signal(CANCEL, self.cid)
             self.rt.calls.pop(self.cid, None)
+
+    def _request_ended(self) -> None:
+        """Its request ended while the call was open: cancel it in the parent, and stop with
+        an error whoever still waits for its next item. (In the async server that is a sync
+        handler's thread when the request was cancelled: its task is gone, but the thread
+        waits on the loop for the item, which would never come.)"""
+        if not self.cid or self.done:
+            return
+        self._abandon()
+        self.error = KameoError(
+            f"callback {self.path}: the request was cancelled by its caller (or has ended)"
+        )
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def close(self) -> None:
         """Stop the call: the parent handler is cancelled (its ``finally`` runs)."""

@@ -369,12 +369,22 @@ class Supervisor:
         return delay
 
     def _schedule_replace(self, slot: Slot, delay: float) -> None:
-        """Start a replacement for ``slot`` after ``delay``; until it is ready or gives up, the
-        slot counts as respawning (so queued requests wait for it rather than fail)."""
+        """Start a replacement for ``slot`` after ``delay``; without one, its process starts
+        now, so that from now on the pool has a worker to bind a session to (its calls wait
+        for it to be ready). Until it is ready or gives up, the slot counts as respawning (so
+        queued requests wait for it rather than fail)."""
         slot.respawning = True
-        self._background_task(self._replace(slot, delay))
+        spawned: WorkerProcess | WorkerStartupError | None = None
+        if not delay and self.phase == "running":
+            try:
+                spawned = self._spawn(slot)
+            except WorkerStartupError as exc:
+                spawned = exc  # reported by _replace, as a failure to start there would be
+        self._background_task(self._replace(slot, delay, spawned))
 
-    async def _replace(self, slot: Slot, delay: float) -> None:
+    async def _replace(
+        self, slot: Slot, delay: float, spawned: WorkerProcess | WorkerStartupError | None
+    ) -> None:
         again = False
         try:
             if delay:
@@ -382,7 +392,9 @@ class Supervisor:
             if self.phase != "running":
                 return
             try:
-                w = self._spawn(slot)
+                if isinstance(spawned, WorkerStartupError):
+                    raise spawned
+                w = spawned if spawned is not None else self._spawn(slot)
                 await self._await_ready([w])
             except WorkerStartupError as exc:
                 slot.failures += 1

@@ -549,8 +549,14 @@ class Pool:
         )
 
     def _bind_session(self, session: Session) -> int:
-        """The worker for a new session: not retiring, fewest sessions, then least loaded."""
+        """The worker for a new session: not retiring, fewest sessions, then least loaded.
+        While none is ready (the successor of a retiring worker, or the replacement of a
+        lost one, is still starting), a starting one: the session's calls wait for it, as
+        any call pinned to a worker does."""
         loads = [(wid, n) for wid, n, retiring in self._core.loads() if not retiring]
+        if not loads and self._supervisor is not None:
+            workers = self._supervisor.workers.values()
+            loads = [(w.id, 0) for w in workers if not (w.lost or w.retiring)]
         if not loads:
             raise PoolClosed(f"{self!r} has no ready worker for a session")
         wid: int = min(loads, key=lambda w: (len(self._sessions.get(w[0], ())), w[1]))[0]
