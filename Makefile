@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --prefer-binary "maturin>=1.9,<2" "pytest>=8" "pytest-asyncio>=1.0" \
 		"pytest-timeout>=2.3" "pytest-benchmark>=4" "hypothesis>=6" "ruff>=0.6" $(MYPY) \
-		"numpy>=1.24"  # optional for users; the codec tests cover arrays
+		"numpy>=1.24" "cloudpickle>=3"  # optional for users; the tests cover arrays and pickled functions
 	touch $@
 
 venv: $(STAMP)
