@@ -14,7 +14,8 @@ hook, :meth:`Objects.resolve`); one the parent dropped arrives in a RELEASE fram
 Op layouts (``sid``: session id or None; ``flags`` bit 0: return a Ref whatever the result)::
 
     ("call", sid, target, args, kwargs, flags)        target: "mod:qualname", "mod.name",
-    ("new", sid, target, args, kwargs, 0)             or a bare adapter method name
+    ("new", sid, target, args, kwargs, 0)             a bare adapter method name, or bytes:
+                                                      a pickled callable (kameo._functions)
     ("method", sid, obj, name, args, kwargs, flags)   obj: the live object (a Ref's)
     ("getattr", sid, obj, name)
     ("setattr", sid, obj, name, value)
@@ -34,14 +35,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kameo import _error_info, _native
+from kameo import _error_info, _functions, _native
 from kameo._handler import ASYNC, ASYNCGEN, GEN, SYNC, handler_kind
-from kameo.errors import HandlerTypeError, RefError
+from kameo.errors import HandlerTypeError, RefError, SerializationError
 from kameo.remote import Ref
 
 RETURN_REF = 1
 #: Op flag of ``batch``: each item is a tuple of arguments.
 STAR = 2
+#: Pickled targets whose loaded callables are kept (then the oldest half go): a closure's
+#: bytes change with what it captured, and each new value must not be kept forever.
+MAX_PICKLED_TARGETS = 256
+
+#: The modules this process is importing to load a target, innermost last (``kameo.Pool``
+#: refuses to start meanwhile: a script imported by a worker must not start pools).
+importing: list[str] = []
 
 
 @dataclass(slots=True)
@@ -84,7 +92,7 @@ def split_target(target: str) -> tuple[str, str]:
     for i in range(len(parts) - 1, 0, -1):
         prefix = ".".join(parts[:i])
         try:
-            importlib.import_module(prefix)
+            _import(prefix)
         except ModuleNotFoundError as exc:
             if exc.name is not None and (prefix == exc.name or prefix.startswith(exc.name + ".")):
                 continue  # that prefix is not a module: try a shorter one
@@ -102,7 +110,7 @@ def load(target: str) -> Any:
             "worker; move it to a module"
         )
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = _import(module_name)
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError(f"target {target!r}: {exc}", name=exc.name) from None
     for part in qualname.split("."):
@@ -113,6 +121,14 @@ def load(target: str) -> Any:
                 f"target {target!r}: module {module_name!r} has no attribute {qualname!r}"
             ) from None
     return obj
+
+
+def _import(name: str) -> Any:
+    importing.append(name)
+    try:
+        return importlib.import_module(name)
+    finally:
+        importing.pop()
 
 
 def type_name(obj: Any) -> str:
@@ -188,25 +204,31 @@ class Objects:
 class Calls:
     """Prepares ops for the servers of one worker."""
 
-    def __init__(self, worker_id: int, adapter: Any = None) -> None:
+    def __init__(self, worker_id: int, adapter: Any = None, allow_pickle: bool = False) -> None:
         self.objects = Objects(worker_id)
         self.adapter = adapter  # the instance of an adapter class target, if any
         self.handler: Callable[[Any], Any] | None = None  # the pool's handler, if any
-        self._targets: dict[str, Callable[..., Any]] = {}
+        self.allow_pickle = allow_pickle  # the pool's: pickled targets are accepted
+        self._targets: dict[str | bytes, Callable[..., Any]] = {}
+        self._pickled: list[bytes] = []  # the pickled targets in _targets, oldest first
         # handler_kind() of each target and of each (type, method name): inspect is slow.
         self._kinds: dict[Any, str] = {}
         #: Targets known to be plain sync functions, and (type, method name) pairs known to be
         #: plain sync methods of the type: a server may run such calls without preparing a
         #: Job (:meth:`SyncServer.call`).
-        self.sync_functions: dict[str, Callable[..., Any]] = {}
+        self.sync_functions: dict[str | bytes, Callable[..., Any]] = {}
         self.sync_methods: set[tuple[type, str]] = set()
         #: Runs an awaitable to completion from a sync job (set by the server).
         self.wait: Callable[[Any], Any] = _no_loop
 
-    def function(self, target: str) -> Callable[..., Any]:
+    def function(self, target: str | bytes) -> Callable[..., Any]:
         fn = self._targets.get(target)
         if fn is not None:
             return fn
+        if isinstance(target, bytes):
+            return self._unpickle(target)
+        if not isinstance(target, str):
+            raise TypeError(f"a call target must be a str or bytes, not {type(target).__name__}")
         if ":" not in target and "." not in target:
             adapter = self.adapter
             if adapter is None:
@@ -226,6 +248,21 @@ class Calls:
             raise TypeError(f"target {target!r} is not callable (it is {type(fn).__name__})")
         self._targets[target] = fn
         return fn  # type: ignore[no-any-return]
+
+    def _unpickle(self, target: bytes) -> Callable[..., Any]:
+        if not self.allow_pickle:
+            raise SerializationError("a pickled target needs a pool with allow_pickle=True")
+        fn = _functions.load_pickled(target)
+        pickled = self._pickled
+        if len(pickled) >= MAX_PICKLED_TARGETS:
+            for old in pickled[: MAX_PICKLED_TARGETS // 2]:
+                self._targets.pop(old, None)
+                self._kinds.pop(old, None)
+                self.sync_functions.pop(old, None)
+            del pickled[: MAX_PICKLED_TARGETS // 2]
+        pickled.append(target)
+        self._targets[target] = fn
+        return fn
 
     def prepare(self, op: Any) -> Job:
         if not (isinstance(op, tuple) and len(op) >= 2 and isinstance(op[0], str)):

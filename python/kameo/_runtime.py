@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, Protocol
 
-from kameo import _error_info, _native
+from kameo import _error_info, _functions, _native
 from kameo._calls import Calls
 from kameo._context import current_request, traceparent
 from kameo._handler import NONE
@@ -118,9 +118,11 @@ class Runtime:
         self.stream_window = max(1, int(config.get("stream_window", 256)))
         self.credit_every = max(1, self.stream_window // 4)  # items taken before CREDIT is sent
         self.heartbeat_interval = float(config.get("heartbeat_interval") or 0)
-        self.init: str | None = config.get("init")
+        #: The init hook: "module:qualname", or bytes (pickled); its arguments, encoded.
+        self.init: str | bytes | None = config.get("init")
+        self.initargs: bytes | None = config.get("initargs")
         #: Dynamic calls and the objects the parent holds Refs to (set by kameo._worker).
-        self.ops: Calls = Calls(worker_id)
+        self.ops: Calls = Calls(worker_id, allow_pickle=bool(config.get("allow_pickle")))
         # Open calls only, weakly: a call dropped by its handler (`break` out of the loop) is
         # collected at once, and the callback of its reference cancels the parent handler.
         self.calls: dict[int, weakref.ref[CallbackCall]] = {}
@@ -155,7 +157,9 @@ class Runtime:
         self.chan.send(Channel.READY, 0, {"kind": kind, "python": sys.version.split()[0]})
         self.chan.flush()
 
-    def startup_failed(self, exc: BaseException, stage: str, what: str | None) -> None:
+    def startup_failed(self, exc: BaseException, stage: str, what: str | bytes | None) -> None:
+        if isinstance(what, bytes):
+            what = _functions.describe(what)
         self.chan.send(Channel.STARTUP_FAILED, 0, _error_info.startup_failed(exc, stage, what))
         self.chan.flush()
 

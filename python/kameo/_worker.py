@@ -24,6 +24,7 @@ loop stops them), from a thread in sync mode (a long sync handler is not a hang)
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 import sys
@@ -32,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kameo import _calls, _native, _serve_async
+from kameo import _calls, _functions, _native, _serve_async
 from kameo._handler import GEN, NONE, SYNC, handler_kind
 from kameo._runtime import Runtime, install
 from kameo._serve_sync import SyncServer
@@ -41,8 +42,11 @@ Channel = _native.Channel
 HANDSHAKE_MAX_FRAME = 1 << 20
 
 
-def load_target(target: str) -> Callable[[Any], Any]:
-    """The callable a ``module:qualname`` target names (the handler, or the init hook)."""
+def load_target(target: str | bytes) -> Callable[[Any], Any]:
+    """The callable a ``module:qualname`` target names (the handler, or the init hook), or a
+    pickled one (bytes, from a pool with ``allow_pickle=True``)."""
+    if isinstance(target, bytes):
+        return _functions.load_pickled(target)
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"target {target!r} must be 'module:function'")
@@ -99,7 +103,7 @@ def main() -> int:
     handler: Callable[[Any], Any] | None = None
     if target is not None:
         try:
-            handler = load_target(str(target))
+            handler = load_target(target if isinstance(target, bytes) else str(target))
         except BaseException as exc:
             rt.startup_failed(exc, "load target", target)
             return 3
@@ -107,10 +111,18 @@ def main() -> int:
     init: Callable[[], Any] | None = None
     if rt.init:
         try:
-            init = load_target(rt.init)  # type: ignore[assignment]
+            init_fn: Callable[..., Any] = load_target(rt.init)
         except BaseException as exc:
             rt.startup_failed(exc, "load init hook", rt.init)
             return 3
+        initargs: tuple[Any, ...] = ()
+        if rt.initargs is not None:
+            try:
+                initargs = _native.decode(rt.initargs, allow_pickle=rt.ops.allow_pickle)
+            except BaseException as exc:
+                rt.startup_failed(exc, "decode the initargs of", rt.init)
+                return 3
+        init = functools.partial(init_fn, *initargs) if initargs else init_fn
     adapter_class = inspect.isclass(handler)
     if handler is None:
         kind = NONE
@@ -122,7 +134,7 @@ def main() -> int:
     else:
         kind = handler_kind(handler)
     max_concurrency = int(config.get("max_concurrency", 1))
-    target = str(target) if target is not None else "(no target)"
+    target = _functions.describe(target) if target is not None else "(no target)"
 
     def load_adapter() -> None:
         """An adapter class target: one instance, made after the init hook."""

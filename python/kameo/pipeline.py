@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kameo import _error_info
+from kameo import _error_info, _functions
 from kameo.errors import KameoError
 from kameo.remote import Ref
 
 if TYPE_CHECKING:
-    from kameo.pool import Pool
+    from kameo.pool import Pool, Target
     from kameo.session import Session
 
 __all__ = ["Pipeline", "PipelineError", "Result"]
@@ -98,7 +98,9 @@ class Pipeline:
         self._refs.append(obj)
         return obj
 
-    def call(self, target: str, /, *args: Any, **kwargs: Any) -> Result:
+    def call(self, target: Target, /, *args: Any, **kwargs: Any) -> Result:
+        if type(target) is not str:
+            target = self._pool._wire(target)
         if Result in map(type, args) or (kwargs and Result in map(type, kwargs.values())):
             args, kwargs, links = self._link(args, kwargs)
         else:
@@ -107,7 +109,9 @@ class Pipeline:
         steps.append(("call", target, args, kwargs, 0, links))
         return Result(self, len(steps) - 1)
 
-    def new(self, target: str, /, *args: Any, **kwargs: Any) -> Result:
+    def new(self, target: Target, /, *args: Any, **kwargs: Any) -> Result:
+        if type(target) is not str:
+            target = self._pool._wire(target)
         args, kwargs, links = self._link(args, kwargs)
         return self._add(("new", target, args, kwargs, 0, links))
 
@@ -146,5 +150,5 @@ class Pipeline:
     def _describe(self, step: int) -> str:
         s = self._steps[step]
         if s[0] in ("call", "new"):
-            return repr(s[1])
+            return repr(_functions.describe(s[1]))
         return repr(s[2])

@@ -11,12 +11,12 @@ import os
 import secrets
 import sys
 import weakref
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
-from kameo import _aio, _eager, _native, _signals
+from kameo import _aio, _calls, _eager, _functions, _native, _runtime, _signals
 from kameo._context import traceparent as _traceparent
 from kameo._future import AskFuture
 from kameo._handler import NONE
@@ -38,7 +38,14 @@ from kameo._native import (
 from kameo._process import WorkerProcess
 from kameo._supervisor import Supervisor, SupervisorOptions
 from kameo.callbacks import CallbackRunner, Callbacks
-from kameo.errors import CallTimeout, HandlerTypeError, PoolClosed, RefError
+from kameo.errors import (
+    CallTimeout,
+    HandlerTypeError,
+    KameoError,
+    PoolClosed,
+    RefError,
+    SerializationError,
+)
 from kameo.pipeline import Pipeline
 from kameo.remote import RefTable, RemoteFunction
 from kameo.session import Session
@@ -64,7 +71,14 @@ _leave_task: Any = _aio.leave_task
 #: Bytes-like values and numpy arrays from this size travel in shared memory.
 DEFAULT_SHM_THRESHOLD = 1 * MiB
 DEFAULT_STREAM_WINDOW = 256
+#: Room for a pickled target and init hook and the encoded initargs in WELCOME, which a worker
+#: reads with a 1 MiB frame limit (``kameo._worker.HANDSHAKE_MAX_FRAME``).
+WELCOME_ROOM = 768 * 1024
 Channel = _native.Channel
+
+#: What names a function for the workers: ``"module:qualname"`` (or ``"module.name"``), the
+#: function (or class) itself, or what ``kameo._functions.reference`` made of it.
+Target = str | bytes | Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -111,11 +125,15 @@ class Pool:
     """A pool of worker processes, each running ``handler(msg)`` from ``target``.
 
     Use as ``async with Pool("pkg.mod:handler", size=4) as pool: await pool.ask(msg)``.
+    ``target`` (and ``init``) may also be the function or class itself, sent by its
+    ``module:qualname`` (:func:`kameo._functions.reference`; with ``allow_pickle=True`` one
+    that has no such name is pickled with cloudpickle); ``init(*initargs)`` runs once in each
+    worker before it takes work.
     """
 
     def __init__(
         self,
-        target: str | None = None,
+        target: Target | None = None,
         *,
         size: int | None = None,
         python: str | None = None,
@@ -127,7 +145,8 @@ class Pool:
         prefetch: int | Literal["auto"] = "auto",
         callbacks: Callbacks | None = None,
         stream_window: int = DEFAULT_STREAM_WINDOW,
-        init: str | None = None,
+        init: Target | None = None,
+        initargs: Iterable[Any] = (),
         default_timeout: float | None = None,
         cancel_grace: float = 2.0,
         max_retries: int = 2,
@@ -138,12 +157,34 @@ class Pool:
         allow_pickle: bool = False,
         shm_threshold: int | None = DEFAULT_SHM_THRESHOLD,
     ) -> None:
+        wire_target = wire_init = None
         if target is not None:
-            module, sep, attr = target.partition(":")
-            if not sep or not module or not attr:
-                raise ValueError(f"target must be 'module:function', got {target!r}")
-        if init is not None and ":" not in init:
-            raise ValueError(f"init must be 'module:function', got {init!r}")
+            wire_target = _functions.as_target(target, allow_pickle=allow_pickle)
+            if type(wire_target) is str:
+                module, sep, attr = wire_target.partition(":")
+                if not sep or not module or not attr:
+                    raise ValueError(f"target must be 'module:function', got {target!r}")
+        if init is not None:
+            wire_init = _functions.as_target(init, allow_pickle=allow_pickle, what="init")
+            if type(wire_init) is str and ":" not in wire_init:
+                raise ValueError(f"init must be 'module:function', got {init!r}")
+        initargs = tuple(initargs)
+        wire_initargs = None
+        if initargs:
+            if init is None:
+                raise ValueError("initargs given without init")
+            try:
+                wire_initargs = _native.encode(initargs, allow_pickle=allow_pickle)
+            except SerializationError as exc:
+                pickle = "" if allow_pickle else " (allow_pickle=True pickles other types)"
+                raise SerializationError(f"initargs cannot be encoded{pickle}: {exc}") from None
+        extra = sum(len(w) for w in (wire_target, wire_init, wire_initargs) if type(w) is bytes)
+        if extra > WELCOME_ROOM:
+            raise SerializationError(
+                f"the pickled target, init and encoded initargs take {extra} bytes, over the "
+                f"{WELCOME_ROOM} the workers' handshake has room for: pass large data in a call "
+                "(or have init load it) instead"
+            )
         size = os.cpu_count() or 1 if size is None else size
         if prefetch == "auto":
             self._prefetch, self._prefetch_auto = AUTO_PREFETCH_MAX, True
@@ -168,7 +209,9 @@ class Pool:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         if callbacks is not None and not isinstance(callbacks, Callbacks):
             raise TypeError("callbacks must be a kameo.Callbacks registry")
-        self.target = target
+        #: The target as messages name it (a pickled one: "module:qualname (pickled)").
+        self.target: str | None = _display(target, wire_target)
+        self._target_wire = wire_target
         self._size = size
         self._python = python or sys.executable
         self._env = dict(env or {})
@@ -178,7 +221,8 @@ class Pool:
         self._max_frame_bytes = max_frame_bytes
         self._stream_window = stream_window
         self._callbacks = callbacks or Callbacks()
-        self._init = init
+        self._init = wire_init
+        self._initargs = wire_initargs
         self._default_timeout = default_timeout
         self._cancel_grace = cancel_grace
         self._max_retries = max_retries
@@ -294,6 +338,13 @@ class Pool:
             if self._state in ("closing", "closed"):
                 raise PoolClosed("the pool is closed")
             return
+        if _calls.importing and _runtime.current() is not None:
+            raise KameoError(
+                f"a kameo.Pool was started in a worker while it imported {_calls.importing[-1]!r} "
+                "(to find a function or class the parent named): the module starts pools at "
+                "import. If it is the parent's script, put the code that starts pools under "
+                "'if __name__ == \"__main__\":'"
+            )
         self._state = "starting"
         loop = self._loop = asyncio.get_running_loop()
         self._direct = _aio.probe(loop)
@@ -448,16 +499,20 @@ class Pool:
 
     # ------------------------------------------------------------ calls and objects
 
-    def call(self, target: str, /, *args: Any, **kwargs: Any) -> AskFuture:
-        """Call ``target`` ("module:qualname", "module.name", or a bare method name of the
-        pool's adapter class) in a worker with these arguments: ``await pool.call("math:hypot",
-        3, 4)``. A result the codec cannot encode comes back as a :class:`Ref`; a Ref among the
-        arguments is the live object, and the call runs on its worker."""
+    def call(self, target: Target, /, *args: Any, **kwargs: Any) -> AskFuture:
+        """Call ``target`` ("module:qualname", "module.name", a bare method name of the
+        pool's adapter class, or the function itself: see :meth:`__init__`) in a worker with
+        these arguments: ``await pool.call("math:hypot", 3, 4)``. A result the codec cannot
+        encode comes back as a :class:`Ref`; a Ref among the arguments is the live object, and
+        the call runs on its worker. A function that cannot be sent raises
+        :class:`SerializationError` here."""
+        if type(target) is not str:
+            target = self._wire(target)
         return self._submit_op(("call", None, target, args, kwargs, 0))
 
     def function(
         self,
-        target: str,
+        target: Target,
         *,
         timeout: float | None = None,
         idempotent: bool = False,
@@ -466,24 +521,30 @@ class Pool:
         """``target`` as a callable with its options: ``f = pool.function("m:f", timeout=5)``,
         then ``await f(1, 2)``. ``idempotent=True`` lets a call run again on another worker
         if its worker dies; ``return_ref=True`` always gives a :class:`Ref` to the result."""
+        if type(target) is not str:
+            target = self._wire(target)
         return RemoteFunction(self, target, timeout, idempotent, return_ref)
 
-    def new(self, target: str, /, *args: Any, **kwargs: Any) -> AskFuture:
+    def new(self, target: Target, /, *args: Any, **kwargs: Any) -> AskFuture:
         """Make ``target(*args, **kwargs)`` (a class, or any callable) in a worker and return a
         :class:`Ref` to it: ``c = await pool.new("collections:Counter", "abc")``."""
+        if type(target) is not str:
+            target = self._wire(target)
         return self._submit_op(("new", None, target, args, kwargs, 0))
 
-    def call_stream(self, target: str, /, *args: Any, **kwargs: Any) -> Stream:
+    def call_stream(self, target: Target, /, *args: Any, **kwargs: Any) -> Stream:
         """Iterate what ``target(*args, **kwargs)`` returns (a generator or any iterable, sync
         or async) as the worker produces it, with the backpressure and cancellation of
         :meth:`stream`."""
+        if type(target) is not str:
+            target = self._wire(target)
         return self._call_stream(("call", None, target, args, kwargs, 0), None)
 
     def map(
         self,
         items: Iterable[Any] | AsyncIterable[Any],
         /,
-        fn: str | None = None,
+        fn: str | Callable[..., Any] | None = None,
         *,
         ordered: bool = True,
         progress: bool = False,
@@ -492,7 +553,8 @@ class Pool:
         chunksize: int | None = None,
         timeout: float | None = None,
     ) -> MapResults:
-        """``fn`` (a target, as for :meth:`call`; None: the pool's handler) on each item, as
+        """``fn`` (a target or a function, as for :meth:`call`; None: the pool's handler) on
+        each item, as
         an async iterator: ``async for r in pool.map(items, fn="pkg.mod:f"): ...``.
 
         The input (sync or async iterable) is pulled lazily: at most ``window`` items are in
@@ -514,7 +576,7 @@ class Pool:
         return MapResults(
             self,
             items,
-            fn,
+            fn if fn is None or type(fn) is str else self._wire(fn),
             ordered=ordered,
             return_exceptions=return_exceptions,
             window=window,
@@ -522,6 +584,10 @@ class Pool:
             timeout=timeout if timeout is not None else self._default_timeout,
             progress=progress,
         )
+
+    def _wire(self, target: Any) -> str | bytes:
+        """A call's target as it travels (a function by name, or pickled if allowed)."""
+        return _functions.as_target(target, allow_pickle=self._allow_pickle)
 
     def pipeline(self) -> Pipeline:
         """A :class:`~kameo.pipeline.Pipeline`: several steps in one round trip."""
@@ -736,8 +802,9 @@ class Pool:
             cwd = os.getcwd()
             sys_path = [os.path.join(cwd, p) if not os.path.isabs(p) else p for p in sys.path]
         return {
-            "target": self.target,
+            "target": self._target_wire,
             "init": self._init,
+            "initargs": self._initargs,
             "max_concurrency": self._max_concurrency,
             "max_frame_bytes": self._max_frame_bytes,
             "sys_path": sys_path,
@@ -812,6 +879,17 @@ class Pool:
     def _kill_now(self) -> None:
         if self._supervisor is not None:
             self._supervisor.kill_now()
+
+
+def _display(target: Any, wire: str | bytes | None) -> str | None:
+    """How messages name a target: its name, or for a pickled one, the name it would have."""
+    if wire is None or type(wire) is str:
+        return wire
+    if isinstance(target, bytes):
+        return _functions.describe(target)
+    module = getattr(target, "__module__", None) or "?"
+    qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
+    return f"{module}:{qualname} (pickled)"
 
 
 # Events after which a worker is lost (its connection is read no further).

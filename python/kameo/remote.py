@@ -227,7 +227,7 @@ class RemoteFunction:
     def __init__(
         self,
         pool: Any,
-        target: str,
+        target: str | bytes,
         timeout: float | None,
         idempotent: bool,
         return_ref: bool,
@@ -246,7 +246,9 @@ class RemoteFunction:
         return fut
 
     def __repr__(self) -> str:
-        return f"<kameo.RemoteFunction {self.target}>"
+        from kameo._functions import describe
+
+        return f"<kameo.RemoteFunction {describe(self.target)}>"
 
 
 _native.set_ref_type(Ref)

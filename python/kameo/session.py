@@ -22,7 +22,7 @@ from kameo.pipeline import Pipeline
 
 if TYPE_CHECKING:
     from kameo._future import AskFuture
-    from kameo.pool import Pool
+    from kameo.pool import Pool, Target
     from kameo.stream import Stream
 
 __all__ = ["Session"]
@@ -88,12 +88,16 @@ class Session:
         fut: AskFuture = self._pool._submit_op(op, self._bound())
         return fut
 
-    def call(self, target: str, /, *args: Any, **kwargs: Any) -> AskFuture:
+    def call(self, target: Target, /, *args: Any, **kwargs: Any) -> AskFuture:
         """``pool.call`` on the session's worker, in the session."""
+        if type(target) is not str:
+            target = self._pool._wire(target)
         return self._op(("call", self.id, target, args, kwargs, 0))
 
-    def new(self, target: str, /, *args: Any, **kwargs: Any) -> AskFuture:
+    def new(self, target: Target, /, *args: Any, **kwargs: Any) -> AskFuture:
         """``pool.new`` in the session: the object goes when the session closes."""
+        if type(target) is not str:
+            target = self._pool._wire(target)
         return self._op(("new", self.id, target, args, kwargs, 0))
 
     def ask(self, msg: Any) -> AskFuture:
@@ -104,8 +108,10 @@ class Session:
         """The pool's generator handler on ``msg``, on the session's worker."""
         return self._pool._call_stream(("handler", self.id, msg), self._bound())
 
-    def call_stream(self, target: str, /, *args: Any, **kwargs: Any) -> Stream:
+    def call_stream(self, target: Target, /, *args: Any, **kwargs: Any) -> Stream:
         """``pool.call_stream`` on the session's worker, in the session."""
+        if type(target) is not str:
+            target = self._pool._wire(target)
         op = ("call", self.id, target, args, kwargs, 0)
         return self._pool._call_stream(op, self._bound())
 
