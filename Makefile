@@ -91,7 +91,7 @@ demo: develop
 
 bench: develop
 	# the peers compared against: loky in bench_resilience, the msgpack/JSON codecs in bench_codec
-	$(BIN)/python -m pip install --quiet loky ormsgpack msgpack orjson
+	$(BIN)/python -m pip install --quiet loky ormsgpack msgpack orjson mpire
 	$(BIN)/python benches/bench_pool.py
 	$(BIN)/python benches/bench_resilience.py
 	$(BIN)/python benches/bench_codec.py

@@ -118,3 +118,11 @@ class Echo:
 
     def echo(self, msg):
         return msg
+
+
+# ------------------------------------------------------------------------ W10 Executor.map
+
+
+def tiny(x):
+    """A tiny task for W10 (Executor.map against ProcessPoolExecutor and mpire)."""
+    return x * 2 + 1

@@ -8,11 +8,13 @@ from typing import Any
 
 from kameo import _context, _runtime
 from kameo._future import AskFuture
+from kameo._mapping import MapResults
 from kameo._native import PROTOCOL_VERSION, decode, encode, register_type
 from kameo.callbacks import Callbacks
 from kameo.errors import (
     CallbackNotFound,
     CallTimeout,
+    ExtraMissing,
     HandlerTypeError,
     KameoError,
     PoolClosed,
@@ -24,6 +26,7 @@ from kameo.errors import (
     WorkerCrashed,
     WorkerStartupError,
 )
+from kameo.executor import Executor
 from kameo.pipeline import Pipeline, PipelineError
 from kameo.pool import Pool, PoolStats, WorkerInfo
 from kameo.remote import Ref, RemoteFunction
@@ -38,8 +41,11 @@ __all__ = [
     "CallTimeout",
     "CallbackNotFound",
     "Callbacks",
+    "Executor",
+    "ExtraMissing",
     "HandlerTypeError",
     "KameoError",
+    "MapResults",
     "Pipeline",
     "PipelineError",
     "Pool",

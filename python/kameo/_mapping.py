@@ -39,6 +39,8 @@ __all__ = ["MapResults"]
 BATCH_SECONDS = 0.002
 #: The largest adaptive batch.
 MAX_BATCH = 1024
+#: The most results :meth:`MapResults.take` hands over at once.
+MAX_TAKE = 65536
 #: Op flag of ``batch``: each item is a tuple of arguments (``kameo._calls.STAR``).
 STAR = 2
 
@@ -170,11 +172,32 @@ class MapResults:
         values, errors = self._values, self._errors
         self._pos = len(values)
         self._in_flight -= len(values) - pos
-        if pos:
-            values = values[pos:]
-            if errors is not None:
-                errors = {i - pos: e for i, e in errors.items() if i >= pos}
+        values = values[pos:]  # ours to extend
+        if errors is not None and pos:
+            errors = {i - pos: e for i, e in errors.items() if i >= pos}
+        # And the batches answered after it: one hop for all that is ready.
+        while len(values) < MAX_TAKE:
+            batch = self._answered_now()
+            if batch is None:
+                break
+            if batch.errors:
+                base = len(values)
+                errors = dict(errors) if errors else {}
+                errors.update((base + i, e) for i, e in batch.errors.items())
+            values.extend(batch.values or ())
+            self._in_flight -= batch.n
+            if self._bar is not None:
+                self._bar.update(batch.n)
         return values, errors
+
+    def _answered_now(self) -> _Batch | None:
+        """The next batch to deliver if it is already answered."""
+        if self._ordered:
+            pending = self._pending
+            if pending and pending[0].values is not None:
+                return pending.popleft()
+            return None
+        return self._ready.popleft() if self._ready else None
 
     async def aclose(self) -> None:
         """Stop: cancel what is in flight (also done when the loop is left, or on collection)."""

@@ -9,14 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import IO, Any
 
-from kameo.errors import KameoError
+from kameo.errors import ExtraMissing
 
-__all__ = ["ExtraMissing", "bar"]
-
-
-class ExtraMissing(KameoError, ImportError):
-    """A feature needs an optional dependency that is not installed (the message says which
-    extra to install)."""
+__all__ = ["bar"]
 
 
 def bar(

@@ -11,6 +11,7 @@ from typing import Any
 __all__ = [
     "CallTimeout",
     "CallbackNotFound",
+    "ExtraMissing",
     "HandlerTypeError",
     "KameoError",
     "PoolClosed",
@@ -34,6 +35,11 @@ class PoolClosed(KameoError, RuntimeError):
 
 class ProtocolError(KameoError):
     """A frame broke the protocol: over ``max_frame_bytes``, malformed, or of an unknown kind."""
+
+
+class ExtraMissing(KameoError, ImportError):
+    """A feature needs an optional dependency that is not installed (the message says which
+    extra to install, e.g. ``pip install 'kameo[progress]'``)."""
 
 
 class SerializationError(KameoError, TypeError):
