@@ -423,8 +423,10 @@ async def test_a_session_call_is_not_run_again_when_its_worker_dies(
     async with kameo.Pool(size=2) as pool, pool.session(strict=strict) as s:
         await s.call(f"{R}:remember", "k", 1)
         _, pid = await s.call(f"{R}:session_info")
+        # A RemoteFunction brings its options into a session, never its retries.
+        crash = pool.function(f"{C}:crash_once", idempotent=True)
         with pytest.raises(kameo.WorkerCrashed):
-            await s.call(f"{C}:crash_once", marker)
+            await s.call(crash, marker)
         assert os.path.exists(marker)
         if strict:
             with pytest.raises(kameo.SessionLost):
@@ -435,6 +437,17 @@ async def test_a_session_call_is_not_run_again_when_its_worker_dies(
             assert sid == s.id and pid2 != pid
             assert await s.call(f"{R}:recall", "k") is None
         assert pool.stats().retries == 0
+
+
+async def test_a_remote_function_brings_its_options_into_a_session(tmp_path: Path) -> None:
+    async with kameo.Pool(size=1, max_concurrency=2) as pool, pool.session() as s:
+        wait = pool.function(f"{C}:await_forever", timeout=0.3)
+        marker = tmp_path / "waiting"
+        with pytest.raises(kameo.CallTimeout):
+            await s.call(wait, str(marker))
+        assert await async_wait_until(lambda: "finally" in marker.read_text(), timeout=5)
+        box = await s.call(pool.function(f"{R}:echo", return_ref=True), [1, 2])
+        assert isinstance(box, kameo.Ref) and await box.copy() == [1, 2]
 
 
 async def test_a_loose_session_moves_to_the_replacement_of_its_only_worker(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from kameo.errors import PoolClosed, SessionLost
 from kameo.pipeline import Pipeline
+from kameo.remote import RETURN_REF, RemoteFunction
 
 if TYPE_CHECKING:
     from kameo._future import AskFuture
@@ -88,8 +89,15 @@ class Session:
         fut: AskFuture = self._pool._submit_op(op, self._bound())
         return fut
 
-    def call(self, target: Target, /, *args: Any, **kwargs: Any) -> AskFuture:
-        """``pool.call`` on the session's worker, in the session."""
+    def call(self, target: Target | RemoteFunction, /, *args: Any, **kwargs: Any) -> AskFuture:
+        """``pool.call`` on the session's worker, in the session. A
+        :class:`~kameo.RemoteFunction` brings its options (``timeout``, ``return_ref``; never
+        a retry: a session's call runs on its worker or fails)."""
+        if type(target) is RemoteFunction:
+            flags = RETURN_REF if target.return_ref else 0
+            op = ("call", self.id, target.target, args, kwargs, flags)
+            fut: AskFuture = self._pool._submit_op(op, self._bound(), target.timeout)
+            return fut
         if type(target) is not str:
             target = self._pool._wire(target)
         return self._op(("call", self.id, target, args, kwargs, 0))
