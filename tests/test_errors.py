@@ -101,7 +101,7 @@ async def test_remote_custom_exception():
         assert "raise_custom" in err.remote_traceback
         assert "custom failure xyz" in err.remote_traceback
         assert "MyError" in err.remote_traceback
-        assert not isinstance(err, MyError)
+        assert isinstance(err, MyError)  # the parent imported its module: except MyError works
         assert not isinstance(err, ValueError)
         _assert_remote_origin(err, pool)
 

@@ -330,6 +330,10 @@ async def main():
     async with kameo.Pool(square, size=1) as pool:
         print("ask", await pool.ask(7))
         print("call", await pool.call(square, 3))
+        try:
+            await pool.call(boom, 5)
+        except Boom as e:
+            print("caught", type(e).__name__, isinstance(e, kameo.RemoteError), e.args)
 {guard}
 """
 
@@ -358,6 +362,7 @@ def test_a_scripts_functions_go_by_the_scripts_module_name(tmp_path):
         "target userscript:square",
         "ask 49",
         "call 9",
+        "caught RemoteBoom True ('boom 5',)",
     ], proc.stdout
 
 

@@ -6,7 +6,30 @@ An error crosses the socket as a dict of four strings, ``{kind, type, message, t
   qualified name, kept through a chain of processes), :data:`CALLBACK_NOT_FOUND`,
   :data:`CANCELLED`, :data:`HANDLER_TYPE` (``ask`` on a generator, ``stream`` on a function),
   :data:`PROTOCOL` and :data:`SERIALIZATION`.
+* An exception's info (:func:`from_exception`) adds ``module`` and ``qualname``, the class's
+  (a class of the sender's ``__main__`` under the name the other side imports that file as,
+  ``kameo._functions.main_module_name``), and ``args``, the exception's args when they differ
+  from ``(message,)`` and are all plain values (None, bool, int, float, str, bytes; strings up
+  to 64 KiB).
 * STARTUP_FAILED adds ``stage`` and ``what`` (:func:`startup_failed`).
+
+Decoding a ``remote`` error (:func:`decode`) gives a :class:`~kameo.RemoteError`, and where it
+can, an instance of a class derived from both ``RemoteError`` and the exception's own class
+(``RemoteError`` first: its ``str()`` with the remote traceback), so that ``except MyError:``
+works as with ``ProcessPoolExecutor``. The class is looked up by ``module`` and ``qualname``
+among the modules this process has already imported (``sys.modules``, and the parent's
+``__main__`` under its module name), walking class ``__dict__``\\ s: nothing is imported and no
+code of the module runs because a peer named it. That is enough for ``except``: a class an
+``except`` clause or ``isinstance`` names is one whose module is imported (unlike
+``ProcessPoolExecutor``, which unpickles, and so imports). The derived classes are cached, one
+per class. The instance is made as unpickling makes it, ``cls(*args)``, then ``cls(message)``;
+if the class's ``__init__`` refuses both, through ``cls.__new__`` with ``args`` set; and if that
+fails too, a plain ``RemoteError``: building the error never raises. These stay plain
+``RemoteError``\\ s: a class that is not imported here, that is not an ``Exception``
+(``CancelledError``, ``KeyboardInterrupt``, ``SystemExit``: they would stop the caller's task
+or loop), ``StopIteration`` and ``StopAsyncIteration`` (which a coroutine may not raise), and
+the ``KameoError`` family (a worker's own pool's ``CallTimeout`` must not look like the
+caller's).
 
 Every dict Python sends is built here, and every ERROR frame either side receives is decoded
 here (:func:`from_worker`, :func:`from_peer`). One producer lives in Rust: the worker channel
@@ -19,10 +42,11 @@ ERROR frame by calling :func:`from_worker` here by name (``errors::from_worker``
 
 from __future__ import annotations
 
-import builtins
+import sys
 import traceback
 from typing import Any
 
+from kameo import _functions
 from kameo.errors import (
     CallbackNotFound,
     HandlerTypeError,
@@ -38,6 +62,9 @@ KIND = "kind"
 TYPE = "type"
 MESSAGE = "message"
 TRACEBACK = "traceback"
+MODULE = "module"
+QUALNAME = "qualname"
+ARGS = "args"
 
 # The kinds.
 REMOTE = "remote"
@@ -48,7 +75,7 @@ PROTOCOL = "protocol"
 REF = "ref"
 SERIALIZATION = "serialization"
 
-Info = dict[str, str]
+Info = dict[str, Any]
 
 
 def make(kind: str, message: str = "", type_name: str = "", tb: str = "") -> Info:
@@ -75,10 +102,20 @@ def serialization(message: str) -> Info:
 def from_exception(exc: BaseException) -> Info:
     """What the other side needs to rebuild ``exc`` (a handler's error)."""
     if isinstance(exc, RemoteError):
-        # Keep the original type and message through a chain of processes.
+        # Keep the original type, message, class and args through a chain of processes.
         type_name, message = exc.remote_type, exc.remote_message
+        module, qualname, args = getattr(exc, "_kameo_origin", ("", "", None))
     else:
-        type_name, message = f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc)
+        cls = type(exc)
+        module, qualname = cls.__module__, cls.__qualname__
+        type_name = f"{module}.{qualname}"
+        try:
+            message = str(exc)
+        except Exception:
+            message = f"<unprintable {cls.__qualname__}>"
+        args = _plain_args(_args_of(exc), message)
+        if module == "__main__":
+            module = _functions.main_module_name() or module
     if isinstance(exc, CallbackNotFound):
         kind = CALLBACK_NOT_FOUND
     elif isinstance(exc, RefError):
@@ -87,7 +124,46 @@ def from_exception(exc: BaseException) -> Info:
         kind = HANDLER_TYPE
     else:
         kind = REMOTE
-    return make(kind, message, type_name, "".join(traceback.format_exception(exc)))
+    info = make(kind, message, type_name, "".join(traceback.format_exception(exc)))
+    if module and qualname:
+        info[MODULE], info[QUALNAME] = module, qualname
+    if args is not None:
+        info[ARGS] = args
+    return info
+
+
+#: The types of exception args that travel (others: the receiver uses the message).
+_PLAIN_ARG = frozenset((type(None), bool, int, float, str, bytes))
+MAX_ARG_LEN = 64 * 1024
+
+
+def _args_of(exc: BaseException) -> tuple[Any, ...]:
+    """The arguments unpickling would make ``exc`` with (an OSError's filename is not in its
+    ``args``, but is in what ``__reduce__`` gives)."""
+    try:
+        reduced = exc.__reduce__()
+    except Exception:
+        return exc.args
+    if (
+        isinstance(reduced, tuple)
+        and len(reduced) >= 2
+        and reduced[0] is type(exc)
+        and isinstance(reduced[1], tuple)
+    ):
+        return reduced[1]
+    return exc.args
+
+
+def _plain_args(args: tuple[Any, ...], message: str) -> tuple[Any, ...] | None:
+    """``args`` if they should travel: not the usual ``(message,)``, and all plain values."""
+    if len(args) == 1 and args[0] == message and type(args[0]) is str:
+        return None
+    if len(args) > 16:
+        return None
+    for a in args:
+        if type(a) not in _PLAIN_ARG or (type(a) in (str, bytes) and len(a) > MAX_ARG_LEN):
+            return None
+    return tuple(args)
 
 
 def startup_failed(exc: BaseException, stage: str, what: str | None) -> Info:
@@ -132,43 +208,105 @@ def decode(info: Any, location: str, worker_id: int, pid: int) -> BaseException:
     return _remote(info, worker_id, pid, location)
 
 
+#: The class derived from RemoteError and each exception class met (RemoteError: none can be).
 _remote_classes: dict[type[BaseException], type[RemoteError]] = {}
+_NEVER = (KameoError, StopIteration, StopAsyncIteration)
 
 
-def _remote_class(builtin: type[BaseException]) -> type[RemoteError]:
-    cls = _remote_classes.get(builtin)
+def remote_class(module: str, qualname: str) -> type[RemoteError]:
+    """The class a remote exception of class ``module.qualname`` is an instance of."""
+    original = _find_class(module, qualname)
+    if original is None:
+        return RemoteError
+    cls = _remote_classes.get(original)
     if cls is None:
         try:
-            cls = type(f"Remote{builtin.__name__}", (RemoteError, builtin), {})
-        except TypeError:  # incompatible layout: fall back to the plain class
+            cls = type(
+                f"Remote{original.__name__}",
+                (RemoteError, original),
+                {"__module__": "kameo.errors", "__qualname__": f"Remote{original.__name__}"},
+            )
+        except Exception:  # incompatible layout or metaclass, a refusing __init_subclass__
             cls = RemoteError
-        cls.__module__ = "kameo.errors"
-        _remote_classes[builtin] = cls
+        _remote_classes[original] = cls
     return cls
 
 
-def _builtin_exception(qualname: str) -> type[BaseException] | None:
-    if not qualname.startswith("builtins."):
+def _find_class(module: str, qualname: str) -> type[BaseException] | None:
+    """The exception class ``module.qualname`` if this process has imported its module (no
+    import, and no attribute code: class and module ``__dict__``\\ s only)."""
+    if not module or not qualname:
         return None
-    obj = getattr(builtins, qualname[len("builtins.") :], None)
-    if isinstance(obj, type) and issubclass(obj, Exception):
+    obj: Any = sys.modules.get(module)
+    if obj is None and module == _functions.main_module_name():
+        obj = sys.modules.get("__main__")  # the worker imported our script by its name
+    if obj is None:
+        return None
+    for part in qualname.split("."):
+        try:
+            obj = vars(obj).get(part)
+        except TypeError:
+            return None
+        if obj is None:
+            return None
+    if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, _NEVER):
         return obj
     return None
+
+
+def _origin(info: dict[str, Any], remote_type: str) -> tuple[str, str, tuple[Any, ...] | None]:
+    module, qualname, args = info.get(MODULE), info.get(QUALNAME), info.get(ARGS)
+    if not (isinstance(module, str) and isinstance(qualname, str)):
+        # A peer that does not send them (or Rust): built-in types by their qualified name.
+        module, qualname = "", ""
+        if remote_type.startswith("builtins."):
+            module, qualname = "builtins", remote_type[len("builtins.") :]
+    return module, qualname, tuple(args) if isinstance(args, list | tuple) else None
+
+
+def _instance(cls: type[RemoteError], args: tuple[Any, ...] | None, message: str) -> RemoteError:
+    """An instance of ``cls`` with ``args`` (else ``(message,)``), as best it can be made."""
+    if cls is not RemoteError:
+        for attempt in ((message,),) if args is None else (args, (message,)):
+            try:
+                return cls(*attempt)
+            except Exception:
+                pass
+        try:  # an __init__ that takes other arguments: as unpickling without __init__
+            exc = cls.__new__(cls, *(args if args is not None else (message,)))
+            exc.args = args if args is not None else (message,)
+            return exc
+        except Exception:
+            pass
+    return RemoteError(message)
 
 
 def _remote(info: dict[str, Any], worker_id: int, pid: int, location: str) -> RemoteError:
     remote_type = str(info.get(TYPE, "builtins.Exception"))
     message = str(info.get(MESSAGE, ""))
-    builtin = _builtin_exception(remote_type)
-    cls = _remote_class(builtin) if builtin is not None else RemoteError
+    origin = _origin(info, remote_type)
     try:
-        exc: RemoteError = cls(message)
-    except Exception:  # a built-in with a demanding constructor (UnicodeDecodeError, ...)
+        exc = _instance(remote_class(origin[0], origin[1]), origin[2], message)
+        _fill(exc, info, remote_type, message, worker_id, pid, location)
+    except Exception:  # the class has read-only attributes of these names, ...
         exc = RemoteError(message)
+        _fill(exc, info, remote_type, message, worker_id, pid, location)
+    exc._kameo_origin = origin  # type: ignore[attr-defined]
+    return exc
+
+
+def _fill(
+    exc: RemoteError,
+    info: dict[str, Any],
+    remote_type: str,
+    message: str,
+    worker_id: int,
+    pid: int,
+    location: str,
+) -> None:
     exc.remote_type = remote_type
     exc.remote_message = message
     exc.remote_traceback = str(info.get(TRACEBACK, ""))
     exc.worker_id = worker_id
     exc.pid = pid
     exc.location = location
-    return exc

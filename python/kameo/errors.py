@@ -1,7 +1,9 @@
 """The exceptions kameo raises. All derive from :class:`KameoError`.
 
-Remote exceptions keep their built-in type: a ``ValueError`` raised by a handler arrives in the
-parent as a :class:`RemoteError` that is also a ``ValueError``, so ``except ValueError:`` works.
+Remote exceptions keep their type: a ``ValueError`` raised by a handler arrives in the parent as
+a :class:`RemoteError` that is also a ``ValueError``, so ``except ValueError:`` works, and so
+does ``except MyError:`` for a class of a module the parent has imported
+(``kameo._error_info``).
 """
 
 from __future__ import annotations
@@ -96,8 +98,11 @@ class WorkerCrashed(KameoError):
 
 
 class RemoteError(KameoError):
-    """The handler raised. For built-in exception types the instance also derives from that
-    built-in (``RemoteError`` + ``ValueError``), so ordinary ``except`` clauses keep working."""
+    """The handler raised. The instance also derives from the exception's own class when that
+    is an ``Exception`` of a module this process has imported (``RemoteError`` + ``ValueError``,
+    ``RemoteError`` + ``mypkg.MyError``), so ordinary ``except`` clauses keep working; its
+    ``args`` are the remote exception's when they are plain values. ``kameo`` errors, and
+    classes not imported here, arrive as a plain ``RemoteError``."""
 
     remote_type: str
     remote_message: str
@@ -107,8 +112,8 @@ class RemoteError(KameoError):
     pid: int
     location: str = "the worker"
 
-    def __init__(self, message: str, *args: Any) -> None:
-        super().__init__(message, *args)
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
 
     def __str__(self) -> str:
         base = f"{self.remote_type}: {self.remote_message} (in {self.location}, pid {self.pid})"
