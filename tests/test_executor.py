@@ -154,3 +154,12 @@ def test_interpreter_exit_with_an_open_executor_leaves_no_process() -> None:
     while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(pid_alive(p) for p in pids)
+
+
+def test_a_custom_exception_arrives_as_its_class() -> None:
+    with kameo.Executor(max_workers=1) as ex:
+        with pytest.raises(pf.Odd, match="odd: 3") as info:
+            list(ex.map(pf.fail_odd, [0, 2, 3, 4]))
+        assert isinstance(info.value, kameo.RemoteError)
+        with pytest.raises(pf.Odd):
+            ex.submit(pf.fail_odd, 1).result(timeout=10)

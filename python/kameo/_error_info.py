@@ -42,6 +42,7 @@ ERROR frame by calling :func:`from_worker` here by name (``errors::from_worker``
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Any
@@ -124,7 +125,7 @@ def from_exception(exc: BaseException) -> Info:
         kind = HANDLER_TYPE
     else:
         kind = REMOTE
-    info = make(kind, message, type_name, "".join(traceback.format_exception(exc)))
+    info = make(kind, message, type_name, _format(exc))
     if module and qualname:
         info[MODULE], info[QUALNAME] = module, qualname
     if args is not None:
@@ -164,6 +165,20 @@ def _plain_args(args: tuple[Any, ...], message: str) -> tuple[Any, ...] | None:
         if type(a) not in _PLAIN_ARG or (type(a) in (str, bytes) and len(a) > MAX_ARG_LEN):
             return None
     return tuple(args)
+
+
+_KAMEO_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _format(exc: BaseException) -> str:
+    """``exc``'s traceback as text, without kameo's own frames that led to the user's code
+    (the server's loop, ``run_batch``): the remote traceback starts at the user's function,
+    and an error of a builtin (``math.sqrt(-1)``) or of kameo's own (a target that does not
+    import) is its last line alone."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_KAMEO_DIR):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 def startup_failed(exc: BaseException, stage: str, what: str | None) -> Info:
