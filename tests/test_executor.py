@@ -163,3 +163,10 @@ def test_a_custom_exception_arrives_as_its_class() -> None:
         assert isinstance(info.value, kameo.RemoteError)
         with pytest.raises(pf.Odd):
             ex.submit(pf.fail_odd, 1).result(timeout=10)
+
+
+def test_a_worker_death_mid_map_fails_the_map_not_the_executor() -> None:
+    with kameo.Executor(max_workers=2) as ex:
+        with pytest.raises(kameo.WorkerCrashed):
+            list(ex.map(pf.die_on, range(100), chunksize=1))
+        assert list(ex.map(pf.add, range(10), chunksize=3)) == list(range(10))

@@ -63,3 +63,10 @@ def setup(value: Any, *more: Any) -> None:
 
 def init_state() -> Any:
     return _state.get("init")
+
+
+def die_on(x: int) -> int:
+    """Kills its worker on 13."""
+    if x == 13:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
