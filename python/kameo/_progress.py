@@ -20,8 +20,9 @@ def bar(
     desc: str | None = None,
     file: IO[str] | None = None,
     disable: bool | None = False,
+    unit: str = "item",
 ) -> Any:
-    """A tqdm bar counting items (``total`` None when the input has no length); raises
+    """A tqdm bar counting ``unit`` (``total`` None when the input has no length); raises
     :class:`ExtraMissing` without tqdm."""
     try:
         tqdm = importlib.import_module("tqdm")
@@ -31,5 +32,5 @@ def bar(
             "(or pip install tqdm)"
         ) from None
     return tqdm.tqdm(
-        total=total, desc=desc, file=file, disable=disable, unit="item", dynamic_ncols=True
+        total=total, desc=desc, file=file, disable=disable, unit=unit, dynamic_ncols=True
     )
