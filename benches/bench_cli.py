@@ -1,4 +1,4 @@
-"""W10: ``kameo map`` over JSON lines against the I/O floor (issue 14's CLI target).
+"""W11: ``kameo map`` over JSON lines against the I/O floor (issue 14's CLI target).
 
     python benches/bench_cli.py [--quick] [--rounds R]
 
@@ -103,7 +103,7 @@ def main() -> None:
             best = min(samples)
             lines = 1 if name == "kameo_map_one_line" else n
             emit(
-                "W10",
+                "W11",
                 name,
                 "seconds",
                 round(best, 3),
@@ -115,7 +115,7 @@ def main() -> None:
         floor, ours = min(times["floor"]), min(times["kameo_map"])
         ratio = floor / ours  # (n / ours) / (n / floor): kameo's lines/s over the floor's
         emit(
-            "W10",
+            "W11",
             "summary",
             "kameo_map/floor",
             round(ratio, 3),
