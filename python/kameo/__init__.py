@@ -4,7 +4,7 @@
 ...     reply = await pool.ask({"symbol": "AAPL"}, timeout=5.0)
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kameo import _context, _runtime
 from kameo._future import AskFuture
@@ -26,12 +26,14 @@ from kameo.errors import (
     WorkerCrashed,
     WorkerStartupError,
 )
-from kameo.executor import Executor
 from kameo.pipeline import Pipeline, PipelineError
 from kameo.pool import Pool, PoolStats, WorkerInfo
 from kameo.remote import Ref, RemoteFunction
 from kameo.session import Session
 from kameo.stream import Stream
+
+if TYPE_CHECKING:
+    from kameo.executor import Executor
 
 __version__ = "0.1.0"
 
@@ -117,6 +119,12 @@ def live_refs() -> int:
 
 
 def __getattr__(name: str) -> Any:
+    # kameo.Executor is imported on first use: concurrent.futures and its thread machinery
+    # are not paid by programs that only use Pool.
+    if name == "Executor":
+        from kameo.executor import Executor
+
+        return Executor
     # In a worker, `kameo.<module>` exists for each registered callback module, and any other
     # public name raises CallbackNotFound (an AttributeError too); see _runtime.module_attribute.
     return _runtime.module_attribute(name)
