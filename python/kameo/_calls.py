@@ -398,7 +398,7 @@ class Calls:
                 if type(step) is tuple and len(step) == 6 and step[0] == "call":
                     fn = None if step[4] or step[5] else sync_functions.get(step[1])
                     if fn is not None:
-                        value = fn(*step[2], **step[3])
+                        value = fn(*step[2], **step[3]) if step[3] else fn(*step[2])
                         live.append(value)
                         entries.append(value)
                         continue

@@ -132,7 +132,7 @@ class SyncServer:
                     args, kwargs = op[4], op[5]
             if fn is not None:
                 try:
-                    result = fn(*args, **kwargs)
+                    result = fn(*args, **kwargs) if kwargs else fn(*args)
                 except BaseException as exc:
                     self.chan.error(rid, _error_info.from_exception(exc))
                     return
