@@ -134,41 +134,16 @@ class MapResults:
                     self.close()
                     raise exc
                 return values[pos]
-            if self._closed:
+            if not await self._advance():
                 raise StopAsyncIteration
-            try:
-                await self._fill()
-                batch = await self._next_answered()
-            except BaseException:
-                self.close()
-                raise
-            if batch is None:
-                self.close()
-                raise StopAsyncIteration
-            self._values, self._errors, self._pos = batch.values or [], batch.errors, 0
-            if self._bar is not None:
-                self._bar.update(batch.n)
 
     async def take(self) -> tuple[list[Any], dict[int, BaseException] | None]:
         """The rest of the current batch, else the next one (waiting for it): its values and
         the errors at their positions; ``([], None)`` at the end. One hop per batch for a
         consumer on another thread (``Executor.map``)."""
+        if self._pos >= len(self._values) and not await self._advance():
+            return [], None
         pos = self._pos
-        if pos >= len(self._values):
-            if self._closed:
-                return [], None
-            try:
-                await self._fill()
-                batch = await self._next_answered()
-            except BaseException:
-                self.close()
-                raise
-            if batch is None:
-                self.close()
-                return [], None
-            self._values, self._errors, pos = batch.values or [], batch.errors, 0
-            if self._bar is not None:
-                self._bar.update(batch.n)
         values, errors = self._values, self._errors
         self._pos = len(values)
         self._in_flight -= len(values) - pos
@@ -189,6 +164,25 @@ class MapResults:
             if self._bar is not None:
                 self._bar.update(batch.n)
         return values, errors
+
+    async def _advance(self) -> bool:
+        """Top the window up, then make the next answered batch the current one (waiting for
+        it); False at the end (closed, or nothing left)."""
+        if self._closed:
+            return False
+        try:
+            await self._fill()
+            batch = await self._next_answered()
+        except BaseException:
+            self.close()
+            raise
+        if batch is None:
+            self.close()
+            return False
+        self._values, self._errors, self._pos = batch.values or [], batch.errors, 0
+        if self._bar is not None:
+            self._bar.update(batch.n)
+        return True
 
     def _answered_now(self) -> _Batch | None:
         """The next batch to deliver if it is already answered."""
