@@ -523,3 +523,27 @@ async def test_an_adapter_is_built_after_the_init_hook_and_has_async_methods(
             assert [x async for x in pool.call_stream("astream", 3)] == [0, 1, 2]
         with pytest.raises(kameo.HandlerTypeError):
             await pool.ask(1)  # no __call__
+
+
+async def test_a_sync_worker_cancels_a_called_coroutine(tmp_path: Path) -> None:
+    """max_concurrency=1: the sync server runs an async function on its own loop and reads
+    the socket meanwhile, so a timeout (or cancellation) cancels the coroutine there: its
+    finally runs and the worker is not replaced after cancel_grace."""
+    async with kameo.Pool(size=1, cancel_grace=0.5) as pool:
+        pid = pool.workers[0].pid
+        wait = pool.function(f"{C}:await_forever", timeout=0.3)
+        marker = tmp_path / "waiting"
+        with pytest.raises(kameo.CallTimeout):
+            await wait(str(marker))
+        assert await async_wait_until(lambda: "finally" in marker.read_text(), timeout=5)
+        task = asyncio.ensure_future(pool.call(f"{C}:await_forever", str(tmp_path / "second")))
+        assert await async_wait_until(lambda: (tmp_path / "second").exists(), timeout=5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await async_wait_until(
+            lambda: "finally" in (tmp_path / "second").read_text(), timeout=5
+        )
+        await asyncio.sleep(1.0)  # past cancel_grace: the worker was not killed
+        assert await pool.call("math:sqrt", 4) == 2.0
+        assert pool.workers[0].pid == pid and pool.stats().crashes == 0

@@ -147,6 +147,9 @@ class SyncServer:
             result = _calls.apply(job)
             if job.kind == ASYNC:
                 result = self.run_coroutine(result)
+        except asyncio.CancelledError:
+            self.chan.error(rid, _error_info.cancelled())
+            return
         except BaseException as exc:
             self.chan.error(rid, _error_info.from_exception(exc))
             return
@@ -178,10 +181,27 @@ class SyncServer:
 
     def run_coroutine(self, awaitable: Any) -> Any:
         """Run an async function's coroutine to its end, on this worker's own event loop (made
-        on first use)."""
-        if self._coroutine_loop is None:
-            self._coroutine_loop = asyncio.new_event_loop()
-        return self._coroutine_loop.run_until_complete(awaitable)
+        on first use). While it waits, the socket is read from that loop: a CANCEL of the
+        request (its caller's cancellation or timeout) cancels the coroutine, whose ``finally``
+        runs, and the worker goes on."""
+        loop = self._coroutine_loop
+        if loop is None:
+            loop = self._coroutine_loop = asyncio.new_event_loop()
+        task = asyncio.ensure_future(awaitable, loop=loop)
+        rid = current_request.get()
+        rt, cancelled = self.rt, self.cancelled
+
+        def readable() -> None:
+            rt.pump(block=False)  # routes CANCEL (to self.cancel), CREDIT and callback items
+            if rid in cancelled or rt.eof:
+                task.cancel()
+
+        fd = self.chan.fileno()
+        loop.add_reader(fd, readable)
+        try:
+            return loop.run_until_complete(task)
+        finally:
+            loop.remove_reader(fd)
 
     def stream(self, rid: int, fn: Callable[[Any], Any], body: Any) -> None:
         rt = self.rt
