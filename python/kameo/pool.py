@@ -688,7 +688,7 @@ class Pool:
                 timeout, self._expire, weakref.ref(fut), timeout
             )
         try:
-            rid, _ = self._core.submit_call(
+            rid, pin = self._core.submit_call(
                 op, fut, _traceparent.get(), retries, timer is not None, worker
             )
         except Exception as exc:
@@ -697,7 +697,8 @@ class Pool:
             fut.set_exception(exc)
             return fut
         fut._kameo_rid = rid
-        fut._kameo_keep = op
+        if pin is not None:  # it may hold Refs (the core pins a call to its Refs' worker)
+            fut._kameo_keep = op
         fut._kameo_abandon = self._abandon_cb
         fut._kameo_wait = self._wait_answer if self._direct is not None else None
         return fut
