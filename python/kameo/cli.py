@@ -505,10 +505,13 @@ class Driver:
         reader.start()
         try:
             while True:
-                self._fill()
+                # Write what is answered first, then send: sending first could find the window
+                # full of answered blocks, which the write then empties, and nothing in flight
+                # would be left to wake this loop (seen as a hang under load).
                 self._deliver()
                 if self.failure is not None:
                     break
+                self._fill()
                 if self.eof and not self.queue and not self.flying and not self.ready:
                     break
                 self.waiter = loop.create_future()
