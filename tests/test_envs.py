@@ -423,3 +423,63 @@ def test_another_venv_of_the_same_base_python_is_isolated(cache: Path, tmp_path:
     assert os.path.realpath(a_again["prefix"]) == os.path.realpath(tmp_path / "a")
     assert a_again["version"] == "a's copy"
     assert a_again["imports"] == {"only_in_a": True, "script_dir_mod": True, "extra_mod": False}
+
+
+@pytest.fixture
+def silent_index() -> Any:
+    """The URL of a package index that takes connections and never answers."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/simple"
+    sock.close()
+
+
+def _wait_until(predicate: Any, bound: float = 20.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+@pytest.mark.parametrize("installer", INSTALLERS)
+async def test_ensure_timeout_kills_the_installer_and_leaves_nothing(
+    cache: Path, silent_index: str, installer: str
+) -> None:
+    env = kameo.PythonEnv(
+        packages=["kameo-envtest-slow"], index_url=silent_index, installer=installer
+    )
+    with pytest.raises(kameo.EnvError, match="did not finish within the timeout"):
+        await env.ensure(timeout=1.5)
+    assert env_entries(cache) == []
+
+
+@pytest.mark.parametrize("installer", INSTALLERS)
+async def test_cancelled_ensure_removes_what_it_built(
+    cache: Path, silent_index: str, installer: str
+) -> None:
+    import asyncio
+
+    env = kameo.PythonEnv(
+        packages=["kameo-envtest-slow"], index_url=silent_index, installer=installer
+    )
+    task = asyncio.ensure_future(env.ensure(timeout=50))
+
+    def installing() -> bool:  # the venv is made: the installer is next, or running
+        return any(
+            (cache / "envs" / n / "pyvenv.cfg").exists()
+            for n in env_entries(cache)
+            if ".build-" in n
+        )
+
+    assert await asyncio.to_thread(_wait_until, installing)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(_wait_until, lambda: env_entries(cache) == [])
