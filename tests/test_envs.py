@@ -194,7 +194,12 @@ async def test_failed_install_raises_with_the_installers_lines_and_leaves_nothin
     with pytest.raises(kameo.EnvError, match="kameo-no-such-dist-x7"):
         await pool.start()
     assert env_entries(cache) == []
-    await pool.close()
+    make_wheel(wheels, "kameo_no_such_dist_x7", "0.1", "")
+    async with pool:
+        assert (await pool.ask(["kameo_no_such_dist_x7"]))["imports"] == {
+            "kameo_no_such_dist_x7": True
+        }
+    assert env_entries(cache) == [os.path.basename(env.path)]
 
 
 def test_concurrent_ensure_from_two_processes_makes_one_env(
