@@ -129,6 +129,11 @@ class Pool:
     ``module:qualname`` (:func:`kameo._functions.reference`; with ``allow_pickle=True`` one
     that has no such name is pickled with cloudpickle); ``init(*initargs)`` runs once in each
     worker before it takes work.
+
+    ``python``: the workers' interpreter (default: this one), or a :class:`~kameo.PythonEnv`,
+    whose workers are hermetic (see :mod:`kameo.envs`). Workers in this process's environment
+    (the same ``sys.prefix``) get its ``sys.path``; others keep their own. ``pythonpath``:
+    directories put first on the workers' ``sys.path``.
     """
 
     def __init__(
@@ -340,6 +345,9 @@ class Pool:
         """Start every worker concurrently and wait until all are ready.
 
         Raises :class:`WorkerStartupError` within ``startup_timeout`` if any cannot start.
+        A :class:`~kameo.PythonEnv` given as ``python`` is ensured first (bounded by its own
+        timeout, not ``startup_timeout``): :class:`~kameo.EnvError` if that fails, and the pool can
+        be started again.
         """
         if self._state != "new":
             if self._state in ("closing", "closed"):
