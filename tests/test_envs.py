@@ -488,3 +488,43 @@ async def test_cancelled_ensure_removes_what_it_built(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await asyncio.to_thread(_wait_until, lambda: env_entries(cache) == [])
+
+
+def test_a_parent_without_pip_or_packaging(cache: Path, wheels: Path, tmp_path: Path) -> None:
+    """venv + pip from a parent that has no pip: the env gets its own (ensurepip, slower);
+    missing() needs packaging and says which extra brings it."""
+    _venv(tmp_path / "bare", envs.kameo_link())
+    script = textwrap.dedent(
+        f"""
+        import asyncio, importlib.util, json
+        import kameo
+        assert importlib.util.find_spec("pip") is None
+        env = kameo.PythonEnv(
+            packages=["{PKG}"], find_links=[{str(wheels)!r}], offline=True, installer="pip"
+        )
+        env.ensure_sync(timeout=45)
+        try:
+            env.missing(["{PKG}"])
+        except kameo.ExtraMissing as exc:
+            missing = str(exc)
+
+        async def main():
+            async with kameo.Pool("{PKG}:info", python=env, size=1) as pool:
+                return await pool.ask(["pip"])
+
+        print(json.dumps({{"info": asyncio.run(main()), "missing": missing}}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    proc = subprocess.run(
+        [str(tmp_path / "bare" / "bin" / "python"), "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=55,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["info"]["version"] == "1.0"
+    assert out["info"]["imports"] == {"pip": True}  # the env's own pip
+    assert "kameo[envs]" in out["missing"]

@@ -40,7 +40,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from kameo.errors import EnvError, ExtraMissing
@@ -789,17 +788,27 @@ def _packaging() -> Callable[[str], Any]:
 # --------------------------------------------------------------------- worker launch
 
 
-@dataclass(frozen=True)
 class Launch:
     """How a pool starts its workers: ``[python, *flags, "-m", "kameo._worker"]`` with the
     parent's environment less ``unset``, plus ``env``; ``sys_path`` goes in WELCOME (the
-    worker puts it first on its ``sys.path``)."""
+    worker puts it first on its ``sys.path``). A plain class: no dataclass to build at
+    ``import kameo``."""
 
-    python: str
-    flags: tuple[str, ...]
-    env: dict[str, str]
-    unset: tuple[str, ...]
-    sys_path: list[str] | None
+    __slots__ = ("env", "flags", "python", "sys_path", "unset")
+
+    def __init__(
+        self,
+        python: str,
+        flags: tuple[str, ...],
+        env: dict[str, str],
+        unset: tuple[str, ...],
+        sys_path: list[str] | None,
+    ) -> None:
+        self.python = python
+        self.flags = flags
+        self.env = env
+        self.unset = unset
+        self.sys_path = sys_path
 
 
 async def launch(
