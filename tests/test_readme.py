@@ -65,6 +65,8 @@ def test_snippet_runs_as_written(line: int, block: str, tmp_path: Path) -> None:
     env = dict(os.environ)
     path = [str(tmp_path), str(ROOT / "examples"), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+    env["KAMEO_CACHE_DIR"] = str(tmp_path / "kameo-cache")  # a PythonEnv's, not the user's
+    env["UV_CACHE_DIR"] = str(tmp_path / "uv-cache")
     proc = subprocess.run(
         [sys.executable, "-c", RUNNER],
         input=block,

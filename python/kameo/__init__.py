@@ -11,9 +11,11 @@ from kameo._future import AskFuture
 from kameo._mapping import MapResults
 from kameo._native import PROTOCOL_VERSION, decode, encode, register_type
 from kameo.callbacks import Callbacks
+from kameo.envs import PythonEnv
 from kameo.errors import (
     CallbackNotFound,
     CallTimeout,
+    EnvError,
     ExtraMissing,
     HandlerTypeError,
     KameoError,
@@ -43,6 +45,7 @@ __all__ = [
     "CallTimeout",
     "CallbackNotFound",
     "Callbacks",
+    "EnvError",
     "Executor",
     "ExtraMissing",
     "HandlerTypeError",
@@ -54,6 +57,7 @@ __all__ = [
     "PoolClosed",
     "PoolStats",
     "ProtocolError",
+    "PythonEnv",
     "Ref",
     "RefError",
     "RemoteError",

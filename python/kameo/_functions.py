@@ -12,9 +12,10 @@ that name, and checks that the name leads back to the object itself (importing
 * a function of the parent's ``__main__``: by the name the workers import that file as, when
   ``__main__`` is a file (``python script.py``: ``"script:f"``; ``python -m pkg.mod``:
   ``"pkg.mod:f"``) that the workers find first on their ``sys.path`` under that name
-  (:func:`main_module_name`). Workers started with the parent's interpreter (the default
-  ``python=``) put the parent's ``sys.path`` first on theirs, so a script's directory is there;
-  with another interpreter, put it there with ``cwd=`` or ``env={"PYTHONPATH": ...}``. The
+  (:func:`main_module_name`). Workers in the parent's environment (the default ``python=``,
+  or another path to it: ``kameo.envs.launch``) put the parent's ``sys.path`` first on theirs,
+  so a script's directory is there; with another interpreter or a ``PythonEnv``, put it there
+  with ``pythonpath=[...]`` or ``cwd=``. The
   workers import that file as a module: its top-level code runs in each of them, so the code
   that starts pools goes under ``if __name__ == "__main__":`` (a pool started while a worker
   imports a module raises, see ``kameo.pool``). A notebook's, the REPL's or ``python -c``'s

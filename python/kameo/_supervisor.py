@@ -55,6 +55,10 @@ class SupervisorOptions:
     heartbeat_timeout: float
     max_memory: int | None
     cancel_grace: float
+    #: Interpreter flags before ``-m kameo._worker`` (``-s`` for a PythonEnv's workers).
+    python_flags: tuple[str, ...] = ()
+    #: Variables of the parent's environment the workers do not get (before ``env``).
+    unset_env: tuple[str, ...] = ()
 
 
 class Slot:
@@ -119,11 +123,11 @@ class Supervisor:
         opts = self.options
         worker_id = self._next_worker_id
         self._next_worker_id += 1
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in opts.unset_env}
         env.update(opts.env)
         env["KAMEO_WORKER_ID"] = str(worker_id)
         env["KAMEO_PARENT_PID"] = str(os.getpid())
-        argv = [opts.python, "-m", "kameo._worker"]
+        argv = [opts.python, *opts.python_flags, "-m", "kameo._worker"]
         try:
             pid, sock_fd, stderr_fd, progress_fd = _native.spawn_worker(
                 argv, list(env.items()), opts.cwd, opts.secret

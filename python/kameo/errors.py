@@ -13,6 +13,7 @@ from typing import Any
 __all__ = [
     "CallTimeout",
     "CallbackNotFound",
+    "EnvError",
     "ExtraMissing",
     "HandlerTypeError",
     "KameoError",
@@ -42,6 +43,12 @@ class ProtocolError(KameoError):
 class ExtraMissing(KameoError, ImportError):
     """A feature needs an optional dependency that is not installed (the message says which
     extra to install, e.g. ``pip install 'kameo[progress]'``)."""
+
+
+class EnvError(KameoError):
+    """A :class:`~kameo.PythonEnv` cannot be made or used: its interpreter cannot run, cannot
+    import this kameo (another version or ABI), or the installer failed (the message ends with
+    the installer's last lines); also a lock another process held past the timeout."""
 
 
 class SerializationError(KameoError, TypeError):

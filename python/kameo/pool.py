@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
-from kameo import _aio, _calls, _eager, _functions, _native, _runtime, _signals
+from kameo import _aio, _calls, _eager, _functions, _native, _runtime, _signals, envs
 from kameo._context import traceparent as _traceparent
 from kameo._future import AskFuture
 from kameo._handler import NONE
@@ -129,6 +129,11 @@ class Pool:
     ``module:qualname`` (:func:`kameo._functions.reference`; with ``allow_pickle=True`` one
     that has no such name is pickled with cloudpickle); ``init(*initargs)`` runs once in each
     worker before it takes work.
+
+    ``python``: the workers' interpreter (default: this one), or a :class:`~kameo.PythonEnv`,
+    whose workers are hermetic (see :mod:`kameo.envs`). Workers in this process's environment
+    (the same ``sys.prefix``) get its ``sys.path``; others keep their own. ``pythonpath``:
+    directories put first on the workers' ``sys.path``.
     """
 
     def __init__(
@@ -136,9 +141,10 @@ class Pool:
         target: Target | None = None,
         *,
         size: int | None = None,
-        python: str | None = None,
+        python: str | os.PathLike[str] | envs.PythonEnv | None = None,
         env: dict[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
+        pythonpath: Iterable[str | os.PathLike[str]] = (),
         startup_timeout: float = 30.0,
         max_concurrency: int = 1,
         max_frame_bytes: int = 64 * MiB,
@@ -209,11 +215,17 @@ class Pool:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         if callbacks is not None and not isinstance(callbacks, Callbacks):
             raise TypeError("callbacks must be a kameo.Callbacks registry")
+        if isinstance(pythonpath, (str, bytes, os.PathLike)):
+            raise TypeError("pythonpath must be a list of directories, not a single path")
         #: The target as messages name it (a pickled one: "module:qualname (pickled)").
         self.target: str | None = _display(target, wire_target)
         self._target_wire = wire_target
         self._size = size
-        self._python = python or sys.executable
+        #: A PythonEnv, or the workers' interpreter (another one: its own sys.path).
+        self._python: str | envs.PythonEnv = (
+            python if isinstance(python, envs.PythonEnv) else os.fspath(python or sys.executable)
+        )
+        self._pythonpath = [os.path.abspath(os.fspath(p)) for p in pythonpath]
         self._env = dict(env or {})
         self._cwd = os.fspath(cwd) if cwd is not None else None
         self._startup_timeout = startup_timeout
@@ -333,6 +345,9 @@ class Pool:
         """Start every worker concurrently and wait until all are ready.
 
         Raises :class:`WorkerStartupError` within ``startup_timeout`` if any cannot start.
+        A :class:`~kameo.PythonEnv` given as ``python`` is ensured first (bounded by its own
+        timeout, not ``startup_timeout``): :class:`~kameo.EnvError` if that fails, and the pool can
+        be started again.
         """
         if self._state != "new":
             if self._state in ("closing", "closed"):
@@ -345,6 +360,13 @@ class Pool:
                 "import. If it is the parent's script, put the code that starts pools under "
                 "'if __name__ == \"__main__\":'"
             )
+        # The workers' interpreter, path and environment: a PythonEnv is ensured here (in a
+        # thread; its own timeout), another interpreter asked for its sys.prefix (once).
+        launch = await envs.launch(self._python, self._pythonpath, self._env, self._startup_timeout)
+        if self._state != "new":
+            if self._state in ("closing", "closed"):
+                raise PoolClosed("the pool was closed while it prepared its workers' environment")
+            return  # another start() got there first
         self._state = "starting"
         loop = self._loop = asyncio.get_running_loop()
         self._direct = _aio.probe(loop)
@@ -352,7 +374,7 @@ class Pool:
             loop,
             self._on_event,
             self._secret,
-            self._welcome(),
+            self._welcome(launch.sys_path),
             max_frame_bytes=self._max_frame_bytes,
             concurrency=self._max_concurrency,
             prefetch=self._prefetch,
@@ -368,8 +390,10 @@ class Pool:
         )
         options = SupervisorOptions(
             target=self.target or "(no target)",
-            python=self._python,
-            env=self._env,
+            python=launch.python,
+            python_flags=launch.flags,
+            env=launch.env,
+            unset_env=launch.unset,
             cwd=self._cwd,
             secret=self._secret,
             startup_timeout=self._startup_timeout,
@@ -796,12 +820,9 @@ class Pool:
             return "the pool is still starting"
         return "the pool is closed"
 
-    def _welcome(self) -> dict[str, Any]:
-        same_interpreter = os.path.realpath(self._python) == os.path.realpath(sys.executable)
-        sys_path = None
-        if same_interpreter:
-            cwd = os.getcwd()
-            sys_path = [os.path.join(cwd, p) if not os.path.isabs(p) else p for p in sys.path]
+    def _welcome(self, sys_path: list[str] | None) -> dict[str, Any]:
+        """WELCOME's config; ``sys_path`` goes first on the worker's (``envs.launch``: the
+        parent's for a worker in the parent's environment, after ``pythonpath``)."""
         return {
             "target": self._target_wire,
             "init": self._init,
