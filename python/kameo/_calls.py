@@ -23,6 +23,9 @@ Op layouts (``sid``: session id or None; ``flags`` bit 0: return a Ref whatever 
     ("batch", sid, target, items, flags)              target on each item of a list (None:
                                                       the pool's handler); flags bit 1: each
                                                       item is an args tuple
+    ("pipeline", sid, steps)                          steps without sid, each ending in its
+                                                      links (kameo.pipeline); a call of
+                                                      positional args only: ("call", target, args)
     ("release", sid, numbers)                         free at once, answered
     ("close_session", sid)
 """
@@ -394,14 +397,15 @@ class Calls:
         sync_functions = self.sync_functions
         for k, step in enumerate(steps):
             try:
-                # The usual step: a call of a plain sync function, for a value, no links.
-                if type(step) is tuple and len(step) == 6 and step[0] == "call":
-                    fn = None if step[4] or step[5] else sync_functions.get(step[1])
-                    if fn is not None:
-                        value = fn(*step[2], **step[3]) if step[3] else fn(*step[2])
+                if type(step) is tuple and step[0] == "call" and len(step) == 3:
+                    # The short form: positional arguments, no links, for a value.
+                    fn = sync_functions.get(step[1])
+                    if fn is not None:  # a plain sync function: called right here
+                        value = fn(*step[2])
                         live.append(value)
                         entries.append(value)
                         continue
+                    step = ("call", step[1], step[2], {}, 0, ())
                 if not (type(step) is tuple and len(step) >= 4 and step[0] in _STEP_OPS):
                     raise ValueError(f"malformed pipeline step {k}: {str(step)[:80]}")
                 if step[-1]:

@@ -101,12 +101,12 @@ class Pipeline:
     def call(self, target: Target, /, *args: Any, **kwargs: Any) -> Result:
         if type(target) is not str:
             target = self._pool._wire(target)
-        if Result in map(type, args) or (kwargs and Result in map(type, kwargs.values())):
-            args, kwargs, links = self._link(args, kwargs)
-        else:
-            links = ()  # the usual step (inline: a step costs little more than its tuple)
         steps = self._steps
-        steps.append(("call", target, args, kwargs, 0, links))
+        if kwargs or Result in map(type, args):
+            args, kwargs, links = self._link(args, kwargs)
+            steps.append(("call", target, args, kwargs, 0, links))
+        else:
+            steps.append(("call", target, args))  # the usual step, in its short form
         return Result(self, len(steps) - 1)
 
     def new(self, target: Target, /, *args: Any, **kwargs: Any) -> Result:
