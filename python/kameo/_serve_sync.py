@@ -147,8 +147,12 @@ class SyncServer:
             result = _calls.apply(job)
             if job.kind == ASYNC:
                 result = self.run_coroutine(result)
-        except asyncio.CancelledError:
-            self.chan.error(rid, _error_info.cancelled())
+        except asyncio.CancelledError as exc:
+            # Cancelled by its CANCEL (run_coroutine), or a CancelledError the function raised.
+            cancelled = rid in self.cancelled
+            self.chan.error(
+                rid, _error_info.cancelled() if cancelled else _error_info.from_exception(exc)
+            )
             return
         except BaseException as exc:
             self.chan.error(rid, _error_info.from_exception(exc))

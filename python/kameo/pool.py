@@ -663,6 +663,12 @@ class Pool:
             if not self._refs.held.get(wid) and self._supervisor is not None:
                 self._supervisor.unheld(wid)
 
+    def _lost(self, wid: int) -> bool:
+        """Worker ``wid`` is lost (its loss may still be being handled)."""
+        sup = self._supervisor
+        w = None if sup is None else sup.workers.get(wid)
+        return w is not None and w.lost
+
     def _holds(self, wid: int) -> bool:
         """Refs or open sessions on worker ``wid`` keep it while it retires."""
         return bool(self._refs.held.get(wid) or self._sessions.get(wid))

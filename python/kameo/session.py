@@ -66,6 +66,10 @@ class Session:
         """The session's worker, picked now if it has none (or lost it, when not strict)."""
         if self._closed:
             raise PoolClosed(f"{self!r} is closed")
+        if self._lost is None and self._worker is not None and self._pool._lost(self._worker):
+            # Lost, and its loss is still being handled (the process is being reaped): the
+            # session is lost from now on, not only once that is done.
+            self._lost = f"worker {self._worker} is gone"
         if self._lost is not None:
             if self.strict:
                 raise SessionLost(f"session {self.id}: its worker is gone ({self._lost})")
