@@ -277,6 +277,18 @@ class Supervisor:
         """The pidfd is readable: the process has exited. Reap it."""
         w.reap()
         if not w.lost:
+            # What it wrote before it exited (answers, its last log records) is read first:
+            # the socket and the pidfd may be ready in the same loop iteration, the pidfd first.
+            try:
+                self.core.on_readable(w.id)
+            except Exception as exc:  # as the loop does with an error in a reader callback
+                self.loop.call_exception_handler(
+                    {
+                        "message": "kameo: error while reading a worker's last frames",
+                        "exception": exc,
+                    }
+                )
+        if not w.lost:
             self.lose(w, "exited")
 
     def lose(self, w: WorkerProcess, reason: str, *, killed: bool = False) -> None:

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kameo import _calls, _functions, _native, _serve_async
+from kameo import _calls, _functions, _native, _serve_async, _worker_log
 from kameo._handler import GEN, NONE, SYNC, handler_kind
 from kameo._runtime import Runtime, install
 from kameo._serve_sync import SyncServer
@@ -100,6 +100,13 @@ def set_process_name(name: str) -> None:
 
 
 def main() -> int:
+    try:
+        return serve()
+    finally:
+        _worker_log.close()  # records still buffered go to the parent first (bounded)
+
+
+def serve() -> int:
     env = os.environ
     fd = int(env.pop("KAMEO_FD"))
     progress_fd = int(env.pop("KAMEO_PROGRESS_FD"))
@@ -134,6 +141,8 @@ def main() -> int:
             sys.path.insert(0, path)
     rt = Runtime(chan, config, worker_id)
     install(rt)
+    if config.get("log_levels") is not None:
+        _worker_log.install(chan, config)
 
     target = config.get("target")
     handler: Callable[[Any], Any] | None = None

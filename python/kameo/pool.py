@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
-from kameo import _aio, _calls, _eager, _functions, _native, _runtime, _signals, events
+from kameo import _aio, _calls, _eager, _functions, _native, _runtime, _signals, _worker_log, events
 from kameo._context import traceparent as _traceparent
 from kameo._future import AskFuture
 from kameo._handler import NONE
@@ -28,6 +28,7 @@ from kameo._native import (
     EVENT_DRAINED,
     EVENT_EOF,
     EVENT_IO_ERROR,
+    EVENT_LOG,
     EVENT_PROTOCOL_ERROR,
     EVENT_PROTOCOL_WARNING,
     EVENT_READY,
@@ -910,6 +911,7 @@ class Pool:
             "heartbeat_interval": self._heartbeat_interval,
             "allow_pickle": self._allow_pickle,
             "shm_threshold": self._shm_threshold,
+            "log_levels": _worker_log.levels(),
         }
 
     def _on_event(self, worker_id: int, name: str, payload: Any) -> None:
@@ -946,6 +948,8 @@ class Pool:
             sup.retire(w, str(payload))
         elif name == EVENT_DRAINED:
             sup.drained(w)
+        elif name == EVENT_LOG:
+            _worker_log.forward(payload, self._name, w.id, w.pid)
 
     # ----------------------------------------------------------------- shutdown
 
