@@ -146,3 +146,17 @@ async def test_records_still_buffered_at_close_arrive(caplog: pytest.LogCaptureF
     async with kameo.Pool(f"{LOGS}:alog", size=1) as pool:
         await pool.ask("last", timeout=10)
     assert [r for r in records(caplog, "kameo_test.app") if r.getMessage() == "async last"]
+
+
+async def test_a_broken_log_frame_is_logged_and_the_worker_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="kameo")
+    async with kameo.Pool("handlers.crashy:cmd", size=1) as pool:
+        pid = pool.workers[0].pid
+        # an empty LOG body: not an encoded value
+        reply = await pool.ask({"op": "unknown_frame", "kind": kameo._native.Channel.LOG})
+        assert reply["pid"] == pid
+        assert await async_wait_until(lambda: "could not be decoded" in caplog.text, BOUND)
+        assert await pool.ask({"op": "echo", "value": 1}, timeout=10) == 1
+        assert [w.pid for w in pool.workers] == [pid] and pool.stats().crashes == 0

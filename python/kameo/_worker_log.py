@@ -68,14 +68,22 @@ def levels() -> dict[str, int]:
 
 def forward(payload: Any, pool: str, worker_id: int, pid: int) -> None:
     """Log the records of one LOG frame from worker ``worker_id`` (see the module docstring)."""
+    extra = {"worker_id": worker_id, "pid": pid, "pool": pool}
     if isinstance(payload, str):  # the core could not decode the frame
-        worker_log.warning("[%s worker %d pid %d] %s", pool, worker_id, pid, payload)
+        worker_log.warning("[%s worker %d pid %d] %s", pool, worker_id, pid, payload, extra=extra)
         return
     try:
         dropped, records = payload
         dropped = int(dropped)
     except (TypeError, ValueError):
-        worker_log.warning("[%s worker %d pid %d] malformed log frame", pool, worker_id, pid)
+        worker_log.warning(
+            "[%s worker %d pid %d] a log frame of another shape: %.200r",
+            pool,
+            worker_id,
+            pid,
+            payload,
+            extra=extra,
+        )
         return
     process = f"{pool} w{worker_id}"
     for rec in records:
@@ -122,7 +130,7 @@ def forward(payload: Any, pool: str, worker_id: int, pid: int) -> None:
             pid,
             dropped,
             MAX_QUEUED,
-            extra={"worker_id": worker_id, "pid": pid, "pool": pool, "dropped": dropped},
+            extra={**extra, "dropped": dropped},
         )
 
 

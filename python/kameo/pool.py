@@ -216,11 +216,13 @@ class Pool:
             raise TypeError("callbacks must be a kameo.Callbacks registry")
         #: The target as messages name it (a pickled one: "module:qualname (pickled)").
         self.target: str | None = _display(target, wire_target)
+        default_name = self.target.removesuffix(" (pickled)") if self.target else "kameo"
         if pool_name is None:
-            pool_name = self.target.removesuffix(" (pickled)") if self.target else "kameo"
+            pool_name = default_name
         elif not isinstance(pool_name, str) or not pool_name.strip():
             raise ValueError(f"name must be a non-empty string, got {pool_name!r}")
         self._name = pool_name
+        self._named = pool_name != default_name  # shown by repr()
         # The pool's listeners; with none, requests record nothing (_listeners_changed).
         self._events = Emitter(pool_name, on_event)
         # Added to each request's future while someone listens, else None (the hot path):
@@ -766,7 +768,7 @@ class Pool:
             _signals.release()
 
     def __repr__(self) -> str:
-        named = "" if self._name == self.target else f" name={self._name!r}"
+        named = f" name={self._name!r}" if self._named else ""
         return f"<kameo.Pool {self.target!r}{named} size={self._size} {self._state}>"
 
     # ----------------------------------------------------------------- events
