@@ -3,7 +3,7 @@
 
 Usage::
 
-    python benches/bench_pool.py [--quick] [--only W1,W2,W4,W5,W7] [--pin CPUS]
+    python benches/bench_pool.py [--quick] [--only W1,W2,W4,W5,W7] [--pin CPUS] [--listener]
 
 Every result is printed as one JSON object per line with at least the keys ``workload``,
 ``impl``, ``metric``, ``value`` and ``unit``. After the workloads, one ``summary`` line per
@@ -16,7 +16,9 @@ Workloads:
   process pinned to one CPU: on a small VM a cross-CPU wakeup costs tens of µs and the
   scheduler's placement changes from run to run, so the unpinned numbers are bimodal.
 * W2 throughput: two workers, all messages issued at once (msgs/s); ``kameo_async_handler``
-  (info) is the same with an ``async def`` handler (the worker's event-loop mode).
+  (info) is the same with an ``async def`` handler (the worker's event-loop mode). With
+  ``--listener``, ``kameo_listener`` (info) is W2 with an event listener registered
+  (``kameo.add_listener``): the cost of timing every request and making its ``CallFinished``.
 * W4 streaming: one request whose sync generator handler yields 20,000 small ints
   (``async for x in pool.stream({"n": 20000})``, items/s), versus the raw stream floor: a child
   writing 20,000 length-prefixed pickled ints to a socketpair, the parent decoding them all.
@@ -792,8 +794,14 @@ def w2_mp_pool(sz):
     )
 
 
-def w2_kameo(kameo, sz, impl="kameo", target="bench_handlers:echo"):
+def w2_kameo(kameo, sz, impl="kameo", target="bench_handlers:echo", listener=False):
+    """``listener``: a global event listener that counts the events (kameo.add_listener), so
+    every request records its timing and makes a CallFinished."""
     total = sz["w2_total"]
+    events = [0]
+
+    def count(event):
+        events[0] += 1
 
     async def run():
         async with kameo.Pool(target, size=2) as pool:
@@ -808,9 +816,16 @@ def w2_kameo(kameo, sz, impl="kameo", target="bench_handlers:echo"):
                 del replies  # keep the previous round's replies out of the next one's GC
         return elapsed
 
-    elapsed = asyncio.run(asyncio.wait_for(run(), KAMEO_TIMEOUT_S))
+    if listener:
+        kameo.add_listener(count)
+    try:
+        elapsed = asyncio.run(asyncio.wait_for(run(), KAMEO_TIMEOUT_S))
+    finally:
+        if listener:
+            kameo.remove_listener(count)
     note = "asyncio.gather of pool.ask" + ("" if impl == "kameo" else f" ({target}, info)")
-    return emit_throughput(impl, total, elapsed, note=note)
+    extra = {"events": events[0]} if listener else {}
+    return emit_throughput(impl, total, elapsed, note=note, **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1407,6 +1422,11 @@ def main(argv=None):
         metavar="CPUS",
         help="pin this process (and so every child and worker it starts) to these CPUs, e.g. 0",
     )
+    ap.add_argument(
+        "--listener",
+        action="store_true",
+        help="W2 also with an event listener registered (kameo_listener, info)",
+    )
     ap.add_argument("--raw-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--raw-stream-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -1485,6 +1505,16 @@ def main(argv=None):
                 "kameo_async_handler",
                 "bench_handlers:aecho",
             )
+            if args.listener:
+                r.run(
+                    ("W2", "kameo_listener"),
+                    w2_kameo,
+                    kameo,
+                    sz,
+                    "kameo_listener",
+                    "bench_handlers:echo",
+                    True,
+                )
         else:
             skip("W2", "kameo")
         r.run(("W2", "asyncio_socketpair"), w2_asyncio_socketpair, sz)

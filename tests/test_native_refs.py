@@ -49,8 +49,8 @@ def recv_all(chan: Channel, n: int) -> list[tuple[object, ...]]:
 
 
 def test_protocol_version_and_kinds() -> None:
-    assert kameo.PROTOCOL_VERSION == 3
-    assert (Channel.CALL, Channel.CALL_STREAM, Channel.RELEASE) == (27, 28, 29)
+    assert kameo.PROTOCOL_VERSION == 4
+    assert (Channel.CALL, Channel.CALL_STREAM, Channel.RELEASE, Channel.LOG) == (27, 28, 29, 30)
 
 
 def test_call_frames_arrive_decoded(pair: tuple[socket.socket, Channel]) -> None:

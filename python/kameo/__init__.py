@@ -6,7 +6,7 @@
 
 from typing import TYPE_CHECKING, Any
 
-from kameo import _context, _runtime
+from kameo import _context, _runtime, events
 from kameo._future import AskFuture
 from kameo._mapping import MapResults
 from kameo._native import PROTOCOL_VERSION, decode, encode, register_type
@@ -28,6 +28,7 @@ from kameo.errors import (
     WorkerCrashed,
     WorkerStartupError,
 )
+from kameo.events import add_listener, remove_listener
 from kameo.pipeline import Pipeline, PipelineError
 from kameo.pool import Pool, PoolStats, WorkerInfo
 from kameo.remote import Ref, RemoteFunction
@@ -70,13 +71,16 @@ __all__ = [
     "WorkerInfo",
     "WorkerStartupError",
     "__version__",
+    "add_listener",
     "callback_handle",
     "current_session",
     "current_traceparent",
     "decode",
     "encode",
+    "events",
     "live_refs",
     "register_type",
+    "remove_listener",
     "session_state",
 ]
 

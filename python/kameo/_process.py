@@ -40,6 +40,7 @@ class WorkerProcess:
         pid: int,
         sock_fd: int,
         stderr_fd: int,
+        pool: str = "kameo",
     ) -> None:
         self.loop = loop
         self.id = worker_id
@@ -56,6 +57,11 @@ class WorkerProcess:
         self.retiring = False
         self.hung = False
         self.stopping = False  # the pool is stopping it (close): what it had fails as PoolClosed
+        self.killed = False  # the pool killed it (heartbeats, cancel_grace, broken protocol)
+        self.exit_reason: str | None = None  # WorkerExited.reason, set when it is lost
+        self.exit_reported = False
+        self.pool = pool
+        self._extra = {"worker_id": worker_id, "pid": pid, "pool": pool}
         self.started_at = time.monotonic()
 
     def describe(self) -> str:
@@ -110,11 +116,7 @@ class WorkerProcess:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         self.stderr_tail.append(line)
         worker_log.warning(
-            "[worker %d pid %d] %s",
-            self.id,
-            self.pid,
-            line,
-            extra={"worker_id": self.id, "pid": self.pid},
+            "[%s worker %d pid %d] %s", self.pool, self.id, self.pid, line, extra=self._extra
         )
 
     def close_stderr(self) -> None:

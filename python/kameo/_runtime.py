@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, Protocol
 
-from kameo import _error_info, _functions, _native
+from kameo import _error_info, _functions, _native, _worker_log
 from kameo._calls import Calls
 from kameo._context import current_request, traceparent
 from kameo._handler import NONE
@@ -158,6 +158,7 @@ class Runtime:
         self.chan.flush()
 
     def startup_failed(self, exc: BaseException, stage: str, what: str | bytes | None) -> None:
+        _worker_log.drain()  # what the import or init hook logged comes first
         if isinstance(what, bytes):
             what = _functions.describe(what)
         self.chan.send(Channel.STARTUP_FAILED, 0, _error_info.startup_failed(exc, stage, what))

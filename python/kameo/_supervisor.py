@@ -25,6 +25,7 @@ from typing import Any
 from kameo import _native
 from kameo._process import WorkerProcess, exit_text
 from kameo.errors import PoolClosed, WorkerCrashed, WorkerStartupError
+from kameo.events import Emitter, WorkerExited, WorkerStarted
 
 __all__ = ["Slot", "Supervisor", "SupervisorOptions"]
 
@@ -46,6 +47,7 @@ Channel = _native.Channel
 class SupervisorOptions:
     """What the supervisor needs of the pool's configuration."""
 
+    name: str
     target: str
     python: str
     env: dict[str, str]
@@ -90,6 +92,7 @@ class Supervisor:
         *,
         on_worker_gone: Callable[[int, str], None],
         held: Callable[[int], bool] = lambda _wid: False,
+        events: Emitter | None = None,
     ) -> None:
         self.loop = loop
         self.core = core
@@ -98,6 +101,7 @@ class Supervisor:
         #: Whether the pool holds Refs or open sessions on a worker: a retiring one stays
         #: until they are gone (:meth:`unheld`).
         self.held = held
+        self.events = events if events is not None else Emitter(options.name, None)
         self.slots = [Slot(i) for i in range(size)]
         self.workers: dict[int, WorkerProcess] = {}
         self.crashes = 0  # workers that died while serving (PoolStats.crashes)
@@ -127,7 +131,9 @@ class Supervisor:
         env.update(opts.env)
         env["KAMEO_WORKER_ID"] = str(worker_id)
         env["KAMEO_PARENT_PID"] = str(os.getpid())
-        argv = [opts.python, *opts.python_flags, "-m", "kameo._worker"]
+        # The pool's name and the worker's id after the module: `ps -f` shows them (the worker
+        # takes them out of its sys.argv, and names its process after them).
+        argv = [opts.python, *opts.python_flags, "-m", "kameo._worker", opts.name, f"w{worker_id}"]
         try:
             pid, sock_fd, stderr_fd, progress_fd = _native.spawn_worker(
                 argv, list(env.items()), opts.cwd, opts.secret
@@ -136,7 +142,7 @@ class Supervisor:
             raise WorkerStartupError(
                 f"cannot start a worker for {opts.target!r} with python {opts.python!r}: {exc}"
             ) from exc
-        w = WorkerProcess(self.loop, worker_id, slot.index, pid, sock_fd, stderr_fd)
+        w = WorkerProcess(self.loop, worker_id, slot.index, pid, sock_fd, stderr_fd, opts.name)
         self.workers[worker_id] = w
         slot.worker = w
         self.core.add_worker(worker_id, pid, sock_fd, progress_fd)
@@ -171,6 +177,9 @@ class Supervisor:
         """READY: the worker loaded its target; queued requests may go to it."""
         if not w.ready.done():
             w.ready.set_result(payload)
+            if self.events.active:
+                startup = time.monotonic() - w.started_at
+                self.events.emit(WorkerStarted(self.options.name, w.id, w.pid, startup))
         self.slots[w.slot].failures = 0
         self.core.dispatch_queued()
 
@@ -226,7 +235,7 @@ class Supervisor:
                         w.describe(),
                         heartbeat_timeout,
                     )
-                    w.hung = True
+                    w.hung = w.killed = True
                     w.kill(signal.SIGKILL)
             if max_memory is not None:
                 for w in list(self.workers.values()):
@@ -263,6 +272,7 @@ class Supervisor:
             self.options.cancel_grace,
             then,
         )
+        w.killed = True
         w.kill(signal.SIGKILL)
 
     # ----------------------------------------------------------------- loss
@@ -271,14 +281,28 @@ class Supervisor:
         """The pidfd is readable: the process has exited. Reap it."""
         w.reap()
         if not w.lost:
+            # What it wrote before it exited (answers, its last log records) is read first:
+            # the socket and the pidfd may be ready in the same loop iteration, the pidfd first.
+            try:
+                self.core.on_readable(w.id)
+            except Exception as exc:  # as the loop does with an error in a reader callback
+                self.loop.call_exception_handler(
+                    {
+                        "message": "kameo: error while reading a worker's last frames",
+                        "exception": exc,
+                    }
+                )
+        if not w.lost:
             self.lose(w, "exited")
 
-    def lose(self, w: WorkerProcess, reason: str) -> None:
+    def lose(self, w: WorkerProcess, reason: str, *, killed: bool = False) -> None:
         """The worker is gone or unusable: reap it, fail what it had started, requeue the rest,
-        and start a replacement."""
+        and start a replacement. ``killed``: the pool drops it (it broke the protocol)."""
         if w.lost:
             return
         w.lost = True
+        w.killed = w.killed or killed
+        w.exit_reason = _exit_reason(w)
         self.loop.remove_reader(w.sock_fd)
         self._background_task(self._finish_loss(w, reason))
 
@@ -288,6 +312,7 @@ class Supervisor:
             w.kill(signal.SIGKILL)
             await w.wait_exit(KILL_WAIT)
         w.read_stderr()  # collect the last lines
+        self._report_exit(w)
         if w.exited.done() and w.exited.result() >= 0:
             what, exitcode, sig = exit_text(w.exited.result())
             if reason not in ("exited", "closed its connection"):
@@ -455,14 +480,27 @@ class Supervisor:
             if not w.lost:
                 w.lost = True
                 loop.remove_reader(w.sock_fd)
-            self._fail_startup(w, closed)
             w.read_stderr()
+            self._report_exit(w)
+            self._fail_startup(w, closed)
             w.close_stderr()
             core.remove_worker(w.id, closed)
             self.workers.pop(w.id, None)
         core.fail_queued(waiting)
         if self._background:
             await asyncio.wait(list(self._background), timeout=KILL_WAIT)
+
+    def _report_exit(self, w: WorkerProcess) -> None:
+        """A WorkerExited event for ``w``, once, when someone listens."""
+        if w.exit_reported or not self.events.active:
+            return
+        w.exit_reported = True
+        exitcode = sig = None
+        if w.exited.done() and w.exited.result() >= 0:
+            _, exitcode, sig = exit_text(w.exited.result())
+        # Not lost before shutdown(): the pool stopped it, unless it had failed to start.
+        reason = w.exit_reason or ("startup_failed" if _failed_start(w) else "closed")
+        self.events.emit(WorkerExited(self.options.name, w.id, w.pid, reason, exitcode, sig))
 
     def kill_now(self) -> None:
         """At interpreter exit: SIGKILL and reap every worker."""
@@ -474,6 +512,29 @@ class Supervisor:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+
+def _exit_reason(w: WorkerProcess) -> str:
+    """``WorkerExited.reason`` of a worker as it is lost (see ``kameo.events.EXIT_REASONS``)."""
+    if _failed_start(w):
+        return "startup_failed"
+    if w.stopping:
+        return "closed"
+    if not w.ready.done():
+        return "startup_failed"  # died while it started
+    if w.retiring:
+        return "retired"
+    if w.killed:
+        return "killed"
+    return "crashed"
+
+
+def _failed_start(w: WorkerProcess) -> bool:
+    """The worker could not start (its ready future holds a WorkerStartupError)."""
+    ready = w.ready
+    return (
+        ready.done() and not ready.cancelled() and isinstance(ready.exception(), WorkerStartupError)
+    )
 
 
 def _rss(pid: int) -> int | None:

@@ -24,6 +24,7 @@ loop stops them), from a thread in sync mode (a long sync handler is not a hang)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import os
@@ -33,13 +34,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kameo import _calls, _functions, _native, _serve_async
+from kameo import _calls, _functions, _native, _serve_async, _worker_log
 from kameo._handler import GEN, NONE, SYNC, handler_kind
 from kameo._runtime import Runtime, install
 from kameo._serve_sync import SyncServer
 
 Channel = _native.Channel
 HANDSHAKE_MAX_FRAME = 1 << 20
+#: Longest process name (``/proc/<pid>/comm``) Linux keeps, in bytes.
+COMM_MAX = 15
 
 
 def load_target(target: str | bytes) -> Callable[[Any], Any]:
@@ -68,7 +71,42 @@ def read_secret(fd: int) -> bytes:
         os.close(fd)
 
 
+def process_name(pool: str, worker_id: int) -> str:
+    """The worker's process name: ``kameo <pool> w<id>`` if it fits in the 15 bytes Linux
+    keeps, else ``<pool> w<id>`` with the pool's name cut to fit (``pricing w0``)."""
+    suffix = f" w{worker_id}"
+    full = f"{pool}{suffix}" if pool == "kameo" else f"kameo {pool}{suffix}"
+    if len(full.encode()) <= COMM_MAX:
+        return full
+    room = max(COMM_MAX - len(suffix), 0)
+    return pool.encode()[:room].decode("utf-8", "ignore") + suffix
+
+
+def set_process_name(name: str) -> None:
+    """Name this process (what ``ps``, ``top`` and ``/proc/<pid>/comm`` show; the main
+    thread's name, which threads started later inherit)."""
+    data = name.encode()[:COMM_MAX]
+    try:
+        with open("/proc/self/comm", "wb") as f:
+            f.write(data)
+        return
+    except OSError:
+        pass
+    with contextlib.suppress(Exception):  # no /proc: prctl(PR_SET_NAME) through libc
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, ctypes.c_char_p(data), 0, 0, 0)  # PR_SET_NAME
+
+
 def main() -> int:
+    try:
+        return serve()
+    finally:
+        _worker_log.close()  # records still buffered go to the parent first (bounded)
+
+
+def serve() -> int:
     env = os.environ
     fd = int(env.pop("KAMEO_FD"))
     progress_fd = int(env.pop("KAMEO_PROGRESS_FD"))
@@ -77,6 +115,11 @@ def main() -> int:
     parent = int(env.pop("KAMEO_PARENT_PID", "0"))
     if parent and not _native.die_with_parent(parent):
         return 1  # the parent is already gone
+    # The pool put its name and our id after the module name (`ps -f` shows them); the
+    # handler's code sees a plain sys.argv.
+    if len(sys.argv) >= 2:
+        set_process_name(process_name(sys.argv[1], worker_id))
+    del sys.argv[1:]
     os.set_inheritable(fd, False)  # the worker's own children do not get the pool socket
 
     chan = Channel(fd, HANDSHAKE_MAX_FRAME)
@@ -98,6 +141,8 @@ def main() -> int:
             sys.path.insert(0, path)
     rt = Runtime(chan, config, worker_id)
     install(rt)
+    if config.get("log_levels") is not None:
+        _worker_log.install(chan, config)
 
     target = config.get("target")
     handler: Callable[[Any], Any] | None = None

@@ -16,7 +16,18 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
-from kameo import _aio, _calls, _eager, _functions, _native, _runtime, _signals, envs
+from kameo import (
+    _aio,
+    _calls,
+    _eager,
+    _functions,
+    _native,
+    _runtime,
+    _signals,
+    _worker_log,
+    envs,
+    events,
+)
 from kameo._context import traceparent as _traceparent
 from kameo._future import AskFuture
 from kameo._handler import NONE
@@ -28,6 +39,7 @@ from kameo._native import (
     EVENT_DRAINED,
     EVENT_EOF,
     EVENT_IO_ERROR,
+    EVENT_LOG,
     EVENT_PROTOCOL_ERROR,
     EVENT_PROTOCOL_WARNING,
     EVENT_READY,
@@ -46,6 +58,7 @@ from kameo.errors import (
     RefError,
     SerializationError,
 )
+from kameo.events import CallFinished, Emitter, Listener
 from kameo.pipeline import Pipeline
 from kameo.remote import RefTable, RemoteFunction
 from kameo.session import Session
@@ -162,7 +175,10 @@ class Pool:
         max_memory_per_worker: int | None = None,
         allow_pickle: bool = False,
         shm_threshold: int | None = DEFAULT_SHM_THRESHOLD,
+        name: str | None = None,
+        on_event: Listener | None = None,
     ) -> None:
+        pool_name = name
         wire_target = wire_init = None
         if target is not None:
             wire_target = _functions.as_target(target, allow_pickle=allow_pickle)
@@ -219,6 +235,19 @@ class Pool:
             raise TypeError("pythonpath must be a list of directories, not a single path")
         #: The target as messages name it (a pickled one: "module:qualname (pickled)").
         self.target: str | None = _display(target, wire_target)
+        default_name = self.target.removesuffix(" (pickled)") if self.target else "kameo"
+        if pool_name is None:
+            pool_name = default_name
+        elif not isinstance(pool_name, str) or not pool_name.strip():
+            raise ValueError(f"name must be a non-empty string, got {pool_name!r}")
+        self._name = pool_name
+        self._named = pool_name != default_name  # shown by repr()
+        # The pool's listeners; with none, requests record nothing (_listeners_changed).
+        self._events = Emitter(pool_name, on_event)
+        # Added to each request's future while someone listens, else None (the hot path):
+        # for asks, and for calls (their kind and target from their op).
+        self._on_ask_done: Callable[[AskFuture], None] | None = None
+        self._on_done: Callable[[AskFuture], None] | None = None
         self._target_wire = wire_target
         self._size = size
         #: A PythonEnv, or the workers' interpreter (another one: its own sys.path).
@@ -263,6 +292,12 @@ class Pool:
         self._sessions: dict[int, set[Session]] = {}  # worker id -> its open sessions
 
     # ----------------------------------------------------------------- public API
+
+    @property
+    def name(self) -> str:
+        """The pool's name (``Pool(name=...)``; default: the target, or "kameo" without
+        one): in its events, its workers' log lines and records, and their process names."""
+        return self._name
 
     @property
     def size(self) -> int:
@@ -385,10 +420,13 @@ class Pool:
             allow_pickle=self._allow_pickle,
             shm_threshold=self._shm_threshold,
         )
+        events.watch(self)
+        self._listeners_changed()
         runner = self._runner = CallbackRunner(
             self._callbacks, self._core, loop, self._stream_window, Channel
         )
         options = SupervisorOptions(
+            name=self._name,
             target=self.target or "(no target)",
             python=launch.python,
             python_flags=launch.flags,
@@ -413,7 +451,13 @@ class Pool:
                 session.worker_lost(why)
 
         sup = self._supervisor = Supervisor(
-            loop, self._core, self._size, options, on_worker_gone=worker_gone, held=self._holds
+            loop,
+            self._core,
+            self._size,
+            options,
+            on_worker_gone=worker_gone,
+            held=self._holds,
+            events=self._events,
         )
         refs.on_empty = sup.unheld
         self._workers = sup.workers  # the same dict, read by _on_event
@@ -492,6 +536,8 @@ class Pool:
         fut._kameo_rid = rid
         fut._kameo_abandon = self._abandon_cb
         fut._kameo_wait = self._wait_answer if self._direct is not None else None
+        if self._on_ask_done is not None:
+            fut.add_done_callback(self._on_ask_done)
         return fut
 
     def stream(
@@ -519,6 +565,7 @@ class Pool:
             msg,
             timeout,
             traceparent or _traceparent.get(),
+            on_end=None if self._on_done is None else self._stream_ender("stream", self.target),
         )
 
     # ------------------------------------------------------------ calls and objects
@@ -628,6 +675,10 @@ class Pool:
         if self._state != "running":
             raise PoolClosed(self._not_running())
         assert self._loop is not None
+        on_end = None
+        if self._on_done is not None:
+            kind, target = _kind_of(op, self.target)
+            on_end = self._stream_ender("stream" if kind == "ask" else "call_stream", target)
         return Stream(
             self._core,
             self._loop,
@@ -636,6 +687,7 @@ class Pool:
             self._default_timeout,
             _traceparent.get(),
             submit=functools.partial(_submit_call_stream, self._core, worker=worker),
+            on_end=on_end,
         )
 
     def _bind_session(self, session: Session) -> int:
@@ -731,6 +783,8 @@ class Pool:
             fut._kameo_keep = op
         fut._kameo_abandon = self._abandon_cb
         fut._kameo_wait = self._wait_answer if self._direct is not None else None
+        if self._on_done is not None:
+            fut.add_done_callback(self._on_done)
         return fut
 
     async def close(self, grace: float = 5.0) -> None:
@@ -749,13 +803,70 @@ class Pool:
             await self._shutdown(grace)
         finally:
             self._state = "closed"
+            events.unwatch(self)
             self._refs.closed = True  # the workers went, and every object with them
             self._closed_event.set()
             _live_pools.discard(self)
             _signals.release()
 
     def __repr__(self) -> str:
-        return f"<kameo.Pool {self.target!r} size={self._size} {self._state}>"
+        named = f" name={self._name!r}" if self._named else ""
+        return f"<kameo.Pool {self.target!r}{named} size={self._size} {self._state}>"
+
+    # ----------------------------------------------------------------- events
+
+    def _listeners_changed(self) -> None:
+        """Someone started or stopped listening: record request timings (in the core) and
+        report finished requests only while someone does."""
+        active = self._events.active
+        if self._core is not None:
+            self._core.set_observe(active)
+        self._on_ask_done = self._ask_finished if active else None
+        self._on_done = self._call_finished if active else None
+
+    def _ask_finished(self, fut: AskFuture) -> None:
+        """An ask's future is done (a loop callback, while someone listens)."""
+        self._finished(fut, "ask", self.target)
+
+    def _call_finished(self, fut: AskFuture) -> None:
+        """A CALL's future is done (a loop callback, while someone listens)."""
+        kind, target = _kind_of(fut._kameo_keep, self.target)
+        if kind is None:  # the pool's own housekeeping (releasing objects, closing a session)
+            self._core.take_timing(fut._kameo_rid)
+            return
+        self._finished(fut, kind, target)
+
+    def _finished(self, fut: AskFuture, kind: str, target: str | None) -> None:
+        timing = self._core.take_timing(fut._kameo_rid)
+        if timing is None:
+            return  # sent before anyone listened
+        error: str | None
+        if fut.cancelled():
+            ok, error = False, "CancelledError"
+        else:
+            exc = fut.exception()
+            ok, error = exc is None, events.error_type(exc)
+            if ok and kind in ("map", "pipeline"):
+                error = _failed_entry(kind, fut.result())
+                ok = error is None
+        wid, queued, run = timing
+        self._events.emit(CallFinished(self._name, kind, target, wid, queued, run, ok, error))
+
+    def _stream_ender(self, kind: str, target: str | None) -> Callable[[int, Any], None]:
+        return functools.partial(self._stream_finished, kind, target)
+
+    def _stream_finished(
+        self, kind: str, target: str | None, rid: int, exc: BaseException | None
+    ) -> None:
+        core = self._core
+        timing = None if core is None else core.take_timing(rid)
+        if timing is None:
+            return
+        wid, queued, run = timing
+        event = CallFinished(
+            self._name, kind, target, wid, queued, run, exc is None, events.error_type(exc)
+        )
+        self._events.emit(event)
 
     # ----------------------------------------------------------------- requests
 
@@ -841,6 +952,7 @@ class Pool:
             "heartbeat_interval": self._heartbeat_interval,
             "allow_pickle": self._allow_pickle,
             "shm_threshold": self._shm_threshold,
+            "log_levels": _worker_log.levels(),
         }
 
     def _on_event(self, worker_id: int, name: str, payload: Any) -> None:
@@ -870,13 +982,15 @@ class Pool:
             reason = {EVENT_EOF: "closed its connection"}.get(name, f"{name}: {payload}")
             if name == EVENT_PROTOCOL_ERROR:
                 log.error("%s broke the protocol, replacing it: %s", w.describe(), payload)
-            sup.lose(w, reason)
+            sup.lose(w, reason, killed=name == EVENT_PROTOCOL_ERROR)
         elif name == EVENT_PROTOCOL_WARNING:
             log.warning("%s", payload)
         elif name == EVENT_RETIRE:
             sup.retire(w, str(payload))
         elif name == EVENT_DRAINED:
             sup.drained(w)
+        elif name == EVENT_LOG:
+            _worker_log.forward(payload, self._name, w.id, w.pid)
 
     # ----------------------------------------------------------------- shutdown
 
@@ -918,6 +1032,37 @@ def _display(target: Any, wire: str | bytes | None) -> str | None:
     module = getattr(target, "__module__", None) or "?"
     qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
     return f"{module}:{qualname} (pickled)"
+
+
+def _kind_of(op: Any, handler: str | None) -> tuple[str | None, str | None]:
+    """``CallFinished.kind`` and ``target`` of a request: an ask (no op) or a CALL's op
+    (layouts in ``kameo._calls``); None for the pool's own housekeeping ops."""
+    if op is None:
+        return "ask", handler
+    name = op[0]
+    if name in ("call", "new"):
+        return name, _functions.describe(op[2])
+    if name in ("method", "getattr", "setattr"):
+        return name, str(op[3])
+    if name == "handler":
+        return "ask", handler
+    if name == "batch":
+        return "map", handler if op[2] is None else _functions.describe(op[2])
+    if name == "pipeline":
+        return "pipeline", None
+    return None, None
+
+
+def _failed_entry(kind: str, reply: Any) -> str | None:
+    """The error type of the first failed item of a ``batch`` answer (``map``) or of the
+    failed step of a ``pipeline`` answer, None if all went well."""
+    if type(reply) is not tuple or not reply or reply[0] == "ok":
+        return None
+    try:
+        info = reply[3] if kind == "pipeline" else reply[2][min(reply[2])]
+    except (IndexError, KeyError, TypeError, ValueError):
+        return "RemoteError"
+    return events.info_type(info)
 
 
 # Events after which a worker is lost (its connection is read no further).

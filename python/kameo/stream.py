@@ -36,6 +36,7 @@ class Stream:
         "_loop",
         "_msg",
         "_on_abandon",
+        "_on_end",
         "_rid",
         "_submit",
         "_timeout",
@@ -51,12 +52,14 @@ class Stream:
         timeout: float | None,
         trace: str | None,
         submit: Callable[[Any, str | None], int] | None = None,
+        on_end: Callable[[int, BaseException | None], None] | None = None,
     ) -> None:
         """Made by ``Pool.stream``: ``core`` is the pool's ``PoolCore`` (which submits the
         request and buffers its items), ``on_abandon(timed_out)`` counts a stream the caller
         left before its end (cancelled, or timed out). ``submit(msg, trace)`` sends the request
         and returns its id (default: ``core.submit_stream``, the handler's stream; calls give
-        their own)."""
+        their own). ``on_end(id, exc)`` (while someone listens to the pool's events) is called
+        once when a submitted stream ends: ``exc`` None at its end, else what ended it."""
         self._core = core
         self._submit = submit if submit is not None else core.submit_stream
         self._on_abandon = on_abandon
@@ -68,6 +71,7 @@ class Stream:
         self._buf: deque[Any] = deque()
         self._done = False
         self._deadline: float | None = None
+        self._on_end = on_end
 
     def __aiter__(self) -> Stream:
         return self
@@ -90,8 +94,10 @@ class Stream:
         while True:
             try:
                 items, finished = core.stream_take(rid)
-            except BaseException:
+            except BaseException as exc:
                 self._done = True
+                if self._on_end is not None:
+                    self._ended(exc)
                 raise
             if items:
                 if self._deadline is not None and self._loop.time() >= self._deadline:
@@ -100,6 +106,8 @@ class Stream:
                 return buf.popleft()
             if finished:
                 self._done = True
+                if self._on_end is not None:
+                    self._ended(None)
                 raise StopAsyncIteration
             fut = self._loop.create_future()
             core.stream_wait(rid, fut)
@@ -127,6 +135,17 @@ class Stream:
             if self._rid:
                 self._on_abandon(timed_out)
                 self._core.stream_cancel(self._rid)
+                if self._on_end is not None:
+                    self._ended(
+                        CallTimeout("the stream timed out")
+                        if timed_out
+                        else asyncio.CancelledError()
+                    )
+
+    def _ended(self, exc: BaseException | None) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end(self._rid, exc)
 
     async def aclose(self) -> None:
         """Stop the stream; the worker's generator is cancelled if it is still running."""

@@ -233,6 +233,27 @@ impl Channel {
         Ok(())
     }
 
+    /// Queue a LOG frame carrying `records` (`(dropped, [record tuple, ...])`, see
+    /// `kameo._worker_log`), encoded inline within the pool's frame limit. False, and nothing
+    /// queued, if the frame would be over that limit (the caller splits the batch or drops
+    /// it); SerializationError for a value the codec cannot encode.
+    fn log(&self, py: Python<'_>, records: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let head = Head::new(Kind::Log as u8, 0);
+        match frames::encode_frame(
+            head,
+            Body::Value(records),
+            &Options::INLINE,
+            self.max_frame(),
+        ) {
+            Ok((buf, _)) => {
+                self.push_frame(buf);
+                Ok(true)
+            }
+            Err(e) if e.is_oversize() => Ok(false),
+            Err(e) => Err(e.into_pyerr(py, "log records", "log")),
+        }
+    }
+
     /// Queue the reply to `id`. A value that cannot be encoded, or is over the frame limit,
     /// becomes an error reply naming the problem, so the caller always gets an answer.
     fn reply(&self, py: Python<'_>, id: u64, value: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -525,6 +546,8 @@ impl Channel {
     const CALL_STREAM: u8 = Kind::CallStream as u8;
     #[classattr]
     const RELEASE: u8 = Kind::Release as u8;
+    #[classattr]
+    const LOG: u8 = Kind::Log as u8;
     #[classattr]
     const OVERSIZE: u32 = OVERSIZE;
     #[classattr]

@@ -25,9 +25,10 @@ use kameo_proto::frame::{self, Kind};
 use pyo3::exceptions::PyKeyError;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 type PyObject = Py<PyAny>;
 
@@ -115,6 +116,7 @@ impl PoolCore {
                 ref_hook: None,
             },
             ref_key: 0,
+            observed: None,
         };
         Ok(PoolCore {
             state,
@@ -235,6 +237,26 @@ impl PoolCore {
             })?;
             Ok(id)
         })
+    }
+
+    /// Record the timing of each request from now on (`on`), for the pool's `CallFinished`
+    /// events, or stop and forget what was recorded.
+    fn set_observe(&mut self, on: bool) {
+        let s = &mut self.state;
+        match (on, s.observed.is_some()) {
+            (true, false) => s.observed = Some(HashMap::new()),
+            (false, true) => s.observed = None,
+            _ => {}
+        }
+    }
+
+    /// The timing of request `id`, recorded since `set_observe(True)`, once: (the worker it
+    /// was sent to or None, seconds from submission until it was sent, seconds from then
+    /// until it was resolved, or until now for a request resolved in Python: timed out,
+    /// cancelled). None if nothing was recorded for it.
+    fn take_timing(&mut self, id: u64) -> Option<(Option<u32>, f64, f64)> {
+        let t = self.state.observed.as_mut()?.remove(&id)?;
+        Some(t.split(Instant::now()))
     }
 
     /// Take every buffered item of stream `id`. Returns `(items, finished)`; raises the

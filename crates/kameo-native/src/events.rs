@@ -26,8 +26,11 @@ pub const RETIRE: &str = "retire";
 /// A draining worker has nothing in flight any more: payload None.
 pub const DRAINED: &str = "drained";
 
+/// A LOG frame: payload the decoded `(dropped, records)` (a str if it could not be decoded).
+pub const LOG: &str = "log";
+
 /// Every event name, with the suffix of its Python constant (`EVENT_<suffix>`).
-pub const ALL: [(&str, &str); 12] = [
+pub const ALL: [(&str, &str); 13] = [
     ("CALLBACK", CALLBACK),
     ("CALLBACK_CREDIT", CALLBACK_CREDIT),
     ("CALLBACK_CANCEL", CALLBACK_CANCEL),
@@ -40,4 +43,5 @@ pub const ALL: [(&str, &str); 12] = [
     ("PROTOCOL_WARNING", PROTOCOL_WARNING),
     ("RETIRE", RETIRE),
     ("DRAINED", DRAINED),
+    ("LOG", LOG),
 ];

@@ -18,7 +18,7 @@ use crate::sys::{lock, Segments};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once, TryLockError};
 use std::time::{Duration, Instant};
 
 /// How long a paced item may wait in the queue.
@@ -137,9 +137,16 @@ impl Outbox {
         false
     }
 
-    /// Nothing is queued or half written (a flush would have nothing to do).
+    /// Nothing is queued or half written (a flush would have nothing to do). Called with the
+    /// GIL held, so it never waits for the wire: a thread writing to a full socket holds it
+    /// (GIL released) and waiting for it here would stop every Python thread until the peer
+    /// reads. A wire in use counts as not empty (the caller then writes, GIL released).
     pub fn is_empty(&self) -> bool {
-        let w = lock(&self.wire);
+        let w = match self.wire.try_lock() {
+            Ok(w) => w,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
         w.pos == w.out.len() && lock(&self.queue).buf.is_empty()
     }
 

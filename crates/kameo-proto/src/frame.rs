@@ -80,6 +80,9 @@ pub enum Kind {
     /// parent → worker: forget remote objects; body = n:u32le then n × u64le object numbers.
     /// No answer, not a request, id 0.
     Release = 29,
+    /// worker → parent: a batch of `logging` records made in the worker; body = one encoded
+    /// `(dropped, records)` (layout in `docs/protocol.md`). No answer, not a request, id 0.
+    Log = 30,
     /// parent → worker: finish in-flight work, then exit (empty body).
     Shutdown = 32,
 }
@@ -106,6 +109,7 @@ impl Kind {
             27 => Kind::Call,
             28 => Kind::CallStream,
             29 => Kind::Release,
+            30 => Kind::Log,
             32 => Kind::Shutdown,
             _ => return None,
         })
@@ -132,6 +136,7 @@ impl Kind {
             Kind::Call => "call",
             Kind::CallStream => "call_stream",
             Kind::Release => "release",
+            Kind::Log => "log",
             Kind::Shutdown => "shutdown",
         }
     }

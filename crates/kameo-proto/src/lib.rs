@@ -14,4 +14,4 @@ pub mod wire;
 
 /// The protocol version spoken by this build. A peer with another version is refused at the
 /// handshake with a message naming both.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;

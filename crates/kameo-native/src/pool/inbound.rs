@@ -208,6 +208,20 @@ impl PoolState {
                 }
             }
             Some(Kind::Heartbeat) => {} // last_seen is updated for every read
+            // Records logged while the target loads come before READY: any state but the
+            // handshake's first.
+            Some(Kind::Log) if state != LinkState::Connecting => {
+                let payload = match codec::decode(py, env.body, &opts, segs) {
+                    Ok(records) => records.unbind(),
+                    Err(e) => pystr(
+                        py,
+                        &format!(
+                            "log records from worker {wid} (pid {pid}) could not be decoded: {e}"
+                        ),
+                    ),
+                };
+                fx.event(wid, events::LOG, payload);
+            }
             Some(Kind::Callback) if serving => {
                 let trace = env.trace.map(|t| String::from_utf8_lossy(t).into_owned());
                 let payload = match codec::decode(py, env.body, &opts, segs) {

@@ -15,6 +15,7 @@ use crate::link::{self, Link, LinkState, Slot, Target};
 use kameo_proto::frame::Kind;
 use pyo3::intern;
 use pyo3::prelude::*;
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
@@ -37,6 +38,32 @@ pub struct PoolState {
     pub opts: Options,
     /// The pool's key, which the remote object references of its CALLs carry.
     pub ref_key: u64,
+    /// With event listeners (`PoolCore.set_observe`): the timing of each request not yet
+    /// taken by `take_timing`. None otherwise, and then nothing is recorded.
+    pub observed: Option<HashMap<u64, Timing>>,
+}
+
+/// When a request was submitted, sent (to which worker), and resolved, for `CallFinished`
+/// events. A request run again after its worker died keeps its submission time and gets the
+/// worker and send time of its last attempt.
+pub struct Timing {
+    pub submitted: Instant,
+    pub worker: Option<u32>,
+    pub sent: Option<Instant>,
+    pub ended: Option<Instant>,
+}
+
+impl Timing {
+    /// (worker, seconds from submission to send, seconds from send to the end), the end being
+    /// the resolution, or now for a request its caller gave up on (never resolved here). A
+    /// request never sent was queued until the end and ran for 0 s.
+    pub fn split(&self, now: Instant) -> (Option<u32>, f64, f64) {
+        let end = self.ended.unwrap_or(now);
+        let sent = self.sent.unwrap_or(end);
+        let queued = sent.saturating_duration_since(self.submitted);
+        let run = end.saturating_duration_since(sent);
+        (self.worker, queued.as_secs_f64(), run.as_secs_f64())
+    }
 }
 
 impl PoolState {
@@ -126,8 +153,18 @@ impl PoolState {
         encode: impl FnOnce(&Self, u64) -> PyResult<(Vec<u8>, Segments, Option<u32>)>,
     ) -> PyResult<(u64, Option<u32>)> {
         let id = self.next_id;
+        let submitted = self.observed.is_some().then(Instant::now);
         let (frame, segs, pin) = encode(self, id)?;
         self.next_id += 1;
+        if let (Some(observed), Some(submitted)) = (&mut self.observed, submitted) {
+            let t = Timing {
+                submitted,
+                worker: None,
+                sent: None,
+                ended: None,
+            };
+            observed.insert(id, t);
+        }
         if let Target::Stream = target {
             self.streams.open(id);
         }
@@ -183,6 +220,10 @@ impl PoolState {
         } else {
             Some(link.send_now(&frame, &segs))
         };
+        if let Some(t) = self.observed.as_mut().and_then(|o| o.get_mut(&id)) {
+            t.worker = Some(link.id);
+            t.sent = Some(now);
+        }
         let seq = link.next_seq;
         link.next_seq += 1;
         link.slots.insert(
@@ -307,6 +348,9 @@ impl PoolState {
         target: Target,
         outcome: Result<Bound<'_, PyAny>, PyErr>,
     ) -> bool {
+        if let Some(t) = self.observed.as_mut().and_then(|o| o.get_mut(&id)) {
+            t.ended = Some(Instant::now());
+        }
         match target {
             Target::Ask(fut, timed) => resolve_ask(py, fut.bind(py), timed, outcome),
             Target::Stream => {
