@@ -779,12 +779,15 @@ class Pool:
             fut.set_exception(exc)
             return fut
         fut._kameo_rid = rid
-        if pin is not None:  # it may hold Refs (the core pins a call to its Refs' worker)
+        on_done = self._on_done
+        # The op lives with the future when it may hold Refs (the core pins a call to its
+        # Refs' worker), and for the CallFinished event of a listener (its kind and target).
+        if pin is not None or on_done is not None:
             fut._kameo_keep = op
         fut._kameo_abandon = self._abandon_cb
         fut._kameo_wait = self._wait_answer if self._direct is not None else None
-        if self._on_done is not None:
-            fut.add_done_callback(self._on_done)
+        if on_done is not None:
+            fut.add_done_callback(on_done)
         return fut
 
     async def close(self, grace: float = 5.0) -> None:
