@@ -2,6 +2,7 @@
 
     kameo map pkg.mod:f [-i in.jsonl] [-o out.jsonl] [-w N] [--unordered]
               [--progress | --no-progress] [--on-error stop|skip|record] [--timeout S]
+    kameo doctor [--json]
     kameo --version
 
 ``kameo map`` reads JSON lines (stdin by default, or ``-i``; ``-`` is stdin), calls ``f(record)``
@@ -29,6 +30,10 @@ not start, the output could not be written, a read error); 2 the command could n
 flags, a target that is not ``module:function`` or that the workers cannot import or call, an
 input or output file that cannot be opened, ``--progress`` without tqdm), before any input is
 read; 130 interrupted (SIGINT): the output so far is flushed and the workers are stopped.
+
+``kameo doctor`` checks this machine and interpreter (the kernel features kameo uses, the fd
+limit, the optional extras, a real 1-worker pool) and prints one line per check, or one JSON
+object with ``--json``; exit status 1 when a required check fails (:mod:`kameo._doctor`).
 """
 
 from __future__ import annotations
@@ -85,6 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error argparse printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if args.command == "doctor":
+        from kameo import _doctor  # only the command imports it
+
+        try:
+            return _doctor.main(as_json_output=args.json)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
     if args.command != "map":
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -138,6 +150,17 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="S",
         help="seconds allowed per line (a block of n lines gets n*S)",
+    )
+    d = sub.add_parser(
+        "doctor",
+        help="check that this machine can run kameo pools",
+        description="Check what kameo needs here (versions, memfd with seals, SCM_RIGHTS, "
+        "pidfd, PR_SET_PDEATHSIG, the fd limit, uv and the optional extras) and run a real "
+        "1-worker pool (start, an ask, a stream, a callback, shared memory) with its timings. "
+        "Exit status 1 when a required check fails.",
+    )
+    d.add_argument(
+        "--json", action="store_true", help='print one JSON object: {"ok": ..., "checks": [...]}'
     )
     return parser
 
