@@ -602,7 +602,11 @@ async def pool_checks(report: Callable[[Check], None]) -> list[Check]:
     callbacks = kameo.Callbacks()
     callbacks.register(PING, ping)
     pool = kameo.Pool(
-        f"{HANDLERS}:echo", size=1, callbacks=callbacks, startup_timeout=START_TIMEOUT
+        f"{HANDLERS}:echo",
+        size=1,
+        name="doctor",  # ps: "kameo doctor w0"
+        callbacks=callbacks,
+        startup_timeout=START_TIMEOUT,
     )
     started = time.perf_counter()
     try:
