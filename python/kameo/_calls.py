@@ -406,6 +406,14 @@ class Calls:
                         entries.append(value)
                         continue
                     step = ("call", step[1], step[2], {}, 0, ())
+                elif type(step) is tuple and len(step) == 6 and step[0] == "call":
+                    # Keyword arguments, no links, for a value: as direct.
+                    fn = None if step[4] or step[5] else sync_functions.get(step[1])
+                    if fn is not None:
+                        value = fn(*step[2], **step[3])
+                        live.append(value)
+                        entries.append(value)
+                        continue
                 if not (type(step) is tuple and len(step) >= 4 and step[0] in _STEP_OPS):
                     raise ValueError(f"malformed pipeline step {k}: {str(step)[:80]}")
                 if step[-1]:
