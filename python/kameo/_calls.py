@@ -347,6 +347,11 @@ class Calls:
             return Job(self.run_batch_async, (fn, items, star), {}, ASYNC, sid, entries=True)
         return Job(self.run_batch, (fn, items, star), {}, SYNC, sid, entries=True)
 
+    def _batch_answer(self, results: list[Any], errors: dict[int, Any] | None) -> tuple[Any, ...]:
+        if errors is None:
+            return ("ok", results)
+        return ("mixed", results, errors, self.objects.worker_id, os.getpid())
+
     def run_batch(self, fn: Callable[..., Any], items: list[Any], star: bool) -> tuple[Any, ...]:
         """``fn`` on each item (``fn(*item)`` with ``star``), in order: ``("ok", results)``, or
         ``("mixed", results, {index: error info}, worker id, pid)`` when some raised (their
@@ -363,9 +368,7 @@ class Calls:
                     errors = {}
                 errors[len(results)] = _error_info.from_exception(exc)
                 results.append(None)  # and on with the next item
-        if errors is None:
-            return ("ok", results)
-        return ("mixed", results, errors, self.objects.worker_id, os.getpid())
+        return self._batch_answer(results, errors)
 
     async def run_batch_async(
         self, fn: Callable[..., Any], items: list[Any], star: bool
@@ -381,9 +384,7 @@ class Calls:
                     errors = {}
                 errors[i] = _error_info.from_exception(exc)
                 results.append(None)
-        if errors is None:
-            return ("ok", results)
-        return ("mixed", results, errors, self.objects.worker_id, os.getpid())
+        return self._batch_answer(results, errors)
 
     def run_pipeline(self, steps: list[tuple[Any, ...]], sid: str | None) -> tuple[Any, ...]:
         """Run a pipeline's steps in order (``kameo.pipeline``): ``("ok", entries)``, or
@@ -397,23 +398,20 @@ class Calls:
         sync_functions = self.sync_functions
         for k, step in enumerate(steps):
             try:
-                if type(step) is tuple and step[0] == "call" and len(step) == 3:
-                    # The short form: positional arguments, no links, for a value.
-                    fn = sync_functions.get(step[1])
-                    if fn is not None:  # a plain sync function: called right here
-                        value = fn(*step[2])
-                        live.append(value)
-                        entries.append(value)
-                        continue
-                    step = ("call", step[1], step[2], {}, 0, ())
-                elif type(step) is tuple and len(step) == 6 and step[0] == "call":
-                    # Keyword arguments, no links, for a value: as direct.
-                    fn = None if step[4] or step[5] else sync_functions.get(step[1])
-                    if fn is not None:
-                        value = fn(*step[2], **step[3])
-                        live.append(value)
-                        entries.append(value)
-                        continue
+                if type(step) is tuple and step and step[0] == "call":
+                    # The usual step: a plain sync function, no links, for a value (the short
+                    # form of positional arguments, or the full one without flags or links).
+                    n = len(step)
+                    if n == 3 or (n == 6 and not step[4] and not step[5]):
+                        fn = sync_functions.get(step[1])
+                        if fn is not None:
+                            kwargs = step[3] if n == 6 else None
+                            value = fn(*step[2], **kwargs) if kwargs else fn(*step[2])
+                            live.append(value)
+                            entries.append(value)
+                            continue
+                    if n == 3:
+                        step = ("call", step[1], step[2], {}, 0, ())
                 if not (type(step) is tuple and len(step) >= 4 and step[0] in _STEP_OPS):
                     raise ValueError(f"malformed pipeline step {k}: {str(step)[:80]}")
                 if step[-1]:
