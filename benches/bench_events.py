@@ -3,13 +3,18 @@
 
 Usage::
 
-    python benches/bench_events.py [--rounds 10] [--total 5000]
+    python benches/bench_events.py [--rounds 10] [--total 5000] [--otel]
 
 The W2 shape of ``bench_pool.py`` (two ``bench_handlers:echo`` workers, ``asyncio.gather`` of
 ``total`` asks of a ~100-byte dict), run alternately with no listener and with a global
 listener that counts the events (``kameo.add_listener``), on the same pool: on a shared machine
 the two then see the same load. Prints one JSON line per case (median msgs/s over the rounds,
 best, worst) and the difference per request in µs.
+
+With ``--otel`` (needs ``opentelemetry-sdk``), a third case in the same rounds: a second pool
+started after an SDK tracer provider (a BatchSpanProcessor with an exporter that drops the
+spans) and meter provider (an in-memory reader) were set, so every ask makes a client span and
+records the metrics (the workers do not trace: no init hook sets a provider up there).
 """
 
 from __future__ import annotations
@@ -30,17 +35,43 @@ import kameo
 MSG = {"symbol": "AAPL", "qty": 100, "side": "buy", "price": 187.25, "tags": ["a", "b", "c"]}
 
 
-async def run(rounds: int, total: int) -> dict[str, list[float]]:
+def set_up_otel() -> None:
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Drop(SpanExporter):
+        def export(self, spans: object) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
+    trace.set_tracer_provider(provider)
+    metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+
+
+async def run(rounds: int, total: int, otel: bool) -> dict[str, list[float]]:
     events = [0]
 
     def count(event: object) -> None:
         events[0] += 1
 
-    rates: dict[str, list[float]] = {"no_listener": [], "listener": []}
-    async with kameo.Pool("bench_handlers:echo", size=2) as pool:
-        await asyncio.gather(*(pool.ask(MSG) for _ in range(1000)))  # warm-up
-        for i in range(rounds * 2):
-            case = "listener" if i % 2 else "no_listener"
+    cases = ["no_listener", "listener"] + (["otel"] if otel else [])
+    rates: dict[str, list[float]] = {case: [] for case in cases}
+    async with kameo.Pool("bench_handlers:echo", size=2) as plain:
+        await asyncio.gather(*(plain.ask(MSG) for _ in range(1000)))  # warm-up
+        traced = None
+        if otel:
+            set_up_otel()
+            traced = kameo.Pool("bench_handlers:echo", size=2, name="traced")
+            await traced.start()
+            await asyncio.gather(*(traced.ask(MSG) for _ in range(1000)))
+        for i in range(rounds * len(cases)):
+            case = cases[i % len(cases)]
+            pool = traced if case == "otel" else plain
+            assert pool is not None
             if case == "listener":
                 kameo.add_listener(count)
             gc.collect()
@@ -53,6 +84,8 @@ async def run(rounds: int, total: int) -> dict[str, list[float]]:
             assert len(replies) == total and replies[-1] == MSG
             del replies
             rates[case].append(total / elapsed)
+        if traced is not None:
+            await traced.close()
     assert events[0] >= rounds * total, events
     return rates
 
@@ -61,8 +94,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--total", type=int, default=5000)
+    ap.add_argument("--otel", action="store_true", help="also with OpenTelemetry on")
     args = ap.parse_args()
-    rates = asyncio.run(run(args.rounds, args.total))
+    rates = asyncio.run(run(args.rounds, args.total, args.otel))
     medians = {}
     for case, values in rates.items():
         values.sort()
@@ -84,6 +118,9 @@ def main() -> int:
         )
     cost = 1e6 / medians["listener"] - 1e6 / medians["no_listener"]
     print(json.dumps({"workload": "W2", "listener_cost_us_per_request": round(cost, 2)}))
+    if "otel" in medians:
+        cost = 1e6 / medians["otel"] - 1e6 / medians["no_listener"]
+        print(json.dumps({"workload": "W2", "otel_cost_us_per_request": round(cost, 2)}))
     return 0
 
 

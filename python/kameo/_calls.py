@@ -562,3 +562,22 @@ def _no_loop(awaitable: Any) -> Any:
     import asyncio
 
     return asyncio.run(awaitable)
+
+
+def kind_of(op: Any, handler: str | None) -> tuple[str | None, str | None]:
+    """``CallFinished.kind`` and ``target`` of a request: an ask (no op) or a CALL's op
+    (layouts in ``kameo._calls``); None for the pool's own housekeeping ops."""
+    if op is None:
+        return "ask", handler
+    name = op[0]
+    if name in ("call", "new"):
+        return name, _functions.describe(op[2])
+    if name in ("method", "getattr", "setattr"):
+        return name, str(op[3])
+    if name == "handler":
+        return "ask", handler
+    if name == "batch":
+        return "map", handler if op[2] is None else _functions.describe(op[2])
+    if name == "pipeline":
+        return "pipeline", None
+    return None, None

@@ -568,7 +568,7 @@ EXTRAS = (
         "pip install 'kameo[progress]'",
     ),
     ("cloudpickle", "allow_pickle=True for lambdas and closures", "pip install 'kameo[pickle]'"),
-    ("opentelemetry-api", "OpenTelemetry traces and metrics", "pip install opentelemetry-api"),
+    ("opentelemetry-api", "OpenTelemetry traces and metrics", "pip install 'kameo[otel]'"),
 )
 
 

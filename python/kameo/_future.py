@@ -24,7 +24,14 @@ class AskFuture(asyncio.Future[Any]):
 
     # No __dict__ per ask. Pool.ask sets both once the request is submitted; a future that
     # failed before that is already done, so cancel() never reaches them unset.
-    __slots__ = ("_kameo_abandon", "_kameo_keep", "_kameo_rid", "_kameo_timer", "_kameo_wait")
+    __slots__ = (
+        "_kameo_abandon",
+        "_kameo_keep",
+        "_kameo_rid",
+        "_kameo_span",
+        "_kameo_timer",
+        "_kameo_wait",
+    )
     _kameo_abandon: Callable[[int], None] | None
     _kameo_rid: int
     # Pool.ask sets it on a submitted future: waits for the answer directly when the loop has
@@ -35,6 +42,8 @@ class AskFuture(asyncio.Future[Any]):
     # A call's arguments (pool.call and Ref methods): the Refs in them stay alive, so their
     # objects are not released in the worker before the call has run.
     _kameo_keep: Any
+    # The OpenTelemetry client span of the request (set only when the pool traces: _otel).
+    _kameo_span: Any
 
     def __await__(self) -> Generator[Any, None, Any]:
         if not self.done():

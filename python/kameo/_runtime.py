@@ -18,8 +18,8 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, Protocol
 
-from kameo import _error_info, _functions, _native, _worker_log
-from kameo._calls import Calls
+from kameo import _error_info, _functions, _native, _otel, _worker_log
+from kameo._calls import Calls, kind_of
 from kameo._context import current_request, traceparent
 from kameo._handler import NONE
 from kameo.errors import CallbackNotFound, HandlerTypeError, KameoError
@@ -99,6 +99,18 @@ def mismatch(kind: str, frame_kind: int, target: str) -> dict[str, str] | None:
     return _error_info.handler_type(message)
 
 
+def server_span(frame_kind: int, body: Any, target: str) -> tuple[str, str | None]:
+    """The kind and target of a request's server span (``target``: the worker's handler)."""
+    if frame_kind == REQUEST:
+        return "ask", target
+    if frame_kind == REQUEST_STREAM:
+        return "stream", target
+    kind, name = kind_of(body if type(body) is tuple and body else None, target)
+    if kind is None:
+        kind = "call"
+    return ("call_stream" if frame_kind == CALL_STREAM and kind == "call" else kind), name
+
+
 def no_handler(_msg: Any) -> Any:
     """The handler of a worker that has none (``mismatch`` answers asks before they get here)."""
     raise HandlerTypeError("this pool has no handler to ask: use pool.call()")
@@ -107,9 +119,15 @@ def no_handler(_msg: Any) -> Any:
 class Runtime:
     """Routes frames to requests and callbacks; owns the callback id space."""
 
-    def __init__(self, chan: Any, config: dict[str, Any], worker_id: int) -> None:
+    def __init__(
+        self, chan: Any, config: dict[str, Any], worker_id: int, pool: str = "kameo"
+    ) -> None:
         self.chan = chan
         self.worker_id = worker_id
+        self.pool = pool
+        #: OpenTelemetry server spans, if this worker set a tracer provider up by the time its
+        #: init hook returned (``trace_requests``).
+        self.otel: _otel.WorkerTelemetry | None = None
         self.paths = frozenset(config.get("callbacks") or ())
         self.modules: dict[str, frozenset[str]] = {}
         for path in self.paths:
@@ -151,6 +169,12 @@ class Runtime:
         raise KameoError(f"request {request[1]} arrived before the worker was serving")
 
     # -- start-up ----------------------------------------------------------------------
+
+    def trace_requests(self) -> Any:
+        """After the init hook: trace requests if OpenTelemetry is set up now; the channel
+        the server answers on (one that marks a request's span failed on its error)."""
+        self.otel = _otel.for_worker(self.pool, self.worker_id, os.getpid())
+        return self.chan if self.otel is None else _otel.traced_channel(self.chan, self.otel)
 
     def ready(self, kind: str) -> None:
         """READY: the target is loaded and the init hook ran."""

@@ -33,6 +33,7 @@ from kameo._runtime import (
     current_request,
     mismatch,
     no_handler,
+    server_span,
     traceparent,
 )
 
@@ -169,6 +170,7 @@ class AsyncServer:
             rt.startup_failed(exc, "make the adapter instance", self.target)
             return
         self.handler = rt.ops.handler if rt.ops.handler is not None else no_handler
+        self.chan = rt.trace_requests()  # the init hook ran: OpenTelemetry is set up or not
         rt.ready(self.kind)
         if rt.heartbeat_interval:
             loop.call_later(rt.heartbeat_interval, self.heartbeat)
@@ -231,6 +233,9 @@ class AsyncServer:
 
     async def run(self, frame_kind: int, rid: int, body: Any, trace: str | None) -> None:
         current_request.set(rid)
+        otel = self.rt.otel
+        if otel is not None:
+            trace = otel.start(rid, *server_span(frame_kind, body, self.target), trace)
         traceparent.set(trace)
         chan = self.chan
         try:
@@ -283,6 +288,8 @@ class AsyncServer:
         finally:
             self.tasks.pop(rid, None)
             self.flows.pop(rid, None)
+            if otel is not None:
+                otel.end(rid)
             self.rt.end_request(rid)
             if not self.pumping:  # else it finished in its first step: pump() writes
                 self.pump()

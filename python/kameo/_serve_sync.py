@@ -25,6 +25,7 @@ from kameo._runtime import (
     current_request,
     mismatch,
     no_handler,
+    server_span,
     traceparent,
 )
 
@@ -42,7 +43,7 @@ class SyncServer:
         self, rt: Runtime, handler: Callable[[Any], Any] | None, kind: str, target: str
     ) -> None:
         self.rt = rt
-        self.chan = rt.chan
+        self.chan = rt.trace_requests()  # the init hook ran: OpenTelemetry is set up or not
         self.handler: Callable[[Any], Any] = handler if handler is not None else no_handler
         self.kind = kind
         self.target = target
@@ -70,6 +71,7 @@ class SyncServer:
         cancelled = self.cancelled
         handler, kind, target = self.handler, self.kind, self.target
         error_info = _error_info.from_exception
+        otel = rt.otel
         while not rt.eof:
             if not pending:
                 if rt.shutdown:
@@ -88,6 +90,8 @@ class SyncServer:
                 continue
             wrong = mismatch(kind, frame_kind, target)
             current_request.set(rid)
+            if otel is not None:
+                trace = otel.start(rid, *server_span(frame_kind, body, target), trace)
             traceparent.set(trace)
             if wrong is not None:
                 chan.error(rid, wrong)
@@ -105,6 +109,8 @@ class SyncServer:
             else:
                 self.call_stream(rid, body)
             cancelled.discard(rid)
+            if otel is not None:
+                otel.end(rid)
             rt.end_request(rid)
             # Drop the request and its result now, not when the next request arrives: they may
             # hold shared-memory mappings.

@@ -117,8 +117,9 @@ def serve() -> int:
         return 1  # the parent is already gone
     # The pool put its name and our id after the module name (`ps -f` shows them); the
     # handler's code sees a plain sys.argv.
+    pool_name = sys.argv[1] if len(sys.argv) >= 2 else "kameo"
     if len(sys.argv) >= 2:
-        set_process_name(process_name(sys.argv[1], worker_id))
+        set_process_name(process_name(pool_name, worker_id))
     del sys.argv[1:]
     os.set_inheritable(fd, False)  # the worker's own children do not get the pool socket
 
@@ -139,7 +140,7 @@ def serve() -> int:
     for path in reversed(config.get("sys_path") or []):
         if path not in sys.path:
             sys.path.insert(0, path)
-    rt = Runtime(chan, config, worker_id)
+    rt = Runtime(chan, config, worker_id, pool_name)
     install(rt)
     if config.get("log_levels") is not None:
         _worker_log.install(chan, config)

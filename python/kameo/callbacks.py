@@ -9,7 +9,7 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from kameo import _error_info
+from kameo import _error_info, _otel
 from kameo._context import traceparent
 from kameo._eager import EagerStarter
 from kameo._handler import ASYNC, SYNC, Flow, Threads, default_threads, handler_kind, produce
@@ -105,6 +105,29 @@ class CallbackRunner:
         # Each handler runs in a copy of this (the pool's context when it started), not in
         # the context of whatever code happened to read the request.
         self.context = contextvars.copy_context()
+        # OpenTelemetry (``trace``): each call of a handler is a span, kept here until it ends.
+        self.otel: Any = None
+        self.pid_of: Callable[[int], int | None] = lambda _wid: None
+        self.spans: dict[tuple[int, int], Any] = {}
+
+    def trace(self, otel: Any, pid_of: Callable[[int], int | None]) -> None:
+        """Make a span (``otel``: the pool's ``PoolTelemetry``) of each handler call."""
+        self.otel = otel
+        self.pid_of = pid_of
+
+    def _span_start(self, worker_id: int, cid: int, path: str, trace: str | None) -> Any:
+        """The call's span: (its traceparent, the OpenTelemetry context to run in)."""
+        started = self.otel.callback_start(path, (worker_id, self.pid_of(worker_id)), trace)
+        if started is None:
+            return trace, None
+        span, trace, ctx = started
+        self.spans[(worker_id, cid)] = span
+        return trace, ctx
+
+    def _span_end(self, key: tuple[int, int], exc: BaseException | None) -> None:
+        span = self.spans.pop(key, None)
+        if span is not None:
+            self.otel.callback_end(span, exc)
 
     def start(self, worker_id: int, payload: Any) -> None:
         cid, body, trace = payload
@@ -113,17 +136,22 @@ class CallbackRunner:
             self._refuse(worker_id, cid, body)
             return
         fn, kind = entry
+        octx = None
+        if self.otel is not None:
+            trace, octx = self._span_start(worker_id, cid, body[0], trace)
         if kind == SYNC:
             key = (worker_id, cid)
             ctx = self.context.copy()
             if trace is not None:
                 ctx.run(traceparent.set, trace)
+            if octx is not None:
+                ctx.run(_otel.attach, octx)
             self.open.add(key)
             self.threads.submit(ctx, fn, body[1], self._answered, key)
             return
         # Eager: a handler that answers without waiting replies from this very callback, and
         # leaves nothing behind. One that waits is registered (for cancellation) here.
-        coro = self._run(worker_id, cid, fn, kind, body[1], trace)
+        coro = self._run(worker_id, cid, fn, kind, body[1], trace, octx)
         task = self.eager.start(coro, self.context.copy())
         if task is not None:
             key = (worker_id, cid)
@@ -144,6 +172,8 @@ class CallbackRunner:
         if flow is not None and flow.task is not None:
             flow.task.cancel()
         self.open.discard(key)  # a sync handler runs on, but its answer is not sent
+        if self.spans:
+            self._span_end(key, asyncio.CancelledError("the worker cancelled the callback"))
 
     def worker_gone(self, worker_id: int) -> None:
         for (wid, _), flow in list(self.running.items()):
@@ -151,6 +181,8 @@ class CallbackRunner:
                 flow.task.cancel()
         if self.open:
             self.open = {key for key in self.open if key[0] != worker_id}
+        for key in [key for key in self.spans if key[0] == worker_id]:
+            self._span_end(key, asyncio.CancelledError(f"worker {worker_id} is gone"))
 
     def cancel_all(self) -> None:
         """The pool closes: cancel every handler, and let the handler threads go."""
@@ -158,6 +190,8 @@ class CallbackRunner:
             if flow.task is not None:
                 flow.task.cancel()
         self.open.clear()
+        for key in list(self.spans):
+            self._span_end(key, asyncio.CancelledError("the pool closed"))
         self.threads.close()
         self.threads = Threads(self.loop, default_threads(), "kameo-callback")
 
@@ -169,6 +203,8 @@ class CallbackRunner:
         open_.discard(key)
         worker_id, cid = key
         send = self.core.send
+        if self.spans:
+            self._span_end(key, None if ok else value)
         try:
             if ok:
                 send(worker_id, self.item, cid, value, True)
@@ -206,21 +242,28 @@ class CallbackRunner:
         kind: str,
         data: Any,
         trace: str | None,
+        octx: Any = None,
     ) -> None:
         send = self.core.send
         if trace is not None:
             traceparent.set(trace)
+        if octx is not None:
+            _otel.attach(octx)
+        failed: BaseException | None = None
         try:
             if kind == ASYNC:
                 send(worker_id, self.item, cid, await fn(data), True)
             else:
                 await produce(fn, kind, data, self._flow(worker_id, cid), self.threads)
                 send(worker_id, self.end, cid, None)
-        except asyncio.CancelledError:
-            pass  # the worker stopped listening, or is gone: nothing to send
+        except asyncio.CancelledError as exc:
+            failed = exc  # the worker stopped listening, or is gone: nothing to send
         except BaseException as exc:
+            failed = exc
             with contextlib.suppress(Exception):
                 send(worker_id, self.error, cid, _error_info.from_exception(exc))
         finally:
+            if self.spans:
+                self._span_end((worker_id, cid), failed)
             if self.running:  # empty: nothing to forget (eager handlers are never registered)
                 self.running.pop((worker_id, cid), None)

@@ -22,6 +22,7 @@ from kameo import (
     _eager,
     _functions,
     _native,
+    _otel,
     _runtime,
     _signals,
     _worker_log,
@@ -248,6 +249,10 @@ class Pool:
         # for asks, and for calls (their kind and target from their op).
         self._on_ask_done: Callable[[AskFuture], None] | None = None
         self._on_done: Callable[[AskFuture], None] | None = None
+        # OpenTelemetry, if the application set it up when the pool started (kameo._otel);
+        # the client spans of open streams, by request id.
+        self._otel: _otel.PoolTelemetry | None = None
+        self._otel_streams: dict[int, Any] = {}
         self._target_wire = wire_target
         self._size = size
         #: A PythonEnv, or the workers' interpreter (another one: its own sys.path).
@@ -421,10 +426,13 @@ class Pool:
             shm_threshold=self._shm_threshold,
         )
         events.watch(self)
+        self._otel = _otel.for_pool(self._name, self)
         self._listeners_changed()
         runner = self._runner = CallbackRunner(
             self._callbacks, self._core, loop, self._stream_window, Channel
         )
+        if self._otel is not None and self._otel.tracer is not None:
+            runner.trace(self._otel, self._worker_pid)
         options = SupervisorOptions(
             name=self._name,
             target=self.target or "(no target)",
@@ -524,14 +532,19 @@ class Pool:
             timer = fut._kameo_timer = loop.call_later(
                 timeout, self._expire, weakref.ref(fut), timeout
             )
+        trace = traceparent or _traceparent.get()
+        otel = self._otel
+        if otel is not None:
+            span, trace = otel.start("ask", self.target, traceparent, trace)
+            fut._kameo_span = span
         try:
-            rid = self._core.submit(
-                msg, fut, traceparent or _traceparent.get(), retries, timer is not None
-            )
+            rid = self._core.submit(msg, fut, trace, retries, timer is not None)
         except Exception as exc:
             if timer is not None:
                 timer.cancel()
             fut.set_exception(exc)
+            if otel is not None:
+                self._otel_failed(fut, "ask", self.target, exc)
             return fut
         fut._kameo_rid = rid
         fut._kameo_abandon = self._abandon_cb
@@ -558,6 +571,11 @@ class Pool:
         if timeout is None:
             timeout = self._default_timeout
         assert self._loop is not None
+        submit = None
+        if self._otel is not None:
+            submit = self._traced_submit(
+                self._core.submit_stream, "stream", self.target, traceparent
+            )
         return Stream(
             self._core,
             self._loop,
@@ -565,6 +583,7 @@ class Pool:
             msg,
             timeout,
             traceparent or _traceparent.get(),
+            submit=submit,
             on_end=None if self._on_done is None else self._stream_ender("stream", self.target),
         )
 
@@ -676,9 +695,15 @@ class Pool:
             raise PoolClosed(self._not_running())
         assert self._loop is not None
         on_end = None
+        submit: Callable[[Any, str | None], int] = functools.partial(
+            _submit_call_stream, self._core, worker=worker
+        )
         if self._on_done is not None:
-            kind, target = _kind_of(op, self.target)
-            on_end = self._stream_ender("stream" if kind == "ask" else "call_stream", target)
+            kind, target = _calls.kind_of(op, self.target)
+            kind = "stream" if kind == "ask" else "call_stream"
+            on_end = self._stream_ender(kind, target)
+            if self._otel is not None:
+                submit = self._traced_submit(submit, kind, target, None)
         return Stream(
             self._core,
             self._loop,
@@ -686,7 +711,7 @@ class Pool:
             op,
             self._default_timeout,
             _traceparent.get(),
-            submit=functools.partial(_submit_call_stream, self._core, worker=worker),
+            submit=submit,
             on_end=on_end,
         )
 
@@ -769,14 +794,22 @@ class Pool:
             timer = fut._kameo_timer = loop.call_later(
                 timeout, self._expire, weakref.ref(fut), timeout
             )
+        trace = _traceparent.get()
+        otel = self._otel
+        if otel is not None:
+            kind, target = _calls.kind_of(op, self.target)
+            span = None
+            if kind is not None:  # not the pool's own housekeeping
+                span, trace = otel.start(kind, target, None, trace)
+            fut._kameo_span = span
         try:
-            rid, pin = self._core.submit_call(
-                op, fut, _traceparent.get(), retries, timer is not None, worker
-            )
+            rid, pin = self._core.submit_call(op, fut, trace, retries, timer is not None, worker)
         except Exception as exc:
             if timer is not None:
                 timer.cancel()
             fut.set_exception(exc)
+            if otel is not None and kind is not None:
+                self._otel_failed(fut, kind, target, exc)
             return fut
         fut._kameo_rid = rid
         on_done = self._on_done
@@ -821,7 +854,7 @@ class Pool:
     def _listeners_changed(self) -> None:
         """Someone started or stopped listening: record request timings (in the core) and
         report finished requests only while someone does."""
-        active = self._events.active
+        active = self._events.active or self._otel is not None
         if self._core is not None:
             self._core.set_observe(active)
         self._on_ask_done = self._ask_finished if active else None
@@ -833,7 +866,7 @@ class Pool:
 
     def _call_finished(self, fut: AskFuture) -> None:
         """A CALL's future is done (a loop callback, while someone listens)."""
-        kind, target = _kind_of(fut._kameo_keep, self.target)
+        kind, target = _calls.kind_of(fut._kameo_keep, self.target)
         if kind is None:  # the pool's own housekeeping (releasing objects, closing a session)
             self._core.take_timing(fut._kameo_rid)
             return
@@ -841,9 +874,11 @@ class Pool:
 
     def _finished(self, fut: AskFuture, kind: str, target: str | None) -> None:
         timing = self._core.take_timing(fut._kameo_rid)
-        if timing is None:
+        otel = self._otel
+        if timing is None and otel is None:
             return  # sent before anyone listened
         error: str | None
+        exc: BaseException | None = None
         if fut.cancelled():
             ok, error = False, "CancelledError"
         else:
@@ -852,8 +887,66 @@ class Pool:
             if ok and kind in ("map", "pipeline"):
                 error = _failed_entry(kind, fut.result())
                 ok = error is None
-        wid, queued, run = timing
-        self._events.emit(CallFinished(self._name, kind, target, wid, queued, run, ok, error))
+        if otel is not None:
+            self._otel_finish(fut._kameo_span, kind, target, timing, error, exc)
+        if timing is not None and self._events.active:
+            wid, queued, run = timing
+            self._events.emit(CallFinished(self._name, kind, target, wid, queued, run, ok, error))
+
+    # ----------------------------------------------------------------- OpenTelemetry
+
+    def _worker_pid(self, wid: int) -> int | None:
+        sup = self._supervisor
+        w = None if sup is None else sup.workers.get(wid)
+        return None if w is None else w.pid
+
+    def _otel_finish(
+        self,
+        span: Any,
+        kind: str,
+        target: str | None,
+        timing: tuple[int | None, float, float] | None,
+        error: str | None,
+        exc: BaseException | None,
+    ) -> None:
+        assert self._otel is not None
+        worker, seconds = None, None
+        if timing is not None:
+            wid, queued, run = timing
+            seconds = queued + run
+            if wid is not None:
+                worker = (wid, self._worker_pid(wid))
+        self._otel.finish(span, kind, target, worker, seconds, error, exc)
+
+    def _otel_failed(
+        self, fut: AskFuture, kind: str, target: str | None, exc: BaseException
+    ) -> None:
+        """A request failed before it was sent (it has no timing, and no done callback)."""
+        self._otel_finish(fut._kameo_span, kind, target, None, events.error_type(exc), exc)
+
+    def _traced_submit(
+        self,
+        submit: Callable[[Any, str | None], int],
+        kind: str,
+        target: str | None,
+        explicit: str | None,
+    ) -> Callable[[Any, str | None], int]:
+        """``submit`` (a stream's) under a client span, kept until the stream ends."""
+        otel = self._otel
+        assert otel is not None
+
+        def traced(msg: Any, trace: str | None) -> int:
+            span, trace = otel.start(kind, target, explicit, trace)
+            try:
+                rid = submit(msg, trace)
+            except BaseException as exc:
+                otel.finish(span, kind, target, None, None, events.error_type(exc), exc)
+                raise
+            if span is not None:
+                self._otel_streams[rid] = span
+            return rid
+
+        return traced
 
     def _stream_ender(self, kind: str, target: str | None) -> Callable[[int, Any], None]:
         return functools.partial(self._stream_finished, kind, target)
@@ -863,7 +956,10 @@ class Pool:
     ) -> None:
         core = self._core
         timing = None if core is None else core.take_timing(rid)
-        if timing is None:
+        if self._otel is not None:
+            span = self._otel_streams.pop(rid, None)
+            self._otel_finish(span, kind, target, timing, events.error_type(exc), exc)
+        if timing is None or not self._events.active:
             return
         wid, queued, run = timing
         event = CallFinished(
@@ -1035,25 +1131,6 @@ def _display(target: Any, wire: str | bytes | None) -> str | None:
     module = getattr(target, "__module__", None) or "?"
     qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
     return f"{module}:{qualname} (pickled)"
-
-
-def _kind_of(op: Any, handler: str | None) -> tuple[str | None, str | None]:
-    """``CallFinished.kind`` and ``target`` of a request: an ask (no op) or a CALL's op
-    (layouts in ``kameo._calls``); None for the pool's own housekeeping ops."""
-    if op is None:
-        return "ask", handler
-    name = op[0]
-    if name in ("call", "new"):
-        return name, _functions.describe(op[2])
-    if name in ("method", "getattr", "setattr"):
-        return name, str(op[3])
-    if name == "handler":
-        return "ask", handler
-    if name == "batch":
-        return "map", handler if op[2] is None else _functions.describe(op[2])
-    if name == "pipeline":
-        return "pipeline", None
-    return None, None
 
 
 def _failed_entry(kind: str, reply: Any) -> str | None:
