@@ -121,6 +121,18 @@ def test_an_executor_call_is_a_child_of_the_submitting_threads_span(
     server_of(traced, client)
 
 
+def test_a_session_call_is_traced_and_housekeeping_is_not(traced: dict[str, Any]) -> None:
+    assert traced["seen"]["session"] == 12
+    client = client_of(traced, "root-session")  # closing the session made no span
+    assert client["name"] == "kameo.call handlers.otel:work"
+    server_of(traced, client)
+    # Every server span in the workers is the child of a client span of the parent.
+    clients = {s["span_id"] for s in traced["spans"] if s["kind"] == "CLIENT"}
+    servers = [s for s in traced["worker_spans"] if s["kind"] == "SERVER"]
+    assert servers
+    assert all(s["parent"] in clients for s in servers), servers
+
+
 def test_the_handlers_own_spans_are_children_of_the_server_span(traced: dict[str, Any]) -> None:
     server = server_of(traced, client_of(traced, "root-ask"))
     (inner,) = children(traced["worker_spans"], server)

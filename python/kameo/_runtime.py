@@ -99,15 +99,19 @@ def mismatch(kind: str, frame_kind: int, target: str) -> dict[str, str] | None:
     return _error_info.handler_type(message)
 
 
-def server_span(frame_kind: int, body: Any, target: str) -> tuple[str, str | None]:
-    """The kind and target of a request's server span (``target``: the worker's handler)."""
+def server_span(frame_kind: int, body: Any, target: str) -> tuple[str, str | None] | None:
+    """The kind and target of a request's server span (``target``: the worker's handler);
+    None for the pool's own housekeeping (closing a session...), which the parent does not
+    trace either."""
     if frame_kind == REQUEST:
         return "ask", target
     if frame_kind == REQUEST_STREAM:
         return "stream", target
-    kind, name = kind_of(body if type(body) is tuple and body else None, target)
+    if type(body) is not tuple or not body:
+        return "call", None
+    kind, name = kind_of(body, target)
     if kind is None:
-        kind = "call"
+        return None
     return ("call_stream" if frame_kind == CALL_STREAM and kind == "call" else kind), name
 
 

@@ -234,8 +234,8 @@ class AsyncServer:
     async def run(self, frame_kind: int, rid: int, body: Any, trace: str | None) -> None:
         current_request.set(rid)
         otel = self.rt.otel
-        if otel is not None:
-            trace = otel.start(rid, *server_span(frame_kind, body, self.target), trace)
+        if otel is not None and (span := server_span(frame_kind, body, self.target)) is not None:
+            trace = otel.start(rid, *span, trace)
         traceparent.set(trace)
         chan = self.chan
         try:

@@ -90,8 +90,8 @@ class SyncServer:
                 continue
             wrong = mismatch(kind, frame_kind, target)
             current_request.set(rid)
-            if otel is not None:
-                trace = otel.start(rid, *server_span(frame_kind, body, target), trace)
+            if otel is not None and (span := server_span(frame_kind, body, target)) is not None:
+                trace = otel.start(rid, *span, trace)
             traceparent.set(trace)
             if wrong is not None:
                 chan.error(rid, wrong)

@@ -66,6 +66,11 @@ async def main(out_dir: str) -> dict[str, Any]:
             )
             seen["callback_items"] = items
             seen["worker_traceparent"] = worker_trace
+        with tracer.start_as_current_span("root-session"):
+            async with sync_pool.session() as session:
+                seen["session"] = await asyncio.wait_for(
+                    session.call("handlers.otel:work", 6), BOUND
+                )
         marker = os.path.join(out_dir, "died")
         fn = sync_pool.function("handlers.otel:die_once", idempotent=True)
         seen["retried"] = await asyncio.wait_for(fn(marker), BOUND)
