@@ -145,6 +145,21 @@ class SyncServer:
                 if not self.chan.try_reply(rid, result):
                     ops.answer(self.chan, rid, _calls.Job(fn, (), {}, SYNC, None), result)
                 return
+        # A pipeline outside a session: its steps at once (run_pipeline catches their errors).
+        if type(op) is tuple and len(op) == 3 and op[0] == "pipeline" and op[1] is None:
+            steps = op[2]
+            if type(steps) is list:
+                try:
+                    result = ops.run_pipeline(steps, None)
+                except BaseException as exc:  # a cancellation, or a worker-level failure
+                    cancelled = isinstance(exc, asyncio.CancelledError) and rid in self.cancelled
+                    info = _error_info.cancelled() if cancelled else None
+                    self.chan.error(rid, info or _error_info.from_exception(exc))
+                    return
+                if not self.chan.try_reply(rid, result):
+                    job = _calls.Job(ops.run_pipeline, (), {}, SYNC, None, entries=True)
+                    ops.answer(self.chan, rid, job, result)
+                return
         token = None
         try:
             job = ops.prepare(op)

@@ -25,15 +25,25 @@ if TYPE_CHECKING:
 __all__ = ["Pipeline", "PipelineError", "Result"]
 
 
-class Result:
+class Result(tuple):  # type: ignore[type-arg]
     """The result of step ``index`` of a pipeline, as an argument of a later step (directly:
-    not inside a list or another value)."""
+    not inside a list or another value).
 
-    __slots__ = ("_pipeline", "index")
+    A tuple ``(pipeline, index)`` underneath: made by ``tuple.__new__`` in C, a third of the
+    cost of a class's ``__init__`` (a pipeline makes one per step)."""
 
-    def __init__(self, pipeline: Pipeline, index: int) -> None:
-        self._pipeline = pipeline
-        self.index = index
+    __slots__ = ()
+
+    @property
+    def index(self) -> int:  # type: ignore[override]
+        """The step's index in its pipeline."""
+        index: int = tuple.__getitem__(self, 1)
+        return index
+
+    @property
+    def _pipeline(self) -> Pipeline:
+        pipeline: Pipeline = tuple.__getitem__(self, 0)
+        return pipeline
 
     def __repr__(self) -> str:
         return f"<kameo.pipeline.Result of step {self.index}>"
@@ -63,7 +73,7 @@ class Pipeline:
 
     def _add(self, step: tuple[Any, ...]) -> Result:
         self._steps.append(step)
-        return Result(self, len(self._steps) - 1)
+        return Result((self, len(self._steps) - 1))
 
     def _link(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], obj: Any = None
@@ -102,12 +112,16 @@ class Pipeline:
         if type(target) is not str:
             target = self._pool._wire(target)
         steps = self._steps
-        if kwargs or Result in map(type, args):
-            args, kwargs, links = self._link(args, kwargs)
-            steps.append(("call", target, args, kwargs, 0, links))
-        else:
-            steps.append(("call", target, args))  # the usual step, in its short form
-        return Result(self, len(steps) - 1)
+        if not kwargs:
+            for arg in args:
+                if type(arg) is Result:
+                    break
+            else:  # the usual step: positional arguments, no placeholder (its short form)
+                steps.append(("call", target, args))
+                return Result((self, len(steps) - 1))
+        args, kwargs, links = self._link(args, kwargs)
+        steps.append(("call", target, args, kwargs, 0, links))
+        return Result((self, len(steps) - 1))
 
     def new(self, target: Target, /, *args: Any, **kwargs: Any) -> Result:
         if type(target) is not str:
