@@ -402,11 +402,15 @@ class Calls:
                     # The usual step: a plain sync function, no links, for a value (the short
                     # form of positional arguments, or the full one without flags or links).
                     n = len(step)
-                    if n == 3 or (n == 6 and not step[4] and not step[5]):
+                    if n == 3 and (fn := sync_functions.get(step[1])) is not None:
+                        value = fn(*step[2])
+                        live.append(value)
+                        entries.append(value)
+                        continue
+                    if n == 6 and not step[4] and not step[5]:
                         fn = sync_functions.get(step[1])
                         if fn is not None:
-                            kwargs = step[3] if n == 6 else None
-                            value = fn(*step[2], **kwargs) if kwargs else fn(*step[2])
+                            value = fn(*step[2], **step[3]) if step[3] else fn(*step[2])
                             live.append(value)
                             entries.append(value)
                             continue
