@@ -13,7 +13,6 @@ Both the worker's async server (requests) and the parent's :class:`~kameo.callba
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import inspect
@@ -21,7 +20,10 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["ASYNC", "ASYNCGEN", "GEN", "NONE", "SYNC", "Flow", "Threads", "handler_kind", "produce"]
 
@@ -196,6 +198,8 @@ class Flow:
         if flush_soon is not None:
             self.sent = sent = self.sent + 1
             if sent % PACE_EVERY == 0:
+                import asyncio  # imported by then: a paced flow runs on a loop
+
                 self.flush()  # type: ignore[misc]
                 await asyncio.sleep(0)  # let the reader see CANCEL and CREDIT
             else:
@@ -205,6 +209,8 @@ class Flow:
                 self.flush()
             event = self.event
             if event is None:
+                import asyncio  # imported by then: a flow waits on a loop
+
                 event = self.event = asyncio.Event()
             event.clear()
             await event.wait()

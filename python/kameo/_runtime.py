@@ -8,7 +8,6 @@ feeds it frames; handlers reach it through ``kameo.<module>.<Type>(data)`` and
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sys
@@ -16,7 +15,10 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import asyncio
 
 from kameo import _error_info, _functions, _native, _otel, _worker_log
 from kameo._calls import Calls, kind_of
@@ -401,6 +403,8 @@ class CallbackCall:
                 raise KameoError(
                     f"callback {self.path}: use 'async for' inside an async handler, not 'for'"
                 )
+            import asyncio  # the worker has a loop
+
             fut = asyncio.run_coroutine_threadsafe(self._anext_or_stop(), rt.loop)
             ok, item = fut.result()
             if not ok:
@@ -472,7 +476,7 @@ class CallbackCall:
             self.waiter = rt.loop.create_future()
             try:
                 await self.waiter
-            except asyncio.CancelledError:
+            except BaseException:  # cancelled: the parent's handler is cancelled too
                 self.close()
                 raise
             finally:

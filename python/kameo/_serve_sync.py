@@ -7,11 +7,11 @@ make no Python call per request beyond the handler's.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import sys
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kameo import _calls, _context, _error_info
 from kameo._handler import ASYNC, ASYNCGEN, SYNC
@@ -28,6 +28,16 @@ from kameo._runtime import (
     server_span,
     traceparent,
 )
+
+if TYPE_CHECKING:
+    import asyncio
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """``exc`` is asyncio's CancelledError (asyncio is not imported unless a coroutine ran)."""
+    aio = sys.modules.get("asyncio")
+    return aio is not None and isinstance(exc, aio.CancelledError)
+
 
 #: While a stream has credit, read the socket (for CANCEL and CREDIT) every this many items.
 STREAM_POLL_EVERY = 16
@@ -152,7 +162,7 @@ class SyncServer:
                 try:
                     result = ops.run_pipeline(steps, None)
                 except BaseException as exc:  # a cancellation, or a worker-level failure
-                    cancelled = isinstance(exc, asyncio.CancelledError) and rid in self.cancelled
+                    cancelled = rid in self.cancelled and _is_cancellation(exc)
                     info = _error_info.cancelled() if cancelled else None
                     self.chan.error(rid, info or _error_info.from_exception(exc))
                     return
@@ -168,15 +178,13 @@ class SyncServer:
             result = _calls.apply(job)
             if job.kind == ASYNC:
                 result = self.run_coroutine(result)
-        except asyncio.CancelledError as exc:
-            # Cancelled by its CANCEL (run_coroutine), or a CancelledError the function raised.
-            cancelled = rid in self.cancelled
+        except BaseException as exc:
+            # Cancelled by its CANCEL (run_coroutine), or an error (a CancelledError the
+            # function raised, too).
+            cancelled = rid in self.cancelled and _is_cancellation(exc)
             self.chan.error(
                 rid, _error_info.cancelled() if cancelled else _error_info.from_exception(exc)
             )
-            return
-        except BaseException as exc:
-            self.chan.error(rid, _error_info.from_exception(exc))
             return
         finally:
             if token is not None:
@@ -209,6 +217,8 @@ class SyncServer:
         on first use). While it waits, the socket is read from that loop: a CANCEL of the
         request (its caller's cancellation or timeout) cancels the coroutine, whose ``finally``
         runs, and the worker goes on."""
+        import asyncio  # here: a sync worker that runs no coroutine never imports it
+
         loop = self._coroutine_loop
         if loop is None:
             loop = self._coroutine_loop = asyncio.new_event_loop()

@@ -23,7 +23,6 @@ loop stops them), from a thread in sync mode (a long sync handler is not a hang)
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import inspect
@@ -34,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kameo import _calls, _functions, _native, _serve_async, _worker_log
+from kameo import _calls, _functions, _native, _worker_log
 from kameo._handler import GEN, NONE, SYNC, handler_kind
 from kameo._runtime import Runtime, install
 from kameo._serve_sync import SyncServer
@@ -198,6 +197,8 @@ def serve() -> int:
                 if init is not None:
                     result = init()
                     if inspect.isawaitable(result):
+                        import asyncio
+
                         asyncio.run(result)  # type: ignore[arg-type]
             except BaseException as exc:
                 rt.startup_failed(exc, "run init hook", rt.init)
@@ -213,6 +214,10 @@ def serve() -> int:
                 start_heartbeat_thread(chan, rt.heartbeat_interval)
             server.serve()
         else:
+            import asyncio
+
+            from kameo import _serve_async
+
             asyncio.run(
                 _serve_async.serve(rt, handler, kind, target, max_concurrency, init, load_adapter)
             )

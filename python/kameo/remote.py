@@ -11,7 +11,6 @@ docs/protocol.md), which is why it is registered with the codec at import.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable
@@ -21,6 +20,8 @@ from kameo import _native
 from kameo.errors import RefError
 
 if TYPE_CHECKING:
+    import asyncio
+
     from kameo._future import AskFuture
 
 __all__ = ["Ref", "RefTable", "RemoteFunction"]
