@@ -101,8 +101,10 @@ def test_json_every_check_passes_here() -> None:
     assert report["ok"] is True
     for c in checks.values():
         assert c["ok"] or not c["required"], c
-    for name in ("memfd", "scm-rights", "pidfd", "pdeathsig", *POOL):
+    for name in ("memfd", "scm-rights", "pdeathsig", *POOL):
         assert checks[name]["required"] and checks[name]["status"] == "ok", checks[name]
+    # kameo falls back to EOF and waitpid without pidfds: a warning, not a failure.
+    assert checks["pidfd"]["status"] == "ok" and not checks["pidfd"]["required"]
     for name in ("uv", "fd-limit", "extra.tqdm", "extra.cloudpickle", "extra.opentelemetry-api"):
         assert checks[name]["required"] is False
     assert checks["kameo"]["value"] == kameo.__version__

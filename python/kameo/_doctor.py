@@ -446,9 +446,12 @@ def _finish(proc: subprocess.Popen[bytes]) -> None:
 def check_pidfd() -> Check:
     """How the pool sees a worker exit at once: a pidfd on the event loop."""
     name = "pidfd"
-    fix = "kameo watches worker exits through pidfds: Linux 5.3+ (pidfd_open)"
+    fix = (
+        "kameo sees a worker's exit at once through a pidfd (Linux 5.3+, pidfd_open); without "
+        "one it finds exits through the socket's EOF and waitpid, later"
+    )
     if not hasattr(os, "pidfd_open"):
-        return Check(name, False, "os.pidfd_open is missing", fix)
+        return Check(name, False, "os.pidfd_open is missing", fix, required=False)
     proc = _child("import sys; sys.stdin.read()", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     try:
         pidfd = os.pidfd_open(proc.pid)
@@ -456,13 +459,19 @@ def check_pidfd() -> Check:
             poller = select.poll()
             poller.register(pidfd, select.POLLIN)
             if poller.poll(0):
-                return Check(name, False, "the pidfd of a running child is readable", fix)
+                return Check(
+                    name, False, "the pidfd of a running child is readable", fix, required=False
+                )
             assert proc.stdin is not None
             proc.stdin.close()  # the child reads EOF and exits
             started = time.perf_counter()
             if not poller.poll(CHILD_TIMEOUT * 1000):
                 return Check(
-                    name, False, f"no exit seen on the pidfd within {CHILD_TIMEOUT:g} s", fix
+                    name,
+                    False,
+                    f"no exit seen on the pidfd within {CHILD_TIMEOUT:g} s",
+                    fix,
+                    required=False,
                 )
             seconds = time.perf_counter() - started
         finally:
@@ -470,7 +479,10 @@ def check_pidfd() -> Check:
     finally:
         _finish(proc)
     return Check(
-        name, True, f"a child's exit seen on its pidfd ({_ms(seconds)} after its stdin closed)"
+        name,
+        True,
+        f"a child's exit seen on its pidfd ({_ms(seconds)} after its stdin closed)",
+        required=False,
     )
 
 
