@@ -160,3 +160,16 @@ async def test_a_broken_log_frame_is_logged_and_the_worker_goes_on(
         assert await async_wait_until(lambda: "could not be decoded" in caplog.text, BOUND)
         assert await pool.ask({"op": "echo", "value": 1}, timeout=10) == 1
         assert [w.pid for w in pool.workers] == [pid] and pool.stats().crashes == 0
+
+
+async def test_forwarding_can_be_turned_off(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with kameo.Pool(f"{LOGS}:levels", size=1, forward_logs=False) as pool:
+        seen = await pool.ask("z", timeout=10)
+        # Python's own last-resort handler writes the worker's warning to its stderr.
+        assert await async_wait_until(
+            lambda: any("warning z" in r.getMessage() for r in records(caplog, "kameo.worker")),
+            BOUND,
+        ), caplog.text
+    assert not records(caplog, "kameo_test.app")
+    assert seen["root"] == logging.WARNING  # the worker's default, not the parent's INFO

@@ -148,6 +148,11 @@ class Pool:
     whose workers are hermetic (see :mod:`kameo.envs`). Workers in this process's environment
     (the same ``sys.prefix``) get its ``sys.path``; others keep their own. ``pythonpath``:
     directories put first on the workers' ``sys.path``.
+
+    ``forward_logs``: ``logging`` records made in the workers reach this process's loggers
+    (:mod:`kameo._worker_log`); with False, a worker's ``logging`` is left as Python sets it up
+    (no handler: warnings and errors go to its stderr, whose lines the pool logs as
+    ``kameo.worker``).
     """
 
     def __init__(
@@ -178,6 +183,7 @@ class Pool:
         shm_threshold: int | None = DEFAULT_SHM_THRESHOLD,
         name: str | None = None,
         on_event: Listener | None = None,
+        forward_logs: bool = True,
     ) -> None:
         pool_name = name
         wire_target = wire_init = None
@@ -242,6 +248,7 @@ class Pool:
         elif not isinstance(pool_name, str) or not pool_name.strip():
             raise ValueError(f"name must be a non-empty string, got {pool_name!r}")
         self._name = pool_name
+        self._forward_logs = bool(forward_logs)
         self._named = pool_name != default_name  # shown by repr()
         # The pool's listeners; with none, requests record nothing (_listeners_changed).
         self._events = Emitter(pool_name, on_event)
@@ -1051,7 +1058,7 @@ class Pool:
             "heartbeat_interval": self._heartbeat_interval,
             "allow_pickle": self._allow_pickle,
             "shm_threshold": self._shm_threshold,
-            "log_levels": _worker_log.levels(),
+            "log_levels": _worker_log.levels() if self._forward_logs else None,
         }
 
     def _on_event(self, worker_id: int, name: str, payload: Any) -> None:
