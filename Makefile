@@ -80,8 +80,10 @@ wheels:
 wheel: $(STAMP)
 	$(BIN)/maturin build --release --quiet --out dist --interpreter $(abspath $(BIN)/python)
 
-test-rust:
-	cargo test --workspace --quiet
+# KAMEO_TEST_PYTHON: kameo-host's tests check its serde layer against this venv's Python codec
+# (kameo._native), so the extension is built first.
+test-rust: develop
+	KAMEO_TEST_PYTHON=$(abspath $(BIN)/python) cargo test --workspace --quiet
 
 test-python: develop
 	$(BIN)/python -m pytest -q
