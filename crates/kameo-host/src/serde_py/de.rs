@@ -438,11 +438,33 @@ impl<'de, 's> Deserializer<'de, 's> {
         if depth > MAX_DEPTH {
             return Err(Error::decode(DecodeError::TooDeep));
         }
-        let all = |d: &mut Self, items: Vec<W>| -> Result<Vec<W>> {
-            items.into_iter().map(|v| d.resolve(v, depth + 1)).collect()
-        };
+        // Lists and dicts here, the rest out of line: one small frame per level.
         Ok(match v {
+            W::List(items) => W::List(self.resolve_all(items, depth)?),
+            W::Dict(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (k, v) in items {
+                    out.push((self.resolve(k, depth + 1)?, self.resolve(v, depth + 1)?));
+                }
+                W::Dict(out)
+            }
             W::Shared(v) => self.resolve(*v, depth)?,
+            other => self.resolve_ext(other, depth)?,
+        })
+    }
+
+    fn resolve_all(&mut self, items: Vec<wire::Value>, depth: usize) -> Result<Vec<wire::Value>> {
+        let mut out = Vec::with_capacity(items.len());
+        for v in items {
+            out.push(self.resolve(v, depth + 1)?);
+        }
+        Ok(out)
+    }
+
+    #[inline(never)]
+    fn resolve_ext(&mut self, v: wire::Value, depth: usize) -> Result<wire::Value> {
+        use wire::Value as W;
+        Ok(match v {
             W::Ref(i) => {
                 let (start, end) = *self.shared.get(i as usize).ok_or_else(|| {
                     Error::msg("reference to a shared value that is not complete")
@@ -483,24 +505,20 @@ impl<'de, 's> Deserializer<'de, 's> {
                     inline => inline,
                 },
             },
-            W::List(items) => W::List(all(self, items)?),
-            W::Tuple(items) => W::Tuple(all(self, items)?),
-            W::Set(items) => W::Set(all(self, items)?),
-            W::FrozenSet(items) => W::FrozenSet(all(self, items)?),
-            W::Dict(items) => W::Dict(
-                items
-                    .into_iter()
-                    .map(|(k, v)| Ok((self.resolve(k, depth + 1)?, self.resolve(v, depth + 1)?)))
-                    .collect::<Result<_>>()?,
-            ),
-            W::Object { tag, class, fields } => W::Object {
-                tag,
-                class,
-                fields: fields
-                    .into_iter()
-                    .map(|(n, v)| Ok((n, self.resolve(v, depth + 1)?)))
-                    .collect::<Result<_>>()?,
-            },
+            W::Tuple(items) => W::Tuple(self.resolve_all(items, depth)?),
+            W::Set(items) => W::Set(self.resolve_all(items, depth)?),
+            W::FrozenSet(items) => W::FrozenSet(self.resolve_all(items, depth)?),
+            W::Object { tag, class, fields } => {
+                let mut out = Vec::with_capacity(fields.len());
+                for (n, v) in fields {
+                    out.push((n, self.resolve(v, depth + 1)?));
+                }
+                W::Object {
+                    tag,
+                    class,
+                    fields: out,
+                }
+            }
             W::Subclass { class, value } => W::Subclass {
                 class,
                 value: Box::new(self.resolve(*value, depth + 1)?),

@@ -901,3 +901,25 @@ proptest! {
         prop_assert!(from_wire::<Outer>(&to_wire(&v).unwrap()[..cut]).is_err());
     }
 }
+
+#[test]
+fn deepest_input_into_recursive_targets_fits_the_stack() {
+    // MAX_DEPTH nested lists: within the limit, into recursive targets on a test thread's
+    // stack (the deserializer recurses once per level).
+    let mut b = [wire::TAG_LIST, 1].repeat(MAX_DEPTH - 1);
+    b.push(wire::TAG_NONE);
+    from_wire::<Value>(&b).unwrap();
+    from_wire::<serde::de::IgnoredAny>(&b).unwrap();
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct Nest(Vec<Option<Box<Nest>>>);
+    from_wire::<Nest>(&b).unwrap();
+    // serde_json's Value refuses past its own limit (128) but must not overflow.
+    let _ = from_wire::<serde_json::Value>(&b);
+    // With a reference at the bottom, resolved before it reaches Value.
+    let mut r = vec![wire::TAG_LIST, 2, wire::TAG_SHARED, wire::TAG_LIST, 0];
+    r.extend([wire::TAG_LIST, 1].repeat(MAX_DEPTH - 3));
+    r.extend([wire::TAG_REF, 0]);
+    from_wire::<Value>(&r).unwrap();
+    from_wire::<Nest>(&r).unwrap();
+}

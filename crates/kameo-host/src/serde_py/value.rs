@@ -388,9 +388,34 @@ impl Value {
     /// shared memory, which the deserializer resolves before.
     pub(crate) fn from_wire_value(w: wire::Value) -> Result<Value, Error> {
         use wire::Value as W;
-        let all = |items: Vec<W>| -> Result<Vec<Value>, Error> {
-            items.into_iter().map(Value::from_wire_value).collect()
-        };
+        // Containers here, the rest out of line: one small frame per level of nesting.
+        Ok(match w {
+            W::List(items) => Value::List(Value::all(items)?),
+            W::Tuple(items) => Value::Tuple(Value::all(items)?),
+            W::Dict(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (k, v) in items {
+                    out.push((Value::from_wire_value(k)?, Value::from_wire_value(v)?));
+                }
+                Value::Dict(out)
+            }
+            W::Shared(v) => Value::from_wire_value(*v)?,
+            other => Value::from_wire_ext(other)?,
+        })
+    }
+
+    fn all(items: Vec<wire::Value>) -> Result<Vec<Value>, Error> {
+        let mut out = Vec::with_capacity(items.len());
+        for v in items {
+            out.push(Value::from_wire_value(v)?);
+        }
+        Ok(out)
+    }
+
+    #[inline(never)]
+    fn from_wire_ext(w: wire::Value) -> Result<Value, Error> {
+        use wire::Value as W;
+        let all = Value::all;
         let class = |(module, qualname): (String, String)| Class { module, qualname };
         Ok(match w {
             W::None => Value::None,
@@ -401,14 +426,6 @@ impl Value {
             W::Str(s) => Value::Str(s),
             W::Bytes(b) => Value::Bytes(b),
             W::ByteArray(b) => Value::ByteArray(b),
-            W::List(items) => Value::List(all(items)?),
-            W::Tuple(items) => Value::Tuple(all(items)?),
-            W::Dict(items) => Value::Dict(
-                items
-                    .into_iter()
-                    .map(|(k, v)| Ok((Value::from_wire_value(k)?, Value::from_wire_value(v)?)))
-                    .collect::<Result<_, Error>>()?,
-            ),
             W::Set(items) => Value::Set(all(items)?),
             W::FrozenSet(items) => Value::FrozenSet(all(items)?),
             W::Complex(re, im) => Value::Complex { re, im },
@@ -466,7 +483,6 @@ impl Value {
                 scalar: tag == wire::TAG_NPSCALAR,
             }),
             W::Pickle(b) => Value::Pickle(b),
-            W::Shared(v) => Value::from_wire_value(*v)?,
             W::Remote {
                 worker,
                 number,
@@ -476,6 +492,10 @@ impl Value {
                 number,
                 type_name,
             },
+            // Containers are handled by `from_wire_value`.
+            w @ (W::List(_) | W::Tuple(_) | W::Dict(_) | W::Shared(_)) => {
+                Value::from_wire_value(w)?
+            }
             W::Ref(_) | W::ShmBytes { .. } => {
                 return Err(Error::msg(
                     "a shared-value reference or shared memory not resolved",
