@@ -15,7 +15,7 @@ use super::value::{raw_de_begin, raw_de_end, VALUE_TOKEN};
 /// The most bytes shared-value references may make one deserialization read again beyond
 /// the input itself (a chain of references can stand for a value exponentially larger than
 /// its encoding).
-pub const MAX_REPLAY: usize = 64 << 20;
+pub const MAX_REPLAY: usize = 16 << 20;
 
 pub(crate) struct Deserializer<'de, 's> {
     buf: &'de [u8],
