@@ -923,3 +923,44 @@ fn deepest_input_into_recursive_targets_fits_the_stack() {
     from_wire::<Value>(&r).unwrap();
     from_wire::<Nest>(&r).unwrap();
 }
+
+#[test]
+fn buffered_forms_through_deserialize_any() {
+    // Internally tagged and untagged enums, and flatten, buffer through deserialize_any.
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    #[serde(tag = "type")]
+    enum Event {
+        Fill { price: f64, qty: u32 },
+        Cancel { id: u64 },
+    }
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    #[serde(untagged)]
+    enum Either {
+        Num(i64),
+        Text(String),
+        Pair(u8, u8),
+    }
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Flat {
+        id: u8,
+        #[serde(flatten)]
+        rest: BTreeMap<String, i64>,
+    }
+    for e in [
+        Event::Fill {
+            price: 1.5,
+            qty: 2,
+        },
+        Event::Cancel { id: u64::MAX },
+    ] {
+        assert_eq!(from_wire::<Event>(&to_wire(&e).unwrap()).unwrap(), e);
+    }
+    for e in [Either::Num(-4), Either::Text("t".into()), Either::Pair(1, 2)] {
+        assert_eq!(from_wire::<Either>(&to_wire(&e).unwrap()).unwrap(), e);
+    }
+    let f = Flat {
+        id: 1,
+        rest: [("a".to_owned(), 2)].into(),
+    };
+    assert_eq!(from_wire::<Flat>(&to_wire(&f).unwrap()).unwrap(), f);
+}
