@@ -30,8 +30,9 @@
 //! crates with two forms (UUIDs, timestamps, addresses) take their string form.
 //!
 //! `Some(None)` and `Some(())` serialize as None and come back as `None`, as in JSON. Map keys
-//! are serialized as they are: a Python dict key must be hashable, so a key that is a seq or
-//! a map makes a value Python refuses (use a tuple).
+//! are serialized as any value; one that would be a list or dict (a seq, a map, a struct) is
+//! refused, as Python would refuse it (a dict key must be hashable: use a tuple). A Python
+//! bool is not an int here: `True` goes into `bool` only.
 //!
 //! Errors are [`SerdeError`]s with the path of the value at fault. Input is untrusted: any
 //! malformed, truncated or over-deep input (past [`kameo_proto::wire::MAX_DEPTH`]) is an error, never a

@@ -81,6 +81,20 @@ pub(crate) struct Compound<'a, 'b> {
 }
 
 #[cold]
+fn unhashable_key(tag: u8, i: usize) -> Error {
+    let ty = match tag {
+        wire::TAG_LIST => "list (a sequence)",
+        wire::TAG_DICT => "dict (a map or struct)",
+        wire::TAG_SET => "set",
+        _ => "bytearray",
+    };
+    Error::msg(format!(
+        "a Python dict key must be hashable, and this key is a {ty}: use a tuple, str or int"
+    ))
+    .at_key(format!("<key {i}>"))
+}
+
+#[cold]
 fn in_variant(e: Error, variant: Option<&'static str>) -> Error {
     match variant {
         Some(v) => e.at_key(v),
@@ -439,9 +453,17 @@ impl ser::SerializeMap for Compound<'_, '_> {
     fn serialize_key<T: ?Sized + Serialize>(&mut self, key: &T) -> Result<()> {
         let i = self.count;
         self.count += 1;
-        self.key_at = self.ser.out.len();
+        let at = self.ser.out.len();
+        self.key_at = at;
         key.serialize(&mut *self.ser)
-            .map_err(|e| e.at_key(format!("<key {i}>")))
+            .map_err(|e| e.at_key(format!("<key {i}>")))?;
+        // Python refuses unhashable dict keys: say so here, naming the type.
+        match self.ser.out.get(at) {
+            Some(&(wire::TAG_LIST | wire::TAG_DICT | wire::TAG_SET | wire::TAG_BYTEARRAY)) => {
+                Err(unhashable_key(self.ser.out[at], i))
+            }
+            _ => Ok(()),
+        }
     }
 
     #[inline]

@@ -195,6 +195,17 @@ fn maps_and_dataclasses() {
         W::Dict(vec![(s("a"), W::Int(1)), (s("b"), W::Int(2))])
     );
     assert_eq!(from_wire::<BTreeMap<String, u32>>(&b).unwrap(), m);
+    let vec_keys: BTreeMap<Vec<u8>, u8> = [(vec![1], 1)].into();
+    let e = to_wire(&vec_keys).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "at $[\"<key 0>\"]: a Python dict key must be hashable, and this key is a list (a sequence): use a tuple, str or int"
+    );
+    let tuple_keys: BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into();
+    assert_eq!(
+        from_wire::<BTreeMap<(u8, u8), u8>>(&to_wire(&tuple_keys).unwrap()).unwrap(),
+        tuple_keys
+    );
     let ints: HashMap<i64, bool> = [(3, true)].into();
     assert_eq!(
         from_wire::<HashMap<i64, bool>>(&to_wire(&ints).unwrap()).unwrap(),
@@ -947,15 +958,16 @@ fn buffered_forms_through_deserialize_any() {
         rest: BTreeMap<String, i64>,
     }
     for e in [
-        Event::Fill {
-            price: 1.5,
-            qty: 2,
-        },
+        Event::Fill { price: 1.5, qty: 2 },
         Event::Cancel { id: u64::MAX },
     ] {
         assert_eq!(from_wire::<Event>(&to_wire(&e).unwrap()).unwrap(), e);
     }
-    for e in [Either::Num(-4), Either::Text("t".into()), Either::Pair(1, 2)] {
+    for e in [
+        Either::Num(-4),
+        Either::Text("t".into()),
+        Either::Pair(1, 2),
+    ] {
         assert_eq!(from_wire::<Either>(&to_wire(&e).unwrap()).unwrap(), e);
     }
     let f = Flat {
