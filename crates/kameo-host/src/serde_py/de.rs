@@ -156,10 +156,12 @@ impl<'de, 's> Deserializer<'de, 's> {
     where
         T: TryFrom<i64> + TryFrom<i128> + TryFrom<u128>,
     {
-        if self.r.peek() == Some(wire::TAG_INT) {
-            self.bump();
-            let i = self.r.i64().map_err(Error::decode)?;
-            return T::try_from(i).map_err(|_| out_of_range(want, &i));
+        if let [wire::TAG_INT, b @ ..] = self.r.rest() {
+            if let Some(b) = b.first_chunk::<8>() {
+                let i = i64::from_le_bytes(*b);
+                let _ = self.r.take(9);
+                return T::try_from(i).map_err(|_| out_of_range(want, &i));
+            }
         }
         self.int_slow(want)
     }
@@ -203,6 +205,18 @@ impl<'de, 's> Deserializer<'de, 's> {
 
     #[inline]
     fn float(&mut self, want: &'static str) -> Result<f64> {
+        if let [wire::TAG_FLOAT, b @ ..] = self.r.rest() {
+            if let Some(b) = b.first_chunk::<8>() {
+                let f = f64::from_le_bytes(*b);
+                let _ = self.r.take(9);
+                return Ok(f);
+            }
+        }
+        self.float_slow(want)
+    }
+
+    #[inline(never)]
+    fn float_slow(&mut self, want: &'static str) -> Result<f64> {
         match self.tag()? {
             wire::TAG_FLOAT => {
                 self.bump();
