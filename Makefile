@@ -81,8 +81,10 @@ wheels:
 wheel: $(STAMP)
 	$(BIN)/maturin build --release --quiet --out dist --interpreter $(abspath $(BIN)/python)
 
-test-rust:
-	cargo test --workspace --quiet
+# KAMEO_TEST_PYTHON: kameo-host's tests check its serde layer against this venv's Python codec
+# (kameo._native), so the extension is built first.
+test-rust: develop
+	KAMEO_TEST_PYTHON=$(abspath $(BIN)/python) cargo test --workspace --quiet
 
 test-python: develop
 	$(BIN)/python -m pytest -q
@@ -107,12 +109,12 @@ lint: develop
 	$(BIN)/mypy --strict python/
 	$(BIN)/python -m mypy.stubtest kameo._native
 
-# Fuzz the frame reader, the handshake, the value decoder (wire structure) and the pyo3 decoder
-# itself in an embedded interpreter (cargo-fuzz, libFuzzer + ASan).
+# Fuzz the frame reader, the handshake, the value decoder (wire structure), the pyo3 decoder
+# itself in an embedded interpreter, and kameo-host's serde_py deserializer (cargo-fuzz, libFuzzer + ASan).
 # The toolchain is stable: RUSTC_BOOTSTRAP lets cargo-fuzz pass its sanitizer flags.
 # py_decode embeds the venv's Python when there is a venv, with its packages (numpy) importable.
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS := frame_reader handshake value_decode py_decode
+FUZZ_TARGETS := frame_reader handshake value_decode py_decode serde_py
 FUZZ_ENV = $(if $(wildcard $(BIN)/python),PYO3_PYTHON=$(abspath $(BIN)/python) \
 	PYTHONPATH=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"))
 fuzz:

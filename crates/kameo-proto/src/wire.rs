@@ -183,9 +183,26 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A reader over `buf` from `pos`, with `shared` shared values (TAG_SHARED) already
+    /// complete: to read a shared value's bytes again where a TAG_REF refers to it, with the
+    /// references inside it valid as they were the first time.
+    pub fn resume(buf: &'a [u8], pos: usize, shared: u64) -> Self {
+        Reader {
+            buf,
+            pos: pos.min(buf.len()),
+            shared,
+        }
+    }
+
     #[inline]
     pub fn pos(&self) -> usize {
         self.pos
+    }
+
+    /// How many shared values (TAG_SHARED) are complete so far.
+    #[inline]
+    pub fn shared_count(&self) -> u64 {
+        self.shared
     }
 
     #[inline]
@@ -555,6 +572,241 @@ pub fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// Append an int as Python's encoder writes it: TAG_INT when it fits i64, else TAG_BIGINT with
+/// `bit_length(|v|) / 8 + 1` bytes of little-endian two's complement.
+pub fn put_i128(out: &mut Vec<u8>, v: i128) {
+    if let Ok(small) = i64::try_from(v) {
+        out.push(TAG_INT);
+        out.extend_from_slice(&small.to_le_bytes());
+        return;
+    }
+    let bits = 128 - v.unsigned_abs().leading_zeros() as usize;
+    put_bigint_bytes(out, &v.to_le_bytes(), bits / 8 + 1, v < 0);
+}
+
+/// As [`put_i128`], for an unsigned value (up to `u128::MAX`, 17 bytes).
+pub fn put_u128(out: &mut Vec<u8>, v: u128) {
+    if let Ok(small) = i128::try_from(v) {
+        return put_i128(out, small);
+    }
+    // Over i128::MAX: 128 bits, so 17 bytes, the last one 0 (the sign).
+    put_bigint_bytes(out, &v.to_le_bytes(), 17, false);
+}
+
+/// TAG_BIGINT, then the first `n` bytes of the sign-extended little-endian `le`.
+fn put_bigint_bytes(out: &mut Vec<u8>, le: &[u8; 16], n: usize, negative: bool) {
+    out.push(TAG_BIGINT);
+    put_varint(out, n as u64);
+    let fill = if negative { 0xff } else { 0 };
+    out.extend((0..n).map(|i| le.get(i).copied().unwrap_or(fill)));
+}
+
+/// The bytes of a TAG_BIGINT payload without the redundant sign bytes at the top: at most the
+/// bytes a value needs (an empty payload is 0, as for Python's `int.from_bytes`).
+fn bigint_trimmed(mut b: &[u8]) -> &[u8] {
+    while let [rest @ .., prev, last] = b {
+        let redundant = (*last == 0 && *prev & 0x80 == 0) || (*last == 0xff && *prev & 0x80 != 0);
+        if !redundant {
+            break;
+        }
+        b = &b[..rest.len() + 1];
+    }
+    b
+}
+
+/// A TAG_BIGINT payload (little-endian two's complement, any length) as an i128, if it fits.
+pub fn bigint_to_i128(b: &[u8]) -> Option<i128> {
+    let b = bigint_trimmed(b);
+    if b.len() > 16 {
+        return None;
+    }
+    let negative = b.last().is_some_and(|l| l & 0x80 != 0);
+    let mut le = [if negative { 0xff } else { 0 }; 16];
+    le[..b.len()].copy_from_slice(b);
+    Some(i128::from_le_bytes(le))
+}
+
+/// A TAG_BIGINT payload as a u128, if it is not negative and fits.
+pub fn bigint_to_u128(b: &[u8]) -> Option<u128> {
+    let b = bigint_trimmed(b);
+    if b.last().is_some_and(|l| l & 0x80 != 0) {
+        return None;
+    }
+    // A positive value over i128::MAX has a 17th byte, 0.
+    let b = match b {
+        [head @ .., 0] if b.len() == 17 => head,
+        _ => b,
+    };
+    if b.len() > 16 {
+        return None;
+    }
+    let mut le = [0; 16];
+    le[..b.len()].copy_from_slice(b);
+    Some(u128::from_le_bytes(le))
+}
+
+/// What [`skip`] met inside the value it stepped over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skipped {
+    /// A TAG_REF: the value's bytes alone do not stand for it.
+    pub refs: bool,
+    /// A shared-memory reference (TAG_SHM_BYTES or an array's DATA_SHM).
+    pub shm: bool,
+}
+
+/// Step over one value at the reader's position without building it, inside `depth` levels
+/// of containers, checking its structure (tags, lengths, nesting, shared references) but not
+/// what only a full decode checks (UTF-8, hashable keys). `on_shared(start, end)` is called
+/// with the byte range of each shared value's list or dict as it completes, in the order of
+/// the shared table.
+pub fn skip(
+    r: &mut Reader<'_>,
+    depth: usize,
+    on_shared: &mut dyn FnMut(usize, usize),
+) -> Result<Skipped, DecodeError> {
+    // Iterative (a stack of open containers), so that deep nesting costs no call stack.
+    #[derive(PartialEq)]
+    enum Kind {
+        Plain,
+        /// Dataclass fields: a str name before each value.
+        Named,
+        /// An array: its shape, order and data follow its descr.
+        ArrayTail,
+    }
+    struct Open {
+        left: usize,
+        kind: Kind,
+        shared: Option<usize>,
+    }
+    let mut seen = Skipped::default();
+    let mut stack: Vec<Open> = Vec::new();
+    'value: loop {
+        let at = r.pos();
+        let mut shared = None;
+        let mut tag = r.u8()?;
+        if tag == TAG_SHARED {
+            r.shared_start()?;
+            shared = Some(r.pos());
+            tag = r.u8()?;
+        }
+        let level = depth + stack.len();
+        let mut open = |left: usize, kind: Kind| {
+            if level >= MAX_DEPTH {
+                return Err(DecodeError::TooDeep);
+            }
+            stack.push(Open { left, kind, shared });
+            Ok(())
+        };
+        match tag {
+            TAG_NONE | TAG_FALSE | TAG_TRUE => {}
+            TAG_INT | TAG_FLOAT => {
+                r.take(8)?;
+            }
+            TAG_COMPLEX | TAG_UUID => {
+                r.take(16)?;
+            }
+            TAG_BIGINT | TAG_STR | TAG_BYTES | TAG_BYTEARRAY | TAG_DECIMAL | TAG_PICKLE => {
+                let n = r.len(1)?;
+                r.take(n)?;
+            }
+            TAG_LIST | TAG_TUPLE | TAG_SET | TAG_FROZENSET => open(r.len(1)?, Kind::Plain)?,
+            // len(2) is at most the input's length: twice it cannot overflow.
+            TAG_DICT => open(r.len(2)? * 2, Kind::Plain)?,
+            TAG_DATETIME | TAG_DATE | TAG_TIME | TAG_TIMEDELTA => {
+                r.take(match tag {
+                    TAG_DATETIME => DATETIME_FIXED,
+                    TAG_DATE => DATE_FIXED,
+                    TAG_TIME => TIME_FIXED,
+                    _ => TIMEDELTA_FIXED,
+                })?;
+                if matches!(tag, TAG_DATETIME | TAG_TIME) {
+                    Tz::read(r)?;
+                }
+            }
+            TAG_ENUM | TAG_SUBCLASS | TAG_DATACLASS | TAG_NAMEDTUPLE => {
+                r.str()?;
+                r.str()?;
+                match tag {
+                    TAG_DATACLASS => open(r.len(1)?, Kind::Named)?,
+                    TAG_NAMEDTUPLE => open(r.len(1)?, Kind::Plain)?,
+                    _ => open(1, Kind::Plain)?,
+                }
+            }
+            TAG_NDARRAY | TAG_NPSCALAR => open(1, Kind::ArrayTail)?,
+            TAG_SHM_BYTES => {
+                if r.u8()? > 1 {
+                    return Err(DecodeError::Invalid {
+                        at,
+                        why: "bad shared bytes kind",
+                    });
+                }
+                ShmRef::read(r)?;
+                seen.shm = true;
+            }
+            TAG_REF => {
+                r.shared_ref()?;
+                seen.refs = true;
+            }
+            TAG_REMOTE => {
+                r.remote()?;
+            }
+            tag => return Err(DecodeError::UnknownTag { tag, at }),
+        }
+        // The next value to read, or the end of the containers it completes.
+        loop {
+            let Some(top) = stack.last_mut() else {
+                return Ok(seen);
+            };
+            if top.left > 0 {
+                top.left -= 1;
+                if top.kind == Kind::Named {
+                    r.str()?;
+                }
+                continue 'value;
+            }
+            let done = stack.pop().expect("an open container");
+            if done.kind == Kind::ArrayTail {
+                skip_array_tail(r, &mut seen)?;
+            }
+            if let Some(start) = done.shared {
+                r.shared_done();
+                on_shared(start, r.pos());
+            }
+        }
+    }
+}
+
+/// An array's shape, order and data (after its descr).
+fn skip_array_tail(r: &mut Reader<'_>, seen: &mut Skipped) -> Result<(), DecodeError> {
+    let at = r.pos();
+    for _ in 0..r.len(1)? {
+        r.varint()?;
+    }
+    if r.u8()? > 1 {
+        return Err(DecodeError::Invalid {
+            at,
+            why: "bad array order",
+        });
+    }
+    match r.u8()? {
+        DATA_INLINE => {
+            let n = r.len(1)?;
+            r.take(n)?;
+        }
+        DATA_SHM => {
+            ShmRef::read(r)?;
+            seen.shm = true;
+        }
+        _ => {
+            return Err(DecodeError::Invalid {
+                at,
+                why: "bad array storage",
+            })
+        }
+    }
+    Ok(())
+}
+
 impl Value {
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
@@ -686,7 +938,9 @@ impl Value {
         Ok(v)
     }
 
-    fn read(r: &mut Reader<'_>, depth: usize) -> Result<Value, DecodeError> {
+    /// Decode one value at the reader's position, inside `depth` levels of containers (0 at
+    /// the top); the reader's shared values count on (see [`Reader::resume`]).
+    pub fn read(r: &mut Reader<'_>, depth: usize) -> Result<Value, DecodeError> {
         let at = r.pos();
         Ok(match r.u8()? {
             TAG_NONE => Value::None,
@@ -1089,7 +1343,108 @@ mod tests {
         #[test]
         fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = Value::decode(&b);
+            let _ = skip(&mut Reader::new(&b), 0, &mut |_, _| {});
         }
+
+        #[test]
+        fn skip_steps_over_what_read_decodes(v in arb_value(), extra in any::<u8>()) {
+            let mut b = Vec::new();
+            v.encode(&mut b);
+            let end = b.len();
+            b.push(extra);
+            let mut r = Reader::new(&b);
+            skip(&mut r, 0, &mut |_, _| {}).unwrap();
+            prop_assert_eq!(r.pos(), end);
+        }
+
+        #[test]
+        fn ints_round_trip_through_bigint(v in any::<i128>(), u in any::<u128>()) {
+            for (b, want_i, want_u) in [
+                ({ let mut b = Vec::new(); put_i128(&mut b, v); b }, Some(v), u128::try_from(v).ok()),
+                ({ let mut b = Vec::new(); put_u128(&mut b, u); b }, i128::try_from(u).ok(), Some(u)),
+            ] {
+                let got = Value::decode(&b).unwrap();
+                let (gi, gu) = match got {
+                    Value::Int(i) => (Some(i128::from(i)), u128::try_from(i).ok()),
+                    Value::BigInt(ref p) => (bigint_to_i128(p), bigint_to_u128(p)),
+                    _ => unreachable!(),
+                };
+                prop_assert_eq!(gi, want_i);
+                prop_assert_eq!(gu, want_u);
+            }
+        }
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn bigints_as_python_writes_them() {
+        // `kameo._native.encode(v).hex()` for each.
+        let cases: [(i128, &str); 7] = [
+            (1 << 63, "0409000000000000008000"),
+            (1 << 64, "0409000000000000000001"),
+            (-(1 << 63) - 1, "0409ffffffffffffff7fff"),
+            (-(1 << 64), "04090000000000000000ff"),
+            (-(1 << 71), "040a000000000000000080ff"),
+            (i128::MIN, "041100000000000000000000000000000080ff"),
+            (i128::MAX, "0410ffffffffffffffffffffffffffffff7f"),
+        ];
+        for (v, want) in cases {
+            let mut b = Vec::new();
+            put_i128(&mut b, v);
+            assert_eq!(hex(&b), want, "{v}");
+            assert_eq!(bigint_to_i128(&b[2..]), Some(v));
+        }
+        let mut b = Vec::new();
+        put_u128(&mut b, 1 << 127);
+        assert_eq!(hex(&b), "04110000000000000000000000000000008000");
+        b.clear();
+        put_u128(&mut b, u128::MAX);
+        assert_eq!(hex(&b), "0411ffffffffffffffffffffffffffffffff00");
+        assert_eq!(bigint_to_u128(&b[2..]), Some(u128::MAX));
+        assert_eq!(bigint_to_i128(&b[2..]), None);
+        assert_eq!(bigint_to_u128(&[0xff]), None);
+        assert_eq!(bigint_to_i128(&[]), Some(0));
+        assert_eq!(bigint_to_u128(&[1; 17]), None);
+        // Redundant sign bytes are accepted.
+        assert_eq!(
+            bigint_to_i128(&[5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Some(5)
+        );
+    }
+
+    #[test]
+    fn skip_reports_shared_ranges_and_refs() {
+        // [shared [None], shared {}, ref 0, ref 1]
+        let b = [
+            TAG_LIST, 4, TAG_SHARED, TAG_LIST, 1, TAG_NONE, TAG_SHARED, TAG_DICT, 0, TAG_REF, 0,
+            TAG_REF, 1,
+        ];
+        let mut ranges = Vec::new();
+        let mut r = Reader::new(&b);
+        let seen = skip(&mut r, 0, &mut |s, e| ranges.push((s, e))).unwrap();
+        r.finish().unwrap();
+        assert_eq!(ranges, [(3, 6), (7, 9)]);
+        assert_eq!(
+            seen,
+            Skipped {
+                refs: true,
+                shm: false
+            }
+        );
+        // Resumed at a shared value's bytes, its references are valid again.
+        let mut again = Reader::resume(&b, 3, 0);
+        assert!(matches!(Value::read(&mut again, 0), Ok(Value::List(_))));
+        assert_eq!(again.pos(), 6);
+        assert!(skip(&mut Reader::new(&[TAG_REF, 0]), 0, &mut |_, _| {}).is_err());
+        let mut deep = [TAG_LIST, 1].repeat(MAX_DEPTH + 1);
+        deep.push(TAG_NONE);
+        assert_eq!(
+            skip(&mut Reader::new(&deep), 0, &mut |_, _| {}),
+            Err(DecodeError::TooDeep)
+        );
     }
 
     #[test]
