@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import importlib
 import inspect
 import json
 import json.decoder
@@ -63,6 +65,10 @@ def run_block(job: tuple[str, bytes, int, str]) -> BlockResult:
     if fn is None:
         fn = _function(target)
     started = time.perf_counter()
+    if _orjson is not None:
+        done = _run_orjson(fn, block, first, mode)
+        if done is not None:
+            return done[0], done[1].count, done[1].first, time.perf_counter() - started
     try:
         lines: list[Any] = block.decode("utf-8").split("\n")
     except UnicodeDecodeError:
@@ -71,7 +77,7 @@ def run_block(job: tuple[str, bytes, int, str]) -> BlockResult:
         lines.pop()  # after the last newline
     out: list[str] = []
     append, scan, encode, join = out.append, _scan, _encode, "".join
-    errors = _Errors(mode, out)
+    errors = _Errors(mode, append)
     n = first - 1
     for line in lines:
         n += 1
@@ -93,13 +99,14 @@ def run_block(job: tuple[str, bytes, int, str]) -> BlockResult:
 
 
 class _Errors:
-    """The failed lines of a block: how many, the first, and what ``mode`` does with each."""
+    """The failed lines of a block: how many, the first, and what ``mode`` does with each
+    (``append`` takes the error line of ``record``)."""
 
-    __slots__ = ("count", "first", "mode", "out")
+    __slots__ = ("append", "count", "first", "mode")
 
-    def __init__(self, mode: str, out: list[str]) -> None:
+    def __init__(self, mode: str, append: Callable[[str], Any]) -> None:
         self.mode = mode
-        self.out = out
+        self.append = append
         self.count = 0
         self.first: dict[str, Any] | None = None
 
@@ -112,7 +119,7 @@ class _Errors:
         if self.mode == STOP:
             return True
         if self.mode == RECORD:
-            self.out.append(error_line(info))
+            self.append(error_line(info))
         return False
 
 
@@ -267,6 +274,217 @@ def _ascii_line(line: str) -> bytes:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
 
 
+def _line_bytes(line: str) -> bytes:
+    try:
+        return line.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        return _ascii_line(line)
+
+
+# ------------------------------------------------------------------------------ the orjson path
+
+#: Set (to anything but "" or "0") in a worker's environment: the stdlib path even where orjson
+#: is installed (the tests run the CLI on both paths).
+STDLIB_ENV = "KAMEO_JSONL_STDLIB"
+
+
+def _load_orjson() -> Any:
+    if os.environ.get(STDLIB_ENV, "") not in ("", "0"):
+        return None
+    try:  # by name: importing kameo never needs it, nor does type-checking kameo
+        return importlib.import_module("orjson")
+    except ImportError:
+        return None
+
+
+_orjson = _load_orjson()
+#: Which path :func:`run_block` takes in this process: "orjson" or "stdlib".
+JSON_PATH = "stdlib" if _orjson is None else "orjson"
+
+# Where orjson's answer could differ from the stdlib path's, the line takes the stdlib path
+# (decoding, encoding or both): the output is the same bytes either way.
+#
+# Decoding. orjson refuses what json accepts (NaN, Infinity, numbers beyond a double, lone
+# surrogate escapes, ...) and refuses what json refuses with other messages: on any orjson
+# error the line is decoded again by the stdlib path. Two things orjson takes that json does
+# not take the same way: integers beyond 64 bits (orjson makes them floats) and nesting deeper
+# than the C scanner's recursion limit (orjson goes to 1024). A line with a run of 19 digits or
+# more is decoded by json; a block with a line of _DEEP brackets or more takes the stdlib path
+# as a whole (where the recursion limit is met at the same depth of the stack as there).
+_DEEP = 800
+_DIGITS = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))  # digits -> "0", else " "
+_LONG_DIGITS = b"0" * 19
+# Encoding. orjson also encodes what json refuses (UUID, enums, dataclasses, datetimes,
+# subclasses of the built-in types, through their values), writes NaN and infinities as null
+# and some floats otherwise than repr() (1e-05 as 0.00001): its output is kept only for a
+# result made of dict, list, tuple, str, int, float (each written as repr writes it), bool and
+# None (:func:`_plain`); any other result, and any orjson error, goes through the stdlib
+# encoder.
+_PLAIN = frozenset((dict, list, tuple, str, int, float, bool, type(None)))
+_CONTAINERS = frozenset((dict, list, tuple))
+_OPTIONS = 0
+if _orjson is not None:
+    _OPTIONS = (
+        _orjson.OPT_APPEND_NEWLINE
+        | _orjson.OPT_PASSTHROUGH_SUBCLASS
+        | _orjson.OPT_PASSTHROUGH_DATACLASS
+        | _orjson.OPT_PASSTHROUGH_DATETIME
+    )
+
+
+class _Refused(TypeError):
+    pass
+
+
+def _refuse(obj: Any) -> Any:
+    raise _Refused
+
+
+class _Failed:
+    """A line whose decoding or call raised ``exc``."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _run_orjson(
+    fn: Callable[[Any], Any], block: bytes, first: int, mode: str
+) -> tuple[bytes, _Errors] | None:
+    """:func:`run_block` with orjson: each line decoded (``map``, no Python loop), the target
+    called on them (``list.extend(map(...))``, resumed after a line that raised), the results
+    encoded into one bytearray and checked at once; a block with anything unusual (a blank or
+    failing line, a result that is not plain JSON) goes line by line (:func:`_lines`), which
+    takes the stdlib path where orjson would differ. The target is called once per line, in
+    order; a line that fails to encode is known only after the block's calls, so under
+    ``stop`` the lines after it in the block have been called (as those of the blocks other
+    workers run at the same time are), but their output is not written."""
+    lines = block.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # after the last newline
+    if not lines:
+        return b"", _Errors(mode, len)
+    if max(map(len, lines)) >= _DEEP and any(
+        line.count(b"[") + line.count(b"{") >= _DEEP for line in lines if len(line) >= _DEEP
+    ):
+        return None  # a line that may be nested deeper than json takes: all as json does
+    out = bytearray()
+    errors = _Errors(mode, lambda line: out.extend(_line_bytes(line)))
+    values: list[Any] | None = None
+    if _LONG_DIGITS not in block.translate(_DIGITS):
+        with contextlib.suppress(Exception):
+            values = list(map(_orjson.loads, lines))
+    if values is None:
+        _lines(fn, [_decode_line(line) for line in lines], [], first, errors, out)
+        return bytes(out), errors
+    results: list[Any] = []
+    calls = map(fn, values)
+    failed = False
+    while True:
+        try:
+            results.extend(calls)
+            break
+        except Exception as exc:
+            results.append(_Failed(exc))
+            failed = True
+            if mode == STOP:
+                break
+    if not failed:
+        dumps, options, refuse = _orjson.dumps, _OPTIONS, _refuse
+        try:
+            for result in results:
+                out += dumps(result, default=refuse, option=options)
+            if _plain(results):
+                return bytes(out), errors
+        except Exception:
+            pass
+        out.clear()
+    _lines(fn, values, results, first, errors, out)
+    return bytes(out), errors
+
+
+def _lines(
+    fn: Callable[[Any], Any],
+    values: list[Any],
+    results: list[Any],
+    first: int,
+    errors: _Errors,
+    out: bytearray,
+) -> None:
+    """Line by line: ``values`` (a decoded value, :data:`_BLANK` or :class:`_Failed`), the
+    target's ``results`` of the first lines where it was called already."""
+    called = len(results)
+    n = first - 1
+    for i, value in enumerate(values):
+        n += 1
+        if value is _BLANK:
+            continue
+        try:
+            if type(value) is _Failed:
+                raise value.exc
+            if i < called:
+                result = results[i]
+                if type(result) is _Failed:
+                    raise result.exc
+            else:
+                result = fn(value)
+            out += _encode_line(result)
+        except Exception as exc:
+            if errors.add(exc, n):
+                break
+
+
+def _decode_line(line: bytes) -> Any:
+    """A line's value (by orjson where it gives what json gives), :data:`_BLANK`, or
+    :class:`_Failed` with the stdlib path's error."""
+    if _LONG_DIGITS not in line.translate(_DIGITS):
+        with contextlib.suppress(Exception):
+            return _orjson.loads(line)
+    try:
+        text = _decode(line)
+        if not isinstance(text, _BadBytes):
+            with contextlib.suppress(Exception):
+                record, end = _scan(text, 0)
+                if end == len(text) or not text[end:].strip():
+                    return record
+        return _parse(text)
+    except Exception as exc:
+        return _Failed(exc)
+
+
+def _encode_line(result: Any) -> bytes:
+    """One result's line: orjson's if :func:`_plain`, else the stdlib encoder's."""
+    try:
+        data: bytes | None = _orjson.dumps(result, default=_refuse, option=_OPTIONS)
+    except Exception:
+        data = None
+    if data is not None and _plain([result]):
+        return data
+    return _line_bytes("".join(_encode(result, 0)))
+
+
+def _plain(objs: list[Any]) -> bool:
+    """Whether ``objs`` (that orjson could encode) are made only of the types orjson writes as
+    json does, floats included: one level of the tree at a time (``gc.get_referents`` gives
+    the items of lists and tuples and the values of dicts whose keys are all str, and keys and
+    values of the others), at C speed."""
+    level = objs
+    while level:
+        types = set(map(type, level))
+        if not types <= _PLAIN:
+            return False
+        if float in types:
+            floats = [o for o in level if type(o) is float]
+            ours = "[" + ",".join(map(float.__repr__, floats)) + "]"
+            if _orjson.dumps(floats) != ours.encode():
+                return False  # NaN, an infinity, or a float orjson writes otherwise
+        if types.isdisjoint(_CONTAINERS):
+            return True
+        level = gc.get_referents(*level)
+    return True
+
+
 # ------------------------------------------------------------------------------ errors
 
 
@@ -281,11 +499,21 @@ def _info(exc: BaseException, line: int) -> dict[str, Any]:
         exc.__traceback__ = None
     else:
         tb = exc.__traceback__
-        if tb is not None and tb.tb_frame.f_code is run_block.__code__ and tb.tb_next:
-            exc = exc.with_traceback(tb.tb_next)  # start the traceback in the target
+        if tb is not None and tb.tb_next is not None and _ours(tb):
+            while tb.tb_next is not None and _ours(tb):
+                tb = tb.tb_next
+            exc = exc.with_traceback(tb)  # start the traceback in the target
         info = dict(_error_info.from_exception(exc))
     info["line"] = line
     return info
+
+
+def _ours(tb: Any) -> bool:
+    """A frame of the loops above, left out of a line's traceback."""
+    return tb.tb_frame.f_code in _LOOPS
+
+
+_LOOPS = frozenset(f.__code__ for f in (run_block, _run_orjson, _lines, _encode_line, _decode_line))
 
 
 def error_line(info: dict[str, Any]) -> str:
