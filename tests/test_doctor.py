@@ -34,6 +34,7 @@ NAMES = [
     "uv",
     "extra.tqdm",
     "extra.cloudpickle",
+    "extra.orjson",
     "extra.opentelemetry-api",
     "pool.start",
     "pool.ask",
@@ -103,7 +104,8 @@ def test_json_every_check_passes_here() -> None:
         assert c["ok"] or not c["required"], c
     for name in ("memfd", "scm-rights", "pidfd", "pdeathsig", *POOL):
         assert checks[name]["required"] and checks[name]["status"] == "ok", checks[name]
-    for name in ("uv", "fd-limit", "extra.tqdm", "extra.cloudpickle", "extra.opentelemetry-api"):
+    extras = ("extra.tqdm", "extra.cloudpickle", "extra.orjson", "extra.opentelemetry-api")
+    for name in ("uv", "fd-limit", *extras):
         assert checks[name]["required"] is False
     assert checks["kameo"]["value"] == kameo.__version__
     assert checks["protocol"]["value"] == kameo.PROTOCOL_VERSION
@@ -112,7 +114,7 @@ def test_json_every_check_passes_here() -> None:
     assert checks["fd-limit"]["value"] == soft
     assert checks["fd-limit"]["status"] == ("ok" if soft >= 4096 else "warn")
     # The extras say what is installed in this interpreter.
-    for dist in ("tqdm", "cloudpickle", "opentelemetry-api"):
+    for dist in ("tqdm", "cloudpickle", "orjson", "opentelemetry-api"):
         try:
             version = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
