@@ -297,6 +297,17 @@ def test_orjson_and_stdlib_write_the_same_bytes(
             assert "TypeError" in types  # the UUID, the enum, the dataclass, the set...
 
 
+def test_each_result_is_written_as_it_was_returned() -> None:
+    # The target returns one dict that it changes for each line.
+    res = run("map", "handlers.cli:shared", "-w", "1", input=jsonl(numbered(400)))
+    assert res.returncode == 0, res.stderr
+    want = [
+        json.dumps({"i": i, "x": i * 1e-05 if i % 2 else i}, separators=(",", ":"))
+        for i in range(400)
+    ]
+    assert res.stdout.decode().splitlines() == want
+
+
 @pytest.mark.parametrize("stdlib", [False, True])
 def test_the_same_bytes_as_json_dumps(stdlib: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The output format, on either path: json.dumps(separators=(",", ":"), ensure_ascii=False),

@@ -321,6 +321,7 @@ _LONG_DIGITS = b"0" * 19
 # None (:func:`_plain`); any other result, and any orjson error, goes through the stdlib
 # encoder.
 _PLAIN = frozenset((dict, list, tuple, str, int, float, bool, type(None)))
+_SHALLOW = frozenset((str, int, bool, type(None)))
 _CONTAINERS = frozenset((dict, list, tuple))
 _OPTIONS = 0
 if _orjson is not None:
@@ -352,14 +353,11 @@ class _Failed:
 def _run_orjson(
     fn: Callable[[Any], Any], block: bytes, first: int, mode: str
 ) -> tuple[bytes, _Errors] | None:
-    """:func:`run_block` with orjson: each line decoded (``map``, no Python loop), the target
-    called on them (``list.extend(map(...))``, resumed after a line that raised), the results
-    encoded into one bytearray and checked at once; a block with anything unusual (a blank or
-    failing line, a result that is not plain JSON) goes line by line (:func:`_lines`), which
-    takes the stdlib path where orjson would differ. The target is called once per line, in
-    order; a line that fails to encode is known only after the block's calls, so under
-    ``stop`` the lines after it in the block have been called (as those of the blocks other
-    workers run at the same time are), but their output is not written."""
+    """:func:`run_block` with orjson (None: this block takes the stdlib path): the block's
+    lines decoded by ``map`` (a block with a blank line, or one orjson refuses or could read
+    otherwise, line by line: :func:`_decode_line`), then, line by line in order as on the
+    stdlib path, the target called and its result written at once: a dict of str, int, bool
+    and None values by orjson as it is, any other result by :func:`_encode_line`."""
     lines = block.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()  # after the last newline
@@ -376,60 +374,47 @@ def _run_orjson(
         with contextlib.suppress(Exception):
             values = list(map(_orjson.loads, lines))
     if values is None:
-        _lines(fn, [_decode_line(line) for line in lines], [], first, errors, out)
+        _lines(fn, [_decode_line(line) for line in lines], first, errors, out)
         return bytes(out), errors
-    results: list[Any] = []
-    calls = map(fn, values)
-    failed = False
-    while True:
+    n = first - 1
+    dumps, options, encode, shallow = _orjson.dumps, _OPTIONS, _encode_line, _SHALLOW
+    for value in values:
+        n += 1
         try:
-            results.extend(calls)
-            break
+            result = fn(value)
+            # Each result is written at once, as on the stdlib path (a target may return one
+            # object that it changes from line to line).
+            if type(result) is dict:
+                for item in result.values():
+                    if type(item) not in shallow:
+                        out += encode(result)
+                        break
+                else:  # values str, int, bool or None: orjson writes them as json does
+                    try:
+                        out += dumps(result, option=options)
+                    except Exception:  # an int beyond 64 bits, a key that is not a str
+                        out += encode(result)
+            else:
+                out += encode(result)
         except Exception as exc:
-            results.append(_Failed(exc))
-            failed = True
-            if mode == STOP:
+            if errors.add(exc, n):
                 break
-    if not failed:
-        dumps, options, refuse = _orjson.dumps, _OPTIONS, _refuse
-        try:
-            for result in results:
-                out += dumps(result, default=refuse, option=options)
-            if _plain(results):
-                return bytes(out), errors
-        except Exception:
-            pass
-        out.clear()
-    _lines(fn, values, results, first, errors, out)
     return bytes(out), errors
 
 
 def _lines(
-    fn: Callable[[Any], Any],
-    values: list[Any],
-    results: list[Any],
-    first: int,
-    errors: _Errors,
-    out: bytearray,
+    fn: Callable[[Any], Any], values: list[Any], first: int, errors: _Errors, out: bytearray
 ) -> None:
-    """Line by line: ``values`` (a decoded value, :data:`_BLANK` or :class:`_Failed`), the
-    target's ``results`` of the first lines where it was called already."""
-    called = len(results)
+    """Line by line: ``values`` a decoded value, :data:`_BLANK` or :class:`_Failed` each."""
     n = first - 1
-    for i, value in enumerate(values):
+    for value in values:
         n += 1
         if value is _BLANK:
             continue
         try:
             if type(value) is _Failed:
                 raise value.exc
-            if i < called:
-                result = results[i]
-                if type(result) is _Failed:
-                    raise result.exc
-            else:
-                result = fn(value)
-            out += _encode_line(result)
+            out += _encode_line(fn(value))
         except Exception as exc:
             if errors.add(exc, n):
                 break

@@ -127,3 +127,15 @@ def tricky(record: Any) -> Any:
         "deep": functools.reduce(lambda acc, _: [acc], range(300), []),
     }
     return results[name]
+
+
+_SHARED: dict[str, Any] = {}
+
+
+def shared(record: dict[str, Any]) -> dict[str, Any]:
+    """One dict, changed for each line: ``i``, and ``x`` a float json writes as 1e-05 on odd
+    lines (the dict is plain on the last line, not on all)."""
+    i = record["i"]
+    _SHARED["i"] = i
+    _SHARED["x"] = i * 1e-05 if i % 2 else i
+    return _SHARED
