@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import importlib
 import inspect
 import json
@@ -308,21 +307,30 @@ JSON_PATH = "stdlib" if _orjson is None else "orjson"
 # surrogate escapes, ...) and refuses what json refuses with other messages: on any orjson
 # error the line is decoded again by the stdlib path. Two things orjson takes that json does
 # not take the same way: integers beyond 64 bits (orjson makes them floats) and nesting deeper
-# than the C scanner's recursion limit (orjson goes to 1024). A line with a run of 19 digits or
-# more is decoded by json; a block with a line of _DEEP brackets or more takes the stdlib path
-# as a whole (where the recursion limit is met at the same depth of the stack as there).
+# than the C scanner's recursion limit (orjson goes to 1024). A line with an integer of 19
+# digits or more is decoded by json; a block with a line of _DEEP brackets or more takes the
+# stdlib path as a whole (where the recursion limit is met at the same depth of the stack).
 _DEEP = 800
-_DIGITS = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))  # digits -> "0", else " "
+# Digits -> "0", the "." and exponent of a float -> ".", anything else -> " ": an integer of
+# 19 digits or more is " " and 19 "0" (or those "0" at the start), the digits of a float not.
+_DIGITS = bytes(48 if 48 <= b <= 57 else 46 if b in b".eE" else 32 for b in range(256))
 _LONG_DIGITS = b"0" * 19
+_LONG_INT = b" " + _LONG_DIGITS
+
+
+def _long_int(data: bytes) -> bool:
+    """Whether ``data`` may hold an integer of 19 digits or more (or holds such a float)."""
+    digits = data.translate(_DIGITS)
+    return _LONG_INT in digits or digits.startswith(_LONG_DIGITS)
+
+
 # Encoding. orjson also encodes what json refuses (UUID, enums, dataclasses, datetimes,
 # subclasses of the built-in types, through their values), writes NaN and infinities as null
 # and some floats otherwise than repr() (1e-05 as 0.00001): its output is kept only for a
 # result made of dict, list, tuple, str, int, float (each written as repr writes it), bool and
 # None (:func:`_plain`); any other result, and any orjson error, goes through the stdlib
 # encoder.
-_PLAIN = frozenset((dict, list, tuple, str, int, float, bool, type(None)))
 _SHALLOW = frozenset((str, int, bool, type(None)))
-_CONTAINERS = frozenset((dict, list, tuple))
 _OPTIONS = 0
 if _orjson is not None:
     _OPTIONS = (
@@ -331,14 +339,6 @@ if _orjson is not None:
         | _orjson.OPT_PASSTHROUGH_DATACLASS
         | _orjson.OPT_PASSTHROUGH_DATETIME
     )
-
-
-class _Refused(TypeError):
-    pass
-
-
-def _refuse(obj: Any) -> Any:
-    raise _Refused
 
 
 class _Failed:
@@ -370,7 +370,7 @@ def _run_orjson(
     out = bytearray()
     errors = _Errors(mode, lambda line: out.extend(_line_bytes(line)))
     values: list[Any] | None = None
-    if _LONG_DIGITS not in block.translate(_DIGITS):
+    if not _long_int(block):
         with contextlib.suppress(Exception):
             values = list(map(_orjson.loads, lines))
     if values is None:
@@ -423,7 +423,7 @@ def _lines(
 def _decode_line(line: bytes) -> Any:
     """A line's value (by orjson where it gives what json gives), :data:`_BLANK`, or
     :class:`_Failed` with the stdlib path's error."""
-    if _LONG_DIGITS not in line.translate(_DIGITS):
+    if not _long_int(line):
         with contextlib.suppress(Exception):
             return _orjson.loads(line)
     try:
@@ -441,33 +441,65 @@ def _decode_line(line: bytes) -> Any:
 def _encode_line(result: Any) -> bytes:
     """One result's line: orjson's if :func:`_plain`, else the stdlib encoder's."""
     try:
-        data: bytes | None = _orjson.dumps(result, default=_refuse, option=_OPTIONS)
-    except Exception:
+        data: bytes | None = _orjson.dumps(result, option=_OPTIONS)
+    except Exception:  # a type orjson does not take or passes through, a big int, ...
         data = None
-    if data is not None and _plain([result]):
+    if data is not None and _plain(result):
         return data
     return _line_bytes("".join(_encode(result, 0)))
 
 
-def _plain(objs: list[Any]) -> bool:
-    """Whether ``objs`` (that orjson could encode) are made only of the types orjson writes as
-    json does, floats included: one level of the tree at a time (``gc.get_referents`` gives
-    the items of lists and tuples and the values of dicts whose keys are all str, and keys and
-    values of the others), at C speed."""
-    level = objs
-    while level:
-        types = set(map(type, level))
-        if not types <= _PLAIN:
+def _plain(obj: Any) -> bool:
+    """Whether ``obj`` (that orjson could encode, so not nested past 254 levels) is made only
+    of the types orjson writes as json does: dict, list, tuple, str, int, bool, None, and
+    floats orjson writes as repr() does (:func:`_float_same`)."""
+    kind = type(obj)
+    if kind is dict:
+        items: Any = obj.values()  # the keys are str: orjson refuses others
+    elif kind is list or kind is tuple:
+        items = obj
+    elif kind is float:
+        return _float_same(obj)
+    else:
+        return kind in _SHALLOW
+    shallow = _SHALLOW
+    for item in items:
+        kind = type(item)
+        if kind in shallow:
+            continue
+        if kind is float:
+            if not _float_same(item):
+                return False
+        elif kind is dict or kind is list or kind is tuple:
+            if not _plain(item):
+                return False
+        else:
             return False
-        if float in types:
-            floats = [o for o in level if type(o) is float]
-            ours = "[" + ",".join(map(float.__repr__, floats)) + "]"
-            if _orjson.dumps(floats) != ours.encode():
-                return False  # NaN, an infinity, or a float orjson writes otherwise
-        if types.isdisjoint(_CONTAINERS):
-            return True
-        level = gc.get_referents(*level)
     return True
+
+
+def _float_same(x: float) -> bool:
+    """Whether orjson writes ``x`` as repr() does (not NaN nor the infinities, which it writes
+    as null, nor 1e-05, which it writes as 0.00001): checked, except in the range where both
+    write the shortest digits without an exponent (itself checked once, :data:`_RANGE_SAME`)."""
+    if _RANGE_SAME and (1e-4 <= x < 1e16 or -1e16 < x <= -1e-4 or x == 0.0):
+        return True
+    same: bool = _orjson.dumps(x) == float.__repr__(x).encode()
+    return same
+
+
+def _range_same() -> bool:
+    if _orjson is None:
+        return False
+    probes = [0.0, -0.0, 0.1 + 0.2, 1e-4, -1e-4, 9999999999999998.0, -9999999999999998.0]
+    for e in range(-4, 16):
+        for m in (1.0, 1.5, 2.5, 3.141592653589793, 1.2345678901234567, 9.999999999999998):
+            probes += [m * 10.0**e, -m * 10.0**e, float(f"{m}e{e}")]
+    probes = [x for x in probes if 1e-4 <= abs(x) < 1e16 or x == 0.0]
+    return all(_orjson.dumps(x) == float.__repr__(x).encode() for x in probes)
+
+
+_RANGE_SAME = _range_same()
 
 
 # ------------------------------------------------------------------------------ errors
