@@ -11,6 +11,11 @@ a result JSON cannot encode) is handled as the parent's ``--on-error`` says:
 * ``skip``: the line is left out;
 * ``record``: ``{"error": {"type": ..., "message": ..., "line": n}}`` is written in its place.
 
+Two paths give the same bytes: json's C scanner and encoder (the stdlib path), and orjson where
+it is installed (``kameo[json]``; about twice as fast), each line falling back to json where
+orjson would read or write it otherwise (the orjson path, below). ``KAMEO_JSONL_STDLIB=1`` in
+a worker's environment forces the stdlib path.
+
 Blank lines give no output, and keep their number. The parent calls :func:`check` once, before
 it reads any input, so that a target the workers cannot import fails up front.
 
