@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --prefer-binary "maturin>=1.9,<2" "pytest>=8" "pytest-asyncio>=1.0" \
 		"pytest-timeout>=2.3" "pytest-benchmark>=4" "hypothesis>=6" "ruff>=0.6" $(MYPY) \
-		"numpy>=1.24" "tqdm>=4.66" "cloudpickle>=3" "uv>=0.4" \
+		"numpy>=1.24" "tqdm>=4.66" "cloudpickle>=3" "uv>=0.4" "orjson>=3.9" \
 		"opentelemetry-api>=1.20" "opentelemetry-sdk>=1.20"  # optional for users (extras); tests cover them
 	touch $@
 

@@ -12,6 +12,10 @@ exit:
   given to ``echo``, encoded again, in two workers);
 * ``kameo map`` over one line: the fixed cost (interpreter, imports, two workers, the check).
 
+The kameo records say which JSON path the workers took (``json_path``: ``orjson`` with
+``kameo[json]`` installed, else ``stdlib``; ``KAMEO_JSONL_STDLIB=1`` in the environment forces
+the stdlib one, to compare).
+
 Reports lines/s of each (best round) and ``kameo / floor`` (target >= 0.5), one JSON object per
 line as the other benches (``_report``).
 """
@@ -63,6 +67,22 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
+def json_path(env: dict[str, str]) -> str:
+    """The JSON path the workers take ("orjson" or "stdlib", ``kameo._jsonl.JSON_PATH``): asked
+    of a ``kameo map`` run itself, so with the workers' interpreter and environment."""
+    res = subprocess.run(
+        [sys.executable, "-m", "kameo", "map", "bench_handlers:json_path", "-w", "1"],
+        input=b"{}\n",
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    if res.returncode != 0:
+        raise SystemExit(f"kameo map failed ({res.returncode}): {res.stderr.decode()[-2000:]}")
+    path: str = json.loads(res.stdout)["path"]
+    return path
+
+
 def count_lines(path: str) -> int:
     with open(path, "rb") as f:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
@@ -76,6 +96,7 @@ def main() -> None:
     n = 100_000 if args.quick else 1_000_000
     emit_env(kameo, lines=n, rounds=args.rounds)
     env = child_env()
+    path = json_path(env)
     py = sys.executable
     with tempfile.TemporaryDirectory(prefix="kameo-bench-cli-") as tmp:
         src, dst, one = (os.path.join(tmp, name) for name in ("in.jsonl", "out.jsonl", "one"))
@@ -111,6 +132,7 @@ def main() -> None:
                 median=round(statistics.median(samples), 3),
                 lines_per_s=round(lines / best),
                 bytes=size if lines == n else None,
+                **({"json_path": path} if name.startswith("kameo") else {}),
             )
         floor, ours = min(times["floor"]), min(times["kameo_map"])
         ratio = floor / ours  # (n / ours) / (n / floor): kameo's lines/s over the floor's
@@ -122,6 +144,7 @@ def main() -> None:
             "ratio",
             target=TARGET,
             passed=ratio >= TARGET,
+            json_path=path,
             kameo_lines_per_s=round(n / ours),
             floor_lines_per_s=round(n / floor),
             kameo_without_startup_lines_per_s=round(

@@ -126,3 +126,13 @@ class Echo:
 def tiny(x):
     """A tiny task for W10 (Executor.map against ProcessPoolExecutor and mpire)."""
     return x * 2 + 1
+
+
+# ------------------------------------------------------------------------------ W11 kameo map
+
+
+def json_path(record):
+    """The JSON path of ``kameo map``'s workers (``kameo._jsonl.JSON_PATH``)."""
+    from kameo import _jsonl
+
+    return {"path": _jsonl.JSON_PATH}

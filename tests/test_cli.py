@@ -28,6 +28,34 @@ from conftest import TESTS_DIR, pid_alive, wait_until
 ROOT = os.path.dirname(TESTS_DIR)
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(kameo.__file__)))
 RUN_BOUND = 60.0
+STDLIB_ENV = "KAMEO_JSONL_STDLIB"  # kameo._jsonl.STDLIB_ENV
+PATHS = ("orjson", "stdlib")
+
+
+def has_orjson() -> bool:
+    try:
+        __import__("orjson")
+    except ImportError:
+        return False
+    return True
+
+
+def use_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers of the commands run from here take ``path`` (orjson: skipped without it)."""
+    if path == "stdlib":
+        monkeypatch.setenv(STDLIB_ENV, "1")
+        return
+    if not has_orjson():
+        pytest.skip("orjson is not installed (pip install 'kameo[json]')")
+    monkeypatch.delenv(STDLIB_ENV, raising=False)
+
+
+@pytest.fixture(autouse=True, params=PATHS)
+def json_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test of this file runs on both JSON paths of the workers (kameo._jsonl)."""
+    path: str = request.param
+    use_path(path, monkeypatch)
+    return path
 
 
 def env(*first: str) -> dict[str, str]:
@@ -156,6 +184,152 @@ def test_blank_lines_crlf_and_no_final_newline() -> None:
 def test_empty_input() -> None:
     res = run("map", "handlers.cli:double", input=b"")
     assert (res.returncode, res.stdout) == (0, b"")
+
+
+def test_the_workers_take_the_path_asked_for(json_path: str) -> None:
+    res = run("map", "handlers.cli:json_path", "-w", "1", input=b"{}\n")
+    assert res.returncode == 0, res.stderr
+    assert parse(res.stdout) == [{"path": json_path}]
+
+
+# ------------------------------------------------------------------ both paths, one output
+
+TRICKY_RESULTS = [
+    "uuid",
+    "enum",
+    "intenum",
+    "dataclass",
+    "date",
+    "ordered",
+    "strsub",
+    "set",
+    "nan",
+    "inf",
+    "floats",
+    "bigint",
+    "keys",
+    "tuple",
+    "surrogate",
+    "bytes",
+    "namedtuple",
+    "deep",
+]
+
+#: Lines whose decoding, or whose result's encoding, orjson and json do differently, or that
+#: one of them refuses (with handlers.cli:tricky, ``{"k": ...}`` lines return such results).
+TRICKY_LINES = [
+    '{"a": "é\\u00e9\\n\\t\\"\\\\\\u0000\\u001f\x7f\u2028 ☃ 😀", "b": "\\ud83d\\ude00"}'.encode(),
+    b'{"big": 123456789012345678901234567890, "neg": -9223372036854775809}',
+    b"[18446744073709551615, -9223372036854775808, 12345678901234567890]",
+    b'"12345678901234567890123"',
+    b"[0.00123456789012345678, 12345678901234567890.5, 1234567890123456789012e-3, -0.5e-19]",
+    b'{"t": 1700000000.123456, "p": 0.30000000000000004, "q": [1e-4, 9999999999999998.0]}',
+    b"[1e400, -1e400, 1e-400, -0.0, 1.0, 1E5, 1e-05, 0.000015, 5e-324, 1.7976931348623157e308]",
+    b"[0.1, 2.5e-08, 1e16, 1e22, 123.456, 100.0]",
+    b"NaN",
+    b"[Infinity, -Infinity, NaN]",
+    b'{"a": {"b": [1, 2, {"c": null}], "d": [[], {}]}, "e": [true, false]}',
+    b"[]",
+    b"{}",
+    b'""',
+    b"0",
+    b"-0",
+    b'{"a": 1, "b": 2, "a": 3}',
+    b"",
+    b"   ",
+    b"\t",
+    b'{"x": 1}\r',
+    b' {"x": 2} ',
+    b'{"x":',
+    b"[1,]",
+    b"nul",
+    b"1 2",
+    b"1,2",
+    b"[1",
+    b"2]",
+    b"01",
+    b".5",
+    b'"\\x"',
+    b'"a\x01b"',
+    b"\xef\xbb\xbf{}",
+    b"\xff\xfe",
+    b'"\xed\xa0\x80"',
+    b'"\\ud800"',
+    b'{"\\udc00": "\\ud800x"}',
+    b"[" * 300 + b"]" * 300,
+    b"[" * 1010 + b"]" * 1010,
+    b"[" * 3000 + b"]" * 3000,
+    *(b'{"k": "%s"}' % name.encode() for name in TRICKY_RESULTS),
+    b'{"k": null, "i": 1}',
+]
+
+
+def tricky_input() -> bytes:
+    """The tricky lines alone, together, and each in a block of plain lines."""
+    plain = [b'{"i": %d, "s": "x"}' % i for i in range(40)]
+    lines = list(TRICKY_LINES) + TRICKY_LINES[::-1]
+    for line in TRICKY_LINES:
+        lines += [*plain[:20], line, *plain[20:]]
+    return b"".join(line + b"\n" for line in lines)
+
+
+@pytest.mark.parametrize("mode", ["skip", "record", "stop"])
+@pytest.mark.parametrize("target", ["handlers.cli:same", "handlers.cli:tricky"])
+def test_orjson_and_stdlib_write_the_same_bytes(
+    json_path: str, mode: str, target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if json_path == "stdlib":
+        pytest.skip("compares the two paths: once is enough")
+    data = tricky_input()
+    args = ("map", target, "-w", "2", "--on-error", mode)
+    fast = run(*args, input=data)
+    use_path("stdlib", monkeypatch)
+    slow = run(*args, input=data)
+    assert slow.returncode == (1 if mode == "stop" else 0), slow.stderr
+    assert fast.returncode == slow.returncode, fast.stderr
+    assert fast.stdout == slow.stdout
+    assert fast.stderr.splitlines()[:1] == slow.stderr.splitlines()[:1]
+    if mode == "record":
+        # Each non-blank line gives one line, and the refused ones are errors.
+        got = [json.loads(line) for line in slow.stdout.splitlines()]
+        errors = [g["error"] for g in got if isinstance(g, dict) and "error" in g]
+        types = {e["type"] for e in errors}
+        assert {"json.decoder.JSONDecodeError", "UnicodeDecodeError", "RecursionError"} <= types
+        if target == "handlers.cli:tricky":
+            assert "TypeError" in types  # the UUID, the enum, the dataclass, the set...
+
+
+def test_each_result_is_written_as_it_was_returned() -> None:
+    # The target returns one dict that it changes for each line.
+    res = run("map", "handlers.cli:shared", "-w", "1", input=jsonl(numbered(400)))
+    assert res.returncode == 0, res.stderr
+    want = [
+        json.dumps({"i": i, "x": i * 1e-05 if i % 2 else i}, separators=(",", ":"))
+        for i in range(400)
+    ]
+    assert res.stdout.decode().splitlines() == want
+
+
+@pytest.mark.parametrize("stdlib", [False, True])
+def test_the_same_bytes_as_json_dumps(stdlib: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output format, on either path: json.dumps(separators=(",", ":"), ensure_ascii=False),
+    NaN and infinities as json writes them, a lone surrogate escaped."""
+    if stdlib:
+        use_path("stdlib", monkeypatch)
+    values: list[Any] = [
+        {"a": 'é☃😀\n"', "b": [1, 2.5, None, True], "c": {}},
+        [1e-05, 1e-07, 1e16, 1e22, -0.0, 0.1, 2**70, -(2**63) - 1],
+        {"n": float("nan"), "i": float("inf")},
+        "x\ud800",
+    ]
+    data = b"".join(
+        json.dumps(v, ensure_ascii=True, allow_nan=True).encode() + b"\n" for v in values
+    )
+    res = run("map", "handlers.cli:same", "-w", "1", input=data)
+    assert res.returncode == 0, res.stderr
+    want = [json.dumps(v, separators=(",", ":"), ensure_ascii=False) for v in values[:3]]
+    want.append(json.dumps(values[3], separators=(",", ":")))
+    assert res.stdout.decode().splitlines() == want
 
 
 # ------------------------------------------------------------------------------ errors

@@ -34,6 +34,7 @@ NAMES = [
     "uv",
     "extra.tqdm",
     "extra.cloudpickle",
+    "extra.orjson",
     "extra.opentelemetry-api",
     "pool.start",
     "pool.ask",
@@ -105,7 +106,8 @@ def test_json_every_check_passes_here() -> None:
         assert checks[name]["required"] and checks[name]["status"] == "ok", checks[name]
     # kameo falls back to EOF and waitpid without pidfds: a warning, not a failure.
     assert checks["pidfd"]["status"] == "ok" and not checks["pidfd"]["required"]
-    for name in ("uv", "fd-limit", "extra.tqdm", "extra.cloudpickle", "extra.opentelemetry-api"):
+    extras = ("extra.tqdm", "extra.cloudpickle", "extra.orjson", "extra.opentelemetry-api")
+    for name in ("uv", "fd-limit", *extras):
         assert checks[name]["required"] is False
     assert checks["kameo"]["value"] == kameo.__version__
     assert checks["protocol"]["value"] == kameo.PROTOCOL_VERSION
@@ -114,7 +116,7 @@ def test_json_every_check_passes_here() -> None:
     assert checks["fd-limit"]["value"] == soft
     assert checks["fd-limit"]["status"] == ("ok" if soft >= 4096 else "warn")
     # The extras say what is installed in this interpreter.
-    for dist in ("tqdm", "cloudpickle", "opentelemetry-api"):
+    for dist in ("tqdm", "cloudpickle", "orjson", "opentelemetry-api"):
         try:
             version = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -90,6 +90,7 @@ NAMES = (
     "uv",
     "extra.tqdm",
     "extra.cloudpickle",
+    "extra.orjson",
     "extra.opentelemetry-api",
     "pool.start",
     "pool.ask",
@@ -580,6 +581,7 @@ EXTRAS = (
         "pip install 'kameo[progress]'",
     ),
     ("cloudpickle", "allow_pickle=True for lambdas and closures", "pip install 'kameo[pickle]'"),
+    ("orjson", "faster JSON in kameo map's workers", "pip install 'kameo[json]'"),
     ("opentelemetry-api", "OpenTelemetry traces and metrics", "pip install 'kameo[otel]'"),
 )
 

@@ -11,6 +11,11 @@ a result JSON cannot encode) is handled as the parent's ``--on-error`` says:
 * ``skip``: the line is left out;
 * ``record``: ``{"error": {"type": ..., "message": ..., "line": n}}`` is written in its place.
 
+Two paths give the same bytes: json's C scanner and encoder (the stdlib path), and orjson where
+it is installed (``kameo[json]``; about twice as fast), each line falling back to json where
+orjson would read or write it otherwise (the orjson path, below). ``KAMEO_JSONL_STDLIB=1`` in
+a worker's environment forces the stdlib path.
+
 Blank lines give no output, and keep their number. The parent calls :func:`check` once, before
 it reads any input, so that a target the workers cannot import fails up front.
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import inspect
 import json
 import json.decoder
@@ -63,6 +69,10 @@ def run_block(job: tuple[str, bytes, int, str]) -> BlockResult:
     if fn is None:
         fn = _function(target)
     started = time.perf_counter()
+    if _orjson is not None:
+        done = _run_orjson(fn, block, first, mode)
+        if done is not None:
+            return done[0], done[1].count, done[1].first, time.perf_counter() - started
     try:
         lines: list[Any] = block.decode("utf-8").split("\n")
     except UnicodeDecodeError:
@@ -71,7 +81,7 @@ def run_block(job: tuple[str, bytes, int, str]) -> BlockResult:
         lines.pop()  # after the last newline
     out: list[str] = []
     append, scan, encode, join = out.append, _scan, _encode, "".join
-    errors = _Errors(mode, out)
+    errors = _Errors(mode, append)
     n = first - 1
     for line in lines:
         n += 1
@@ -93,13 +103,14 @@ def run_block(job: tuple[str, bytes, int, str]) -> BlockResult:
 
 
 class _Errors:
-    """The failed lines of a block: how many, the first, and what ``mode`` does with each."""
+    """The failed lines of a block: how many, the first, and what ``mode`` does with each
+    (``append`` takes the error line of ``record``)."""
 
-    __slots__ = ("count", "first", "mode", "out")
+    __slots__ = ("append", "count", "first", "mode")
 
-    def __init__(self, mode: str, out: list[str]) -> None:
+    def __init__(self, mode: str, append: Callable[[str], Any]) -> None:
         self.mode = mode
-        self.out = out
+        self.append = append
         self.count = 0
         self.first: dict[str, Any] | None = None
 
@@ -112,7 +123,7 @@ class _Errors:
         if self.mode == STOP:
             return True
         if self.mode == RECORD:
-            self.out.append(error_line(info))
+            self.append(error_line(info))
         return False
 
 
@@ -267,6 +278,235 @@ def _ascii_line(line: str) -> bytes:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
 
 
+def _line_bytes(line: str) -> bytes:
+    try:
+        return line.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        return _ascii_line(line)
+
+
+# ------------------------------------------------------------------------------ the orjson path
+
+#: Set (to anything but "" or "0") in a worker's environment: the stdlib path even where orjson
+#: is installed (the tests run the CLI on both paths).
+STDLIB_ENV = "KAMEO_JSONL_STDLIB"
+
+
+def _load_orjson() -> Any:
+    if os.environ.get(STDLIB_ENV, "") not in ("", "0"):
+        return None
+    try:  # by name: importing kameo never needs it, nor does type-checking kameo
+        return importlib.import_module("orjson")
+    except ImportError:
+        return None
+
+
+_orjson = _load_orjson()
+#: Which path :func:`run_block` takes in this process: "orjson" or "stdlib".
+JSON_PATH = "stdlib" if _orjson is None else "orjson"
+
+# Where orjson's answer could differ from the stdlib path's, the line takes the stdlib path
+# (decoding, encoding or both): the output is the same bytes either way.
+#
+# Decoding. orjson refuses what json accepts (NaN, Infinity, numbers beyond a double, lone
+# surrogate escapes, ...) and refuses what json refuses with other messages: on any orjson
+# error the line is decoded again by the stdlib path. Two things orjson takes that json does
+# not take the same way: integers beyond 64 bits (orjson makes them floats) and nesting deeper
+# than the C scanner's recursion limit (orjson goes to 1024). A line with an integer of 19
+# digits or more is decoded by json; a block with a line of _DEEP brackets or more takes the
+# stdlib path as a whole (where the recursion limit is met at the same depth of the stack).
+_DEEP = 800
+# Digits -> "0", the "." and exponent of a float -> ".", anything else -> " ": an integer of
+# 19 digits or more is " " and 19 "0" (or those "0" at the start), the digits of a float not.
+_DIGITS = bytes(48 if 48 <= b <= 57 else 46 if b in b".eE" else 32 for b in range(256))
+_LONG_DIGITS = b"0" * 19
+_LONG_INT = b" " + _LONG_DIGITS
+
+
+def _long_int(data: bytes) -> bool:
+    """Whether ``data`` may hold an integer of 19 digits or more (or holds such a float)."""
+    digits = data.translate(_DIGITS)
+    return _LONG_INT in digits or digits.startswith(_LONG_DIGITS)
+
+
+# Encoding. orjson also encodes what json refuses (UUID, enums, dataclasses, datetimes,
+# subclasses of the built-in types, through their values), writes NaN and infinities as null
+# and some floats otherwise than repr() (1e-05 as 0.00001): its output is kept only for a
+# result made of dict, list, tuple, str, int, float (each written as repr writes it), bool and
+# None (:func:`_plain`); any other result, and any orjson error, goes through the stdlib
+# encoder.
+_SHALLOW = frozenset((str, int, bool, type(None)))
+_OPTIONS = 0
+if _orjson is not None:
+    _OPTIONS = (
+        _orjson.OPT_APPEND_NEWLINE
+        | _orjson.OPT_PASSTHROUGH_SUBCLASS
+        | _orjson.OPT_PASSTHROUGH_DATACLASS
+        | _orjson.OPT_PASSTHROUGH_DATETIME
+    )
+
+
+class _Failed:
+    """A line whose decoding or call raised ``exc``."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _run_orjson(
+    fn: Callable[[Any], Any], block: bytes, first: int, mode: str
+) -> tuple[bytes, _Errors] | None:
+    """:func:`run_block` with orjson (None: this block takes the stdlib path): the block's
+    lines decoded by ``map`` (a block with a blank line, or one orjson refuses or could read
+    otherwise, line by line: :func:`_decode_line`), then, line by line in order as on the
+    stdlib path, the target called and its result written at once: a dict of str, int, bool
+    and None values by orjson as it is, any other result by :func:`_encode_line`."""
+    lines = block.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # after the last newline
+    if not lines:
+        return b"", _Errors(mode, len)
+    if max(map(len, lines)) >= _DEEP and any(
+        line.count(b"[") + line.count(b"{") >= _DEEP for line in lines if len(line) >= _DEEP
+    ):
+        return None  # a line that may be nested deeper than json takes: all as json does
+    out = bytearray()
+    errors = _Errors(mode, lambda line: out.extend(_line_bytes(line)))
+    values: list[Any] | None = None
+    if not _long_int(block):
+        with contextlib.suppress(Exception):
+            values = list(map(_orjson.loads, lines))
+    if values is None:
+        _lines(fn, [_decode_line(line) for line in lines], first, errors, out)
+        return bytes(out), errors
+    n = first - 1
+    dumps, options, encode, shallow = _orjson.dumps, _OPTIONS, _encode_line, _SHALLOW
+    for value in values:
+        n += 1
+        try:
+            result = fn(value)
+            # Each result is written at once, as on the stdlib path (a target may return one
+            # object that it changes from line to line).
+            if type(result) is dict:
+                for item in result.values():
+                    if type(item) not in shallow:
+                        out += encode(result)
+                        break
+                else:  # values str, int, bool or None: orjson writes them as json does
+                    try:
+                        out += dumps(result, option=options)
+                    except Exception:  # an int beyond 64 bits, a key that is not a str
+                        out += encode(result)
+            else:
+                out += encode(result)
+        except Exception as exc:
+            if errors.add(exc, n):
+                break
+    return bytes(out), errors
+
+
+def _lines(
+    fn: Callable[[Any], Any], values: list[Any], first: int, errors: _Errors, out: bytearray
+) -> None:
+    """Line by line: ``values`` a decoded value, :data:`_BLANK` or :class:`_Failed` each."""
+    n = first - 1
+    for value in values:
+        n += 1
+        if value is _BLANK:
+            continue
+        try:
+            if type(value) is _Failed:
+                raise value.exc
+            out += _encode_line(fn(value))
+        except Exception as exc:
+            if errors.add(exc, n):
+                break
+
+
+def _decode_line(line: bytes) -> Any:
+    """A line's value (by orjson where it gives what json gives), :data:`_BLANK`, or
+    :class:`_Failed` with the stdlib path's error."""
+    if not _long_int(line):
+        with contextlib.suppress(Exception):
+            return _orjson.loads(line)
+    try:
+        text = _decode(line)
+        if not isinstance(text, _BadBytes):
+            with contextlib.suppress(Exception):
+                record, end = _scan(text, 0)
+                if end == len(text) or not text[end:].strip():
+                    return record
+        return _parse(text)
+    except Exception as exc:
+        return _Failed(exc)
+
+
+def _encode_line(result: Any) -> bytes:
+    """One result's line: orjson's if :func:`_plain`, else the stdlib encoder's."""
+    try:
+        data: bytes | None = _orjson.dumps(result, option=_OPTIONS)
+    except Exception:  # a type orjson does not take or passes through, a big int, ...
+        data = None
+    if data is not None and _plain(result):
+        return data
+    return _line_bytes("".join(_encode(result, 0)))
+
+
+def _plain(obj: Any) -> bool:
+    """Whether ``obj`` (that orjson could encode, so not nested past 254 levels) is made only
+    of the types orjson writes as json does: dict, list, tuple, str, int, bool, None, and
+    floats orjson writes as repr() does (:func:`_float_same`)."""
+    kind = type(obj)
+    if kind is dict:
+        items: Any = obj.values()  # the keys are str: orjson refuses others
+    elif kind is list or kind is tuple:
+        items = obj
+    elif kind is float:
+        return _float_same(obj)
+    else:
+        return kind in _SHALLOW
+    shallow = _SHALLOW
+    for item in items:
+        kind = type(item)
+        if kind in shallow:
+            continue
+        if kind is float:
+            if not _float_same(item):
+                return False
+        elif kind is dict or kind is list or kind is tuple:
+            if not _plain(item):
+                return False
+        else:
+            return False
+    return True
+
+
+def _float_same(x: float) -> bool:
+    """Whether orjson writes ``x`` as repr() does (not NaN nor the infinities, which it writes
+    as null, nor 1e-05, which it writes as 0.00001): checked, except in the range where both
+    write the shortest digits without an exponent (itself checked once, :data:`_RANGE_SAME`)."""
+    if _RANGE_SAME and (1e-4 <= x < 1e16 or -1e16 < x <= -1e-4 or x == 0.0):
+        return True
+    same: bool = _orjson.dumps(x) == float.__repr__(x).encode()
+    return same
+
+
+def _range_same() -> bool:
+    if _orjson is None:
+        return False
+    probes = [0.0, -0.0, 0.1 + 0.2, 1e-4, -1e-4, 9999999999999998.0, -9999999999999998.0]
+    for e in range(-4, 16):
+        for m in (1.0, 1.5, 2.5, 3.141592653589793, 1.2345678901234567, 9.999999999999998):
+            probes += [m * 10.0**e, -m * 10.0**e, float(f"{m}e{e}")]
+    probes = [x for x in probes if 1e-4 <= abs(x) < 1e16 or x == 0.0]
+    return all(_orjson.dumps(x) == float.__repr__(x).encode() for x in probes)
+
+
+_RANGE_SAME = _range_same()
+
+
 # ------------------------------------------------------------------------------ errors
 
 
@@ -281,11 +521,21 @@ def _info(exc: BaseException, line: int) -> dict[str, Any]:
         exc.__traceback__ = None
     else:
         tb = exc.__traceback__
-        if tb is not None and tb.tb_frame.f_code is run_block.__code__ and tb.tb_next:
-            exc = exc.with_traceback(tb.tb_next)  # start the traceback in the target
+        if tb is not None and tb.tb_next is not None and _ours(tb):
+            while tb.tb_next is not None and _ours(tb):
+                tb = tb.tb_next
+            exc = exc.with_traceback(tb)  # start the traceback in the target
         info = dict(_error_info.from_exception(exc))
     info["line"] = line
     return info
+
+
+def _ours(tb: Any) -> bool:
+    """A frame of the loops above, left out of a line's traceback."""
+    return tb.tb_frame.f_code in _LOOPS
+
+
+_LOOPS = frozenset(f.__code__ for f in (run_block, _run_orjson, _lines, _encode_line, _decode_line))
 
 
 def error_line(info: dict[str, Any]) -> str:
