@@ -7,11 +7,11 @@
 use crate::codec::{self, Options, Segments};
 use crate::errors;
 use crate::frames::{self, Body, EncodeFrameError, Head, Inbox, Incoming};
-use crate::outbox::Outbox;
-use crate::progress::Progress;
 use crate::shm::Recycler;
-use crate::sys::lock;
-use crate::wait;
+use kameo_core::outbox::Outbox;
+use kameo_core::progress::Progress;
+use kameo_core::sys::lock;
+use kameo_core::wait;
 use kameo_proto::frame::{self, Kind};
 use kameo_proto::handshake::Hello;
 use kameo_proto::PROTOCOL_VERSION;

@@ -6,7 +6,7 @@
 
 use crate::codec::{self, EncodeError, Options, Segments};
 use crate::errors;
-use crate::fdio;
+use kameo_core::fdio;
 use kameo_proto::frame::{self, Envelope, Event, FrameReader};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;

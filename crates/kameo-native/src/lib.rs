@@ -9,18 +9,13 @@ mod channel;
 mod codec;
 mod core;
 mod errors;
-mod events;
-mod fdio;
 mod frames;
 mod link;
-mod outbox;
 mod pool;
-mod progress;
 mod shm;
 mod spawn;
-mod sys;
-mod wait;
 
+use kameo_core::{events, wait};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 

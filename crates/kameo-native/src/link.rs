@@ -1,10 +1,10 @@
 //! One worker connection as the parent sees it: socket, frame reader, output buffer and the
 //! calls in flight on it.
 
-use crate::fdio;
 use crate::frames::Inbox;
-use crate::progress::Progress;
-use crate::sys::Segments;
+use kameo_core::fdio;
+use kameo_core::progress::Progress;
+use kameo_core::sys::Segments;
 use pyo3::prelude::*;
 use std::collections::HashMap;
 use std::io;

@@ -19,7 +19,7 @@
 //! descriptors: the kernel counts the references, including those of descriptors still in
 //! flight in a socket.
 
-use crate::sys::{check, lock, memfd};
+use kameo_core::sys::{check, lock, memfd};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::ffi::c_void;

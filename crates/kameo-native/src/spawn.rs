@@ -8,7 +8,7 @@
 //! asks the kernel for SIGKILL when the parent thread dies, and checks that the parent did not
 //! die already.
 
-use crate::progress::Progress;
+use kameo_core::progress::Progress;
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};

@@ -86,7 +86,7 @@ impl Options {
     };
 }
 
-pub use crate::sys::Segments;
+pub use kameo_core::sys::Segments;
 
 thread_local! {
     /// The buffer `encode_to_bytes` writes into, kept between calls so that a message does

@@ -253,7 +253,7 @@ pub fn requeue_after_loss(slots: HashMap<u64, Slot>, taken: u64) -> Loss {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::progress::Progress;
+    use kameo_core::progress::Progress;
     use std::os::fd::IntoRawFd;
     use std::os::unix::net::UnixStream;
 

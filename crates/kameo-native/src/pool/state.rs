@@ -5,13 +5,13 @@
 use super::effects::Effects;
 use super::py::{is_done, pystr, wake};
 use super::scheduler::{self, Queued, Scheduler};
-use super::stats::Stats;
-use super::streams::{Finished, Streams};
 use crate::codec::{Options, RefMode, Segments};
 use crate::errors;
-use crate::events;
 use crate::frames::{self, Body, Head};
 use crate::link::{self, Link, LinkState, Slot, Target};
+use kameo_core::events;
+use kameo_core::stats::Stats;
+use kameo_core::streams::{Finished, Streams};
 use kameo_proto::frame::Kind;
 use pyo3::intern;
 use pyo3::prelude::*;

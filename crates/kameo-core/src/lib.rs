@@ -1,0 +1,29 @@
+//! `kameo-core`: the host side of kameo without Python, shared by both hosts over one
+//! implementation: the pyo3 extension `kameo._native` (crate `kameo-native`, a Python parent
+//! and the worker's channel) and the Rust host (`kameo-host`, a tokio parent with serde
+//! messages). Nothing here knows Python: what a host keeps per request (an asyncio future, a
+//! tokio sender) is a type parameter, and errors are `io::Error`s or plain values that each host
+//! turns into its own (a Python exception, a Rust error enum).
+//!
+//! The wire format itself (frames, envelopes, the handshake, value encoding primitives) is in
+//! `kameo-proto`; this crate is what moves those frames between processes:
+//!
+//! * [`sys`]: small libc helpers (locks, memfds, error codes); the leaf.
+//! * [`events`]: names of the events a pool core reports about its workers.
+//! * [`fdio`]: socket reads and writes carrying descriptors (SCM_RIGHTS).
+//! * [`progress`]: the progress page, how far a worker got (read after its death).
+//! * [`wait`]: spinning and waiting for a peer without a wake-up.
+//! * [`outbox`]: a worker's outgoing frame queue with paced writes.
+//! * [`stats`]: a pool's counters and latency histogram.
+//! * [`streams`]: stream buffers and their credit, generic over the item type.
+
+#![deny(missing_docs)]
+
+pub mod events;
+pub mod fdio;
+pub mod outbox;
+pub mod progress;
+pub mod stats;
+pub mod streams;
+pub mod sys;
+pub mod wait;
