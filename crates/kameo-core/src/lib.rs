@@ -11,6 +11,8 @@
 //! * [`sys`]: small libc helpers (locks, memfds, error codes); the leaf.
 //! * [`events`]: names of the events a pool core reports about its workers.
 //! * [`fdio`]: socket reads and writes carrying descriptors (SCM_RIGHTS).
+//! * [`frames`]: building a frame around a host-encoded body; splitting what a socket reads
+//!   into frames ([`frames::Inbox`]).
 //! * [`progress`]: the progress page, how far a worker got (read after its death).
 //! * [`wait`]: spinning and waiting for a peer without a wake-up.
 //! * [`outbox`]: a worker's outgoing frame queue with paced writes.
@@ -21,6 +23,7 @@
 
 pub mod events;
 pub mod fdio;
+pub mod frames;
 pub mod outbox;
 pub mod progress;
 pub mod stats;

@@ -1,8 +1,8 @@
 //! One worker connection as the parent sees it: socket, frame reader, output buffer and the
 //! calls in flight on it.
 
-use crate::frames::Inbox;
 use kameo_core::fdio;
+use kameo_core::frames::Inbox;
 use kameo_core::progress::Progress;
 use kameo_core::sys::Segments;
 use pyo3::prelude::*;

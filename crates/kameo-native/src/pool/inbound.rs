@@ -6,9 +6,9 @@ use super::py::{pystr, wake};
 use super::state::PoolState;
 use crate::codec::{self, Segments};
 use crate::errors;
-use crate::frames::{self, Incoming};
 use crate::link::LinkState;
 use kameo_core::events;
+use kameo_core::frames::{raw_frame, Incoming};
 use kameo_proto::frame::{self, Kind};
 use kameo_proto::handshake::{secrets_equal, Hello};
 use kameo_proto::PROTOCOL_VERSION;
@@ -55,7 +55,7 @@ impl PoolState {
             };
             let mut broken = None;
             loop {
-                match inbox.next() {
+                match inbox.next_frame() {
                     Ok(None) => break,
                     Ok(Some(Incoming::Frame(env, segs))) => {
                         self.handle_frame(py, idx, &env, &segs, fx);
@@ -315,14 +315,14 @@ impl PoolState {
         };
         match verdict {
             Ok(()) => {
-                let f = frames::raw_frame(Kind::Welcome as u8, 0, &self.welcome);
+                let f = raw_frame(Kind::Welcome as u8, 0, &self.welcome);
                 link.state = LinkState::Loading;
                 if let Err(e) = link.send_now(&f, &Vec::new()) {
                     fx.event(wid, events::IO_ERROR, pystr(py, &e.to_string()));
                 }
             }
             Err(reason) => {
-                let f = frames::raw_frame(Kind::Reject as u8, 0, reason.as_bytes());
+                let f = raw_frame(Kind::Reject as u8, 0, reason.as_bytes());
                 let _ = link.send_now(&f, &Vec::new());
                 fx.event(wid, events::REJECTED, pystr(py, &reason));
             }

@@ -7,9 +7,10 @@ use super::py::{is_done, pystr, wake};
 use super::scheduler::{self, Queued, Scheduler};
 use crate::codec::{Options, RefMode, Segments};
 use crate::errors;
-use crate::frames::{self, Body, Head};
+use crate::frames::{self, Body, IntoPyErr};
 use crate::link::{self, Link, LinkState, Slot, Target};
 use kameo_core::events;
+use kameo_core::frames::{raw_frame, Head};
 use kameo_core::stats::Stats;
 use kameo_core::streams::{Finished, Streams};
 use kameo_proto::frame::Kind;
@@ -275,7 +276,7 @@ impl PoolState {
     ) {
         if let Some(idx) = self.link_index(worker_id) {
             let link = &mut self.links[idx];
-            let f = frames::raw_frame(kind as u8, id, body);
+            let f = raw_frame(kind as u8, id, body);
             let result = link.send_now(&f, &Vec::new());
             fx.settle_write(py, link, result);
         }
