@@ -13,6 +13,9 @@
 //! * [`fdio`]: socket reads and writes carrying descriptors (SCM_RIGHTS).
 //! * [`frames`]: building a frame around a host-encoded body; splitting what a socket reads
 //!   into frames ([`frames::Inbox`]).
+//! * [`link`]: one worker connection as a parent sees it, generic over the request's waiter.
+//! * [`scheduler`]: which worker gets a request, the FIFO, what a lost worker's requests
+//!   become (generic over the waiter).
 //! * [`progress`]: the progress page, how far a worker got (read after its death).
 //! * [`wait`]: spinning and waiting for a peer without a wake-up.
 //! * [`outbox`]: a worker's outgoing frame queue with paced writes.
@@ -24,8 +27,10 @@
 pub mod events;
 pub mod fdio;
 pub mod frames;
+pub mod link;
 pub mod outbox;
 pub mod progress;
+pub mod scheduler;
 pub mod stats;
 pub mod streams;
 pub mod sys;

@@ -14,9 +14,10 @@
 
 use crate::codec::{self, Options};
 use crate::errors;
-use crate::link::{Link, LinkState, Target};
-use crate::pool::scheduler::Scheduler;
+use crate::link::{Link, Target};
+use crate::pool::Scheduler;
 use crate::pool::{Effects, PoolState};
+use kameo_core::link::LinkState;
 use kameo_core::progress::Progress;
 use kameo_core::stats::Stats;
 use kameo_core::streams::{Streams, Take};

@@ -4,13 +4,15 @@
 
 use super::effects::Effects;
 use super::py::{is_done, pystr, wake};
-use super::scheduler::{self, Queued, Scheduler};
+use super::{Queued, Scheduler};
 use crate::codec::{Options, RefMode, Segments};
 use crate::errors;
 use crate::frames::{self, Body, IntoPyErr};
-use crate::link::{self, Link, LinkState, Slot, Target};
+use crate::link::{Link, Slot, Target};
 use kameo_core::events;
 use kameo_core::frames::{raw_frame, Head};
+use kameo_core::link::{self, LinkState};
+use kameo_core::scheduler;
 use kameo_core::stats::Stats;
 use kameo_core::streams::{Finished, Streams};
 use kameo_proto::frame::Kind;
