@@ -17,6 +17,7 @@
 //! * [`scheduler`]: which worker gets a request, the FIFO, what a lost worker's requests
 //!   become (generic over the waiter).
 //! * [`progress`]: the progress page, how far a worker got (read after its death).
+//! * [`shm`]: shared-memory segments (sealed, recycled) and the copy-on-write view of one.
 //! * [`wait`]: spinning and waiting for a peer without a wake-up.
 //! * [`outbox`]: a worker's outgoing frame queue with paced writes.
 //! * [`stats`]: a pool's counters and latency histogram.
@@ -31,6 +32,7 @@ pub mod link;
 pub mod outbox;
 pub mod progress;
 pub mod scheduler;
+pub mod shm;
 pub mod stats;
 pub mod streams;
 pub mod sys;

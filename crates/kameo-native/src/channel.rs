@@ -7,10 +7,10 @@
 use crate::codec::{self, Options, Segments};
 use crate::errors;
 use crate::frames::{self, Body, EncodeFrameError, IntoPyErr};
-use crate::shm::Recycler;
 use kameo_core::frames::{raw_frame, Head, Inbox, Incoming};
 use kameo_core::outbox::Outbox;
 use kameo_core::progress::Progress;
+use kameo_core::shm::Recycler;
 use kameo_core::sys::lock;
 use kameo_core::wait;
 use kameo_proto::frame::{self, Kind};
