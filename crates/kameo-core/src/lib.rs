@@ -18,6 +18,7 @@
 //!   become (generic over the waiter).
 //! * [`progress`]: the progress page, how far a worker got (read after its death).
 //! * [`shm`]: shared-memory segments (sealed, recycled) and the copy-on-write view of one.
+//! * [`spawn`]: starting a worker (socketpair + exec, the secret, PDEATHSIG, process group).
 //! * [`wait`]: spinning and waiting for a peer without a wake-up.
 //! * [`outbox`]: a worker's outgoing frame queue with paced writes.
 //! * [`stats`]: a pool's counters and latency histogram.
@@ -33,6 +34,7 @@ pub mod outbox;
 pub mod progress;
 pub mod scheduler;
 pub mod shm;
+pub mod spawn;
 pub mod stats;
 pub mod streams;
 pub mod sys;
