@@ -7,6 +7,8 @@ use crate::fdio;
 use crate::frames::Inbox;
 use crate::progress::Progress;
 use crate::sys::Segments;
+use kameo_proto::handshake::{secrets_equal, Hello};
+use kameo_proto::PROTOCOL_VERSION;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -168,6 +170,28 @@ impl<T> Link<T> {
         due
     }
 
+    /// Check a HELLO (its frame body) from this link's peer: our protocol version, the pool's
+    /// `secret`, and this worker's id and pid (the process spawned for it). The reason to send
+    /// in REJECT otherwise.
+    pub fn check_hello(&self, body: &[u8], secret: &[u8]) -> Result<(), String> {
+        let wid = self.id;
+        match Hello::decode(body, PROTOCOL_VERSION) {
+            Err(e) => Err(e.to_string()),
+            Ok(h) if !secrets_equal(&h.secret, secret) => {
+                Err("the peer did not present this pool's secret".into())
+            }
+            Ok(h) if h.worker_id != wid => Err(format!(
+                "the peer claims worker id {}, expected {wid}",
+                h.worker_id
+            )),
+            Ok(h) if h.pid != self.pid => Err(format!(
+                "the peer claims pid {}, but worker {wid} is pid {}",
+                h.pid, self.pid
+            )),
+            Ok(_) => Ok(()),
+        }
+    }
+
     /// Requests in flight on it.
     #[inline]
     pub fn in_flight(&self) -> usize {
@@ -242,6 +266,35 @@ mod tests {
         let fd = Progress::create_fd().expect("memfd");
         let progress = Progress::open(std::os::fd::IntoRawFd::into_raw_fd(fd)).expect("map");
         Link::new(1, std::process::id(), a, progress, 1 << 20)
+    }
+
+    #[test]
+    fn a_hello_must_carry_the_version_secret_id_and_pid_of_the_worker_spawned() {
+        let l = link();
+        let hello = |worker_id, pid, secret: &[u8]| {
+            Hello {
+                version: PROTOCOL_VERSION,
+                worker_id,
+                pid,
+                secret: secret.to_vec(),
+            }
+            .encode()
+        };
+        let pid = std::process::id();
+        assert_eq!(l.check_hello(&hello(1, pid, b"key"), b"key"), Ok(()));
+        let refused = [
+            (
+                hello(1, pid, b"other"),
+                "did not present this pool's secret",
+            ),
+            (hello(2, pid, b"key"), "claims worker id 2, expected 1"),
+            (hello(1, pid + 1, b"key"), "but worker 1 is pid"),
+            (b"GET / HTTP/1.1".to_vec(), ""),
+        ];
+        for (body, why) in refused {
+            let reason = l.check_hello(&body, b"key").expect_err("refused");
+            assert!(reason.contains(why), "{reason}");
+        }
     }
 
     #[test]

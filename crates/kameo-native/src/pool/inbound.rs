@@ -10,8 +10,6 @@ use kameo_core::events;
 use kameo_core::frames::{raw_frame, Incoming};
 use kameo_core::link::LinkState;
 use kameo_proto::frame::{self, Kind};
-use kameo_proto::handshake::{secrets_equal, Hello};
-use kameo_proto::PROTOCOL_VERSION;
 use pyo3::prelude::*;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -298,22 +296,7 @@ impl PoolState {
     fn handle_hello(&mut self, py: Python<'_>, idx: usize, body: &[u8], fx: &mut Effects) {
         let link = &mut self.links[idx];
         let wid = link.id;
-        let verdict = match Hello::decode(body, PROTOCOL_VERSION) {
-            Err(e) => Err(e.to_string()),
-            Ok(h) if !secrets_equal(&h.secret, &self.secret) => {
-                Err("the peer did not present this pool's secret".into())
-            }
-            Ok(h) if h.worker_id != wid => Err(format!(
-                "the peer claims worker id {}, expected {wid}",
-                h.worker_id
-            )),
-            Ok(h) if h.pid != link.pid => Err(format!(
-                "the peer claims pid {}, but worker {wid} is pid {}",
-                h.pid, link.pid
-            )),
-            Ok(_) => Ok(()),
-        };
-        match verdict {
+        match link.check_hello(body, &self.secret) {
             Ok(()) => {
                 let f = raw_frame(Kind::Welcome as u8, 0, &self.welcome);
                 link.state = LinkState::Loading;
