@@ -201,8 +201,9 @@ impl Inbox {
             .read_with(|buf| fdio::recv(sock, buf, fds, flags))
     }
 
-    /// The next complete frame, or None when more bytes are needed.
-    #[inline]
+    /// The next complete frame, or None when more bytes are needed. Always inlined: it runs
+    /// once per frame in each host's read loop (and was inlined there before it moved here).
+    #[inline(always)]
     pub fn next_frame(&mut self) -> Result<Option<Incoming<'_>>, ReadError> {
         match self.frames.next_event().map_err(ReadError::Malformed)? {
             None => Ok(None),
