@@ -7,6 +7,7 @@ use crate::fdio;
 use crate::frames::Inbox;
 use crate::progress::Progress;
 use crate::sys::Segments;
+use kameo_proto::frame::{self, Envelope, Kind};
 use kameo_proto::handshake::{secrets_equal, Hello};
 use kameo_proto::PROTOCOL_VERSION;
 use std::collections::HashMap;
@@ -40,6 +41,50 @@ pub enum LinkState {
     Ready,
     /// No new requests (shutting down or retiring).
     Draining,
+}
+
+/// What a frame from a worker is to its parent, given where the link is in its life (see
+/// [`Link::classify`]): which frames are accepted in which state is the parent's half of the
+/// protocol, the same for both hosts. Decoding a body is the host's.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// REPLY of request `id` (serving).
+    Reply,
+    /// ERROR of request `id` (serving): the body is the error info.
+    Error,
+    /// ITEM of stream `id` (serving); the last one if `is_final`.
+    Item {
+        /// It ends the stream.
+        is_final: bool,
+    },
+    /// END of stream `id` (serving).
+    End,
+    /// HEARTBEAT (any state; the read itself counts as a sign of life).
+    Heartbeat,
+    /// LOG records (any state after HELLO: records logged while the target loads come before
+    /// READY).
+    Log,
+    /// CALLBACK: the worker calls a handler of the parent (serving).
+    Callback,
+    /// CREDIT for callback stream `id`: this many more items (serving).
+    Credit(u32),
+    /// CANCEL of callback `id` (serving).
+    Cancel,
+    /// HELLO (connecting): check it with [`Link::check_hello`].
+    Hello,
+    /// READY (loading): the link is serving now.
+    Ready,
+    /// STARTUP_FAILED (loading): the body is the error info.
+    StartupFailed,
+    /// A frame not allowed now, or of an unknown kind: the message says which. While serving
+    /// (`serving`), the request concerned fails and the worker goes on (a protocol warning);
+    /// otherwise nothing more is read from it (a protocol error).
+    Unexpected {
+        /// `worker <id> (pid <pid>) sent ... (id <id>)`.
+        message: String,
+        /// The link was ready or draining.
+        serving: bool,
+    },
 }
 
 /// A request in flight on a link.
@@ -192,6 +237,55 @@ impl<T> Link<T> {
         }
     }
 
+    /// Serving requests: ready, or draining what it has.
+    #[inline]
+    pub fn serving(&self) -> bool {
+        matches!(self.state, LinkState::Ready | LinkState::Draining)
+    }
+
+    /// What frame `env` from this link's worker is, in the link's present state.
+    #[inline]
+    pub fn classify(&self, env: &Envelope<'_>) -> Inbound {
+        let state = self.state;
+        let serving = self.serving();
+        match env.kind() {
+            Some(Kind::Reply) if serving => Inbound::Reply,
+            Some(Kind::Error) if serving => Inbound::Error,
+            Some(Kind::Item) if serving => Inbound::Item {
+                is_final: env.is_final(),
+            },
+            Some(Kind::End) if serving => Inbound::End,
+            Some(Kind::Heartbeat) => Inbound::Heartbeat,
+            Some(Kind::Log) if state != LinkState::Connecting => Inbound::Log,
+            Some(Kind::Callback) if serving => Inbound::Callback,
+            Some(Kind::Credit) if serving => Inbound::Credit(frame::credit_count(env.body)),
+            Some(Kind::Cancel) if serving => Inbound::Cancel,
+            Some(Kind::Hello) if state == LinkState::Connecting => Inbound::Hello,
+            Some(Kind::Ready) if state == LinkState::Loading => Inbound::Ready,
+            Some(Kind::StartupFailed) if state == LinkState::Loading => Inbound::StartupFailed,
+            kind => self.unexpected(kind, env),
+        }
+    }
+
+    #[cold]
+    fn unexpected(&self, kind: Option<Kind>, env: &Envelope<'_>) -> Inbound {
+        let what = match kind {
+            Some(k) => format!(
+                "unexpected {} frame while the worker is {:?}",
+                k.name(),
+                self.state
+            ),
+            None => format!("unknown frame kind {}", env.kind),
+        };
+        Inbound::Unexpected {
+            message: format!(
+                "worker {} (pid {}) sent {what} (id {})",
+                self.id, self.pid, env.id
+            ),
+            serving: self.serving(),
+        }
+    }
+
     /// Requests in flight on it.
     #[inline]
     pub fn in_flight(&self) -> usize {
@@ -294,6 +388,83 @@ mod tests {
         for (body, why) in refused {
             let reason = l.check_hello(&body, b"key").expect_err("refused");
             assert!(reason.contains(why), "{reason}");
+        }
+    }
+
+    #[test]
+    fn frames_are_accepted_only_in_the_states_the_protocol_allows() {
+        let env = |kind: Kind, flags: u8, body: &'static [u8]| Envelope {
+            kind: kind as u8,
+            flags,
+            id: 9,
+            nfds: 0,
+            trace: None,
+            body,
+        };
+        let mut l = link();
+        let hello = env(Kind::Hello, 0, b"");
+        assert_eq!(l.classify(&hello), Inbound::Hello);
+        assert_eq!(
+            l.classify(&env(Kind::Heartbeat, 0, b"")),
+            Inbound::Heartbeat
+        );
+        match l.classify(&env(Kind::Log, 0, b"")) {
+            Inbound::Unexpected { message, serving } => {
+                assert!(!serving);
+                assert_eq!(
+                    message,
+                    format!(
+                        "worker 1 (pid {}) sent unexpected log frame while the worker is Connecting (id 9)",
+                        l.pid
+                    )
+                );
+            }
+            other => panic!("LOG before HELLO: {other:?}"),
+        }
+        l.state = LinkState::Loading;
+        assert_eq!(l.classify(&env(Kind::Log, 0, b"")), Inbound::Log);
+        assert_eq!(l.classify(&env(Kind::Ready, 0, b"")), Inbound::Ready);
+        assert_eq!(
+            l.classify(&env(Kind::StartupFailed, 0, b"")),
+            Inbound::StartupFailed
+        );
+        assert!(matches!(
+            l.classify(&env(Kind::Reply, 0, b"")),
+            Inbound::Unexpected { serving: false, .. }
+        ));
+        for state in [LinkState::Ready, LinkState::Draining] {
+            l.state = state;
+            assert_eq!(l.classify(&env(Kind::Reply, 0, b"")), Inbound::Reply);
+            assert_eq!(l.classify(&env(Kind::Error, 0, b"")), Inbound::Error);
+            assert_eq!(
+                l.classify(&env(Kind::Item, frame::FLAG_FINAL, b"")),
+                Inbound::Item { is_final: true }
+            );
+            assert_eq!(l.classify(&env(Kind::End, 0, b"")), Inbound::End);
+            assert_eq!(l.classify(&env(Kind::Callback, 0, b"")), Inbound::Callback);
+            assert_eq!(
+                l.classify(&env(Kind::Credit, 0, &[5, 0, 0, 0])),
+                Inbound::Credit(5)
+            );
+            assert_eq!(l.classify(&env(Kind::Cancel, 0, b"")), Inbound::Cancel);
+            assert!(matches!(
+                l.classify(&hello),
+                Inbound::Unexpected { serving: true, .. }
+            ));
+        }
+        let unknown = Envelope {
+            kind: 250,
+            ..env(Kind::Item, 0, b"")
+        };
+        match l.classify(&unknown) {
+            Inbound::Unexpected { message, serving } => {
+                assert!(serving);
+                assert!(
+                    message.ends_with("sent unknown frame kind 250 (id 9)"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
         }
     }
 
