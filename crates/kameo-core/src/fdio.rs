@@ -14,7 +14,7 @@ use std::sync::Arc;
 /// Descriptors one read may deliver: the kernel passes at most 253 per message.
 const CMSG_FDS: usize = 253;
 /// Descriptors a connection may hold for frames not yet taken out: one read can deliver
-/// [`CMSG_FDS`] for frames it also completes, plus those of a frame still arriving. A peer
+/// `CMSG_FDS` for frames it also completes, plus those of a frame still arriving. A peer
 /// that sends more is broken or hostile.
 pub const MAX_QUEUED_FDS: usize = 4 * CMSG_FDS;
 

@@ -203,7 +203,7 @@ impl<T> Link<T> {
     }
 
     /// Whether to read its RSS after this answer: always for the first answers, then at most
-    /// once per [`RSS_CHECK_EVERY`], so a hot worker does not pay a read per request.
+    /// once per `RSS_CHECK_EVERY`, so a hot worker does not pay a read per request.
     pub fn rss_due(&mut self, now: Instant) -> bool {
         let due = self.completed <= RSS_ALWAYS
             || self

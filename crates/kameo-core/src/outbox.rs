@@ -9,9 +9,9 @@
 //!
 //! Pacing: a sync generator yields items far faster than one `send` per item can carry
 //! (W4). [`Outbox::push_paced`] writes an item at once when the previous write is older than
-//! [`LINGER`] (a slow producer loses nothing), and otherwise leaves it queued, so a fast
-//! producer writes about once per [`LINGER`] or per [`PACED_FRAMES`] items. A background
-//! thread (started on first use, no GIL, no Python) writes what is still queued [`LINGER`]
+//! `LINGER` (a slow producer loses nothing), and otherwise leaves it queued, so a fast
+//! producer writes about once per `LINGER` or per `PACED_FRAMES` items. A background
+//! thread (started on first use, no GIL, no Python) writes what is still queued `LINGER`
 //! after it was queued, so an item yielded just before the generator stalls is not held back
 //! longer than that.
 
@@ -115,7 +115,7 @@ impl Outbox {
     }
 
     /// Queue a stream item frame; returns true when the caller should flush now (see the
-    /// module doc), else the pacing thread writes it within [`LINGER`].
+    /// module doc), else the pacing thread writes it within `LINGER`.
     #[inline]
     pub fn push_paced(self: &Arc<Self>, buf: Vec<u8>, segs: Segments) -> bool {
         self.start_pacer();

@@ -225,7 +225,7 @@ fn pwrite_all(fd: RawFd, data: &[u8]) -> io::Result<()> {
 ///
 /// Why reuse is safe:
 /// * A segment is filled again only when the kernel confirms that our own open file
-///   description is its only one ([`Recyclable::unshared`]): every send passes a fresh
+///   description is its only one (`Recyclable::unshared`): every send passes a fresh
 ///   read-only description, which the receiver holds (as do its mappings, and the socket
 ///   while it is in flight) until it has copied the buffer out and closed it, and which the
 ///   pool holds as long as it may resend the request. So nobody can see a buffer change
@@ -238,7 +238,7 @@ fn pwrite_all(fd: RawFd, data: &[u8]) -> io::Result<()> {
 ///   and whose unwritten pages would show a refill: the mapping holds the segment's open file
 ///   description, so the lease test refuses the refill as long as the view lives.
 /// * The bytes past a buffer's end are zeros, never what an earlier buffer left there.
-/// * Bounded: at most [`RECYCLE_MAX_SEGMENTS`] segments and [`RECYCLE_MAX_BYTES`] bytes, all
+/// * Bounded: at most `RECYCLE_MAX_SEGMENTS` segments and `RECYCLE_MAX_BYTES` bytes, all
 ///   freed by [`Recycler::clear`] (pool or channel closed) or at exit.
 #[derive(Default)]
 pub struct Recycler {
