@@ -280,7 +280,7 @@ def check_free_threading() -> Check:
 
 def check_memfd() -> Check:
     """What kameo's shared memory needs for every large array and buffer: a memfd, sealed
-    against writes and resizes, that nobody can then change (crates/kameo-native/src/shm.rs,
+    against writes and resizes, that nobody can then change (crates/kameo-core/src/shm.rs,
     ``create_sealed``)."""
     name = "memfd"
     fix = "kameo's shared memory needs Linux 3.17+ (memfd_create with MFD_ALLOW_SEALING)"

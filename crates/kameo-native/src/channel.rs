@@ -6,12 +6,13 @@
 
 use crate::codec::{self, Options, Segments};
 use crate::errors;
-use crate::frames::{self, Body, EncodeFrameError, Head, Inbox, Incoming};
-use crate::outbox::Outbox;
-use crate::progress::Progress;
-use crate::shm::Recycler;
-use crate::sys::lock;
-use crate::wait;
+use crate::frames::{self, Body, EncodeFrameError, IntoPyErr};
+use kameo_core::frames::{raw_frame, Head, Inbox, Incoming};
+use kameo_core::outbox::Outbox;
+use kameo_core::progress::Progress;
+use kameo_core::shm::Recycler;
+use kameo_core::sys::lock;
+use kameo_core::wait;
 use kameo_proto::frame::{self, Kind};
 use kameo_proto::handshake::Hello;
 use kameo_proto::PROTOCOL_VERSION;
@@ -215,7 +216,7 @@ impl Channel {
             secret,
         }
         .encode();
-        self.push_frame(frames::raw_frame(Kind::Hello as u8, 0, &body));
+        self.push_frame(raw_frame(Kind::Hello as u8, 0, &body));
         self.flush(py).map(|_| ())
     }
 
@@ -350,7 +351,7 @@ impl Channel {
         let opts = self.opts();
         loop {
             while let Some(ev) = inbox
-                .next()
+                .next_frame()
                 .map_err(|e| errors::protocol(py, e.to_string()))?
             {
                 let item = match ev {
@@ -481,16 +482,12 @@ impl Channel {
 
     /// Queue a frame with an empty body (END, CANCEL, STARTED, ...).
     fn signal(&self, kind: u8, id: u64) {
-        self.push_frame(frames::raw_frame(kind, id, b""));
+        self.push_frame(raw_frame(kind, id, b""));
     }
 
     /// Queue CREDIT for `n` more items of call `id`.
     fn credit(&self, id: u64, n: u32) {
-        self.push_frame(frames::raw_frame(
-            Kind::Credit as u8,
-            id,
-            &frame::credit_body(n),
-        ));
+        self.push_frame(raw_frame(Kind::Credit as u8, id, &frame::credit_body(n)));
     }
 
     /// Queue CALLBACK `id` for the parent handler at `path`, on behalf of request `request_id`.

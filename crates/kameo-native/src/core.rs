@@ -14,13 +14,14 @@
 
 use crate::codec::{self, Options};
 use crate::errors;
-use crate::link::{Link, LinkState, Target};
-use crate::pool::scheduler::Scheduler;
-use crate::pool::stats::Stats;
-use crate::pool::streams::{Streams, Take};
+use crate::link::{Link, Target};
+use crate::pool::Scheduler;
 use crate::pool::{Effects, PoolState};
-use crate::progress::Progress;
-use crate::wait;
+use kameo_core::link::LinkState;
+use kameo_core::progress::Progress;
+use kameo_core::stats::Stats;
+use kameo_core::streams::{Streams, Take};
+use kameo_core::wait;
 use kameo_proto::frame::{self, Kind};
 use pyo3::exceptions::PyKeyError;
 use pyo3::prelude::*;

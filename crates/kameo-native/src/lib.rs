@@ -1,26 +1,23 @@
-//! `kameo._native`: the Rust core of kameo, exposed to Python.
+//! `kameo._native`: the Rust core of kameo, exposed to Python. What needs no Python (spawning,
+//! frame I/O, shared memory, scheduling, stream credit) is in `kameo-core`, shared with the Rust
+//! host; this crate adds the Python side of it.
 //!
 //! * [`codec`]: serde_py, Python values to and from the wire encoding.
 //! * [`core`]: the parent's pool core (connections, reply slots, request queue).
 //! * [`channel`]: the worker's end of the connection.
-//! * [`spawn`]: starting worker processes.
+//! * [`spawn`]: starting worker processes (`kameo_core::spawn`, the GIL released).
 
 mod channel;
 mod codec;
 mod core;
 mod errors;
-mod events;
-mod fdio;
 mod frames;
 mod link;
-mod outbox;
 mod pool;
-mod progress;
 mod shm;
 mod spawn;
-mod sys;
-mod wait;
 
+use kameo_core::{events, wait};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 

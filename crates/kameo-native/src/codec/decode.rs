@@ -6,7 +6,8 @@
 //! and qualname and must be of that kind; nothing else named in the input is ever called.
 
 use super::{refs, Arrays, Options};
-use crate::shm::{self, ShmView};
+use crate::shm::ShmView;
+use kameo_core::shm;
 use kameo_proto::wire::{self, DecodeError, Reader, ShmRef, Tz, MAX_DEPTH};
 use pyo3::ffi;
 use pyo3::prelude::*;

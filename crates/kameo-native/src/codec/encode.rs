@@ -1,7 +1,8 @@
 //! Python values to bytes.
 
 use super::{refs, Arrays, Options, RefMode, Segments};
-use crate::shm::{self, ShmView};
+use crate::shm::ShmView;
+use kameo_core::shm;
 use kameo_proto::wire::{self, put_str, put_varint, Tz, MAX_DEPTH};
 use pyo3::exceptions::PyUnicodeEncodeError;
 use pyo3::ffi;

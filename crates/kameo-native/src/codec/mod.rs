@@ -11,7 +11,7 @@
 //!   and the registered subclasses.
 //!
 //! Large bytes-like values and numpy arrays go out of band through sealed shared-memory
-//! segments ([`crate::shm`]) when the caller gives a threshold; `kameo.encode` never does.
+//! segments (`kameo_core::shm`) when the caller gives a threshold; `kameo.encode` never does.
 
 mod decode;
 mod encode;
@@ -50,8 +50,8 @@ pub struct Options {
     /// `usize::MAX` keeps everything inline.
     pub shm_threshold: usize,
     /// Where large `bytes`/`bytearray` buffers are copied for sending: segments reused from
-    /// earlier messages (see [`crate::shm::Recycler`]). None: a new sealed segment each time.
-    pub recycler: Option<std::sync::Arc<crate::shm::Recycler>>,
+    /// earlier messages (see [`kameo_core::shm::Recycler`]). None: a new sealed segment each time.
+    pub recycler: Option<std::sync::Arc<kameo_core::shm::Recycler>>,
     /// How numpy arrays use shared memory on this side.
     pub arrays: Arrays,
     /// Whether values may hold remote object references.
@@ -86,7 +86,7 @@ impl Options {
     };
 }
 
-pub use crate::sys::Segments;
+pub use kameo_core::sys::Segments;
 
 thread_local! {
     /// The buffer `encode_to_bytes` writes into, kept between calls so that a message does

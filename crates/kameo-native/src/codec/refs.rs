@@ -234,7 +234,7 @@ pub fn set_ref_type(cls: &Bound<'_, PyAny>) -> PyResult<()> {
     let ty = cls
         .cast::<PyType>()
         .map_err(|_| PyTypeError::new_err("set_ref_type() takes a class"))?;
-    crate::sys::lock(&REF_TYPES).push(ty.clone().into_any().unbind());
+    kameo_core::sys::lock(&REF_TYPES).push(ty.clone().into_any().unbind());
     REF_TYPE.store(ty.as_type_ptr(), Ordering::Relaxed);
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! Work the core collects while it is borrowed and does once the borrow ended, so Python code
 //! (the loop's methods, the pool's event callback) never re-enters a borrowed core.
 
-use crate::events;
 use crate::link::Link;
+use kameo_core::events;
 use pyo3::intern;
 use pyo3::prelude::*;
 use std::io;

@@ -6,12 +6,10 @@ use super::py::{pystr, wake};
 use super::state::PoolState;
 use crate::codec::{self, Segments};
 use crate::errors;
-use crate::events;
-use crate::frames::{self, Incoming};
-use crate::link::LinkState;
+use kameo_core::events;
+use kameo_core::frames::{raw_frame, Incoming};
+use kameo_core::link::{Inbound, LinkState};
 use kameo_proto::frame::{self, Kind};
-use kameo_proto::handshake::{secrets_equal, Hello};
-use kameo_proto::PROTOCOL_VERSION;
 use pyo3::prelude::*;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -55,7 +53,7 @@ impl PoolState {
             };
             let mut broken = None;
             loop {
-                match inbox.next() {
+                match inbox.next_frame() {
                     Ok(None) => break,
                     Ok(Some(Incoming::Frame(env, segs))) => {
                         self.handle_frame(py, idx, &env, &segs, fx);
@@ -142,14 +140,9 @@ impl PoolState {
         fx: &mut Effects,
     ) {
         let opts = self.opts.clone();
-        let (wid, pid, state) = (
-            self.links[idx].id,
-            self.links[idx].pid,
-            self.links[idx].state,
-        );
-        let serving = matches!(state, LinkState::Ready | LinkState::Draining);
-        match env.kind() {
-            Some(Kind::Reply) if serving => {
+        let (wid, pid) = (self.links[idx].id, self.links[idx].pid);
+        match self.links[idx].classify(env) {
+            Inbound::Reply => {
                 if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
                     let v = codec::decode_full(py, env.body, &opts, segs).map_err(|e| match e {
                         codec::DecodeFail::Hook(exc) => exc,
@@ -163,7 +156,7 @@ impl PoolState {
                     self.answer(py, env.id, slot, v, false);
                 }
             }
-            Some(Kind::Error) if serving => {
+            Inbound::Error => {
                 if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
                     let exc = match codec::decode(py, env.body, &opts, segs) {
                         Ok(info) => errors::from_worker(py, info, wid, pid),
@@ -175,7 +168,7 @@ impl PoolState {
                     self.answer(py, env.id, slot, Err(exc), true);
                 }
             }
-            Some(Kind::Item) if serving => {
+            Inbound::Item { is_final } => {
                 let decoded = codec::decode_full(py, env.body, &opts, segs);
                 let Some(s) = self.streams.get_mut(env.id) else {
                     return;
@@ -196,21 +189,19 @@ impl PoolState {
                     };
                     wake(py, waiter);
                 }
-                if env.is_final() {
+                if is_final {
                     if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
                         self.answer(py, env.id, slot, Ok(py.None().into_bound(py)), false);
                     }
                 }
             }
-            Some(Kind::End) if serving => {
+            Inbound::End => {
                 if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
                     self.answer(py, env.id, slot, Ok(py.None().into_bound(py)), false);
                 }
             }
-            Some(Kind::Heartbeat) => {} // last_seen is updated for every read
-            // Records logged while the target loads come before READY: any state but the
-            // handshake's first.
-            Some(Kind::Log) if state != LinkState::Connecting => {
+            Inbound::Heartbeat => {} // last_seen is updated for every read
+            Inbound::Log => {
                 let payload = match codec::decode(py, env.body, &opts, segs) {
                     Ok(records) => records.unbind(),
                     Err(e) => pystr(
@@ -222,7 +213,7 @@ impl PoolState {
                 };
                 fx.event(wid, events::LOG, payload);
             }
-            Some(Kind::Callback) if serving => {
+            Inbound::Callback => {
                 let trace = env.trace.map(|t| String::from_utf8_lossy(t).into_owned());
                 let payload = match codec::decode(py, env.body, &opts, segs) {
                     Ok(body) => (env.id, body, trace)
@@ -240,42 +231,31 @@ impl PoolState {
                     fx.event(wid, events::CALLBACK, p);
                 }
             }
-            Some(Kind::Credit) if serving => {
-                let n = frame::credit_count(env.body);
+            Inbound::Credit(n) => {
                 if let Ok(p) = (env.id, n).into_pyobject(py) {
                     fx.event(wid, events::CALLBACK_CREDIT, p.into_any().unbind());
                 }
             }
-            Some(Kind::Cancel) if serving => {
+            Inbound::Cancel => {
                 let p = env.id.into_pyobject(py).expect("int");
                 fx.event(wid, events::CALLBACK_CANCEL, p.into_any().unbind());
             }
-            Some(Kind::Hello) if state == LinkState::Connecting => {
-                self.handle_hello(py, idx, env.body, fx)
-            }
-            Some(Kind::Ready) if state == LinkState::Loading => {
+            Inbound::Hello => self.handle_hello(py, idx, env.body, fx),
+            Inbound::Ready => {
                 self.links[idx].state = LinkState::Ready;
                 let info = codec::decode(py, env.body, &opts, segs)
                     .map(|v| v.unbind())
                     .unwrap_or_else(|_| py.None());
                 fx.event(wid, events::READY, info);
             }
-            Some(Kind::StartupFailed) if state == LinkState::Loading => {
+            Inbound::StartupFailed => {
                 let info = codec::decode(py, env.body, &opts, segs)
                     .map(|v| v.unbind())
                     .unwrap_or_else(|_| py.None());
                 self.links[idx].state = LinkState::Draining;
                 fx.event(wid, events::STARTUP_FAILED, info);
             }
-            kind => {
-                let what = match kind {
-                    Some(k) => format!(
-                        "unexpected {} frame while the worker is {state:?}",
-                        k.name()
-                    ),
-                    None => format!("unknown frame kind {}", env.kind),
-                };
-                let message = format!("worker {wid} (pid {pid}) sent {what} (id {})", env.id);
+            Inbound::Unexpected { message, serving } => {
                 if serving {
                     if let Some(slot) = self.finish_slot(py, idx, env.id, fx) {
                         let exc = errors::protocol(py, message.clone());
@@ -298,31 +278,16 @@ impl PoolState {
     fn handle_hello(&mut self, py: Python<'_>, idx: usize, body: &[u8], fx: &mut Effects) {
         let link = &mut self.links[idx];
         let wid = link.id;
-        let verdict = match Hello::decode(body, PROTOCOL_VERSION) {
-            Err(e) => Err(e.to_string()),
-            Ok(h) if !secrets_equal(&h.secret, &self.secret) => {
-                Err("the peer did not present this pool's secret".into())
-            }
-            Ok(h) if h.worker_id != wid => Err(format!(
-                "the peer claims worker id {}, expected {wid}",
-                h.worker_id
-            )),
-            Ok(h) if h.pid != link.pid => Err(format!(
-                "the peer claims pid {}, but worker {wid} is pid {}",
-                h.pid, link.pid
-            )),
-            Ok(_) => Ok(()),
-        };
-        match verdict {
+        match link.check_hello(body, &self.secret) {
             Ok(()) => {
-                let f = frames::raw_frame(Kind::Welcome as u8, 0, &self.welcome);
+                let f = raw_frame(Kind::Welcome as u8, 0, &self.welcome);
                 link.state = LinkState::Loading;
                 if let Err(e) = link.send_now(&f, &Vec::new()) {
                     fx.event(wid, events::IO_ERROR, pystr(py, &e.to_string()));
                 }
             }
             Err(reason) => {
-                let f = frames::raw_frame(Kind::Reject as u8, 0, reason.as_bytes());
+                let f = raw_frame(Kind::Reject as u8, 0, reason.as_bytes());
                 let _ = link.send_now(&f, &Vec::new());
                 fx.event(wid, events::REJECTED, pystr(py, &reason));
             }

@@ -2,24 +2,27 @@
 //!
 //! * [`state`]: `PoolState`, the request path (encode, send or queue, answer, requeue).
 //! * [`inbound`]: what workers send (the read loop, frames, the handshake).
-//! * [`scheduler`]: which worker gets a request, the FIFO, what a lost worker's requests
-//!   become. No Python.
-//! * [`streams`]: stream buffers and their credit. No Python.
-//! * [`stats`]: counters and the latency histogram. No Python.
 //! * [`effects`]: loop and event-callback calls done after the core's borrow ended.
 //! * [`py`]: the Python calls made on futures.
 //!
-//! Layering (acyclic): `py` -> `effects`; `stats`, `streams`, `scheduler` -> `state` ->
-//! `inbound`.
+//! Which worker gets a request (`kameo_core::scheduler`), stream buffers and their credit
+//! (`kameo_core::streams`) and the counters (`kameo_core::stats`) are in `kameo-core`, shared
+//! with the Rust host; here they are instantiated with the Python waiters ([`Target`]).
+//!
+//! Layering (acyclic): `py` -> `effects` -> `state` -> `inbound`.
 
 pub mod effects;
 mod inbound;
 mod py;
-pub mod scheduler;
 pub mod state;
-pub mod stats;
-pub mod streams;
 
 pub use effects::Effects;
 pub use py::wake;
 pub use state::PoolState;
+
+use crate::link::Target;
+
+/// The parent's request queue and dispatch, with Python waiters.
+pub type Scheduler = kameo_core::scheduler::Scheduler<Target>;
+/// A request waiting for a worker.
+pub type Queued = kameo_core::scheduler::Queued<Target>;

@@ -4,14 +4,17 @@
 
 use super::effects::Effects;
 use super::py::{is_done, pystr, wake};
-use super::scheduler::{self, Queued, Scheduler};
-use super::stats::Stats;
-use super::streams::{Finished, Streams};
+use super::{Queued, Scheduler};
 use crate::codec::{Options, RefMode, Segments};
 use crate::errors;
-use crate::events;
-use crate::frames::{self, Body, Head};
-use crate::link::{self, Link, LinkState, Slot, Target};
+use crate::frames::{self, Body, IntoPyErr};
+use crate::link::{Link, Slot, Target};
+use kameo_core::events;
+use kameo_core::frames::{raw_frame, Head};
+use kameo_core::link::{self, LinkState};
+use kameo_core::scheduler;
+use kameo_core::stats::Stats;
+use kameo_core::streams::{Finished, Streams};
 use kameo_proto::frame::Kind;
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -275,7 +278,7 @@ impl PoolState {
     ) {
         if let Some(idx) = self.link_index(worker_id) {
             let link = &mut self.links[idx];
-            let f = frames::raw_frame(kind as u8, id, body);
+            let f = raw_frame(kind as u8, id, body);
             let result = link.send_now(&f, &Vec::new());
             fx.settle_write(py, link, result);
         }

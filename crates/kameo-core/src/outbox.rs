@@ -1,5 +1,7 @@
 //! The worker's outgoing frames: a queue that any thread may add to, written by whichever
-//! thread flushes, and paced writes for stream items.
+//! thread flushes, and paced writes for stream items. Used by the worker's channel (Python
+//! threads push, any of them flushes); nothing in it knows Python, so a Rust host may queue its
+//! own outgoing frames (callback items) through it too.
 //!
 //! Two locks: `queue` is held only to add or take frames (never across I/O, so a thread that
 //! holds the GIL never waits for a write), `wire` is held while writing, so bytes leave in the
@@ -7,9 +9,9 @@
 //!
 //! Pacing: a sync generator yields items far faster than one `send` per item can carry
 //! (W4). [`Outbox::push_paced`] writes an item at once when the previous write is older than
-//! [`LINGER`] (a slow producer loses nothing), and otherwise leaves it queued, so a fast
-//! producer writes about once per [`LINGER`] or per [`PACED_FRAMES`] items. A background
-//! thread (started on first use, no GIL, no Python) writes what is still queued [`LINGER`]
+//! `LINGER` (a slow producer loses nothing), and otherwise leaves it queued, so a fast
+//! producer writes about once per `LINGER` or per `PACED_FRAMES` items. A background
+//! thread (started on first use, no GIL, no Python) writes what is still queued `LINGER`
 //! after it was queued, so an item yielded just before the generator stalls is not held back
 //! longer than that.
 
@@ -51,6 +53,7 @@ struct Wire {
     fds: Segments,
 }
 
+/// A worker's outgoing frames over one socket (see the module doc).
 pub struct Outbox {
     sock: Arc<UnixStream>,
     queue: Mutex<Queue>,
@@ -60,6 +63,7 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// An empty outbox writing to `sock` (the pacing thread starts on the first paced push).
     pub fn new(sock: Arc<UnixStream>) -> Arc<Self> {
         Arc::new(Outbox {
             sock,
@@ -92,6 +96,7 @@ impl Outbox {
     }
 
     /// Queue an encoded frame; it is written by the next flush.
+    #[inline]
     pub fn push(&self, buf: Vec<u8>, segs: Segments) {
         Self::append(&mut lock(&self.queue), buf, segs);
     }
@@ -110,7 +115,8 @@ impl Outbox {
     }
 
     /// Queue a stream item frame; returns true when the caller should flush now (see the
-    /// module doc), else the pacing thread writes it within [`LINGER`].
+    /// module doc), else the pacing thread writes it within `LINGER`.
+    #[inline]
     pub fn push_paced(self: &Arc<Self>, buf: Vec<u8>, segs: Segments) -> bool {
         self.start_pacer();
         let mut q = lock(&self.queue);
@@ -141,6 +147,7 @@ impl Outbox {
     /// GIL held, so it never waits for the wire: a thread writing to a full socket holds it
     /// (GIL released) and waiting for it here would stop every Python thread until the peer
     /// reads. A wire in use counts as not empty (the caller then writes, GIL released).
+    #[inline]
     pub fn is_empty(&self) -> bool {
         let w = match self.wire.try_lock() {
             Ok(w) => w,
@@ -152,6 +159,7 @@ impl Outbox {
 
     /// Write queued frames. A blocking socket: until all are written. A non-blocking one: as
     /// much as it takes; Ok(true) when nothing is left.
+    #[inline]
     pub fn write_out(&self) -> io::Result<bool> {
         let mut guard = lock(&self.wire);
         let w = &mut *guard;

@@ -1,12 +1,13 @@
-//! Which worker gets a request, and the FIFO of requests waiting for one. No Python: a
-//! [`Queued`] request carries its waiter as an opaque [`Target`].
+//! Which worker gets a request, and the FIFO of requests waiting for one: the state machine of
+//! a pool's dispatch, shared by both hosts. No Python: a [`Queued`] request carries its waiter
+//! as an opaque `T` (the Python parent's future, the Rust host's sender).
 //!
 //! A request pinned to a worker (a CALL on its remote objects) waits in that worker's own
 //! FIFO instead: it is sent when that worker has room (ready or retiring), before the general
 //! FIFO's requests, and a full worker's pinned requests hold up no one else.
 
-use crate::codec::Segments;
-use crate::link::{Link, LinkState, Slot, Target};
+use crate::link::{Link, LinkState, Slot};
+use crate::sys::Segments;
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
@@ -16,20 +17,26 @@ use std::time::Instant;
 pub const PREFETCH_BUDGET_NS: u64 = 1_000_000;
 
 /// An encoded request not yet sent (or sent to a worker that died before starting it).
-pub struct Queued {
+pub struct Queued<T> {
+    /// Its correlation id.
     pub id: u64,
+    /// The encoded frame.
     pub frame: Vec<u8>,
+    /// The shared-memory segments it refers to.
     pub segs: Segments,
-    pub target: Target,
+    /// Who waits for the answer.
+    pub target: T,
+    /// How many more times it may run elsewhere if its worker dies after taking it up.
     pub retries: u32,
     /// The worker it must run on (by id), if pinned.
     pub pin: Option<u32>,
 }
 
-pub struct Scheduler {
-    queue: VecDeque<Queued>,
+/// The queue and the choice of worker (see the module doc).
+pub struct Scheduler<T> {
+    queue: VecDeque<Queued<T>>,
     /// Pinned requests waiting for their worker, by worker id.
-    pinned: HashMap<u32, VecDeque<Queued>>,
+    pinned: HashMap<u32, VecDeque<Queued<T>>>,
     /// How many requests `pinned` holds (0: the pool never pinned, nothing to look at).
     pinned_len: usize,
     /// Requests a worker runs at once (max_concurrency).
@@ -42,7 +49,9 @@ pub struct Scheduler {
     pub asks: u64,
 }
 
-impl Scheduler {
+impl<T> Scheduler<T> {
+    /// Nothing queued; a worker runs `concurrency` requests at once, and is sent up to
+    /// `prefetch` ahead (with `adaptive`, by how long its requests take).
     pub fn new(concurrency: usize, prefetch: usize, adaptive: bool) -> Self {
         Scheduler {
             queue: VecDeque::new(),
@@ -60,6 +69,11 @@ impl Scheduler {
         self.queue.len() + self.pinned_len
     }
 
+    /// No request waits for a worker.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Pinned requests waiting for worker `worker_id`.
     #[inline]
     pub fn pinned_waiting(&self, worker_id: u32) -> usize {
@@ -72,7 +86,7 @@ impl Scheduler {
     /// Whether `l` can take one more request: it runs `concurrency` at once, plus those sent
     /// ahead (see [`Self::pick`]).
     #[inline]
-    fn has_room(&self, l: &Link, now: Instant) -> bool {
+    fn has_room(&self, l: &Link<T>, now: Instant) -> bool {
         let ahead = if self.adaptive {
             l.ahead(now, self.prefetch, PREFETCH_BUDGET_NS)
         } else {
@@ -83,7 +97,7 @@ impl Scheduler {
 
     /// Whether a pinned request may be sent to `l` now: ready or retiring (its sessions go
     /// on until they end), with room.
-    fn pinned_room(&self, l: &Link, now: Instant) -> bool {
+    fn pinned_room(&self, l: &Link<T>, now: Instant) -> bool {
         matches!(l.state, LinkState::Ready | LinkState::Draining) && self.has_room(l, now)
     }
 
@@ -91,7 +105,7 @@ impl Scheduler {
     /// requests sent ahead (`prefetch`, or with `adaptive` about [`PREFETCH_BUDGET_NS`] of its
     /// work, at most `prefetch`). The first of equally loaded ones.
     #[inline]
-    pub fn pick(&self, links: &[Link]) -> Option<usize> {
+    pub fn pick(&self, links: &[Link<T>]) -> Option<usize> {
         let now = Instant::now();
         let mut best: Option<(usize, usize)> = None;
         for (i, l) in links.iter().enumerate() {
@@ -108,7 +122,7 @@ impl Scheduler {
     /// A new request: returned with the worker to send it to if one has room and nothing
     /// waits before it, else queued (FIFO).
     #[inline]
-    pub fn admit(&mut self, links: &[Link], q: Queued) -> Option<(usize, Queued)> {
+    pub fn admit(&mut self, links: &[Link<T>], q: Queued<T>) -> Option<(usize, Queued<T>)> {
         self.asks += 1;
         if let Some(wid) = q.pin {
             return self.admit_pinned(links, wid, q);
@@ -125,7 +139,12 @@ impl Scheduler {
     /// A pinned request: sent now if its worker has room and none of its pinned requests
     /// waits before it, else queued for that worker.
     #[cold]
-    fn admit_pinned(&mut self, links: &[Link], wid: u32, q: Queued) -> Option<(usize, Queued)> {
+    fn admit_pinned(
+        &mut self,
+        links: &[Link<T>],
+        wid: u32,
+        q: Queued<T>,
+    ) -> Option<(usize, Queued<T>)> {
         if self.pinned_waiting(wid) == 0 {
             let now = Instant::now();
             if let Some(idx) = links.iter().position(|l| l.id == wid) {
@@ -142,7 +161,7 @@ impl Scheduler {
     /// The next queued request, with the worker to send it to, while one has room: a worker's
     /// pinned requests first, then the general FIFO.
     #[inline]
-    pub fn next(&mut self, links: &[Link]) -> Option<(usize, Queued)> {
+    pub fn next(&mut self, links: &[Link<T>]) -> Option<(usize, Queued<T>)> {
         if self.pinned_len > 0 {
             if let Some(found) = self.next_pinned(links) {
                 return Some(found);
@@ -155,7 +174,7 @@ impl Scheduler {
         self.queue.pop_front().map(|q| (idx, q))
     }
 
-    fn next_pinned(&mut self, links: &[Link]) -> Option<(usize, Queued)> {
+    fn next_pinned(&mut self, links: &[Link<T>]) -> Option<(usize, Queued<T>)> {
         let now = Instant::now();
         for (idx, l) in links.iter().enumerate() {
             if self.pinned_waiting(l.id) > 0 && self.pinned_room(l, now) {
@@ -172,11 +191,11 @@ impl Scheduler {
     }
 
     /// Take the pinned requests waiting for worker `worker_id` (it is gone), in their order.
-    pub fn take_pinned(&mut self, worker_id: u32) -> Vec<Queued> {
+    pub fn take_pinned(&mut self, worker_id: u32) -> Vec<Queued<T>> {
         if self.pinned_len == 0 {
             return Vec::new();
         }
-        let taken: Vec<Queued> = self
+        let taken: Vec<Queued<T>> = self
             .pinned
             .remove(&worker_id)
             .map(Vec::from)
@@ -186,28 +205,28 @@ impl Scheduler {
     }
 
     /// Put requests back at the front of the queue, in their order (ahead of newer ones).
-    pub fn requeue_front(&mut self, again: Vec<Queued>) {
+    pub fn requeue_front(&mut self, again: Vec<Queued<T>>) {
         for q in again.into_iter().rev() {
             self.queue.push_front(q);
         }
     }
 
     /// Empty the queue, pinned requests included (no worker can take its requests).
-    pub fn drain(&mut self) -> impl Iterator<Item = Queued> + '_ {
+    pub fn drain(&mut self) -> impl Iterator<Item = Queued<T>> + '_ {
         self.pinned_len = 0;
-        let pinned: Vec<Queued> = self.pinned.drain().flat_map(|(_, q)| q).collect();
+        let pinned: Vec<Queued<T>> = self.pinned.drain().flat_map(|(_, q)| q).collect();
         self.queue.drain(..).chain(pinned)
     }
 }
 
 /// What becomes of the requests in flight on a worker that is gone.
-pub struct Loss {
+pub struct Loss<T> {
     /// To send again, in their order: those it never started, and those that may have run
     /// but have retries left (one fewer now).
-    pub again: Vec<Queued>,
+    pub again: Vec<Queued<T>>,
     /// Those that may have run and have no retries left, and every pinned one (it can run on
     /// no other worker): they fail.
-    pub failed: Vec<(u64, Target)>,
+    pub failed: Vec<(u64, T)>,
     /// How many of `again` are retries (may have run).
     pub retried: u64,
 }
@@ -215,8 +234,8 @@ pub struct Loss {
 /// Sort out the requests in flight on a lost worker. It recorded that it took up the first
 /// `taken` requests sent to it (by `seq`): those may have run, and run again only if they have
 /// retries left; the rest never started and go back as they were.
-pub fn requeue_after_loss(slots: HashMap<u64, Slot>, taken: u64) -> Loss {
-    let mut slots: Vec<(u64, Slot)> = slots.into_iter().collect();
+pub fn requeue_after_loss<T>(slots: HashMap<u64, Slot<T>>, taken: u64) -> Loss<T> {
+    let mut slots: Vec<(u64, Slot<T>)> = slots.into_iter().collect();
     slots.sort_by_key(|(_, s)| s.seq);
     let mut loss = Loss {
         again: Vec::new(),
@@ -254,10 +273,13 @@ pub fn requeue_after_loss(slots: HashMap<u64, Slot>, taken: u64) -> Loss {
 mod tests {
     use super::*;
     use crate::progress::Progress;
+
+    /// The tests' waiters: nobody.
+    type Target = ();
     use std::os::fd::IntoRawFd;
     use std::os::unix::net::UnixStream;
 
-    fn link(id: u32, state: LinkState, in_flight: u64) -> Link {
+    fn link(id: u32, state: LinkState, in_flight: u64) -> Link<Target> {
         let (a, _b) = UnixStream::pair().expect("socketpair");
         let progress =
             Progress::open(Progress::create_fd().expect("memfd").into_raw_fd()).expect("map");
@@ -269,9 +291,9 @@ mod tests {
         l
     }
 
-    fn slot(seq: u64, retries: u32) -> Slot {
+    fn slot(seq: u64, retries: u32) -> Slot<Target> {
         Slot {
-            target: Target::Stream,
+            target: (),
             frame: vec![seq as u8],
             segs: Segments::new(),
             seq,
@@ -281,18 +303,18 @@ mod tests {
         }
     }
 
-    fn queued(id: u64) -> Queued {
+    fn queued(id: u64) -> Queued<Target> {
         Queued {
             id,
             frame: Vec::new(),
             segs: Segments::new(),
-            target: Target::Stream,
+            target: (),
             retries: 0,
             pin: None,
         }
     }
 
-    fn pinned(id: u64, worker: u32) -> Queued {
+    fn pinned(id: u64, worker: u32) -> Queued<Target> {
         Queued {
             pin: Some(worker),
             ..queued(id)
@@ -300,7 +322,7 @@ mod tests {
     }
 
     /// Send what the scheduler hands out, as the pool would (a slot per request).
-    fn dispatch(s: &mut Scheduler, links: &mut [Link]) -> Vec<(u32, u64)> {
+    fn dispatch(s: &mut Scheduler<Target>, links: &mut [Link<Target>]) -> Vec<(u32, u64)> {
         let mut sent = Vec::new();
         while let Some((idx, q)) = s.next(links) {
             let seq = links[idx].slots.len() as u64;
@@ -391,7 +413,7 @@ mod tests {
         assert_eq!(loss.retried, 0);
     }
 
-    fn ids(q: &Scheduler) -> Vec<u64> {
+    fn ids(q: &Scheduler<Target>) -> Vec<u64> {
         q.queue.iter().map(|q| q.id).collect()
     }
 

@@ -1,12 +1,14 @@
 //! Waiting for a peer without a wake-up when it answers quickly: a short spin on the socket
 //! before blocking (the worker's `recv`), and the parent's wait for one worker while nothing
-//! else of the event loop is ready (`PoolCore.wait_answer`). Depends only on libc.
+//! else of the event loop is ready (`PoolCore.wait_answer`). Depends only on libc: the Python
+//! extension calls it with the GIL released; a Rust host may spin the same way before parking.
 
 use std::os::fd::RawFd;
 
 /// How long a process about to wait for its peer looks for data first
 /// ([`spin_until_readable`]): `KAMEO_SPIN_US` microseconds (default 30; 0 never spins), read once
 /// per process (workers inherit the pool's environment).
+#[inline]
 pub fn spin() -> std::time::Duration {
     static SPIN: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
     *SPIN.get_or_init(|| {
@@ -23,6 +25,7 @@ pub fn spin() -> std::time::Duration {
 /// (the peer may share it). Answers often come within microseconds: a process that has not gone
 /// to sleep needs no wake-up, which on a virtual machine costs more than a round trip. True if
 /// `fd` is readable (or closed).
+#[inline]
 pub fn spin_until_readable(fd: RawFd, spin: std::time::Duration) -> bool {
     if spin.is_zero() {
         return false;

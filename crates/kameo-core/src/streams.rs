@@ -1,7 +1,8 @@
-//! The buffers of `pool.stream()` calls, between the socket and the Python iterator, and
-//! their credit. No Python: `T` is what the buffer holds (a Python object in the core: items,
-//! the waiting future, the exception of a failed stream), and waking a waiter is left to the
-//! caller, which gets it back from the call that should wake it.
+//! The buffers of `pool.stream()` calls, between the socket and the consumer, and their
+//! credit. No Python: `T` is what the buffer holds (in the Python parent a Python object: items,
+//! the waiting future, the exception of a failed stream; in the Rust host its own item and
+//! waker types), and waking a waiter is left to the caller, which gets it back from the call
+//! that should wake it.
 
 use std::collections::{vec_deque, HashMap, VecDeque};
 
@@ -33,6 +34,7 @@ impl<T> StreamBuf<T> {
         }
     }
 
+    /// Its consumer left while the worker was still producing.
     pub fn is_cancelled(&self) -> bool {
         self.cancelled
     }
@@ -56,7 +58,9 @@ impl<T> StreamBuf<T> {
 /// CREDIT to send: `credit` more items of the stream, to the worker running it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Grant {
+    /// The worker running the stream.
     pub worker: u32,
+    /// Items it may send beyond those granted before.
     pub credit: u32,
 }
 
@@ -93,6 +97,7 @@ pub struct Streams<T> {
 }
 
 impl<T> Streams<T> {
+    /// No streams yet; each may run `window` items ahead of its consumer (at least 1).
     pub fn new(window: u32) -> Self {
         Streams {
             table: HashMap::new(),
@@ -100,8 +105,14 @@ impl<T> Streams<T> {
         }
     }
 
+    /// Streams open (not yet taken to their end, or cancelled and not yet ended).
     pub fn len(&self) -> usize {
         self.table.len()
+    }
+
+    /// No stream is open.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
     }
 
     /// A new stream, not yet sent.
@@ -109,10 +120,12 @@ impl<T> Streams<T> {
         self.table.insert(id, StreamBuf::new());
     }
 
+    /// The buffer of stream `id`, if open.
     pub fn get_mut(&mut self, id: u64) -> Option<&mut StreamBuf<T>> {
         self.table.get_mut(&id)
     }
 
+    /// Forget stream `id`.
     pub fn remove(&mut self, id: u64) {
         self.table.remove(&id);
     }

@@ -1,5 +1,7 @@
-//! Names of the events the pool core reports to the pool's `on_event(worker_id, name, payload)`
-//! callback, exported to Python as `kameo._native.EVENT_*` so neither side spells them twice.
+//! Names of the events a pool core reports about its workers: in the Python parent, to the
+//! pool's `on_event(worker_id, name, payload)` callback, exported to Python as
+//! `kameo._native.EVENT_*` so neither side spells them twice; a Rust host names the same
+//! events with the same words (in logs and traces).
 
 /// A worker's CALLBACK: payload `(id, body, trace)` (body a str if it could not be decoded).
 pub const CALLBACK: &str = "callback";

@@ -7,7 +7,8 @@
 //! only when a later one starts). When the worker dies, the parent reads the counter: requests
 //! sent to it below that count may have run; the others never started and go to another worker,
 //! even those already in the dead worker's socket buffer. A store to shared memory costs no
-//! system call and survives any death, SIGKILL included.
+//! system call and survives any death, SIGKILL included. Both hosts create the page when
+//! they spawn a worker ([`crate::spawn`]) and read it when the worker is lost.
 
 use crate::sys::{check, memfd};
 use std::io;
@@ -17,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const NAME: &std::ffi::CStr = c"kameo-progress";
 const SIZE: usize = std::mem::size_of::<AtomicU64>();
 
+/// A mapped progress page (the parent's view of a worker's, or the worker's own).
 pub struct Progress {
     map: *mut AtomicU64,
 }
@@ -74,17 +76,20 @@ impl Progress {
         Ok(Progress { map: ptr.cast() }) // the mapping keeps the memfd alive; fd closes
     }
 
+    #[inline]
     fn counter(&self) -> &AtomicU64 {
         // SAFETY: mapped, page-aligned (so aligned for u64), for the life of self.
         unsafe { &*self.map }
     }
 
     /// Requests taken up so far (parent side, read once the worker is gone).
+    #[inline]
     pub fn taken(&self) -> u64 {
         self.counter().load(Ordering::Acquire)
     }
 
     /// Record that the request with arrival index `index` is taken up (worker side).
+    #[inline]
     pub fn take(&self, index: u64) {
         self.counter().fetch_max(index + 1, Ordering::Release);
     }

@@ -1,5 +1,5 @@
-//! The leaf of the crate: small system helpers every other module may use, depending on
-//! nothing in the crate (libc and std only).
+//! The leaf of the crate: small system helpers every other module (and either host) may use,
+//! depending on nothing in the crate (libc and std only).
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -9,11 +9,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub type Segments = Vec<Arc<OwnedFd>>;
 
 /// Lock, ignoring poisoning (a panicking holder leaves the data as consistent as any write).
+#[inline]
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A libc return code as a result: negative is the thread's `errno`.
+#[inline]
 pub fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 {
         Err(io::Error::last_os_error())

@@ -2,6 +2,8 @@
 //!
 //! Writes attach the descriptors of the frames they start; reads queue the descriptors they
 //! receive, in arrival order, for the frames that declare them (see `kameo_proto::frame`).
+//! Every connection of either host (the Python parent, the worker, the Rust host) goes through
+//! these two calls.
 
 use crate::sys::Segments;
 use std::collections::VecDeque;
@@ -12,7 +14,7 @@ use std::sync::Arc;
 /// Descriptors one read may deliver: the kernel passes at most 253 per message.
 const CMSG_FDS: usize = 253;
 /// Descriptors a connection may hold for frames not yet taken out: one read can deliver
-/// [`CMSG_FDS`] for frames it also completes, plus those of a frame still arriving. A peer
+/// `CMSG_FDS` for frames it also completes, plus those of a frame still arriving. A peer
 /// that sends more is broken or hostile.
 pub const MAX_QUEUED_FDS: usize = 4 * CMSG_FDS;
 
@@ -23,6 +25,7 @@ struct CmsgBuf([u8; 64 + CMSG_FDS * 4]);
 /// went out are removed from `pending`. Every descriptor goes with a byte at or before the
 /// first byte of its frame, as the protocol requires: when more are pending than one message
 /// carries, each full batch goes with one byte of its own.
+#[inline]
 pub fn send(sock: RawFd, data: &[u8], pending: &mut Segments, flags: i32) -> io::Result<usize> {
     let mut sent = 0;
     while pending.len() > CMSG_FDS && sent < data.len() {
@@ -95,6 +98,7 @@ fn send_one(sock: RawFd, data: &[u8], segs: &[Arc<OwnedFd>], flags: i32) -> io::
 
 /// `recv` into `buf`, appending any descriptors that arrive to `fds` (close-on-exec).
 /// Fails if the peer sent more descriptors than one read can take or than the queue holds.
+#[inline]
 pub fn recv(
     sock: RawFd,
     buf: &mut [u8],
@@ -146,6 +150,7 @@ pub fn recv(
 }
 
 /// The `n` descriptors of the frame just completed, from the head of the queue.
+#[inline]
 pub fn take(fds: &mut VecDeque<OwnedFd>, n: u8) -> Result<Segments, String> {
     let n = usize::from(n);
     if fds.len() < n {

@@ -1,13 +1,15 @@
-//! Counters and the latency histogram behind `Pool.stats()`. No Python.
+//! Counters and the latency histogram of a pool: behind `Pool.stats()` in the Python parent,
+//! and the same figures for the Rust host's pool. No Python.
 
 use std::time::Duration;
 
-/// Counters and a latency histogram for `Pool.stats()`.
+/// Counters and a latency histogram for `Pool.stats()` (or the Rust host's stats).
 pub struct Stats {
     /// Answers (replies, errors, ends of streams) that reached a caller still waiting.
     pub completed: u64,
     /// Error answers among those.
     pub errors: u64,
+    /// Requests sent again after their worker was lost.
     pub retries: u64,
     /// Answers that arrived for requests the caller had given up on (a future already done,
     /// a cancelled stream): not counted above.
@@ -16,9 +18,16 @@ pub struct Stats {
     buckets: Vec<u64>,
 }
 
+impl Default for Stats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Stats {
     const PER_OCTAVE: f64 = 8.0;
 
+    /// All counters at zero, an empty histogram.
     pub fn new() -> Self {
         Stats {
             completed: 0,
