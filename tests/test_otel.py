@@ -23,17 +23,22 @@ pytest.importorskip("opentelemetry.sdk.trace", reason="the dev venv installs ope
 RUN_BOUND = 120.0
 
 
-@pytest.fixture(scope="module")
-def traced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("spans")
-    proc = subprocess.run(
-        [sys.executable, "-m", "handlers.otel_parent", str(out)],
+def run_python(*args: str) -> subprocess.CompletedProcess[str]:
+    """This interpreter, as a bounded subprocess in tests/ with this sys.path."""
+    return subprocess.run(
+        [sys.executable, *args],
         cwd=TESTS_DIR,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, *sys.path])},
         capture_output=True,
         text=True,
         timeout=RUN_BOUND,
     )
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("spans")
+    proc = run_python("-m", "handlers.otel_parent", str(out))
     assert proc.returncode == 0, proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout)
     worker_spans = []
@@ -215,13 +220,6 @@ def test_kameo_never_imports_opentelemetry() -> None:
         "asyncio.run(main())\n"
         "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=TESTS_DIR,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, *sys.path])},
-        capture_output=True,
-        text=True,
-        timeout=RUN_BOUND,
-    )
+    proc = run_python("-c", code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

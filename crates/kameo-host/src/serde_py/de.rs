@@ -311,20 +311,27 @@ impl<'de, 's> Deserializer<'de, 's> {
 
     #[inline]
     fn dict_items<V: Visitor<'de>>(&mut self, visitor: V) -> Result<V::Value> {
+        self.map_items(visitor, false)
+    }
+
+    /// The `n` (key, value) pairs of a dict, or (name, value) fields of a dataclass
+    /// (`named`), to `visitor` as a map.
+    fn map_items<V: Visitor<'de>>(&mut self, visitor: V, named: bool) -> Result<V::Value> {
         let n = self.len(2)?;
         self.enter()?;
         let mut access = Map {
             de: self,
             left: n,
             key_at: 0,
-            named: false,
+            named,
             name: "",
         };
         let v = visitor.visit_map(&mut access)?;
         let left = access.left;
         self.depth -= 1;
         if left != 0 {
-            return Err(Error::msg(format!("{left} entries of {n} left unread")));
+            let what = if named { "fields" } else { "entries" };
+            return Err(Error::msg(format!("{left} {what} of {n} left unread")));
         }
         Ok(v)
     }
@@ -383,22 +390,7 @@ impl<'de, 's> Deserializer<'de, 's> {
                 self.bump();
                 self.str()?;
                 self.str()?;
-                let n = self.len(2)?;
-                self.enter()?;
-                let mut access = Map {
-                    de: self,
-                    left: n,
-                    key_at: 0,
-                    named: true,
-                    name: "",
-                };
-                let v = visitor.visit_map(&mut access)?;
-                let left = access.left;
-                self.depth -= 1;
-                if left != 0 {
-                    return Err(Error::msg(format!("{left} fields of {n} left unread")));
-                }
-                Ok(v)
+                self.map_items(visitor, true)
             }
             wire::TAG_LIST | wire::TAG_TUPLE | wire::TAG_NAMEDTUPLE if fields_positional => {
                 self.deserialize_seq_like(visitor, None, want)
