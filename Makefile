@@ -41,8 +41,12 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --prefer-binary "maturin>=1.9,<2" "pytest>=8" "pytest-asyncio>=1.0" \
 		"pytest-timeout>=2.3" "pytest-benchmark>=4" "hypothesis>=6" "ruff>=0.6" $(MYPY) \
-		"numpy>=1.24" "tqdm>=4.66" "cloudpickle>=3" "uv>=0.4" "orjson>=3.9" \
+		"numpy>=1.24" "tqdm>=4.66" "cloudpickle>=3" "uv>=0.4" \
 		"opentelemetry-api>=1.20" "opentelemetry-sdk>=1.20"  # optional for users (extras); tests cover them
+	# orjson (kameo[json]) has no wheel for every interpreter (none for free-threaded 3.13t):
+	# where it has none, the tests of its path are skipped and the stdlib path is tested.
+	$(BIN)/python -m pip install --quiet --only-binary :all: "orjson>=3.9" \
+		|| echo "orjson: no wheel for this interpreter; kameo map's tests use the stdlib JSON path"
 	touch $@
 
 venv: $(STAMP)
