@@ -264,6 +264,18 @@ TRICKY_LINES = [
 ]
 
 
+def too_deep_for_json(lines: list[bytes]) -> bool:
+    """Whether this interpreter's json refuses one of ``lines`` with a RecursionError."""
+    for line in lines:
+        try:
+            json.loads(line)
+        except RecursionError:
+            return True
+        except ValueError:
+            pass
+    return False
+
+
 def tricky_input() -> bytes:
     """The tricky lines alone, together, and each in a block of plain lines."""
     plain = [b'{"i": %d, "s": "x"}' % i for i in range(40)]
@@ -294,7 +306,10 @@ def test_orjson_and_stdlib_write_the_same_bytes(
         got = [json.loads(line) for line in slow.stdout.splitlines()]
         errors = [g["error"] for g in got if isinstance(g, dict) and "error" in g]
         types = {e["type"] for e in errors}
-        assert {"json.decoder.JSONDecodeError", "UnicodeDecodeError", "RecursionError"} <= types
+        assert {"json.decoder.JSONDecodeError", "UnicodeDecodeError"} <= types
+        # The deepest line is past json's recursion limit on 3.11; 3.12+ limit C recursion
+        # separately and decode it.
+        assert ("RecursionError" in types) == too_deep_for_json(TRICKY_LINES)
         if target == "handlers.cli:tricky":
             assert "TypeError" in types  # the UUID, the enum, the dataclass, the set...
 
