@@ -452,7 +452,7 @@ def check_pidfd() -> Check:
         "one it finds exits through the socket's EOF and waitpid, later"
     )
     if not hasattr(os, "pidfd_open"):
-        return Check(name, False, "os.pidfd_open is missing", fix, required=False)
+        return Check(name, False, "os.pidfd_open is missing", fix)
     proc = _child("import sys; sys.stdin.read()", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     try:
         pidfd = os.pidfd_open(proc.pid)
@@ -460,19 +460,13 @@ def check_pidfd() -> Check:
             poller = select.poll()
             poller.register(pidfd, select.POLLIN)
             if poller.poll(0):
-                return Check(
-                    name, False, "the pidfd of a running child is readable", fix, required=False
-                )
+                return Check(name, False, "the pidfd of a running child is readable", fix)
             assert proc.stdin is not None
             proc.stdin.close()  # the child reads EOF and exits
             started = time.perf_counter()
             if not poller.poll(CHILD_TIMEOUT * 1000):
                 return Check(
-                    name,
-                    False,
-                    f"no exit seen on the pidfd within {CHILD_TIMEOUT:g} s",
-                    fix,
-                    required=False,
+                    name, False, f"no exit seen on the pidfd within {CHILD_TIMEOUT:g} s", fix
                 )
             seconds = time.perf_counter() - started
         finally:
@@ -480,10 +474,7 @@ def check_pidfd() -> Check:
     finally:
         _finish(proc)
     return Check(
-        name,
-        True,
-        f"a child's exit seen on its pidfd ({_ms(seconds)} after its stdin closed)",
-        required=False,
+        name, True, f"a child's exit seen on its pidfd ({_ms(seconds)} after its stdin closed)"
     )
 
 
@@ -788,7 +779,8 @@ SYSTEM_CHECKS: tuple[tuple[str, Callable[[], Check]], ...] = (
     ("uv", check_uv),
 )
 
-OPTIONAL = frozenset({"free-threading", "memfd-recycle", "fd-limit", "uv"})
+#: System checks whose failure is a warning: kameo works without them, with less.
+OPTIONAL = frozenset({"free-threading", "memfd-recycle", "pidfd", "fd-limit", "uv"})
 
 
 def run(report: Callable[[Check], None] = lambda check: None) -> list[Check]:
