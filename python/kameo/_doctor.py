@@ -74,32 +74,6 @@ POOL_FIX_FDS = "raise the fd limit first (ulimit -n 4096, see fd-limit); then " 
 F_SEAL_FUTURE_WRITE = 0x0010
 PR_GET_PDEATHSIG = 2
 
-#: The names of every check, in the order they run.
-NAMES = (
-    "kameo",
-    "protocol",
-    "python",
-    "platform",
-    "free-threading",
-    "memfd",
-    "memfd-recycle",
-    "scm-rights",
-    "pidfd",
-    "pdeathsig",
-    "fd-limit",
-    "uv",
-    "extra.tqdm",
-    "extra.cloudpickle",
-    "extra.orjson",
-    "extra.opentelemetry-api",
-    "pool.start",
-    "pool.ask",
-    "pool.stream",
-    "pool.callback",
-    "pool.shm",
-    "pool.close",
-)
-
 
 @dataclass
 class Check:
@@ -777,6 +751,13 @@ SYSTEM_CHECKS: tuple[tuple[str, Callable[[], Check]], ...] = (
     ("pdeathsig", check_pdeathsig),
     ("fd-limit", check_fd_limit),
     ("uv", check_uv),
+)
+
+#: The names of every check, in the order they run.
+NAMES = (
+    *(name for name, _ in SYSTEM_CHECKS),
+    *(f"extra.{dist}" for dist, _, _ in EXTRAS),
+    *POOL_CHECKS,
 )
 
 #: System checks whose failure is a warning: kameo works without them, with less.
