@@ -551,7 +551,7 @@ class Pool:
                 timer.cancel()
             fut.set_exception(exc)
             if otel is not None:
-                self._otel_failed(fut, "ask", self.target, exc)
+                self._otel_failed(fut._kameo_span, "ask", self.target, exc)
             return fut
         fut._kameo_rid = rid
         fut._kameo_abandon = self._abandon_cb
@@ -816,7 +816,7 @@ class Pool:
                 timer.cancel()
             fut.set_exception(exc)
             if otel is not None and kind is not None:
-                self._otel_failed(fut, kind, target, exc)
+                self._otel_failed(fut._kameo_span, kind, target, exc)
             return fut
         fut._kameo_rid = rid
         on_done = self._on_done
@@ -925,11 +925,9 @@ class Pool:
                 worker = (wid, self._worker_pid(wid))
         self._otel.finish(span, kind, target, worker, seconds, error, exc)
 
-    def _otel_failed(
-        self, fut: AskFuture, kind: str, target: str | None, exc: BaseException
-    ) -> None:
+    def _otel_failed(self, span: Any, kind: str, target: str | None, exc: BaseException) -> None:
         """A request failed before it was sent (it has no timing, and no done callback)."""
-        self._otel_finish(fut._kameo_span, kind, target, None, events.error_type(exc), exc)
+        self._otel_finish(span, kind, target, None, events.error_type(exc), exc)
 
     def _traced_submit(
         self,
@@ -947,7 +945,7 @@ class Pool:
             try:
                 rid = submit(msg, trace)
             except BaseException as exc:
-                otel.finish(span, kind, target, None, None, events.error_type(exc), exc)
+                self._otel_failed(span, kind, target, exc)
                 raise
             if span is not None:
                 self._otel_streams[rid] = span
