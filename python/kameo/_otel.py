@@ -72,14 +72,38 @@ def traceparent_of(span: Any) -> str:
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
 
+class _Api:
+    """The OpenTelemetry names kameo uses, imported once, when a pool or worker first traces
+    (never before the application imported opentelemetry)."""
+
+    def __init__(self) -> None:
+        from opentelemetry import context, trace
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.context = context
+        self.in_context = trace.set_span_in_context
+        self.client, self.server = SpanKind.CLIENT, SpanKind.SERVER
+        self.status, self.error = Status, StatusCode.ERROR
+        self.propagator = TraceContextTextMapPropagator()
+
+
+_api_loaded: _Api | None = None
+
+
+def _api() -> _Api:
+    global _api_loaded
+    if _api_loaded is None:
+        _api_loaded = _Api()
+    return _api_loaded
+
+
 def _parent(trace: str | None) -> Any:
     """The context a span made for a request carrying ``trace`` is a child of (None: the
     current one)."""
     if trace is None:
         return None
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    return TraceContextTextMapPropagator().extract({"traceparent": trace})
+    return _api().propagator.extract({"traceparent": trace})
 
 
 def _span_name(kind: str, target: str | None) -> str:
@@ -87,13 +111,13 @@ def _span_name(kind: str, target: str | None) -> str:
 
 
 def _fail(span: Any, error_type: str | None, exc: BaseException | None, message: str) -> None:
-    from opentelemetry.trace import Status, StatusCode
-
+    """Mark ``span`` failed: ``error.type``, the exception (if here), status ERROR."""
     if error_type:
         span.set_attribute("error.type", error_type)
     if exc is not None:
         span.record_exception(exc)
-    span.set_status(Status(StatusCode.ERROR, message))
+    api = _api()
+    span.set_status(api.status(api.error, message))
 
 
 # ---------------------------------------------------------------------------- the parent
@@ -207,12 +231,10 @@ class PoolTelemetry:
         tracer = self.tracer
         if tracer is None:
             return None, trace
-        from opentelemetry.trace import SpanKind
-
         span = tracer.start_span(
             _span_name(kind, target),
             context=_parent(explicit),
-            kind=SpanKind.CLIENT,
+            kind=_api().client,
             attributes={
                 "rpc.system": RPC_SYSTEM,
                 "rpc.method": target or kind,
@@ -262,9 +284,6 @@ class PoolTelemetry:
         tracer = self.tracer
         if tracer is None:
             return None
-        from opentelemetry import trace as otel_trace
-        from opentelemetry.trace import SpanKind
-
         attributes = {
             "rpc.system": RPC_SYSTEM,
             "rpc.method": path,
@@ -277,10 +296,10 @@ class PoolTelemetry:
         span = tracer.start_span(
             _span_name("callback", path),
             context=_parent(trace),
-            kind=SpanKind.SERVER,
+            kind=_api().server,
             attributes=attributes,
         )
-        return span, traceparent_of(span), otel_trace.set_span_in_context(span)
+        return span, traceparent_of(span), _api().in_context(span)
 
     @staticmethod
     def callback_end(span: Any, exc: BaseException | None) -> None:
@@ -303,9 +322,7 @@ def for_pool(name: str, pool: Pool) -> PoolTelemetry | None:
 
 def attach(ctx: Any) -> None:
     """Make ``ctx`` (an OpenTelemetry context) current (in the running contextvars context)."""
-    from opentelemetry import context
-
-    context.attach(ctx)
+    _api().context.attach(ctx)
 
 
 # ---------------------------------------------------------------------------- the worker
@@ -329,17 +346,14 @@ class WorkerTelemetry:
 
     def start(self, rid: int, kind: str, target: str | None, trace: str | None) -> str:
         """Start request ``rid``'s server span and make it current; its traceparent."""
-        from opentelemetry import context
-        from opentelemetry import trace as otel_trace
-        from opentelemetry.trace import SpanKind
-
+        api = _api()
         span = self.tracer.start_span(
             _span_name(kind, target),
             context=_parent(trace),
-            kind=SpanKind.SERVER,
+            kind=api.server,
             attributes={**self.attributes, "rpc.method": target or kind, "kameo.kind": kind},
         )
-        token = context.attach(otel_trace.set_span_in_context(span))
+        token = api.context.attach(api.in_context(span))
         self.spans[rid] = (span, token)
         return traceparent_of(span)
 
@@ -353,29 +367,26 @@ class WorkerTelemetry:
         name = info.get(_error_info.TYPE) or ("CancelledError" if kind == "cancelled" else kind)
         name = str(name).removeprefix("builtins.")
         message = info.get(_error_info.MESSAGE) or ""
-        span.set_attribute("error.type", str(name))
         tb = info.get(_error_info.TRACEBACK)
+        # The exception is gone (sent as text): its event is made from the info, as
+        # record_exception would make it.
         span.add_event(
             "exception",
             {
-                "exception.type": str(name),
+                "exception.type": name,
                 "exception.message": str(message),
                 "exception.stacktrace": str(tb or ""),
             },
         )
-        from opentelemetry.trace import Status, StatusCode
-
-        span.set_status(Status(StatusCode.ERROR, f"{name}: {message}"))
+        _fail(span, name, None, f"{name}: {message}")
 
     def end(self, rid: int) -> None:
         entry = self.spans.pop(rid, None)
         if entry is None:
             return
         span, token = entry
-        from opentelemetry import context
-
         with contextlib.suppress(Exception):  # the span ends even if the context moved
-            context.detach(token)
+            _api().context.detach(token)
         span.end()
 
 
