@@ -162,9 +162,7 @@ class SyncServer:
                 try:
                     result = ops.run_pipeline(steps, None)
                 except BaseException as exc:  # a cancellation, or a worker-level failure
-                    cancelled = rid in self.cancelled and _is_cancellation(exc)
-                    info = _error_info.cancelled() if cancelled else None
-                    self.chan.error(rid, info or _error_info.from_exception(exc))
+                    self.call_failed(rid, exc)
                     return
                 if not self.chan.try_reply(rid, result):
                     job = _calls.Job(ops.run_pipeline, (), {}, SYNC, None, entries=True)
@@ -179,17 +177,20 @@ class SyncServer:
             if job.kind == ASYNC:
                 result = self.run_coroutine(result)
         except BaseException as exc:
-            # Cancelled by its CANCEL (run_coroutine), or an error (a CancelledError the
-            # function raised, too).
-            cancelled = rid in self.cancelled and _is_cancellation(exc)
-            self.chan.error(
-                rid, _error_info.cancelled() if cancelled else _error_info.from_exception(exc)
-            )
+            self.call_failed(rid, exc)
             return
         finally:
             if token is not None:
                 _context.session.reset(token)
         ops.answer(self.chan, rid, job, result)
+
+    def call_failed(self, rid: int, exc: BaseException) -> None:
+        """A CALL ended with ``exc``: cancelled by its CANCEL (``run_coroutine``), or an error
+        (a CancelledError the function raised, too)."""
+        cancelled = rid in self.cancelled and _is_cancellation(exc)
+        self.chan.error(
+            rid, _error_info.cancelled() if cancelled else _error_info.from_exception(exc)
+        )
 
     def call_stream(self, rid: int, op: Any) -> None:
         token = None
