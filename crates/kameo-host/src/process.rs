@@ -67,6 +67,13 @@ impl Spawner {
     }
 }
 
+/// Register a descriptor-owning `inner` (an `OwnedFd`, a socket) with the runtime's reactor.
+pub(crate) fn register<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `inner` owns its descriptor, which stays open and the same until the AsyncFd
+    // (which owns `inner`) is dropped.
+    unsafe { AsyncFd::register(inner) }.map_err(io::Error::from)
+}
+
 /// How a process ended.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Exit {
@@ -139,7 +146,7 @@ impl ExitWatch {
         if fd >= 0 {
             // SAFETY: pidfd_open returned a new descriptor.
             let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-            if let Ok(a) = AsyncFd::new(fd) {
+            if let Ok(a) = register(fd) {
                 return ExitWatch::Pidfd(a);
             }
         }
@@ -181,7 +188,7 @@ pub(crate) const STDERR_TAIL: usize = 20;
 impl Stderr {
     pub fn new(fd: OwnedFd) -> Stderr {
         Stderr {
-            fd: AsyncFd::new(fd).ok(),
+            fd: register(fd).ok(),
             partial: Vec::new(),
         }
     }
@@ -259,13 +266,8 @@ pub(crate) fn random_secret() -> io::Result<Vec<u8>> {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: writing into a buffer we own.
-        let n = unsafe {
-            libc::getrandom(
-                buf[filled..].as_mut_ptr().cast(),
-                buf.len() - filled,
-                0,
-            )
-        };
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
