@@ -3,6 +3,7 @@
 //! appended to its buffer and written by its driver, one write per batch), and their answers
 //! decoded by the caller once the lock is released.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -229,12 +230,15 @@ impl Pool {
             shared.cfg.max_frame_bytes,
         )?;
         let (tx, rx) = oneshot::channel();
-        submit(shared, id, frame, segs, Waiter::Ask(tx))?;
+        let alone = submit(shared, id, frame, segs, Waiter::Ask(tx))?;
         let mut guard = CancelOnDrop {
             shared,
             id,
             armed: true,
         };
+        if let Some((wid, fd)) = alone {
+            crate::worker::answer_soon(shared, wid, fd);
+        }
         let answer = async {
             match opts.timeout {
                 None => rx.await.map_err(|_| Error::Closed),
@@ -447,14 +451,16 @@ fn encode<M: Serialize + ?Sized>(
 }
 
 /// Hand a request to the scheduler: written at once to an idle worker, buffered for a busy
-/// one's driver, or queued.
+/// one's driver, or queued. Some((worker, its socket)) when it was written to an idle worker
+/// and is the only call in flight (the caller may look for the answer itself, see
+/// [`crate::worker::answer_soon`]).
 fn submit(
     shared: &Shared,
     id: u64,
     frame: Vec<u8>,
     segs: Segments,
     target: Waiter,
-) -> Result<(), Error> {
+) -> Result<Option<(u32, i32)>, Error> {
     let retries = match target {
         Waiter::Ask(_) => shared.cfg.retries,
         Waiter::Stream => 0, // items already delivered cannot be taken back
@@ -477,10 +483,14 @@ fn submit(
         st.place(idx, q, Instant::now());
         if idle {
             st.flush(idx);
+            let link = &st.links[idx];
+            if !link.pending_out() && st.busy() == 1 {
+                return Ok(Some((link.id, link.sock.as_raw_fd())));
+            }
         } else if !st.links[idx].writer_armed {
             st.links[idx].writer_armed = true;
             st.extras[idx].wake.notify_one();
         }
     }
-    Ok(())
+    Ok(None)
 }

@@ -130,7 +130,7 @@ pub(crate) async fn start(shared: Arc<Shared>, ready: Option<oneshot::Sender<Res
 }
 
 /// What one turn of reading found.
-enum Read {
+pub(crate) enum Read {
     /// Everything available was read.
     Drained,
     /// More may be there (the turn's budget ran out).
@@ -139,7 +139,9 @@ enum Read {
     Done,
 }
 
-fn on_readable(shared: &Arc<Shared>, wid: u32, fd: i32) -> Read {
+/// Read and handle what worker `wid` sent (its driver, or a caller that saw its answer
+/// coming, see [`answer_soon`]).
+pub(crate) fn on_readable(shared: &Arc<Shared>, wid: u32) -> Read {
     let mut effects = Effects::default();
     let outcome = {
         let mut st = shared.lock();
@@ -149,6 +151,7 @@ fn on_readable(shared: &Arc<Shared>, wid: u32, fd: i32) -> Read {
         if st.links[idx].closed {
             return Read::Done;
         }
+        let fd = st.links[idx].sock.as_raw_fd();
         let Some(mut inbox) = st.links[idx].inbox.take() else {
             return Read::Done;
         };
@@ -233,6 +236,18 @@ fn on_readable(shared: &Arc<Shared>, wid: u32, fd: i32) -> Read {
     outcome
 }
 
+/// A caller whose request went to an idle worker, with nothing else in flight in the pool,
+/// looks for the answer for a few microseconds (`KAMEO_SPIN_US`, as the Python parent and the
+/// workers do) and reads it itself: an answer that comes that soon then needs no wake-up of
+/// the driver and of the caller, which on a VM costs more than the round trip. Nothing else
+/// of the pool waits meanwhile (it is the only call), and the spin yields the CPU between looks.
+pub(crate) fn answer_soon(shared: &Arc<Shared>, wid: u32, fd: i32) {
+    let spin = kameo_core::wait::spin();
+    if kameo_core::wait::spin_until_readable(fd, spin) {
+        on_readable(shared, wid);
+    }
+}
+
 /// Write what is buffered for worker `wid`: true while output remains (wait for writable).
 fn flush_own(shared: &Shared, wid: u32) -> bool {
     let mut st = shared.lock();
@@ -258,7 +273,6 @@ async fn drive(
     wake: Arc<Notify>,
 ) {
     let exit_watch = ExitWatch::new(pid);
-    let fd = sock.get_ref().as_raw_fd();
     let mut reading = true;
     let mut want_write = false;
     let mut more = false;
@@ -270,7 +284,7 @@ async fn drive(
             if more {
                 more = false;
                 tokio::task::yield_now().await;
-                match on_readable(&shared, wid, fd) {
+                match on_readable(&shared, wid) {
                     Read::More => more = true,
                     Read::Drained => {}
                     Read::Done => reading = false,
@@ -292,7 +306,7 @@ async fn drive(
                     if let Ok(mut g) = r {
                         g.clear_ready();
                     }
-                    match on_readable(&shared, wid, fd) {
+                    match on_readable(&shared, wid) {
                         Read::More => more = true,
                         Read::Drained => {}
                         Read::Done => reading = false,
