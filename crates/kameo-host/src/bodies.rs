@@ -71,7 +71,7 @@ impl ErrorInfo {
 
 /// Decode an error dict; a body that is not one is a protocol error.
 pub(crate) fn error_of(body: &[u8], worker_id: u32, pid: u32) -> Error {
-    match crate::from_wire::<ErrorInfo>(body) {
+    match crate::serde_py::from_wire::<ErrorInfo>(body) {
         Ok(info) => info.into_error(worker_id, pid),
         Err(e) => Error::Protocol {
             message: format!("worker {worker_id} (pid {pid}) sent a malformed error reply ({e})"),

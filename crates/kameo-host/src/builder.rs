@@ -1,33 +1,11 @@
-//! [`PoolBuilder`]: a pool's options, with the Python pool's defaults.
+//! [`PoolBuilder`]: setting a pool's options ([`Config`]) and starting it.
 
 use std::time::Duration;
 
-use crate::callbacks::{CallbackHandler, Registry};
+use crate::callbacks::CallbackHandler;
+use crate::config::Config;
 use crate::error::Error;
 use crate::pool::Pool;
-
-/// A pool's configuration (see [`Pool::builder`]).
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub target: String,
-    pub size: usize,
-    pub python: String,
-    pub env: Vec<(String, Option<String>)>,
-    pub cwd: Option<String>,
-    pub callbacks: Registry,
-    pub max_concurrency: u32,
-    pub stream_window: u32,
-    pub max_frame_bytes: usize,
-    pub startup_timeout: Duration,
-    pub heartbeat_interval: Duration,
-    pub heartbeat_timeout: Duration,
-    pub cancel_grace: Duration,
-    pub close_grace: Duration,
-    pub retries: u32,
-    pub name: String,
-    pub forward_logs: bool,
-    pub prefetch: usize,
-}
 
 /// Builds a [`Pool`]: `Pool::builder("module:function").size(4).start().await?`.
 pub struct PoolBuilder {
@@ -35,29 +13,17 @@ pub struct PoolBuilder {
     error: Option<String>,
 }
 
+impl Pool {
+    /// A pool whose workers run `target` (`"module:function"`, imported in each worker).
+    pub fn builder(target: &str) -> PoolBuilder {
+        PoolBuilder::new(target)
+    }
+}
+
 impl PoolBuilder {
     pub(crate) fn new(target: &str) -> Self {
         PoolBuilder {
-            cfg: Config {
-                target: target.to_string(),
-                size: 1,
-                python: "python3".into(),
-                env: Vec::new(),
-                cwd: None,
-                callbacks: Registry::default(),
-                max_concurrency: 1,
-                stream_window: 256,
-                max_frame_bytes: 64 << 20,
-                startup_timeout: Duration::from_secs(30),
-                heartbeat_interval: Duration::from_secs(1),
-                heartbeat_timeout: Duration::from_secs(10),
-                cancel_grace: Duration::from_secs(2),
-                close_grace: Duration::from_secs(5),
-                retries: 0,
-                name: "kameo".into(),
-                forward_logs: false,
-                prefetch: 64,
-            },
+            cfg: Config::new(target),
             error: None,
         }
     }

@@ -130,7 +130,7 @@ impl<H: CallbackHandler> ErasedHandler for Typed<H> {
         body: Vec<u8>,
     ) -> Pin<Box<dyn Future<Output = Result<EncodedStream, CallbackError>> + Send>> {
         Box::pin(async move {
-            let (_, req, _): (IgnoredAny, H::Request, IgnoredAny) = crate::from_wire(&body)
+            let (_, req, _): (IgnoredAny, H::Request, IgnoredAny) = crate::serde_py::from_wire(&body)
                 .map_err(|e| {
                     CallbackError::new("TypeError", format!("the callback's request: {e}"))
                 })?;
@@ -145,7 +145,7 @@ impl<H: CallbackHandler> ErasedHandler for Typed<H> {
 }
 
 fn encode_item<T: Serialize>(item: &T) -> Result<Vec<u8>, CallbackError> {
-    crate::to_wire(item)
+    crate::serde_py::to_wire(item)
         .map_err(|e| CallbackError::new("TypeError", format!("the callback's item: {e}")))
 }
 

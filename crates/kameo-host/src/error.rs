@@ -197,8 +197,8 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-impl From<crate::SerdeError> for Error {
-    fn from(e: crate::SerdeError) -> Self {
+impl From<crate::serde_py::SerdeError> for Error {
+    fn from(e: crate::serde_py::SerdeError) -> Self {
         Error::Serialization {
             path: e.path,
             message: e.message,
@@ -240,8 +240,8 @@ impl fmt::Display for CallbackError {
 
 impl std::error::Error for CallbackError {}
 
-impl From<crate::SerdeError> for CallbackError {
-    fn from(e: crate::SerdeError) -> Self {
+impl From<crate::serde_py::SerdeError> for CallbackError {
+    fn from(e: crate::serde_py::SerdeError) -> Self {
         CallbackError::new("TypeError", e.to_string())
     }
 }

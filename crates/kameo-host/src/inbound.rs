@@ -152,7 +152,7 @@ pub(crate) fn handle(
             );
         }
         Inbound::StartupFailed => {
-            let info: ErrorInfo = crate::from_wire(env.body).unwrap_or_default();
+            let info: ErrorInfo = crate::serde_py::from_wire(env.body).unwrap_or_default();
             let message = format!(
                 "{} {}: {}: {}",
                 info.stage.as_deref().unwrap_or("start"),
@@ -234,7 +234,7 @@ fn welcome(shared: &Shared) -> Result<Vec<u8>, String> {
             .then(|| std::iter::once(("", 20u32)).collect()),
     };
     encode_frame_with(Head::new(Kind::Welcome as u8, 0), 1 << 20, |buf, _| {
-        crate::to_wire_into(buf, &body)
+        crate::serde_py::to_wire_into(buf, &body)
     })
     .map(|(frame, _, ())| frame)
     .map_err(|e| format!("cannot encode WELCOME: {e:?}"))
@@ -242,7 +242,7 @@ fn welcome(shared: &Shared) -> Result<Vec<u8>, String> {
 
 /// LOG records to `tracing` events (target `kameo::worker`), at their level.
 fn log_records(env: &Envelope<'_>, wid: u32, pid: u32) {
-    let Ok((dropped, records)) = crate::from_wire::<LogBody>(env.body) else {
+    let Ok((dropped, records)) = crate::serde_py::from_wire::<LogBody>(env.body) else {
         return;
     };
     if dropped > 0 {

@@ -55,6 +55,7 @@
 mod bodies;
 mod builder;
 mod callbacks;
+mod config;
 mod error;
 mod inbound;
 mod pool;

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::{oneshot, Notify};
 use tracing::Instrument;
 
-use crate::builder::{Config, PoolBuilder};
+use crate::config::Config;
 use crate::error::Error;
 use crate::process::{random_secret, Spawner};
 use crate::state::{Shared, State, Waiter};
@@ -115,11 +115,6 @@ impl Drop for Handle {
 }
 
 impl Pool {
-    /// A pool whose workers run `target` (`"module:function"`, imported in each worker).
-    pub fn builder(target: &str) -> PoolBuilder {
-        PoolBuilder::new(target)
-    }
-
     pub(crate) async fn start(cfg: Config) -> Result<Pool, Error> {
         let setup = |e: std::io::Error| Error::Startup {
             message: format!("cannot set up the pool: {e}"),
@@ -439,7 +434,7 @@ fn encode<M: Serialize + ?Sized>(
     max: usize,
 ) -> Result<(Vec<u8>, Segments), Error> {
     let head = Head::new(kind as u8, id).trace(traceparent);
-    match encode_frame_with(head, max, |buf, _| crate::to_wire_into(buf, msg)) {
+    match encode_frame_with(head, max, |buf, _| crate::serde_py::to_wire_into(buf, msg)) {
         Ok((frame, segs, ())) => Ok((frame, segs)),
         Err(EncodeFrameError::Encode(e)) => Err(e.into()),
         Err(EncodeFrameError::Oversize { size, limit }) => Err(Error::Protocol {

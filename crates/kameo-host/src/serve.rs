@@ -19,7 +19,7 @@ use crate::state::{Serving, Shared};
 
 /// Worker `wid` called back (CALLBACK `cid` with `body`).
 pub(crate) fn start(shared: &Arc<Shared>, wid: u32, cid: u64, body: Vec<u8>) {
-    let path = match crate::from_wire::<CallbackPath>(&body) {
+    let path = match crate::serde_py::from_wire::<CallbackPath>(&body) {
         Ok((path, _, _)) => path,
         Err(e) => {
             let e = CallbackError::new("TypeError", format!("malformed CALLBACK body: {e}"));
@@ -142,6 +142,6 @@ fn item_frame(cid: u64, item: &[u8], is_final: bool, max: usize) -> Vec<u8> {
 }
 
 fn error_frame(cid: u64, info: &impl Serialize) -> Vec<u8> {
-    let body = crate::to_wire(info).unwrap_or_default();
+    let body = crate::serde_py::to_wire(info).unwrap_or_default();
     raw_frame(Kind::Error as u8, cid, &body)
 }

@@ -17,8 +17,8 @@ use kameo_core::sys::Segments;
 use serde::de::DeserializeOwned;
 use tokio::sync::{oneshot, Notify};
 
-use crate::builder::Config;
 use crate::callbacks::Registry;
+use crate::config::Config;
 use crate::error::Error;
 use crate::process::Spawner;
 
@@ -32,7 +32,7 @@ impl Body {
     /// Decode into `T` (by the caller, not under the lock).
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
         if self.segs.is_empty() {
-            return crate::from_wire(&self.bytes).map_err(Error::from);
+            return crate::serde_py::from_wire(&self.bytes).map_err(Error::from);
         }
         let views = self
             .segs
@@ -53,7 +53,7 @@ impl Body {
                 unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len()) }
             })
             .collect();
-        crate::from_wire_with_segments(&self.bytes, &slices).map_err(Error::from)
+        crate::serde_py::from_wire_with_segments(&self.bytes, &slices).map_err(Error::from)
     }
 }
 
@@ -169,12 +169,18 @@ impl Shared {
 pub(crate) struct Effects {
     pub answers: Vec<(AnswerTx, Result<Body, Error>)>,
     pub wakers: Vec<Waker>,
-    pub callbacks: Vec<(u32, u64, Vec<u8>)>,
+    pub callbacks: Vec<CallbackCall>,
     pub ready: Vec<(ReadyTx, Result<(), Error>)>,
 }
 
+/// A CALLBACK to serve: (worker id, callback id, body).
+pub(crate) type CallbackCall = (u32, u64, Vec<u8>);
+
 impl Effects {
-    pub fn run(self, shared: &Arc<Shared>) {
+    /// Hand over the answers, wake the waiters; returns the callbacks to start (by the
+    /// worker's driver, see `serve`).
+    #[must_use]
+    pub fn run(self) -> Vec<CallbackCall> {
         for (tx, r) in self.answers {
             let _ = tx.send(r);
         }
@@ -184,9 +190,7 @@ impl Effects {
         for (tx, r) in self.ready {
             let _ = tx.send(r);
         }
-        for (wid, cid, body) in self.callbacks {
-            crate::serve::start(shared, wid, cid, body);
-        }
+        self.callbacks
     }
 
     pub fn is_empty(&self) -> bool {

@@ -17,12 +17,14 @@ use crate::state::{Effects, Shared, State, Waiter};
 /// The longest wait between two attempts to replace a worker that keeps failing to start.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// A worker could not be started (spawn failed, or it died before READY).
+/// A worker could not be started (spawn failed, or it died before READY). True if another
+/// is to be started in its place (a replacement's failure; at pool start, `start()` fails).
+#[must_use]
 pub(crate) fn start_failed(
     shared: &Arc<Shared>,
     err: Error,
     ready: Option<oneshot::Sender<Result<(), Error>>>,
-) {
+) -> bool {
     let mut fx = Effects::default();
     let replace = {
         let mut st = shared.lock();
@@ -35,10 +37,8 @@ pub(crate) fn start_failed(
         }
         None => tracing::error!("kameo: a replacement worker failed to start: {err}"),
     }
-    fx.run(shared);
-    if replace {
-        respawn(shared);
-    }
+    let _ = fx.run();
+    replace
 }
 
 /// While no worker serves, the calls waiting would wait for ever for a pool that cannot start
@@ -63,7 +63,7 @@ pub(crate) fn fail_queued(shared: &Arc<Shared>, err: Error) {
             fail_waiter(&mut st, q.id, q.target, err.clone(), &mut fx);
         }
     }
-    fx.run(shared);
+    let _ = fx.run();
 }
 
 fn fail_waiter(st: &mut State, id: u64, target: Waiter, err: Error, fx: &mut Effects) {
@@ -73,36 +73,28 @@ fn fail_waiter(st: &mut State, id: u64, target: Waiter, err: Error, fx: &mut Eff
     }
 }
 
-/// Start a replacement worker, after a back-off if replacements keep failing.
-pub(crate) fn respawn(shared: &Arc<Shared>) {
+/// How long to wait before starting a replacement: nothing, or a back-off doubling from
+/// 100 ms (at most `MAX_BACKOFF`) while replacements keep failing.
+pub(crate) fn backoff(shared: &Shared) -> Duration {
     let failed = shared.lock().failed_starts;
-    let delay = if failed == 0 {
+    if failed == 0 {
         Duration::ZERO
     } else {
         (Duration::from_millis(100) * 2u32.saturating_pow(failed.min(8) - 1)).min(MAX_BACKOFF)
-    };
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        if shared.lock().closing {
-            return;
-        }
-        crate::worker::start(shared, None).await;
-    });
+    }
 }
 
 /// Worker `wid`'s process is gone (reaped, ended as `exit`): its calls are requeued or failed,
-/// its callbacks stopped, and (unless the pool is closing) a replacement started.
-pub(crate) fn worker_gone(shared: &Arc<Shared>, wid: u32, exit: Exit) {
+/// its callbacks stopped. True if a replacement is to be started (not while closing).
+#[must_use]
+pub(crate) fn worker_gone(shared: &Arc<Shared>, wid: u32, exit: Exit) -> bool {
     let mut fx = Effects::default();
     let mut ready_tx = None;
     let mut start_error = None;
     let replace = {
         let mut st = shared.lock();
         let Some(idx) = st.index_of(wid) else {
-            return;
+            return false;
         };
         let link = st.links.remove(idx);
         let mut extra = st.extras.remove(idx);
@@ -203,10 +195,8 @@ pub(crate) fn worker_gone(shared: &Arc<Shared>, wid: u32, exit: Exit) {
     } else if let Some(err) = &start_error {
         tracing::error!("kameo: a replacement worker failed to start: {err}");
     }
-    fx.run(shared);
-    if replace {
-        respawn(shared);
-    }
+    let _ = fx.run();
+    replace
 }
 
 /// Watch the pool's workers until the pool is gone: kill a worker that sent nothing for

@@ -51,7 +51,14 @@ fn command(shared: &Shared, worker_id: u32) -> (Vec<String>, Vec<(String, String
 
 /// Start a worker process and its driver. `ready` (at pool start) hears when it is ready or
 /// why it could not start; a replacement's failure is logged and retried by the supervisor.
-pub(crate) async fn start(shared: Arc<Shared>, ready: Option<oneshot::Sender<Result<(), Error>>>) {
+pub(crate) fn start(
+    shared: Arc<Shared>,
+    ready: Option<oneshot::Sender<Result<(), Error>>>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(start_worker(shared, ready))
+}
+
+async fn start_worker(shared: Arc<Shared>, ready: Option<oneshot::Sender<Result<(), Error>>>) {
     let wid = {
         let mut st = shared.lock();
         st.next_worker += 1;
@@ -75,7 +82,9 @@ pub(crate) async fn start(shared: Arc<Shared>, ready: Option<oneshot::Sender<Res
                 traceback: String::new(),
                 stderr_tail: Vec::new(),
             };
-            crate::supervisor::start_failed(&shared, err, ready);
+            if crate::supervisor::start_failed(&shared, err, ready) {
+                respawn(&shared);
+            }
             return;
         }
     };
@@ -91,7 +100,10 @@ pub(crate) async fn start(shared: Arc<Shared>, ready: Option<oneshot::Sender<Res
         Ok(p) => p,
         Err(e) => {
             crate::process::kill_and_reap(pid, Duration::from_secs(1));
-            crate::supervisor::start_failed(&shared, fail(format!("progress page: {e}")), ready);
+            if crate::supervisor::start_failed(&shared, fail(format!("progress page: {e}")), ready)
+            {
+                respawn(&shared);
+            }
             return;
         }
     };
@@ -99,7 +111,9 @@ pub(crate) async fn start(shared: Arc<Shared>, ready: Option<oneshot::Sender<Res
         Ok(s) => s,
         Err(e) => {
             crate::process::kill_and_reap(pid, Duration::from_secs(1));
-            crate::supervisor::start_failed(&shared, fail(format!("socket: {e}")), ready);
+            if crate::supervisor::start_failed(&shared, fail(format!("socket: {e}")), ready) {
+                respawn(&shared);
+            }
             return;
         }
     };
@@ -231,7 +245,9 @@ pub(crate) fn on_readable(shared: &Arc<Shared>, wid: u32) -> Read {
         outcome
     };
     if !effects.is_empty() {
-        effects.run(shared);
+        for (wid, cid, body) in effects.run() {
+            crate::serve::start(shared, wid, cid, body);
+        }
     }
     outcome
 }
@@ -337,7 +353,24 @@ async fn drive(
     // process it started may hold the pipe open).
     let lines = stderr.read();
     keep_stderr(&shared, wid, pid, lines);
-    crate::supervisor::worker_gone(&shared, wid, exit);
+    if crate::supervisor::worker_gone(&shared, wid, exit) {
+        respawn(&shared);
+    }
+}
+
+/// Start a replacement worker (after the supervisor's back-off).
+fn respawn(shared: &Arc<Shared>) {
+    let delay = crate::supervisor::backoff(shared);
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if shared.lock().closing {
+            return;
+        }
+        start(shared, None).await;
+    });
 }
 
 fn keep_stderr(shared: &Shared, wid: u32, pid: u32, lines: Vec<String>) {
