@@ -28,7 +28,7 @@ MYPY := $(if $(filter %t,$(PYTAG)),,"mypy>=1.11")
 NATIVE_SRC := $(shell find crates -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 BUILD_PYTHON := scripts/build-python.sh
 
-.PHONY: all venv develop test test-all test-rust test-python pythons wheels wheel demo bench lint fmt fuzz clean
+.PHONY: all venv develop test test-all test-rust test-python pythons wheels wheel demo demo-rust bench bench-host lint fmt fuzz clean
 
 all: develop
 
@@ -96,6 +96,11 @@ test-python: develop
 demo: develop
 	$(BIN)/python examples/demo.py
 
+# The Rust host's example (examples/rust_host): a Rust program drives Python strategy workers,
+# which stream ticks from its DataFetch callback. KAMEO_PYTHON: the venv's interpreter (kameo).
+demo-rust: develop
+	KAMEO_PYTHON=$(abspath $(BIN)/python) cargo run -q -p kameo-example-trading --release
+
 bench: develop
 	# the peers compared against: loky in bench_resilience, the msgpack/JSON codecs in bench_codec
 	$(BIN)/python -m pip install --quiet loky ormsgpack msgpack orjson mpire
@@ -104,6 +109,12 @@ bench: develop
 	$(BIN)/python benches/bench_codec.py
 	$(BIN)/python -m pytest benches/test_bench_ask.py --benchmark-only -q
 	cargo bench -p kameo-proto
+
+# kameo-host (the Rust host) against the Python parent (kameo.Pool) on the same workloads, in
+# one run: round trip of one small ask, and 20,000 pipelined asks on 2 workers. The script
+# builds and runs crates/kameo-host/benches/host.rs (--release) and prints the ratios.
+bench-host: develop
+	KAMEO_PYTHON=$(abspath $(BIN)/python) $(BIN)/python benches/bench_host.py
 
 lint: develop
 	cargo fmt --all --check

@@ -130,8 +130,8 @@ impl<H: CallbackHandler> ErasedHandler for Typed<H> {
         body: Vec<u8>,
     ) -> Pin<Box<dyn Future<Output = Result<EncodedStream, CallbackError>> + Send>> {
         Box::pin(async move {
-            let (_, req, _): (IgnoredAny, H::Request, IgnoredAny) = crate::serde_py::from_wire(&body)
-                .map_err(|e| {
+            let (_, req, _): (IgnoredAny, H::Request, IgnoredAny) =
+                crate::serde_py::from_wire(&body).map_err(|e| {
                     CallbackError::new("TypeError", format!("the callback's request: {e}"))
                 })?;
             let items = self.0.handle(req).await?;

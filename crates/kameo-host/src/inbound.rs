@@ -74,6 +74,7 @@ pub(crate) fn handle(
         Inbound::Error => {
             let (wid, pid) = (st.links[idx].id, st.links[idx].pid);
             let err = crate::bodies::error_of(env.body, wid, pid);
+            st.counters.completed += 1;
             st.counters.errors += 1;
             fail_call(st, idx, id, err, fx);
         }

@@ -68,9 +68,9 @@ pub struct WorkerInfo {
 /// The pool's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PoolStats {
-    /// Calls answered (asks replied, streams ended).
+    /// Answers from workers: replies, error answers, ends of streams (as the Python pool).
     pub completed: u64,
-    /// Calls that failed in a worker (a handler error, a crash, a protocol error).
+    /// Error answers among those (a call whose worker died is counted in `crashes`).
     pub errors: u64,
     /// Workers that died while serving (and were replaced).
     pub crashes: u64,
@@ -215,7 +215,7 @@ impl Pool {
     {
         let shared = self.shared();
         let id = shared.next_id();
-        let span = tracing::info_span!("kameo.ask", id, traceparent = tracing::field::Empty);
+        let span = tracing::debug_span!("kameo.ask", id, traceparent = tracing::field::Empty);
         let tp = trace::traceparent(opts.traceparent.as_deref(), &span);
         let (frame, segs) = encode(
             Kind::Request,
@@ -224,17 +224,19 @@ impl Pool {
             msg,
             shared.cfg.max_frame_bytes,
         )?;
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         let alone = submit(shared, id, frame, segs, Waiter::Ask(tx))?;
         let mut guard = CancelOnDrop {
             shared,
             id,
             armed: true,
         };
-        if let Some((wid, fd)) = alone {
-            crate::worker::answer_soon(shared, wid, fd);
-        }
+        let early =
+            alone.and_then(|(wid, fd)| crate::worker::answer_soon(shared, wid, fd, &mut rx));
         let answer = async {
+            if let Some(answer) = early {
+                return Ok(answer);
+            }
             match opts.timeout {
                 None => rx.await.map_err(|_| Error::Closed),
                 Some(after) => match tokio::time::timeout(after, rx).await {
@@ -278,7 +280,7 @@ impl Pool {
     {
         let shared = self.shared();
         let id = shared.next_id();
-        let span = tracing::info_span!("kameo.stream", id, traceparent = tracing::field::Empty);
+        let span = tracing::debug_span!("kameo.stream", id, traceparent = tracing::field::Empty);
         let tp = trace::traceparent(opts.traceparent.as_deref(), &span);
         let (frame, segs) = encode(
             Kind::RequestStream,

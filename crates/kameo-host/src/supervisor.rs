@@ -155,7 +155,6 @@ pub(crate) fn worker_gone(shared: &Arc<Shared>, wid: u32, exit: Exit) -> bool {
         let loss = requeue_after_loss(link.slots, taken);
         st.counters.retries += loss.retried;
         for (id, target) in loss.failed {
-            st.counters.errors += 1;
             fail_waiter(&mut st, id, target, crashed.clone(), &mut fx);
         }
         for q in &loss.again {

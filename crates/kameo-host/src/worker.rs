@@ -257,10 +257,41 @@ pub(crate) fn on_readable(shared: &Arc<Shared>, wid: u32) -> Read {
 /// workers do) and reads it itself: an answer that comes that soon then needs no wake-up of
 /// the driver and of the caller, which on a VM costs more than the round trip. Nothing else
 /// of the pool waits meanwhile (it is the only call), and the spin yields the CPU between looks.
-pub(crate) fn answer_soon(shared: &Arc<Shared>, wid: u32, fd: i32) {
+/// Returns the answer if it came (read here, or by the driver, which a multi-thread runtime
+/// may run at once on another thread).
+pub(crate) fn answer_soon(
+    shared: &Arc<Shared>,
+    wid: u32,
+    fd: i32,
+    rx: &mut tokio::sync::oneshot::Receiver<Result<crate::state::Body, Error>>,
+) -> Option<Result<crate::state::Body, Error>> {
     let spin = kameo_core::wait::spin();
-    if kameo_core::wait::spin_until_readable(fd, spin) {
-        on_readable(shared, wid);
+    if spin.is_zero() {
+        return None;
+    }
+    let until = Instant::now() + spin;
+    loop {
+        match rx.try_recv() {
+            Ok(answer) => return Some(answer),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => return None,
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; zero timeout (the fd may have been closed meanwhile: then
+        // poll only reports on whatever has that number, and on_readable checks the link).
+        if unsafe { libc::poll(&mut p, 1, 0) } > 0 {
+            on_readable(shared, wid);
+            return rx.try_recv().ok();
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        // SAFETY: no preconditions; the worker may share our CPU.
+        unsafe { libc::sched_yield() };
     }
 }
 
