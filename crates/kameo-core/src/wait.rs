@@ -30,21 +30,24 @@ pub fn spin_until_readable(fd: RawFd, spin: std::time::Duration) -> bool {
     if spin.is_zero() {
         return false;
     }
-    spin_on(spin, || {
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; zero timeout.
-        (unsafe { libc::poll(&mut p, 1, 0) } > 0).then_some(())
-    })
-    .is_some()
+    spin_on(spin, || readable_now(fd).then_some(())).is_some()
+}
+
+/// Whether `fd` is readable (or closed) right now, without waiting.
+#[inline]
+pub fn readable_now(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; zero timeout.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
 }
 
 /// Ask `probe` (at least once) until it answers or `spin` has passed, yielding the CPU in
 /// between: the process we wait for may share it.
-fn spin_on<T>(spin: std::time::Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn spin_on<T>(spin: std::time::Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
     let until = std::time::Instant::now() + spin;
     loop {
         if let Some(v) = probe() {

@@ -269,29 +269,26 @@ pub(crate) fn answer_soon(
     if spin.is_zero() {
         return None;
     }
-    let until = Instant::now() + spin;
-    loop {
-        match rx.try_recv() {
-            Ok(answer) => return Some(answer),
-            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => return None,
-            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
-        }
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; zero timeout (the fd may have been closed meanwhile: then
-        // poll only reports on whatever has that number, and on_readable checks the link).
-        if unsafe { libc::poll(&mut p, 1, 0) } > 0 {
+    enum Seen {
+        Answer(Result<crate::state::Body, Error>),
+        Readable,
+        Gone,
+    }
+    use tokio::sync::oneshot::error::TryRecvError;
+    // The fd may have been closed meanwhile: then poll only reports on whatever has that
+    // number, and on_readable checks the link.
+    let seen = kameo_core::wait::spin_on(spin, || match rx.try_recv() {
+        Ok(answer) => Some(Seen::Answer(answer)),
+        Err(TryRecvError::Closed) => Some(Seen::Gone),
+        Err(TryRecvError::Empty) => kameo_core::wait::readable_now(fd).then_some(Seen::Readable),
+    })?;
+    match seen {
+        Seen::Answer(answer) => Some(answer),
+        Seen::Gone => None,
+        Seen::Readable => {
             on_readable(shared, wid);
-            return rx.try_recv().ok();
+            rx.try_recv().ok()
         }
-        if Instant::now() >= until {
-            return None;
-        }
-        // SAFETY: no preconditions; the worker may share our CPU.
-        unsafe { libc::sched_yield() };
     }
 }
 
