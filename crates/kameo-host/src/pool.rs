@@ -340,17 +340,10 @@ impl Pool {
             }
             st.closing = true;
         }
-        let deadline = Instant::now() + grace;
-        while shared.lock().busy() > 0 && Instant::now() < deadline {
-            let idle = shared.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if shared.lock().busy() == 0 {
-                break;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let _ = tokio::time::timeout(left.min(Duration::from_millis(50)), idle).await;
-        }
+        wait_until(&shared.idle, Instant::now() + grace, || {
+            shared.lock().busy() == 0
+        })
+        .await;
         {
             let mut st = shared.lock();
             st.closed = true;
@@ -368,7 +361,8 @@ impl Pool {
             (Duration::from_secs(1), Some(libc::SIGKILL)),
             (Duration::from_secs(2), None),
         ] {
-            if wait_gone(shared, wait).await {
+            let gone = || shared.lock().links.is_empty();
+            if wait_until(&shared.gone, Instant::now() + wait, gone).await {
                 break;
             }
             match sig {
@@ -389,21 +383,25 @@ impl Pool {
     }
 }
 
-/// Wait up to `bound` for every worker to be gone.
-async fn wait_gone(shared: &Shared, bound: Duration) -> bool {
-    let deadline = Instant::now() + bound;
+/// Wait until `done()` holds or `deadline` passes, looking again whenever `notify` wakes us
+/// and at least every 50 ms. True if `done()` held.
+async fn wait_until(
+    notify: &tokio::sync::Notify,
+    deadline: Instant,
+    done: impl Fn() -> bool,
+) -> bool {
     loop {
-        let gone = shared.gone.notified();
-        tokio::pin!(gone);
-        gone.as_mut().enable();
-        if shared.lock().links.is_empty() {
+        let woken = notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if done() {
             return true;
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return false;
         }
-        let _ = tokio::time::timeout(left.min(Duration::from_millis(50)), gone).await;
+        let _ = tokio::time::timeout(left.min(Duration::from_millis(50)), woken).await;
     }
 }
 
