@@ -79,6 +79,14 @@ impl PoolBuilder {
         self
     }
 
+    /// Buffers (`bytes`, arrays) of at least this many bytes in a worker's answers travel in
+    /// shared memory rather than through the socket (default 1 MiB, as the Python pool;
+    /// `None`: always inline).
+    pub fn shm_threshold(mut self, bytes: Option<u64>) -> Self {
+        self.cfg.shm_threshold = bytes.map(|n| n.max(1));
+        self
+    }
+
     /// The largest frame either side sends (default 64 MiB).
     pub fn max_frame_bytes(mut self, n: usize) -> Self {
         self.cfg.max_frame_bytes = n;

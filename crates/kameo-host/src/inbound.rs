@@ -229,7 +229,7 @@ fn welcome(shared: &Shared) -> Result<Vec<u8>, String> {
         stream_window: cfg.stream_window,
         heartbeat_interval: cfg.heartbeat_interval.as_secs_f64(),
         allow_pickle: false,
-        shm_threshold: None,
+        shm_threshold: cfg.shm_threshold,
         log_levels: cfg
             .forward_logs
             .then(|| std::iter::once(("", 20u32)).collect()),

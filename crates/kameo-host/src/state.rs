@@ -38,10 +38,12 @@ impl Body {
             .segs
             .iter()
             .map(|fd| {
-                let size = segment_size(fd)?;
-                kameo_core::shm::View::map(fd.clone(), size)
+                // Sealed against shrinking (a shrunk mapping would SIGBUS), as the Python
+                // parent checks; not frozen: the bytes are copied out before we let go.
+                let size = kameo_core::shm::verify(fd, 0, 0, false)?;
+                kameo_core::shm::View::map(fd.clone(), size).map_err(|e| e.to_string())
             })
-            .collect::<std::io::Result<Vec<_>>>()
+            .collect::<Result<Vec<_>, String>>()
             .map_err(|e| Error::Protocol {
                 message: format!("cannot map a shared-memory segment of a reply: {e}"),
             })?;
@@ -54,18 +56,6 @@ impl Body {
             })
             .collect();
         crate::serde_py::from_wire_with_segments(&self.bytes, &slices).map_err(Error::from)
-    }
-}
-
-fn segment_size(fd: &std::os::fd::OwnedFd) -> std::io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fstat on a descriptor we hold.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        if libc::fstat(fd.as_raw_fd(), &mut st) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(st.st_size as u64)
     }
 }
 

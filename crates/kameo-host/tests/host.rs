@@ -326,6 +326,50 @@ async fn ask_round_trip_untyped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_answers_come_through_shared_memory() {
+    let Some(b) = builder("blobs") else { return };
+    let pattern = |n: usize| (0..n).map(|i| (i % 256) as u8).collect::<Vec<u8>>();
+    bounded(async {
+        // Frames of at most 1 MiB: 3 MiB of answer only fit through shared memory.
+        let pool = b
+            .max_frame_bytes(1 << 20)
+            .shm_threshold(Some(64 << 10))
+            .start()
+            .await
+            .unwrap();
+        let sizes = [3 << 20, 100, (1 << 20) + 7];
+        let back: Vec<serde_bytes::ByteBuf> = pool.ask(&sizes).await.unwrap();
+        assert_eq!(back.len(), 3);
+        for (buf, n) in back.iter().zip(sizes) {
+            assert_eq!(buf.len(), n);
+            assert!(buf.as_slice() == pattern(n).as_slice(), "{n} bytes differ");
+        }
+        let back: Value = pool.ask(&[2 << 20]).await.unwrap();
+        assert_eq!(back, Value::List(vec![Value::Bytes(pattern(2 << 20))]));
+        pool.close().await.unwrap();
+
+        // Without shared memory the same answer is too large for a frame: a typed error,
+        // and the worker still serves.
+        let pool = builder("blobs")
+            .unwrap()
+            .max_frame_bytes(1 << 20)
+            .shm_threshold(None)
+            .start()
+            .await
+            .unwrap();
+        let err = pool.ask::<_, Value>(&[3 << 20]).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Protocol { message } if message.contains("max_frame_bytes")),
+            "{err:?}"
+        );
+        let back: Vec<serde_bytes::ByteBuf> = pool.ask(&[10]).await.unwrap();
+        assert_eq!(back[0].as_slice(), pattern(10).as_slice());
+        pool.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_asks_on_two_workers() {
     let Some(b) = builder("whoami") else { return };
     bounded(async {

@@ -90,6 +90,11 @@ def die(code: int) -> None:
     os._exit(code)
 
 
+def blobs(sizes: list) -> list:
+    """One ``bytes`` of each size, byte ``i`` being ``i % 256``."""
+    return [bytes(range(256)) * (n // 256) + bytes(range(n % 256)) for n in sizes]
+
+
 def pid(_msg: Any) -> int:
     return os.getpid()
 
