@@ -325,15 +325,6 @@ async fn drive(
         let exited = exit_watch.exited(pid);
         tokio::pin!(exited);
         loop {
-            if more {
-                more = false;
-                tokio::task::yield_now().await;
-                match on_readable(&shared, wid) {
-                    Read::More => more = true,
-                    Read::Drained => {}
-                    Read::Done => reading = false,
-                }
-            }
             if !reading && eof_deadline.is_none() {
                 eof_deadline = Some(tokio::time::Instant::now() + EXIT_AFTER_EOF);
             }
@@ -368,6 +359,18 @@ async fn drive(
                 _ = stderr.readable(), if stderr.is_open() => {
                     let lines = stderr.read();
                     keep_stderr(&shared, wid, pid, lines);
+                }
+                // The last turn's budget ran out: read on once the other branches had their
+                // turn (a flooding worker must not hold up our output, nor its exit).
+                _ = tokio::task::yield_now(), if more => {
+                    match on_readable(&shared, wid) {
+                        Read::More => {}
+                        Read::Drained => more = false,
+                        Read::Done => {
+                            more = false;
+                            reading = false;
+                        }
+                    }
                 }
                 _ = eof_sleep => {
                     // It closed its socket but does not exit.

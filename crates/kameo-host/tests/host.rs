@@ -512,6 +512,39 @@ async fn stream_of_a_thousand_items_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_keeps_the_socket_full_is_read_to_the_end() {
+    // Items each with a shared-memory segment (a descriptor per frame: one frame per
+    // recvmsg), sent as fast as the worker can with a wide window: the driver's read turns
+    // run out of budget with more to read, turn after turn. It must go on reading (a driver
+    // that stopped would leave the stream waiting until the heartbeat timeout killed the
+    // worker).
+    let Some(b) = builder("big_items") else {
+        return;
+    };
+    bounded(async {
+        let pool = b
+            .shm_threshold(Some(64))
+            .stream_window(1024)
+            .heartbeat_timeout(Duration::from_secs(3))
+            .start()
+            .await
+            .unwrap();
+        for round in 0..3 {
+            let s: WorkerStream<serde_bytes::ByteBuf> = pool.stream(&(3000, 100)).await.unwrap();
+            let items: Vec<serde_bytes::ByteBuf> = s.map(|r| r.unwrap()).collect().await;
+            assert_eq!(items.len(), 3000, "round {round}");
+            for (i, item) in items.iter().enumerate() {
+                assert_eq!(item.len(), 100);
+                assert!(item.iter().all(|&b| b == (i % 256) as u8), "item {i}");
+            }
+        }
+        assert_eq!(pool.stats().crashes, 0);
+        pool.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_error_after_items() {
     let Some(b) = builder("count_then_fail") else {
         return;

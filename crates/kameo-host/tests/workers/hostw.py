@@ -95,6 +95,13 @@ def blobs(sizes: list) -> list:
     return [bytes(range(256)) * (n // 256) + bytes(range(n % 256)) for n in sizes]
 
 
+def big_items(msg: list) -> Iterator[bytes]:
+    """``n`` items of ``size`` bytes, item ``i`` all ``i % 256``."""
+    n, size = msg
+    for i in range(n):
+        yield bytes([i % 256]) * size
+
+
 def pid(_msg: Any) -> int:
     return os.getpid()
 
