@@ -1041,6 +1041,17 @@ fn startup_text(e: &Error) -> String {
     }
 }
 
+/// A start-up error names the worker's pid, and that process is gone (killed and reaped).
+async fn assert_failed_worker_gone(e: &Error) {
+    let Error::Startup { pid: Some(pid), .. } = *e else {
+        panic!("the start-up error names no pid: {e:?}");
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || pid_gone(pid)).await,
+        "the worker {pid} that failed to start is still there"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_error_when_the_target_does_not_import() {
     let Some(py) = python() else { return };
@@ -1061,13 +1072,7 @@ async fn startup_error_when_the_target_does_not_import() {
             took < Duration::from_secs(15),
             "the error came after {took:?}"
         );
-        // The worker that failed is gone.
-        if let Error::Startup { pid: Some(pid), .. } = e {
-            assert!(
-                wait_until(Duration::from_secs(5), || pid_gone(pid)).await,
-                "the failed worker {pid} is still there"
-            );
-        }
+        assert_failed_worker_gone(&e).await;
     })
     .await;
 }
@@ -1086,6 +1091,7 @@ async fn startup_error_for_a_missing_module_or_function() {
             took < Duration::from_secs(15),
             "the error came after {took:?}"
         );
+        assert_failed_worker_gone(&e).await;
 
         let (e, took) = startup_error(builder("no_such_function").unwrap()).await;
         let text = startup_text(&e);
@@ -1094,6 +1100,7 @@ async fn startup_error_for_a_missing_module_or_function() {
             took < Duration::from_secs(15),
             "the error came after {took:?}"
         );
+        assert_failed_worker_gone(&e).await;
     })
     .await;
 }
@@ -1137,12 +1144,7 @@ async fn startup_timeout_when_the_import_hangs() {
             took < Duration::from_secs(6),
             "startup_timeout=1s, error after {took:?}"
         );
-        if let Error::Startup { pid: Some(pid), .. } = e {
-            assert!(
-                wait_until(Duration::from_secs(5), || pid_gone(pid)).await,
-                "the hung worker {pid} was not killed"
-            );
-        }
+        assert_failed_worker_gone(&e).await;
     })
     .await;
 }
