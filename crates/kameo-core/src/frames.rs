@@ -91,7 +91,7 @@ impl<E: DescribeError> EncodeFrameError<E> {
         match self {
             EncodeFrameError::Encode(e) => e.describe(value),
             EncodeFrameError::Oversize { size, limit } => format!(
-                "the {frame} frame is {size} bytes, over max_frame_bytes={limit}; raise Pool(max_frame_bytes=...) or send less"
+                "the {frame} frame is {size} bytes, over max_frame_bytes={limit}; raise the pool's max_frame_bytes (Pool(max_frame_bytes=...) in Python, PoolBuilder::max_frame_bytes in Rust) or send less"
             ),
         }
     }
@@ -338,7 +338,7 @@ mod tests {
         assert!(e.is_oversize());
         assert_eq!(
             e.message("message", "request"),
-            "the request frame is 2000 bytes, over max_frame_bytes=1024; raise Pool(max_frame_bytes=...) or send less"
+            "the request frame is 2000 bytes, over max_frame_bytes=1024; raise the pool's max_frame_bytes (Pool(max_frame_bytes=...) in Python, PoolBuilder::max_frame_bytes in Rust) or send less"
         );
         let e = EncodeFrameError::Encode(NoValue);
         assert!(!e.is_oversize());
