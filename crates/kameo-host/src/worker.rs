@@ -252,6 +252,16 @@ pub(crate) fn on_readable(shared: &Arc<Shared>, wid: u32) -> Read {
     outcome
 }
 
+/// After a read turn: whether the next turn follows at once (the budget ran out with more to
+/// read), and whether the driver still reads this worker's socket.
+fn read_on(turn: Read) -> (bool, bool) {
+    match turn {
+        Read::More => (true, true),
+        Read::Drained => (false, true),
+        Read::Done => (false, false),
+    }
+}
+
 /// A caller whose request went to an idle worker, with nothing else in flight in the pool,
 /// looks for the answer for a few microseconds (`KAMEO_SPIN_US`, as the Python parent and the
 /// workers do) and reads it itself: an answer that comes that soon then needs no wake-up of
@@ -341,11 +351,7 @@ async fn drive(
                     if let Ok(mut g) = r {
                         g.clear_ready();
                     }
-                    match on_readable(&shared, wid) {
-                        Read::More => more = true,
-                        Read::Drained => {}
-                        Read::Done => reading = false,
-                    }
+                    (more, reading) = read_on(on_readable(&shared, wid));
                 }
                 _ = wake.notified() => {
                     want_write = flush_own(&shared, wid);
@@ -363,14 +369,7 @@ async fn drive(
                 // The last turn's budget ran out: read on once the other branches had their
                 // turn (a flooding worker must not hold up our output, nor its exit).
                 _ = tokio::task::yield_now(), if more => {
-                    match on_readable(&shared, wid) {
-                        Read::More => {}
-                        Read::Drained => more = false,
-                        Read::Done => {
-                            more = false;
-                            reading = false;
-                        }
-                    }
+                    (more, reading) = read_on(on_readable(&shared, wid));
                 }
                 _ = eof_sleep => {
                     // It closed its socket but does not exit.
