@@ -447,8 +447,8 @@ fn encode<M: Serialize + ?Sized>(
 
 /// Hand a request to the scheduler: written at once to an idle worker, buffered for a busy
 /// one's driver, or queued. Some((worker, its socket)) when it was written to an idle worker
-/// and is the only call in flight (the caller may look for the answer itself, see
-/// [`crate::worker::answer_soon`]).
+/// and is the only call in flight, as was the one before it (the caller may look for the
+/// answer itself, see [`crate::worker::answer_soon`]).
 fn submit(
     shared: &Shared,
     id: u64,
@@ -473,6 +473,7 @@ fn submit(
         return Err(Error::Closed);
     }
     let State { sched, links, .. } = &mut *st;
+    let mut alone = None;
     if let Some((idx, q)) = sched.admit(links, q) {
         let idle = st.links[idx].slots.is_empty() && !st.links[idx].pending_out();
         st.place(idx, q, Instant::now());
@@ -480,12 +481,17 @@ fn submit(
             st.flush(idx);
             let link = &st.links[idx];
             if !link.pending_out() && st.busy() == 1 {
-                return Ok(Some((link.id, link.sock.as_raw_fd())));
+                alone = Some((link.id, link.sock.as_raw_fd()));
             }
         } else if !st.links[idx].writer_armed {
             st.links[idx].writer_armed = true;
             st.extras[idx].wake.notify_one();
         }
     }
-    Ok(None)
+    // Only a caller that goes one call at a time looks for its answer: the previous call
+    // found the pool idle too. A request that finds it idle in the middle of a burst (the
+    // workers caught up with a join_all still submitting) must not hold up the rest.
+    let spin = alone.filter(|_| st.last_alone);
+    st.last_alone = alone.is_some();
+    Ok(spin)
 }

@@ -127,6 +127,8 @@ pub(crate) struct State {
     pub counters: Counters,
     /// Replacement starts in a row that failed (crash-loop backoff).
     pub failed_starts: u32,
+    /// The last request submitted found the pool idle (see `pool::submit`).
+    pub last_alone: bool,
     pub next_worker: u32,
 }
 
@@ -204,6 +206,7 @@ impl State {
             closed: false,
             counters: Counters::default(),
             failed_starts: 0,
+            last_alone: false,
             next_worker: 0,
         }
     }
