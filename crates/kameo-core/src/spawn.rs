@@ -1,4 +1,5 @@
-//! Starting worker processes: socketpair, stderr pipe, fork + immediate exec.
+//! Starting worker processes: socketpair, stderr pipe, fork + immediate exec ([`spawn`]), and
+//! the descriptors of a worker a zygote forks ([`WorkerFds`]).
 //!
 //! The child end of the socketpair, the progress page and the read end of a pipe holding the
 //! pool's secret are the only descriptors the worker inherits (their numbers are in `KAMEO_FD`,
@@ -92,6 +93,51 @@ impl From<std::io::Error> for SpawnError {
     }
 }
 
+/// The descriptors of one worker, both ends: made by [`spawn`] for an exec'd worker, and by
+/// the Python pool for a worker a zygote forks (it sends the child's ends to the zygote).
+#[derive(Debug)]
+pub struct WorkerFds {
+    /// The parent's end of the socketpair, non-blocking.
+    pub parent_sock: UnixStream,
+    /// The read end of the worker's stderr pipe, non-blocking.
+    pub stderr_read: OwnedFd,
+    /// The progress page (both processes map it).
+    pub progress: OwnedFd,
+    /// The worker's end of the socketpair (its `KAMEO_FD`).
+    pub child_sock: UnixStream,
+    /// The write end of the stderr pipe (the worker's fd 2).
+    pub stderr_write: OwnedFd,
+    /// The read end of the pipe holding the pool's secret (its `KAMEO_SECRET_FD`).
+    pub secret: Option<OwnedFd>,
+}
+
+impl WorkerFds {
+    /// Make them; every descriptor is close-on-exec.
+    pub fn new(secret: Option<&[u8]>) -> std::io::Result<WorkerFds> {
+        let secret = secret.map(secret_pipe).transpose()?;
+        let (parent_sock, child_sock) = UnixStream::pair()?;
+        let progress = Progress::create_fd()?;
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 fills two descriptors, which we take ownership of at once.
+        let (stderr_read, stderr_write) = unsafe {
+            if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        };
+        parent_sock.set_nonblocking(true)?;
+        set_nonblocking(stderr_read.as_raw_fd())?;
+        Ok(WorkerFds {
+            parent_sock,
+            stderr_read,
+            progress,
+            child_sock,
+            stderr_write,
+            secret,
+        })
+    }
+}
+
 /// Start a worker: `argv` with exactly `env` (nothing of this process's environment but what
 /// the caller put there), in `cwd`, stdin from /dev/null, stdout inherited, stderr piped, in
 /// a process group of its own and killed when the calling thread dies. With `secret`, the
@@ -105,19 +151,25 @@ pub fn spawn(
     if argv.is_empty() {
         return Err(SpawnError::EmptyArgv);
     }
-    let secret_fd = secret.map(secret_pipe).transpose()?;
-    let secret_raw = secret_fd.as_ref().map_or(-1, |fd| fd.as_raw_fd());
-    if secret_fd.is_some() {
+    let fds = WorkerFds::new(secret)?;
+    let secret_raw = fds.secret.as_ref().map_or(-1, |fd| fd.as_raw_fd());
+    if fds.secret.is_some() {
         env.push(("KAMEO_SECRET_FD".into(), secret_raw.to_string()));
     }
-    let (parent_end, child_end) = UnixStream::pair()?; // both close-on-exec
-    let child_fd = child_end.as_raw_fd();
+    let child_fd = fds.child_sock.as_raw_fd();
     env.push(("KAMEO_FD".into(), child_fd.to_string()));
-    let progress = Progress::create_fd()?; // close-on-exec; both processes map it
-    let progress_fd = progress.as_raw_fd();
+    let progress_fd = fds.progress.as_raw_fd();
     env.push(("KAMEO_PROGRESS_FD".into(), progress_fd.to_string()));
     let parent_pid = std::process::id() as libc::pid_t;
     let death_signal = parent_death_signal();
+    let WorkerFds {
+        parent_sock,
+        stderr_read,
+        progress,
+        child_sock,
+        stderr_write,
+        secret,
+    } = fds;
 
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
@@ -125,7 +177,7 @@ pub fn spawn(
         .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::from(stderr_write));
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }
@@ -156,23 +208,23 @@ pub fn spawn(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|error| SpawnError::Exec {
+    let child = cmd.spawn().map_err(|error| SpawnError::Exec {
         program: argv[0].clone(),
         error,
     })?;
-    drop(child_end);
-    drop(secret_fd);
-    let stderr: OwnedFd = child.stderr.take().expect("stderr is piped").into();
+    // `cmd` holds the child's ends (stderr's write end): drop it so that the pipe closes
+    // when the worker exits.
+    drop(cmd);
+    drop(child_sock);
+    drop(secret);
     let pid = child.id();
     // The pool reaps the child itself (waitpid on its pidfd); dropping `Child` neither kills
     // nor waits.
     drop(child);
-    parent_end.set_nonblocking(true)?;
-    set_nonblocking(stderr.as_raw_fd())?;
     Ok(Spawned {
         pid,
-        sock: parent_end,
-        stderr,
+        sock: parent_sock,
+        stderr: stderr_read,
         progress,
     })
 }

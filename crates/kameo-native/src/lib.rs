@@ -107,7 +107,7 @@ mod _native {
     #[pymodule_export]
     use super::set_ref_type;
     #[pymodule_export]
-    use super::spawn::{die_with_parent, kill_own_group, spawn_worker};
+    use super::spawn::{die_with_parent, kill_own_group, spawn_worker, worker_fds};
     #[pymodule_export]
     use super::wait_alone;
 

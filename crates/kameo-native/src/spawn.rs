@@ -45,3 +45,21 @@ pub fn die_with_parent(expected_parent: u32) -> bool {
 pub fn kill_own_group() {
     spawn::kill_own_group()
 }
+
+/// The descriptors of a worker that a zygote forks (see `kameo._zygote`): the parent's ends
+/// `(socket, stderr read end, progress page)` and the child's `(socket, stderr write end,
+/// secret pipe)` to send to the zygote. The caller owns all six (close-on-exec; the parent's
+/// socket and stderr end are non-blocking).
+#[pyfunction]
+pub fn worker_fds(secret: Vec<u8>) -> PyResult<(i32, i32, i32, i32, i32, i32)> {
+    let fds = spawn::WorkerFds::new(Some(&secret))?;
+    let secret_fd = fds.secret.expect("made with a secret");
+    Ok((
+        fds.parent_sock.into_raw_fd(),
+        fds.stderr_read.into_raw_fd(),
+        fds.progress.into_raw_fd(),
+        fds.child_sock.into_raw_fd(),
+        fds.stderr_write.into_raw_fd(),
+        secret_fd.into_raw_fd(),
+    ))
+}
