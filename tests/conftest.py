@@ -20,6 +20,53 @@ import pytest
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--start",
+        choices=("exec", "zygote"),
+        default=os.environ.get("KAMEO_TEST_START", "exec"),
+        help="how the suite's pools start their workers (Pool(start=...)'s default); "
+        "`make test` runs the suite in both modes",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every Pool (and Executor, which makes one) of the run starts its workers this way
+    # unless a test says otherwise.
+    defaults = kameo.Pool.__init__.__kwdefaults__
+    assert defaults is not None and "start" in defaults
+    defaults["start"] = config.getoption("--start")
+
+
+def start_mode() -> str:
+    """How this run's pools start their workers ("exec" or "zygote", from --start)."""
+    defaults = kameo.Pool.__init__.__kwdefaults__
+    assert defaults is not None
+    return str(defaults["start"])
+
+
+def in_start_mode(script: str) -> str:
+    """``script`` (the source of a parent program a test runs) with its pools starting their
+    workers as this run's do."""
+    mode = start_mode()
+    return f"import kameo\nkameo.Pool.__init__.__kwdefaults__['start'] = {mode!r}\n" + script
+
+
+def zygotes_of(pids: list[int], parent: int) -> list[int]:
+    """The parents of ``pids`` other than ``parent``: their zygote, when it forked them."""
+    out = set()
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        if ppid != parent:
+            out.add(ppid)
+    return sorted(out)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"kameo workers start by: {config.getoption('--start')}"
+
+
 def pid_exists(pid: int) -> bool:
     """True if /proc/<pid> exists (a zombie still exists)."""
     return os.path.exists(f"/proc/{pid}")
@@ -71,14 +118,19 @@ def fd_count() -> int:
 
 
 def child_pids() -> set[int]:
-    """Direct children (live or zombie) of this process, across all its threads."""
+    """Descendants (live or zombie) of this process: its children across all its threads,
+    and theirs (the workers a zygote forked, what workers started)."""
     pids: set[int] = set()
-    for path in glob.glob("/proc/self/task/*/children"):
-        try:
-            with open(path) as f:
-                pids.update(int(p) for p in f.read().split())
-        except OSError:
-            pass
+    todo = ["self"]
+    while todo:
+        for path in glob.glob(f"/proc/{todo.pop()}/task/*/children"):
+            try:
+                with open(path) as f:
+                    found = {int(p) for p in f.read().split()} - pids
+            except OSError:
+                continue
+            pids |= found
+            todo.extend(str(p) for p in found)
     return pids
 
 

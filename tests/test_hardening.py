@@ -19,7 +19,14 @@ from pathlib import Path
 
 import kameo
 import pytest
-from conftest import TESTS_DIR, async_wait_until, child_pids, pid_alive, wait_until
+from conftest import (
+    TESTS_DIR,
+    async_wait_until,
+    child_pids,
+    pid_alive,
+    start_mode,
+    wait_until,
+)
 
 CRASHY = "handlers.crashy"
 FAKE_SOURCE = Path(TESTS_DIR) / "handlers" / "fake" / "worker.py"
@@ -71,6 +78,7 @@ async def test_bad_handshake_is_a_quick_startup_error(
         f"{CRASHY}:cmd",
         size=1,
         python=make_fake(tmp_path),
+        start="exec",  # the fake is no interpreter a zygote could run in
         env={"FAKE_MODE": mode, "FAKE_LOG": str(log)},
         startup_timeout=startup_timeout,
     )
@@ -102,6 +110,7 @@ async def test_refused_peer_is_told_why(tmp_path: Path, caplog, mode: str):
         f"{CRASHY}:cmd",
         size=1,
         python=make_fake(tmp_path),
+        start="exec",  # the fake is no interpreter a zygote could run in
         env={"FAKE_MODE": mode},
         startup_timeout=20,
     )
@@ -180,6 +189,17 @@ async def test_unknown_frame_kind_for_a_request_fails_only_that_request(caplog):
         assert pool.stats().crashes == 0
 
 
+def _open_files(pid: str) -> dict[int, str]:
+    """What each descriptor of process ``pid`` ("self": this one) refers to."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor)
+    return out
+
+
 async def test_the_pool_secret_is_not_in_the_worker_environment():
     """The secret reaches the worker through a pipe it reads and closes, so neither its
     environment as the kernel shows it (/proc/<pid>/environ) nor its open descriptors hold it."""
@@ -194,8 +214,18 @@ async def test_the_pool_secret_is_not_in_the_worker_environment():
         seen = await pool.ask({"op": "read_file", "path": "/proc/self/environ"})
         assert secret.hex().encode() not in seen
         # The pipe it came in is closed once read.
-        env = dict(kv.split(b"=", 1) for kv in environ.split(b"\0") if b"=" in kv)
-        named = int(env[b"KAMEO_SECRET_FD"])
-        link = f"/proc/{pid}/fd/{named}"
-        assert not os.path.exists(link) or not os.readlink(link).startswith("pipe:")
+        if start_mode() == "exec":
+            env = dict(kv.split(b"=", 1) for kv in environ.split(b"\0") if b"=" in kv)
+            named = int(env[b"KAMEO_SECRET_FD"])
+            link = f"/proc/{pid}/fd/{named}"
+            assert not os.path.exists(link) or not os.readlink(link).startswith("pipe:")
+        else:  # a fork's environ is its zygote's: no pipe of its own open but stderr
+            ours = set(_open_files("self").values())
+            theirs = _open_files(str(pid))
+            pipes = [
+                link
+                for fd, link in theirs.items()
+                if fd > 2 and link.startswith("pipe:") and link not in ours  # not inherited
+            ]
+            assert pipes == []
         assert await pool.ask({"op": "echo", "value": 1}) == 1

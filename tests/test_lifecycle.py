@@ -22,11 +22,14 @@ from conftest import (
     async_wait_until,
     child_pids,
     fd_count,
+    in_start_mode,
     pid_alive,
     pid_exists,
     pid_gone_or_zombie,
     socket_fd_count,
+    start_mode,
     wait_until,
+    zygotes_of,
 )
 
 BASIC = "handlers.basic"
@@ -229,7 +232,7 @@ CTRL_C_SCRIPT = textwrap.dedent(
 
 def test_ctrl_c_with_sync_handlers_running_replaces_no_worker(tmp_path: Path):
     script = tmp_path / "parent.py"
-    script.write_text(CTRL_C_SCRIPT)
+    script.write_text(in_start_mode(CTRL_C_SCRIPT))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
@@ -267,7 +270,7 @@ PARENT_SCRIPT = textwrap.dedent(
 
 def test_parent_sigkill_takes_workers_down(tmp_path):
     script = tmp_path / "parent.py"
-    script.write_text(PARENT_SCRIPT)
+    script.write_text(in_start_mode(PARENT_SCRIPT))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.Popen(
@@ -284,6 +287,9 @@ def test_parent_sigkill_takes_workers_down(tmp_path):
         assert line, f"parent exited early: {proc.stderr.read().decode(errors='replace')}"
         pids = json.loads(line)
         assert len(pids) == 2
+        zygotes = zygotes_of(pids, proc.pid)
+        assert len(zygotes) == (start_mode() == "zygote"), zygotes
+        pids += zygotes
         assert all(pid_alive(p) for p in pids)
 
         os.kill(proc.pid, signal.SIGKILL)

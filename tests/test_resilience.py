@@ -26,10 +26,13 @@ from conftest import (
     TESTS_DIR,
     async_wait_until,
     child_pids,
+    in_start_mode,
     pid_alive,
     pid_gone_or_zombie,
     socket_fd_count,
+    start_mode,
     wait_until,
+    zygotes_of,
 )
 
 CRASHY = "handlers.crashy"
@@ -606,7 +609,7 @@ PARENT_SCRIPT = textwrap.dedent(
 
 def start_parent(tmp_path: Path) -> subprocess.Popen:
     script = tmp_path / "parent.py"
-    script.write_text(PARENT_SCRIPT)
+    script.write_text(in_start_mode(PARENT_SCRIPT))
     return subprocess.Popen(
         [sys.executable, str(script)],
         stdout=subprocess.PIPE,
@@ -620,7 +623,9 @@ def test_parent_sigkill_leaves_no_worker_and_no_grandchild(tmp_path: Path):
     proc = start_parent(tmp_path)
     try:
         report = read_json_line(proc)
-        pids = report["workers"] + report["grandchildren"]
+        zygotes = zygotes_of(report["workers"], proc.pid)
+        assert len(zygotes) == (start_mode() == "zygote"), zygotes
+        pids = report["workers"] + report["grandchildren"] + zygotes
         assert len(report["workers"]) == 2 and len(report["grandchildren"]) == 2
         assert all(pid_alive(p) for p in pids)
         os.kill(proc.pid, signal.SIGKILL)
@@ -806,7 +811,7 @@ def test_sigint_to_the_parent_closes_the_pool_cleanly(tmp_path: Path):
         '"workers": [w.pid for w in pool.workers],',
         '"workers": WORKERS.extend(w.pid for w in pool.workers) or WORKERS,',
     )
-    script.write_text(body + SIGINT_TAIL)
+    script.write_text(in_start_mode(body + SIGINT_TAIL))
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         stdout=subprocess.PIPE,

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import signal
 import time
 from collections import deque
 from typing import Any
 
-__all__ = ["STDERR_TAIL_LINES", "WorkerProcess", "exit_text"]
+__all__ = ["STDERR_TAIL_LINES", "ForkedProcess", "WorkerProcess", "exit_text"]
 
 STDERR_TAIL_LINES = 20
 worker_log = logging.getLogger("kameo.worker")
@@ -188,3 +189,104 @@ class WorkerProcess:
             self.kill(signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
+
+
+class ForkedProcess(WorkerProcess):
+    """A worker a zygote forked (``Pool(start="zygote")``): the zygote is its parent, so the
+    exit status comes from the zygote (:meth:`exited_with`), and the exit itself is seen on a
+    pidfd the zygote opened and sent. Signals go through that pidfd (never to a pid that may
+    have been reused); its process group is signalled only while it is alive."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        worker_id: int,
+        slot: int,
+        pid: int,
+        sock_fd: int,
+        stderr_fd: int,
+        pool: str,
+        pidfd: int,
+    ) -> None:
+        super().__init__(loop, worker_id, slot, pid, sock_fd, stderr_fd, pool)
+        self.pidfd = pidfd
+        self._watching = False
+        #: Why its status will never come (its zygote died), once known.
+        self.orphaned: str | None = None
+
+    def watch(self, on_exit: Any) -> None:
+        assert self.stderr_fd is not None and self.pidfd is not None
+        self.loop.add_reader(self.stderr_fd, self.read_stderr)
+        self._watching = True
+
+        def exited() -> None:
+            self._unwatch()  # readable for good: once is enough
+            on_exit(self)
+
+        self.loop.add_reader(self.pidfd, exited)
+
+    def _unwatch(self) -> None:
+        if self._watching and self.pidfd is not None:
+            self.loop.remove_reader(self.pidfd)
+        self._watching = False
+
+    def alive(self) -> bool:
+        if self.exited.done() or self.pidfd is None:
+            return False
+        p = select.poll()
+        p.register(self.pidfd, select.POLLIN)
+        return not p.poll(0)
+
+    def exited_with(self, status: int) -> None:
+        """The zygote reaped it (-1: nobody will, its zygote is gone)."""
+        if not self.exited.done():
+            self._finish(status)
+
+    def orphan(self, why: str) -> None:
+        """Its zygote died: it dies too (PDEATHSIG); its status is lost."""
+        self.orphaned = why
+        if not self.alive():
+            self.exited_with(-1)
+
+    def reap(self) -> bool:
+        if self.exited.done():
+            return True
+        if self.orphaned is not None and not self.alive():
+            self.exited_with(-1)
+            return True
+        return False
+
+    def _finish(self, status: int) -> None:
+        self._unwatch()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        if not self.exited.done():
+            self.exited.set_result(status)
+
+    async def wait_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.reap():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            # The status comes from the zygote; an orphan is polled.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.exited), min(left, 0.05))
+        return True
+
+    def kill_group(self, sig: int) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+
+    def kill(self, sig: int) -> None:
+        if self.exited.done() or self.pidfd is None:
+            return
+        self.kill_group(sig)
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(self.pidfd, sig)
+
+    def kill_now(self) -> None:
+        """At interpreter exit: SIGKILL (its zygote, killed next, reaps it)."""
+        self.kill(signal.SIGKILL)

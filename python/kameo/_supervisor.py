@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kameo import _native
-from kameo._process import WorkerProcess, exit_text
+from kameo._process import ForkedProcess, WorkerProcess, exit_text
+from kameo._zygote_client import Zygote, ZygoteError
 from kameo.errors import PoolClosed, WorkerCrashed, WorkerStartupError
 from kameo.events import Emitter, WorkerExited, WorkerStarted
 
@@ -40,6 +41,9 @@ LOSS_EXIT_WAIT = 0.5
 CRASH_WINDOW = 10.0
 CRASH_FREE_RESTARTS = 3
 MAX_BACKOFF = 5.0
+# A zygote that died is started again after this long (doubling up to ZYGOTE_MAX_BACKOFF).
+ZYGOTE_BACKOFF = 1.0
+ZYGOTE_MAX_BACKOFF = 60.0
 Channel = _native.Channel
 
 
@@ -61,6 +65,13 @@ class SupervisorOptions:
     python_flags: tuple[str, ...] = ()
     #: Variables of the parent's environment the workers do not get (before ``env``).
     unset_env: tuple[str, ...] = ()
+    #: "exec" (each worker exec's the interpreter) or "zygote" (a template process forks
+    #: them, see ``kameo._zygote``).
+    start: str = "exec"
+    #: What the zygote imports before it forks (after ``kameo._worker``).
+    preload: tuple[str, ...] = ()
+    #: What goes first on the workers' sys.path (WELCOME's); the zygote's too.
+    sys_path: tuple[str, ...] = ()
 
 
 class Slot:
@@ -112,23 +123,87 @@ class Supervisor:
         self._closed_running: PoolClosed | None = None
         self._closed_waiting: PoolClosed | None = None
         self._stopping = False  # shutdown() has started telling workers to go
+        #: The zygote that forks workers (start="zygote" and its preload worked), else None.
+        self.zygote: Zygote | None = None
+        #: Why the workers are exec'd although start="zygote" (for the log, and stats).
+        self.zygote_fallback: str | None = None
+        self._zygote_restarts = 0
 
     # ----------------------------------------------------------------- start
 
     async def start(self) -> None:
         """Start a worker in every slot and wait until all are ready (WorkerStartupError
         within ``startup_timeout`` otherwise), then supervise them."""
+        if self.options.start == "zygote":
+            await self._start_zygote()
         workers = [self._spawn(slot) for slot in self.slots]
         await self._await_ready(workers)
         self.phase = "running"
         self._background_task(self._supervise())
 
+    def _worker_env(self) -> dict[str, str]:
+        opts = self.options
+        env = {k: v for k, v in os.environ.items() if k not in opts.unset_env}
+        env.update(opts.env)
+        return env
+
+    async def _start_zygote(self) -> bool:
+        """Start the zygote; on failure, log why (the workers are exec'd). True if it runs."""
+        opts = self.options
+        zygote = Zygote(
+            self.loop,
+            pool=opts.name,
+            python=[opts.python, *opts.python_flags],
+            env=self._worker_env(),
+            cwd=opts.cwd,
+            preload=list(opts.preload),
+            sys_path=list(opts.sys_path),
+            size=len(self.slots),
+        )
+        if self.phase == "starting":
+            why = await zygote.start(opts.startup_timeout, opts.target)
+        else:
+            try:
+                why = await zygote.start(opts.startup_timeout, opts.target)
+            except WorkerStartupError as exc:
+                why = str(exc)
+        if why is not None:
+            self.zygote_fallback = why
+            log.warning(
+                "pool %s: start='zygote' falls back to exec: the zygote: %s", opts.name, why
+            )
+            return False
+        self.zygote, self.zygote_fallback = zygote, None
+        self._background_task(self._restart_zygote_when_it_dies(zygote))
+        return True
+
+    async def _restart_zygote_when_it_dies(self, zygote: Zygote) -> None:
+        await asyncio.shield(zygote.died)
+        if self.zygote is zygote:
+            self.zygote = None
+        while self.phase != "closing":
+            self._zygote_restarts += 1
+            delay = min(ZYGOTE_BACKOFF * 2 ** (self._zygote_restarts - 1), ZYGOTE_MAX_BACKOFF)
+            await asyncio.sleep(delay)
+            if self.phase == "closing":
+                return
+            if await self._start_zygote():
+                return
+
     def _spawn(self, slot: Slot) -> WorkerProcess:
         opts = self.options
         worker_id = self._next_worker_id
         self._next_worker_id += 1
-        env = {k: v for k, v in os.environ.items() if k not in opts.unset_env}
-        env.update(opts.env)
+        zygote = self.zygote
+        if zygote is not None and zygote.ready:
+            try:
+                forked, progress_fd = zygote.fork(worker_id, slot.index, opts.secret)
+            except ZygoteError as exc:
+                log.warning("pool %s: %s; exec'ing worker %d instead", opts.name, exc, worker_id)
+            else:
+                self._add(slot, forked, progress_fd)
+                return forked
+        env = self._worker_env()
         env["KAMEO_WORKER_ID"] = str(worker_id)
         env["KAMEO_PARENT_PID"] = str(os.getpid())
         # The pool's name and the worker's id after the module: `ps -f` shows them (the worker
@@ -143,12 +218,15 @@ class Supervisor:
                 f"cannot start a worker for {opts.target!r} with python {opts.python!r}: {exc}"
             ) from exc
         w = WorkerProcess(self.loop, worker_id, slot.index, pid, sock_fd, stderr_fd, opts.name)
-        self.workers[worker_id] = w
-        slot.worker = w
-        self.core.add_worker(worker_id, pid, sock_fd, progress_fd)
-        self.loop.add_reader(sock_fd, self.core.on_readable, worker_id)
-        w.watch(self._on_exit)
+        self._add(slot, w, progress_fd)
         return w
+
+    def _add(self, slot: Slot, w: WorkerProcess, progress_fd: int) -> None:
+        self.workers[w.id] = w
+        slot.worker = w
+        self.core.add_worker(w.id, w.pid, w.sock_fd, progress_fd)
+        self.loop.add_reader(w.sock_fd, self.core.on_readable, w.id)
+        w.watch(self._on_exit)
 
     async def _await_ready(self, workers: list[WorkerProcess]) -> None:
         timeout = self.options.startup_timeout
@@ -319,6 +397,8 @@ class Supervisor:
                 what = f"was dropped ({reason}) and {what}"
         else:
             what, exitcode, sig = reason, None, None
+        if isinstance(w, ForkedProcess) and w.orphaned:
+            what = f"died with it: {w.orphaned}"  # its status went with its zygote
         if w.hung:
             what = f"stopped sending heartbeats for {opts.heartbeat_timeout}s and was killed"
         tail = w.tail()
@@ -487,6 +567,9 @@ class Supervisor:
             core.remove_worker(w.id, closed)
             self.workers.pop(w.id, None)
         core.fail_queued(waiting)
+        if self.zygote is not None:
+            await self.zygote.close(EXIT_WAIT)
+            self.zygote = None
         if self._background:
             await asyncio.wait(list(self._background), timeout=KILL_WAIT)
 
@@ -506,6 +589,8 @@ class Supervisor:
         """At interpreter exit: SIGKILL and reap every worker."""
         for w in list(self.workers.values()):
             w.kill_now()
+        if self.zygote is not None:
+            self.zygote.kill_now()
 
     def _background_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = self.loop.create_task(coro)

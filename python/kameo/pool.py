@@ -153,6 +153,13 @@ class Pool:
     (:mod:`kameo._worker_log`); with False, a worker's ``logging`` is left as Python sets it up
     (no handler: warnings and errors go to its stderr, whose lines the pool logs as
     ``kameo.worker``).
+
+    ``start``: how workers start. ``"exec"``: each one execs a fresh interpreter.
+    ``"zygote"``: the pool execs one template process that imports kameo and ``preload``
+    (default: the modules of ``target`` and ``init``), and forks each worker from it, single-
+    threaded (:mod:`kameo._zygote`): start-up and replacement after a crash cost a fork
+    instead of an interpreter start and the imports. A preload that fails or starts a thread
+    makes the pool exec its workers instead, with a warning saying why.
     """
 
     def __init__(
@@ -184,6 +191,8 @@ class Pool:
         name: str | None = None,
         on_event: Listener | None = None,
         forward_logs: bool = True,
+        start: Literal["exec", "zygote"] = "exec",
+        preload: Iterable[str] | None = None,
     ) -> None:
         pool_name = name
         wire_target = wire_init = None
@@ -249,6 +258,14 @@ class Pool:
             raise ValueError(f"name must be a non-empty string, got {pool_name!r}")
         self._name = pool_name
         self._forward_logs = bool(forward_logs)
+        if start not in ("exec", "zygote"):
+            raise ValueError(f'start must be "exec" or "zygote", got {start!r}')
+        self._start_mode = start
+        if isinstance(preload, (str, bytes)):
+            raise TypeError("preload must be a list of module names, not a single string")
+        if preload is None:
+            preload = [w.partition(":")[0] for w in (wire_target, wire_init) if type(w) is str]
+        self._preload = tuple(dict.fromkeys(str(m) for m in preload))
         self._named = pool_name != default_name  # shown by repr()
         # The pool's listeners; with none, requests record nothing (_listeners_changed).
         self._events = Emitter(pool_name, on_event)
@@ -453,6 +470,9 @@ class Pool:
             heartbeat_timeout=self._heartbeat_timeout,
             max_memory=self._max_memory,
             cancel_grace=self._cancel_grace,
+            start=self._start_mode,
+            preload=self._preload,
+            sys_path=tuple(launch.sys_path or ()),
         )
         refs = self._refs
         refs.attach(self._core, loop)
