@@ -69,10 +69,17 @@ pythons:
 # cargo test once (its crates do not depend on the interpreter), pytest on each interpreter;
 # on 3.13t with PYTHON_GIL=0 (tests/test_threads.py checks, without it, that importing kameo
 # leaves the GIL off).
+# On 3.11 the whole suite runs in both start modes; on 3.13 and 3.13t in exec mode, and the
+# zygote's own tests in zygote mode (the whole suite twice on each would take 15 more minutes).
 test-all: test-rust
 	$(MAKE) test-python
-	$(MAKE) test-python PY="$$($(BUILD_PYTHON) 3.13 | tail -n 1)"
-	PYTHON_GIL=0 $(MAKE) test-python PY="$$($(BUILD_PYTHON) 3.13 --disable-gil | tail -n 1)"
+	$(MAKE) test-python START=exec PY="$$($(BUILD_PYTHON) 3.13 | tail -n 1)"
+	$(MAKE) test-python START=zygote PYTEST_ARGS=tests/test_zygote.py \
+		PY="$$($(BUILD_PYTHON) 3.13 | tail -n 1)"
+	PYTHON_GIL=0 $(MAKE) test-python START=exec \
+		PY="$$($(BUILD_PYTHON) 3.13 --disable-gil | tail -n 1)"
+	PYTHON_GIL=0 $(MAKE) test-python START=zygote PYTEST_ARGS=tests/test_zygote.py \
+		PY="$$($(BUILD_PYTHON) 3.13 --disable-gil | tail -n 1)"
 
 # One wheel per interpreter into dist/: cp311 (the system python3), cp313 and cp313t (built
 # from source on first use, as for test-all).
@@ -90,8 +97,13 @@ wheel: $(STAMP)
 test-rust: develop
 	KAMEO_TEST_PYTHON=$(abspath $(BIN)/python) cargo test --workspace --quiet
 
+# The suite once per start mode (Pool(start=...)'s default in the run, tests/conftest.py):
+# workers exec'd, and workers forked by a zygote.
+START ?= exec zygote
+PYTEST_ARGS ?=
 test-python: develop
-	$(BIN)/python -m pytest -q
+	set -e; for start in $(START); do \
+		$(BIN)/python -m pytest -q --start=$$start $(PYTEST_ARGS); done
 
 demo: develop
 	$(BIN)/python examples/demo.py
@@ -106,6 +118,7 @@ bench: develop
 	$(BIN)/python -m pip install --quiet loky ormsgpack msgpack orjson mpire
 	$(BIN)/python benches/bench_pool.py
 	$(BIN)/python benches/bench_resilience.py
+	$(BIN)/python benches/bench_start.py
 	$(BIN)/python benches/bench_codec.py
 	$(BIN)/python -m pytest benches/test_bench_ask.py --benchmark-only -q
 	cargo bench -p kameo-proto
