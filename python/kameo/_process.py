@@ -12,7 +12,7 @@ import time
 from collections import deque
 from typing import Any
 
-__all__ = ["STDERR_TAIL_LINES", "ForkedProcess", "WorkerProcess", "exit_text"]
+__all__ = ["STDERR_TAIL_LINES", "ForkedProcess", "StderrPipe", "WorkerProcess", "exit_text"]
 
 STDERR_TAIL_LINES = 20
 worker_log = logging.getLogger("kameo.worker")
@@ -28,6 +28,76 @@ def exit_text(status: int) -> tuple[str, int | None, int | None]:
             name = f"signal {-code}"
         return f"was killed by {name} ({-code})", None, -code
     return f"exited with code {code}", code, None
+
+
+class StderrPipe:
+    """A child's stderr pipe on the loop: each line logged at WARNING on ``logger`` after
+    ``prefix`` (with ``extra``), the last STDERR_TAIL_LINES kept for error messages."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        logger: logging.Logger,
+        prefix: str,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.fd: int | None = fd
+        self.logger = logger
+        self.prefix = prefix
+        self.extra = extra
+        self.tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self.partial = b""
+
+    def watch(self) -> None:
+        assert self.fd is not None
+        self.loop.add_reader(self.fd, self.read)
+
+    def text(self) -> str:
+        return "\n".join(self.tail)
+
+    def read(self) -> None:
+        """What is there now (without waiting); at EOF the last partial line, then close."""
+        fd = self.fd
+        if fd is None:
+            return
+        chunks = []
+        eof = False
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                eof = True
+                break
+            chunks.append(data)
+            if len(data) < 65536:
+                break
+        if chunks:
+            data = self.partial + b"".join(chunks)
+            *lines, self.partial = data.split(b"\n")
+            for raw in lines:
+                self._line(raw)
+        if eof:
+            if self.partial:
+                self._line(self.partial)
+                self.partial = b""
+            self.close()
+
+    def _line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        self.tail.append(line)
+        self.logger.warning("%s %s", self.prefix, line, extra=self.extra)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = None
 
 
 class WorkerProcess:
@@ -48,10 +118,7 @@ class WorkerProcess:
         self.slot = slot
         self.pid = pid
         self.sock_fd = sock_fd
-        self.stderr_fd: int | None = stderr_fd
         self.pidfd: int | None = None
-        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-        self.stderr_partial = b""
         self.ready: asyncio.Future[Any] = loop.create_future()
         self.exited: asyncio.Future[int] = loop.create_future()
         self.lost = False
@@ -62,19 +129,24 @@ class WorkerProcess:
         self.exit_reason: str | None = None  # WorkerExited.reason, set when it is lost
         self.exit_reported = False
         self.pool = pool
-        self._extra = {"worker_id": worker_id, "pid": pid, "pool": pool}
+        self.stderr = StderrPipe(
+            loop,
+            stderr_fd,
+            worker_log,
+            f"[{pool} worker {worker_id} pid {pid}]",
+            {"worker_id": worker_id, "pid": pid, "pool": pool},
+        )
         self.started_at = time.monotonic()
 
     def describe(self) -> str:
         return f"worker {self.id} (pid {self.pid})"
 
     def tail(self) -> str:
-        return "\n".join(self.stderr_tail)
+        return self.stderr.text()
 
     def watch(self, on_exit: Any) -> None:
         """Watch stderr, and the process exit through a pidfd."""
-        assert self.stderr_fd is not None
-        self.loop.add_reader(self.stderr_fd, self.read_stderr)
+        self.stderr.watch()
         try:
             self.pidfd = os.pidfd_open(self.pid)
             self.loop.add_reader(self.pidfd, on_exit, self)
@@ -84,47 +156,10 @@ class WorkerProcess:
     # -- stderr --------------------------------------------------------------------------
 
     def read_stderr(self) -> None:
-        fd = self.stderr_fd
-        if fd is None:
-            return
-        chunks = []
-        eof = False
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                break
-            except OSError:
-                data = b""
-            if not data:
-                eof = True
-                break
-            chunks.append(data)
-            if len(data) < 65536:
-                break
-        if chunks:
-            data = self.stderr_partial + b"".join(chunks)
-            *lines, self.stderr_partial = data.split(b"\n")
-            for raw in lines:
-                self._line(raw)
-        if eof:
-            if self.stderr_partial:
-                self._line(self.stderr_partial)
-                self.stderr_partial = b""
-            self.close_stderr()
-
-    def _line(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace").rstrip("\r")
-        self.stderr_tail.append(line)
-        worker_log.warning(
-            "[%s worker %d pid %d] %s", self.pool, self.id, self.pid, line, extra=self._extra
-        )
+        self.stderr.read()
 
     def close_stderr(self) -> None:
-        if self.stderr_fd is not None:
-            self.loop.remove_reader(self.stderr_fd)
-            os.close(self.stderr_fd)
-            self.stderr_fd = None
+        self.stderr.close()
 
     # -- exit ----------------------------------------------------------------------------
 
@@ -215,8 +250,8 @@ class ForkedProcess(WorkerProcess):
         self.orphaned: str | None = None
 
     def watch(self, on_exit: Any) -> None:
-        assert self.stderr_fd is not None and self.pidfd is not None
-        self.loop.add_reader(self.stderr_fd, self.read_stderr)
+        assert self.pidfd is not None
+        self.stderr.watch()
         self._watching = True
 
         def exited() -> None:

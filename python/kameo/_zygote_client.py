@@ -20,11 +20,10 @@ import select
 import signal
 import socket
 import time
-from collections import deque
 from typing import Any
 
 from kameo import _native
-from kameo._process import STDERR_TAIL_LINES, ForkedProcess, exit_text
+from kameo._process import ForkedProcess, StderrPipe, exit_text
 from kameo.errors import WorkerStartupError
 
 __all__ = ["BLAS_THREAD_VARS", "Zygote", "ZygoteError"]
@@ -79,10 +78,8 @@ class Zygote:
             self.env.setdefault(var, threads)
         self.pid = 0
         self.ctl: socket.socket | None = None
-        self.stderr_fd: int | None = None
+        self.stderr: StderrPipe | None = None
         self.pidfd: int | None = None
-        self.tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-        self._partial = b""
         self.ready = False
         self.workers: dict[int, ForkedProcess] = {}  # pid -> worker
         self.died: asyncio.Future[str] = loop.create_future()
@@ -109,14 +106,15 @@ class Zygote:
         except OSError as exc:
             return f"cannot start it: {exc}"
         os.close(progress_fd)
-        self.pid, self.stderr_fd = pid, stderr_fd
+        self.pid = pid
+        self.stderr = StderrPipe(self.loop, stderr_fd, log, f"[{self.pool} zygote pid {pid}]")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with socket.socket(fileno=sock_fd) as boot:
             boot.setblocking(True)
             socket.send_fds(boot, [b"c"], [theirs.fileno()])
         theirs.close()
         self.ctl = ours
-        self.loop.add_reader(stderr_fd, self._read_stderr)
+        self.stderr.watch()
         self.pidfd = os.pidfd_open(pid)
         self.loop.add_reader(self.pidfd, self._on_exit)
         started = time.monotonic()
@@ -265,30 +263,12 @@ class Zygote:
 
     # ----------------------------------------------------------------- its own end
 
-    def _read_stderr(self) -> None:
-        fd = self.stderr_fd
-        if fd is None:
-            return
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.loop.remove_reader(fd)
-            os.close(fd)
-            self.stderr_fd = None
-            return
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for raw in lines:
-            line = raw.decode("utf-8", "replace")
-            self.tail.append(line)
-            log.warning("[%s zygote pid %d] %s", self.pool, self.pid, line)
-
     def _tail(self) -> str:
-        self._read_stderr()
-        return "; last stderr lines:\n" + "\n".join(self.tail) if self.tail else ""
+        if self.stderr is None:
+            return ""
+        self.stderr.read()
+        tail = self.stderr.text()
+        return f"; last stderr lines:\n{tail}" if tail else ""
 
     def _closed(self) -> None:
         """Its control socket closed: it is exiting (it closes it only when it goes). Its
