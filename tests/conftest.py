@@ -52,15 +52,15 @@ def in_start_mode(script: str) -> str:
     return f"import kameo\nkameo.Pool.__init__.__kwdefaults__['start'] = {mode!r}\n" + script
 
 
+def ppid_of(pid: int) -> int:
+    """The parent of process ``pid`` (from /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
 def zygotes_of(pids: list[int], parent: int) -> list[int]:
     """The parents of ``pids`` other than ``parent``: their zygote, when it forked them."""
-    out = set()
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        if ppid != parent:
-            out.add(ppid)
-    return sorted(out)
+    return sorted({ppid for ppid in map(ppid_of, pids) if ppid != parent})
 
 
 def pytest_report_header(config: pytest.Config) -> str:

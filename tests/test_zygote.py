@@ -15,15 +15,10 @@ import time
 
 import kameo
 import pytest
-from conftest import async_wait_until, child_pids, pid_alive
+from conftest import async_wait_until, child_pids, pid_alive, ppid_of
 
 PRELOADED = "handlers.preloaded:info"
 CRASHY = "handlers.crashy:cmd"
-
-
-def ppid_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 def zygote_pid(pool: kameo.Pool) -> int:

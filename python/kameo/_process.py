@@ -274,8 +274,7 @@ class ForkedProcess(WorkerProcess):
 
     def exited_with(self, status: int) -> None:
         """The zygote reaped it (-1: nobody will, its zygote is gone)."""
-        if not self.exited.done():
-            self._finish(status)
+        self._finish(status)
 
     def orphan(self, why: str) -> None:
         """Its zygote died: it dies too (PDEATHSIG); its status is lost."""

@@ -125,7 +125,7 @@ class Supervisor:
         self._stopping = False  # shutdown() has started telling workers to go
         #: The zygote that forks workers (start="zygote" and its preload worked), else None.
         self.zygote: Zygote | None = None
-        #: Why the workers are exec'd although start="zygote" (for the log, and stats).
+        #: Why the workers are exec'd although start="zygote" (also logged).
         self.zygote_fallback: str | None = None
         self._zygote_restarts = 0
 
@@ -160,13 +160,12 @@ class Supervisor:
             sys_path=list(opts.sys_path),
             size=len(self.slots),
         )
-        if self.phase == "starting":
+        try:
             why = await zygote.start(opts.startup_timeout, opts.target)
-        else:
-            try:
-                why = await zygote.start(opts.startup_timeout, opts.target)
-            except WorkerStartupError as exc:
-                why = str(exc)
+        except WorkerStartupError as exc:
+            if self.phase == "starting":
+                raise  # the pool's start fails (a preload that hangs)
+            why = str(exc)  # a restart: the workers are exec'd
         if why is not None:
             self.zygote_fallback = why
             log.warning(

@@ -236,7 +236,6 @@ def fork(
         ctl.close()
         for pidfd in children:
             os.close(pidfd)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         return Child(req, fds)
     for fd in fds:
         os.close(fd)

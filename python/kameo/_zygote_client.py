@@ -83,7 +83,6 @@ class Zygote:
         self.ready = False
         self.workers: dict[int, ForkedProcess] = {}  # pid -> worker
         self.died: asyncio.Future[str] = loop.create_future()
-        self.seconds = 0.0  # its start-up, preload included
 
     def describe(self) -> str:
         return f"zygote (pid {self.pid})"
@@ -117,7 +116,6 @@ class Zygote:
         self.stderr.watch()
         self.pidfd = os.pidfd_open(pid)
         self.loop.add_reader(self.pidfd, self._on_exit)
-        started = time.monotonic()
         try:
             msg = await asyncio.wait_for(self._first_message(), timeout)
         except TimeoutError:
@@ -133,7 +131,6 @@ class Zygote:
         if not msg.get("ready"):
             self.kill()
             return _refusal(msg, self.preload)
-        self.seconds = time.monotonic() - started
         self.ready = True
         ours.setblocking(False)
         self.loop.add_reader(ours.fileno(), self._on_messages)
