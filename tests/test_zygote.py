@@ -58,7 +58,7 @@ async def test_workers_are_forked_from_a_zygote_that_imported_the_handler():
         if all("numpy" in info for info in infos.values()):
             assert len({info["numpy"] for info in infos.values()}) == 2
         with open(f"/proc/{zygote}/comm") as f:
-            assert f.read().strip() == "handle zygote"  # the pool's name, cut, and its role
+            assert f.read().strip() == "handlers zygote"  # the pool's name, cut, and its role
 
 
 async def test_a_forked_worker_holds_no_descriptor_of_the_zygote_or_of_other_workers():

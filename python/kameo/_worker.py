@@ -70,10 +70,11 @@ def read_secret(fd: int) -> bytes:
         os.close(fd)
 
 
-def process_name(pool: str, worker_id: int) -> str:
-    """The worker's process name: ``kameo <pool> w<id>`` if it fits in the 15 bytes Linux
-    keeps, else ``<pool> w<id>`` with the pool's name cut to fit (``pricing w0``)."""
-    suffix = f" w{worker_id}"
+def process_name(pool: str, role: str) -> str:
+    """A pool process's name: ``kameo <pool> <role>`` (role ``w<id>`` for a worker, ``zygote``)
+    if it fits in the 15 bytes Linux keeps, else ``<pool> <role>`` with the pool's name cut
+    to fit (``pricing w0``)."""
+    suffix = f" {role}"
     full = f"{pool}{suffix}" if pool == "kameo" else f"kameo {pool}{suffix}"
     if len(full.encode()) <= COMM_MAX:
         return full
@@ -118,7 +119,7 @@ def serve() -> int:
     # handler's code sees a plain sys.argv.
     pool_name = sys.argv[1] if len(sys.argv) >= 2 else "kameo"
     if len(sys.argv) >= 2:
-        set_process_name(process_name(pool_name, worker_id))
+        set_process_name(process_name(pool_name, f"w{worker_id}"))
     del sys.argv[1:]
     os.set_inheritable(fd, False)  # the worker's own children do not get the pool socket
 

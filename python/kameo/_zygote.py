@@ -56,10 +56,11 @@ def send(ctl: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) 
 def other_threads() -> list[str]:
     """Names of this process's threads other than the calling one (from /proc: threads a C
     library started count as much as Python's)."""
-    me = str(threading_id())
+    import threading  # kameo._worker has imported it
+
+    me = str(threading.get_native_id())
     names = []
-    threading = sys.modules.get("threading")
-    python_names = {t.native_id: t.name for t in threading.enumerate()} if threading else {}
+    python_names = {t.native_id: t.name for t in threading.enumerate()}
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
@@ -76,10 +77,6 @@ def other_threads() -> list[str]:
                 continue  # it has just exited
         names.append(f"{name} (tid {tid})")
     return names
-
-
-def threading_id() -> int:
-    return os.gettid() if hasattr(os, "gettid") else os.getpid()
 
 
 class Child:
@@ -166,14 +163,14 @@ def main() -> int | Child:
         return 2
     ctl = socket.socket(fileno=fds[0])
     ctl.setblocking(True)
-    name = f"{pool[:6]} zygote" if pool != "kameo" else "kameo zygote"
-    with open("/proc/self/comm", "w") as f:
-        f.write(name[:15])
     started = time.monotonic()
     refused = preload(modules)
     if refused is not None:
         send(ctl, {"ready": False, **refused})
         return 3
+    from kameo import _worker  # preloaded
+
+    _worker.set_process_name(_worker.process_name(pool, "zygote"))
     send(ctl, {"ready": True, "pid": os.getpid(), "seconds": time.monotonic() - started})
     return serve(ctl)
 
