@@ -229,3 +229,26 @@ async def test_the_pool_secret_is_not_in_the_worker_environment():
             ]
             assert pipes == []
         assert await pool.ask({"op": "echo", "value": 1}) == 1
+
+
+async def test_no_descriptor_of_the_parent_reaches_a_worker(tmp_path: Path):
+    """Only the worker's own ends cross into it: not a file this process made inheritable, not
+    the loop's epoll, not another worker's socket (in either start mode: a zygote is exec'd with
+    the same rule)."""
+    leak = tmp_path / "inheritable"
+    with open(leak, "w") as f:
+        os.set_inheritable(f.fileno(), True)
+        async with kameo.Pool("handlers.preloaded:info", size=2) as pool:
+            sessions = [pool.session() for _ in range(2)]
+            try:
+                infos = [await s.call("handlers.preloaded:info", "fds") for s in sessions]
+            finally:
+                for s in sessions:
+                    await s.close()
+    assert len({info["pid"] for info in infos}) == 2  # both workers were asked
+    for info in infos:
+        links = info["fds"]
+        assert str(leak) not in links.values(), links
+        assert not [link for link in links.values() if "eventpoll" in link], links
+        sockets = [link for link in links.values() if link.startswith("socket:")]
+        assert len(sockets) == 1, links  # its own end of its socketpair

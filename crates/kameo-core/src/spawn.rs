@@ -182,9 +182,14 @@ pub fn spawn(
         cmd.current_dir(dir);
     }
     // SAFETY: the closure runs in the forked child before exec and only calls
-    // async-signal-safe functions (fcntl, setpgid, prctl, getppid, _exit).
+    // async-signal-safe functions (close_range, getrlimit, fcntl, setpgid, prctl, getppid,
+    // _exit); it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
+            // Only the worker's own descriptors cross the exec: whatever else the parent holds
+            // without close-on-exec (a file made inheritable, a C library's socket, another
+            // worker's end) is marked close-on-exec here, then the three ends are unmarked.
+            close_on_exec_from(3);
             if libc::fcntl(child_fd, libc::F_SETFD, 0) == -1
                 || libc::fcntl(progress_fd, libc::F_SETFD, 0) == -1
                 || (secret_raw >= 0 && libc::fcntl(secret_raw, libc::F_SETFD, 0) == -1)
@@ -293,6 +298,43 @@ pub fn kill_own_group() {
         // SAFETY: plain syscall.
         unsafe {
             libc::kill(0, libc::SIGKILL);
+        }
+    }
+}
+
+/// Marks every descriptor from `first` up close-on-exec, in the child between fork and exec.
+/// `close_range(CLOSE_RANGE_CLOEXEC)` (Linux 5.11) does it in one call; on older kernels each
+/// descriptor below the soft `RLIMIT_NOFILE` (at most 2^16) gets its own `fcntl`.
+///
+/// # Safety
+/// Async-signal-safe: only syscalls, no allocation.
+unsafe fn close_on_exec_from(first: libc::c_int) {
+    #[cfg(target_os = "linux")]
+    {
+        let from = first as libc::c_uint;
+        if libc::syscall(
+            libc::SYS_close_range,
+            from,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) == 0
+        {
+            return;
+        }
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let end = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+        limit.rlim_cur.min(1 << 16) as libc::c_int
+    } else {
+        1 << 10
+    };
+    for fd in first..end {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
         }
     }
 }
