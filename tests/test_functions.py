@@ -450,3 +450,82 @@ def test_python_dash_m_module_functions_go_by_its_name(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "mypkg.tool:triple 15"
+
+
+def _f(x):
+    return x
+
+
+async def _af(x):
+    return x
+
+
+def _g(x):
+    yield x
+
+
+async def _ag(x):
+    yield x
+
+
+class _Callables:
+    def m(self, x):
+        return x
+
+    async def am(self, x):
+        return x
+
+    def __call__(self, x):
+        yield x
+
+
+class _AsyncCallable:
+    async def __call__(self, x):
+        return x
+
+
+KIND_CASES = [
+    _f,
+    _af,
+    _g,
+    _ag,
+    _Callables().m,
+    _Callables().am,
+    _Callables(),
+    _AsyncCallable(),
+    _Callables.m,
+    len,
+    "".upper,
+    str.upper,
+    functools.partial(_f, 1),
+    functools.partial(_af, 1),
+    functools.partial(_ag),
+    lambda: 1,
+    staticmethod(_af),
+    functools.wraps(_af)(lambda *a: 1),
+    _Callables,
+]
+if sys.version_info >= (3, 12):
+    import inspect
+
+    KIND_CASES.append(inspect.markcoroutinefunction(lambda: 1))
+
+
+@pytest.mark.parametrize("fn", KIND_CASES, ids=repr)
+def test_a_handler_kind_is_what_inspect_says(fn):
+    """A worker reads a plain function's code flags instead of importing inspect: every kind
+    of callable is judged as inspect judges it (callable objects by their __call__)."""
+    import inspect
+
+    from kameo._handler import handler_kind
+
+    call = fn if inspect.isroutine(fn) else getattr(fn, "__call__", fn)  # noqa: B004
+    if inspect.isasyncgenfunction(call):
+        expected = "asyncgen"
+    elif inspect.iscoroutinefunction(call):
+        expected = "async"
+    elif inspect.isgeneratorfunction(call):
+        expected = "gen"
+    else:
+        expected = "sync"
+    assert handler_kind(fn) == expected

@@ -4,9 +4,10 @@
 ...     reply = await pool.ask({"symbol": "AAPL"}, timeout=5.0)
 """
 
+from __future__ import annotations
+
 import importlib
 import sys
-from typing import TYPE_CHECKING, Any
 
 from kameo import _context
 from kameo._native import PROTOCOL_VERSION, decode, encode, register_type
@@ -27,7 +28,10 @@ from kameo.errors import (
     WorkerStartupError,
 )
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from kameo import _runtime, events
     from kameo._future import AskFuture
     from kameo._mapping import MapResults
@@ -110,7 +114,7 @@ __all__ = [
 ]
 
 
-def callback_handle(path: str, data: Any = None) -> "_runtime.CallbackCall":
+def callback_handle(path: str, data: Any = None) -> _runtime.CallbackCall:
     """In a worker: call the parent handler registered at ``path`` ("module.Type") and return
     an iterator of its items: ``for x in kameo.callback_handle(...)`` in sync handlers,
     ``async for x in await kameo.callback_handle(...)`` (or without the ``await``) in async ones.

@@ -35,14 +35,16 @@ from __future__ import annotations
 import importlib
 import itertools
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from kameo import _error_info, _functions, _native
 from kameo._handler import ASYNC, ASYNCGEN, GEN, SYNC, handler_kind
 from kameo.errors import HandlerTypeError, RefError, SerializationError
 from kameo.remote import Ref
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 RETURN_REF = 1
 #: Op flag of ``batch``: each item is a tuple of arguments.
@@ -56,30 +58,58 @@ MAX_PICKLED_TARGETS = 256
 importing: list[str] = []
 
 
-@dataclass(slots=True)
 class Job:
     """A prepared op: ``fn(*args, **kwargs)``, of handler kind ``kind``."""
 
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    kind: str
-    session: str | None
-    return_ref: bool = False
-    #: The result is always kept as an object (``new``).
-    keep: bool = False
-    #: Cheap and never blocking (attribute access, the table's own ops): run it in place, not
-    #: in a handler thread.
-    inline: bool = False
-    #: The result is a tuple whose lists hold one entry per step or item (``pipeline``,
-    #: ``batch``): an entry the codec cannot encode becomes a Ref, not the whole result.
-    entries: bool = False
+    __slots__ = (
+        "args",
+        "entries",
+        "fn",
+        "inline",
+        "keep",
+        "kind",
+        "kwargs",
+        "return_ref",
+        "session",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        kind: str,
+        session: str | None,
+        return_ref: bool = False,
+        *,
+        keep: bool = False,
+        inline: bool = False,
+        entries: bool = False,
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.kind = kind
+        self.session = session
+        self.return_ref = return_ref
+        #: The result is always kept as an object (``new``).
+        self.keep = keep
+        #: Cheap and never blocking (attribute access, the table's own ops): run it in place,
+        #: not in a handler thread.
+        self.inline = inline
+        #: The result is a tuple whose lists hold one entry per step or item (``pipeline``,
+        #: ``batch``): an entry the codec cannot encode becomes a Ref, not the whole result.
+        self.entries = entries
 
 
-@dataclass(slots=True)
 class SessionState:
-    state: dict[str, Any] = field(default_factory=dict)
-    numbers: set[int] = field(default_factory=set)
+    """One session's state in this worker: its dict and the numbers of its objects."""
+
+    __slots__ = ("numbers", "state")
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+        self.numbers: set[int] = set()
 
 
 def split_target(target: str) -> tuple[str, str]:

@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
-from typing import Any
 
 from kameo import _functions
 from kameo.errors import (
@@ -57,6 +55,10 @@ from kameo.errors import (
     RemoteError,
     SerializationError,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # The keys.
 KIND = "kind"
@@ -76,7 +78,7 @@ PROTOCOL = "protocol"
 REF = "ref"
 SERIALIZATION = "serialization"
 
-Info = dict[str, Any]
+Info = dict[str, "Any"]
 
 
 def make(kind: str, message: str = "", type_name: str = "", tb: str = "") -> Info:
@@ -178,6 +180,8 @@ def _format(exc: BaseException) -> str:
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_KAMEO_DIR):
         tb = tb.tb_next
+    import traceback  # here: a worker that raises nothing never imports it (3 ms)
+
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 

@@ -39,13 +39,15 @@ import functools
 import importlib
 import importlib.machinery
 import os
-import pickle
 import sys
 import types
-from collections.abc import Callable
-from typing import Any
 
 from kameo.errors import SerializationError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 __all__ = ["as_target", "describe", "load_pickled", "main_module_name", "reference"]
 
@@ -107,6 +109,8 @@ def describe(target: Any) -> str:
 def load_pickled(data: bytes) -> Callable[..., Any]:
     """Worker: the callable that :func:`reference` pickled (stdlib ``pickle.loads``)."""
     try:
+        import pickle  # here: a worker that loads no pickled target never imports it
+
         fn = pickle.loads(data)
     except ModuleNotFoundError as exc:
         if exc.name == "cloudpickle" or (exc.name or "").startswith("cloudpickle."):

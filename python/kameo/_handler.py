@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import inspect
 import os
 import queue
 import threading
-from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any
+import types
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Callable, Generator
+    from typing import Any
 
 __all__ = ["ASYNC", "ASYNCGEN", "GEN", "NONE", "SYNC", "Flow", "Threads", "handler_kind", "produce"]
 
@@ -41,22 +42,50 @@ PACE_EVERY = 64
 
 def handler_kind(fn: Callable[..., Any]) -> str:
     """'asyncgen', 'async', 'gen' or 'sync' (callable objects are judged by ``__call__``)."""
-    call = fn if inspect.isroutine(fn) else getattr(fn, "__call__", fn)  # noqa: B004
-    if inspect.isasyncgenfunction(call):
+    flags = _plain_code_flags(fn)
+    if flags is None:  # not a plain function, method or builtin: inspect knows the others
+        import inspect
+
+        call = fn if inspect.isroutine(fn) else getattr(fn, "__call__", fn)  # noqa: B004
+        if inspect.isasyncgenfunction(call):
+            return ASYNCGEN
+        if inspect.iscoroutinefunction(call):
+            return ASYNC
+        return GEN if inspect.isgeneratorfunction(call) else SYNC
+    if flags & CO_ASYNC_GENERATOR:
         return ASYNCGEN
-    if inspect.iscoroutinefunction(call):
+    if flags & CO_COROUTINE:
         return ASYNC
-    if inspect.isgeneratorfunction(call):
-        return GEN
-    return SYNC
+    return GEN if flags & CO_GENERATOR else SYNC
+
+
+#: Code flags (``inspect.CO_*``, the same on every CPython), read by :func:`handler_kind` so
+#: that a worker need not import inspect (5 ms, with ast, dis and tokenize) for its handler.
+CO_GENERATOR = 0x20
+CO_COROUTINE = 0x80
+CO_ASYNC_GENERATOR = 0x200
+
+
+def _plain_code_flags(fn: object) -> int | None:
+    """The code flags of a plain function or of a method of one, 0 for a builtin (what inspect
+    would judge from them); None for anything else, and for a function marked by
+    ``inspect.markcoroutinefunction``."""
+    if type(fn) is types.MethodType:
+        fn = fn.__func__
+    if type(fn) is types.FunctionType:
+        return None if hasattr(fn, "_is_coroutine_marker") else fn.__code__.co_flags
+    if type(fn) is types.BuiltinFunctionType:
+        return 0
+    return None
 
 
 # ------------------------------------------------------------------------------ threads
 
 #: ``done(token, ok, value)``: called on the loop with the result of a job (``ok``) or the
 #: exception it raised.
-Done = Callable[[Any, bool, Any], object]
-_Job = tuple[contextvars.Context, Callable[[Any], Any], Any, Done, Any]
+if TYPE_CHECKING:
+    Done = Callable[[Any, bool, Any], object]
+    _Job = tuple[contextvars.Context, Callable[[Any], Any], Any, Done, Any]
 
 
 class Threads:

@@ -31,11 +31,13 @@ from __future__ import annotations
 import contextlib
 import sys
 import weakref
-from typing import TYPE_CHECKING, Any
 
 from kameo import _error_info
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from kameo.pool import Pool
 
 __all__ = ["PoolTelemetry", "WorkerTelemetry", "for_pool", "for_worker", "traced_channel"]

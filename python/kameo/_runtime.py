@@ -14,11 +14,6 @@ import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    import asyncio
 
 from kameo import _error_info, _functions, _native, _otel, _worker_log
 from kameo._calls import Calls, kind_of
@@ -26,7 +21,13 @@ from kameo._context import current_request, traceparent
 from kameo._handler import NONE
 from kameo.errors import CallbackNotFound, HandlerTypeError, KameoError
 
-__all__ = ["CallbackCall", "Runtime", "Server", "current", "current_request", "traceparent"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable, Generator, Iterator
+    from typing import Any, Protocol
+
+__all__ = ["CallbackCall", "Runtime", "current", "current_request", "traceparent"]
 
 Channel = _native.Channel
 REQUEST = Channel.REQUEST
@@ -42,7 +43,7 @@ CALL_STREAM = Channel.CALL_STREAM
 RELEASE = Channel.RELEASE
 
 #: A request waiting to start: (frame kind, request id, body, traceparent).
-Request = tuple[int, int, Any, "str | None"]
+Request = tuple[int, int, "Any", "str | None"]
 
 _runtime: Runtime | None = None
 
@@ -52,39 +53,41 @@ def current() -> Runtime | None:
     return _runtime
 
 
-class Server(Protocol):
-    """What the runtime needs from the server that runs the requests."""
+if TYPE_CHECKING:
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop | None:
-        """The event loop the requests run on; None for the sync server (a callback then reads
-        the socket itself while it waits)."""
+    class Server(Protocol):
+        """What the runtime needs from the server that runs the requests."""
 
-    @property
-    def thread(self) -> int | None:
-        """The loop's thread (None for the sync server)."""
+        @property
+        def loop(self) -> asyncio.AbstractEventLoop | None:
+            """The event loop the requests run on; None for the sync server (a callback then reads
+            the socket itself while it waits)."""
 
-    @property
-    def waiting(self) -> deque[Request]:
-        """Requests received and not started; the runtime appends to it."""
+        @property
+        def thread(self) -> int | None:
+            """The loop's thread (None for the sync server)."""
 
-    @property
-    def cancelled(self) -> set[int]:
-        """Ids of running requests their caller cancelled (sync server: a callback waiting in
-        one stops; the async server cancels the request's task instead)."""
+        @property
+        def waiting(self) -> deque[Request]:
+            """Requests received and not started; the runtime appends to it."""
 
-    def cancel(self, rid: int) -> None:
-        """CANCEL for request ``rid``."""
+        @property
+        def cancelled(self) -> set[int]:
+            """Ids of running requests their caller cancelled (sync server: a callback waiting in
+            one stops; the async server cancels the request's task instead)."""
 
-    def credit(self, rid: int, n: int) -> None:
-        """CREDIT of ``n`` items for the stream of request ``rid``."""
+        def cancel(self, rid: int) -> None:
+            """CANCEL for request ``rid``."""
 
-    def wait_here(self) -> bool:
-        """Wait for and handle frames in place of a loop iteration, when that delays nothing;
-        True if frames were handled."""
+        def credit(self, rid: int, n: int) -> None:
+            """CREDIT of ``n`` items for the stream of request ``rid``."""
 
-    def flush(self) -> object:
-        """Write what is queued, soon; callable from any thread."""
+        def wait_here(self) -> bool:
+            """Wait for and handle frames in place of a loop iteration, when that delays nothing;
+            True if frames were handled."""
+
+        def flush(self) -> object:
+            """Write what is queued, soon; callable from any thread."""
 
 
 def mismatch(kind: str, frame_kind: int, target: str) -> dict[str, str] | None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from kameo import _calls, _context, _error_info
 from kameo._handler import ASYNC, ASYNCGEN, SYNC
@@ -29,8 +27,11 @@ from kameo._runtime import (
     traceparent,
 )
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Callable
+    from typing import Any
 
 
 def _is_cancellation(exc: BaseException) -> bool:

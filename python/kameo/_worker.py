@@ -25,18 +25,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
 from kameo import _calls, _functions, _native, _worker_log
 from kameo._handler import GEN, NONE, SYNC, handler_kind
 from kameo._runtime import Runtime, install
 from kameo._serve_sync import SyncServer
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 Channel = _native.Channel
 HANDSHAKE_MAX_FRAME = 1 << 20
@@ -169,7 +171,7 @@ def serve() -> int:
                 rt.startup_failed(exc, "decode the initargs of", rt.init)
                 return 3
         init = functools.partial(init_fn, *initargs) if initargs else init_fn
-    adapter_class = inspect.isclass(handler)
+    adapter_class = isinstance(handler, type)
     if handler is None:
         kind = NONE
     elif adapter_class:
@@ -197,10 +199,10 @@ def serve() -> int:
             try:
                 if init is not None:
                     result = init()
-                    if inspect.isawaitable(result):
+                    if result is not None and _is_awaitable(result):
                         import asyncio
 
-                        asyncio.run(result)  # type: ignore[arg-type]
+                        asyncio.run(result)
             except BaseException as exc:
                 rt.startup_failed(exc, "run init hook", rt.init)
                 return 3
@@ -247,3 +249,10 @@ def start_heartbeat_thread(chan: Any, interval: float) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _is_awaitable(value: object) -> bool:
+    """``inspect.isawaitable`` (inspect imported only for an init hook that returned a value)."""
+    import inspect
+
+    return inspect.isawaitable(value)

@@ -8,7 +8,10 @@ does ``except MyError:`` for a class of a module the parent has imported
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 
 __all__ = [
     "CallTimeout",

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from kameo import _native
 from kameo.errors import RefError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Callable
+    from typing import Any
 
     from kameo._future import AskFuture
 
