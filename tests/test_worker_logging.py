@@ -173,3 +173,19 @@ async def test_forwarding_can_be_turned_off(caplog: pytest.LogCaptureFixture) ->
         ), caplog.text
     assert not records(caplog, "kameo_test.app")
     assert seen["root"] == logging.WARNING  # the worker's default, not the parent's INFO
+
+
+async def test_a_worker_imports_logging_only_when_its_code_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker whose code does not log imports neither logging nor what it pulls in; once the
+    code imports logging, its records reach the parent with the parent's levels."""
+    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.DEBUG, logger="kameo_test.late")
+    async with kameo.Pool("handlers.logs_late:imported", size=1) as pool:
+        assert await pool.ask(None, timeout=10) == []
+        level = await pool.call("handlers.logs_late:log_now", "z")
+        late = await wait_records(caplog, "kameo_test.late", 2)
+        assert await pool.ask(None, timeout=10) == ["logging", "traceback"]
+    assert level == logging.DEBUG  # the parent's level, set when logging was imported
+    assert [r.getMessage() for r in late] == ["debug z", "warning z"]

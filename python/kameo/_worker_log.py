@@ -25,14 +25,20 @@ Records still buffered when the worker exits normally are sent first (within
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import threading
+import sys
 import time
-import traceback
-from typing import Any
 
-__all__ = ["Forwarder", "close", "drain", "forward", "install", "levels"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+    from typing import Any
+
+    from kameo._log_forwarder import Forwarder
+
+__all__ = ["close", "drain", "forward", "install", "levels"]
 
 #: Records waiting to be sent, at most; more are dropped and counted.
 MAX_QUEUED = 10_000
@@ -46,11 +52,9 @@ LINGER = 0.005
 CLOSE_WAIT = 1.0
 POLL = 0.002
 
-worker_log = logging.getLogger("kameo.worker")
-
 # A record as it travels: (logger name, level, message, exception text or None, stack text or
 # None, created (time.time()), pathname, lineno, funcName, threadName).
-Record = tuple[str, int, str, str | None, str | None, float, str, int, str, str]
+Record = tuple[str, int, str, "str | None", "str | None", float, str, int, str, str]
 
 
 # ------------------------------------------------------------------------------ parent
@@ -59,6 +63,8 @@ Record = tuple[str, int, str, str | None, str | None, float, str, int, str, str]
 def levels() -> dict[str, int]:
     """The parent's logger levels for WELCOME: ``""`` the root logger's effective level, and
     each logger that has a level of its own."""
+    import logging
+
     out = {"": logging.getLogger().getEffectiveLevel()}
     for name, logger in list(logging.root.manager.loggerDict.items()):
         if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
@@ -68,6 +74,9 @@ def levels() -> dict[str, int]:
 
 def forward(payload: Any, pool: str, worker_id: int, pid: int) -> None:
     """Log the records of one LOG frame from worker ``worker_id`` (see the module docstring)."""
+    import logging
+
+    worker_log = logging.getLogger("kameo.worker")
     extra = {"worker_id": worker_id, "pid": pid, "pool": pool}
     if isinstance(payload, str):  # the core could not decode the frame
         worker_log.warning("[%s worker %d pid %d] %s", pool, worker_id, pid, payload, extra=extra)
@@ -137,149 +146,77 @@ def forward(payload: Any, pool: str, worker_id: int, pid: int) -> None:
 # ------------------------------------------------------------------------------ worker
 
 
-def _cut(text: str) -> str:
-    if len(text) <= MAX_TEXT:
-        return text
-    return f"{text[:MAX_TEXT]}... [{len(text) - MAX_TEXT} more characters cut]"
-
-
-class Forwarder(logging.Handler):
-    """The worker's root handler: records into a bounded buffer, sent by a thread."""
-
-    def __init__(self, chan: Any) -> None:
-        super().__init__()
-        self.chan = chan
-        self.queued: list[Record] = []
-        self.chars = 0
-        self.dropped = 0
-        self.dead = False  # the parent is gone (or this is a forked child): drop everything
-        self.closing = False
-        self.wake = threading.Event()
-        self.sent = 0  # records sent (tests)
-        self.thread = threading.Thread(target=self._run, name="kameo-log", daemon=True)
-        self.thread.start()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # Called with self.lock held (Handler.handle): the buffer's lock.
-        if self.dead or threading.current_thread() is self.thread:
-            return
-        try:
-            msg = _cut(record.getMessage())
-        except Exception as exc:  # bad format arguments: say so rather than lose the record
-            msg = f"{record.msg!r} % {record.args!r} could not be formatted: {exc!r}"
-        exc_text = record.exc_text
-        if record.exc_info and not exc_text:
-            exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
-        exc_text = None if not exc_text else _cut(exc_text)
-        stack = None if not record.stack_info else _cut(record.stack_info)
-        chars = len(msg) + len(exc_text or "") + len(stack or "")
-        if len(self.queued) >= MAX_QUEUED or self.chars + chars > MAX_QUEUED_CHARS:
-            self.dropped += 1
-            return
-        self.queued.append(
-            (
-                record.name,
-                record.levelno,
-                msg,
-                exc_text,
-                stack,
-                record.created,
-                record.pathname,
-                record.lineno,
-                record.funcName or "",
-                record.threadName or "",
-            )
-        )
-        self.chars += chars
-        if not self.wake.is_set():
-            self.wake.set()
-
-    def _take(self) -> tuple[list[Record], int]:
-        with self.lock:  # type: ignore[union-attr]
-            batch, self.queued = self.queued, []
-            dropped, self.dropped = self.dropped, 0
-            self.chars = 0
-        return batch, dropped
-
-    def _run(self) -> None:
-        while not self.closing:
-            self.wake.wait()
-            if self.closing:
-                return
-            time.sleep(LINGER)  # let a burst collect into one frame
-            self.wake.clear()
-            batch, dropped = self._take()
-            try:
-                self._send(batch, dropped, None)
-            except Exception:
-                self.dead = True  # the parent is gone
-                return
-
-    def _send(self, batch: list[Record], dropped: int, deadline: float | None) -> None:
-        """Send ``batch`` (split to fit the frame limit) and the count of dropped records, and
-        write them out (until ``deadline``, if given)."""
-        if not batch and not dropped:
-            return
-        pending = [batch]
-        while pending:
-            part = pending.pop()
-            if self.chan.log((dropped, part)):
-                self.sent += len(part)
-                dropped = 0
-            elif len(part) > 1:
-                half = len(part) // 2
-                pending += [part[half:], part[:half]]  # the first half goes first
-            else:
-                dropped += len(part)  # one record over the frame limit
-        if dropped:
-            self.chan.log((dropped, []))
-        while not self.chan.flush():  # a non-blocking socket (async worker) that is full
-            if deadline is not None and time.monotonic() > deadline:
-                return
-            time.sleep(POLL)
-
-    def drain(self, deadline: float | None = None) -> None:
-        """Send what is buffered now, from the calling thread."""
-        if self.dead:
-            return
-        batch, dropped = self._take()
-        with contextlib.suppress(Exception):
-            self._send(batch, dropped, deadline)
-
-    def close(self) -> None:
-        """Stop the thread and send what is left, within ``CLOSE_WAIT``."""
-        if self.closing:
-            return
-        self.closing = True
-        self.wake.set()
-        deadline = time.monotonic() + CLOSE_WAIT
-        self.thread.join(CLOSE_WAIT)
-        with contextlib.suppress(Exception):
-            self.chan.set_blocking(False)  # bounded writes from here on
-        self.drain(deadline)
-        super().close()
-
-    def _forked(self) -> None:
-        """In a child forked by the handler: it must not write to the pool's socket."""
-        self.dead = True
-        logging.getLogger().removeHandler(self)
-
-
 _forwarder: Forwarder | None = None
 
 
-def install(chan: Any, config: dict[str, Any]) -> Forwarder:
+def install(chan: Any, config: dict[str, Any]) -> None:
     """Worker: forward ``logging`` records to the parent through ``chan``, with the parent's
-    levels from WELCOME's ``log_levels``."""
+    levels from WELCOME's ``log_levels``: now if ``logging`` is imported, else as soon as it is
+    (the import of ``logging`` and of its handler costs a worker that never logs ~5 ms)."""
+    levels = dict(config.get("log_levels") or {})
+    if "logging" in sys.modules:
+        _install(chan, levels)
+    else:
+        sys.meta_path.insert(0, _AfterImport("logging", lambda: _install(chan, levels)))
+
+
+def _install(chan: Any, levels: dict[str, Any]) -> None:
     global _forwarder
+    import logging
+
+    from kameo._log_forwarder import Forwarder
+
     root = logging.getLogger()
-    for name, level in (config.get("log_levels") or {}).items():
+    for name, level in levels.items():
         with contextlib.suppress(TypeError, ValueError):
             (logging.getLogger(name) if name else root).setLevel(int(level))
     forwarder = _forwarder = Forwarder(chan)
     root.addHandler(forwarder)
     os.register_at_fork(after_in_child=forwarder._forked)
-    return forwarder
+
+
+class _AfterImport:
+    """A meta path finder that runs ``then()`` once module ``name`` is imported (by whatever
+    imports it first, before that import returns), and then leaves ``sys.meta_path``."""
+
+    def __init__(self, name: str, then: Callable[[], None]) -> None:
+        self.name = name
+        self.then = then
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
+        if name != self.name:
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec: ModuleSpec | None = None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                break
+        else:
+            return None
+        loader: Any = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec  # type: ignore[no-any-return]
+        then = self.then
+
+        class Loader:
+            """The module's own loader, and ``then()`` after it ran the module."""
+
+            def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+                made: ModuleType | None = loader.create_module(spec)
+                return made
+
+            def exec_module(self, module: ModuleType) -> None:
+                loader.exec_module(module)
+                module.__loader__ = loader
+                if module.__spec__ is not None:
+                    module.__spec__.loader = loader
+                then()
+
+        spec.loader = Loader()
+        return spec  # type: ignore[no-any-return]
 
 
 def drain() -> None:
