@@ -136,7 +136,7 @@ class Supervisor:
         within ``startup_timeout`` otherwise), then supervise them."""
         if self.options.start == "zygote":
             await self._start_zygote()
-        workers = [self._spawn(slot) for slot in self.slots]
+        workers = self._spawn_all(self.slots)
         await self._await_ready(workers)
         self.phase = "running"
         self._background_task(self._supervise())
@@ -190,18 +190,34 @@ class Supervisor:
                 return
 
     def _spawn(self, slot: Slot) -> WorkerProcess:
+        (w,) = self._spawn_all([slot])
+        return w
+
+    def _spawn_all(self, slots: list[Slot]) -> list[WorkerProcess]:
+        """A worker started in each slot: forked by the zygote (all requests sent at once),
+        else exec'd."""
         opts = self.options
-        worker_id = self._next_worker_id
-        self._next_worker_id += 1
+        ids = list(range(self._next_worker_id, self._next_worker_id + len(slots)))
+        self._next_worker_id += len(slots)
         zygote = self.zygote
-        if zygote is not None and zygote.ready:
-            try:
-                forked, progress_fd = zygote.fork(worker_id, slot.index, opts.secret)
-            except ZygoteError as exc:
-                log.warning("pool %s: %s; exec'ing worker %d instead", opts.name, exc, worker_id)
-            else:
-                self._add(slot, forked, progress_fd)
-                return forked
+        if zygote is None or not zygote.ready:
+            return [self._exec(slot, wid) for slot, wid in zip(slots, ids, strict=True)]
+        outcomes = zygote.fork_many(
+            [(wid, slot.index) for slot, wid in zip(slots, ids, strict=True)], opts.secret
+        )
+        workers: list[WorkerProcess] = []
+        for slot, wid, outcome in zip(slots, ids, outcomes, strict=True):
+            if isinstance(outcome, ZygoteError):
+                log.warning("pool %s: %s; exec'ing worker %d instead", opts.name, outcome, wid)
+                workers.append(self._exec(slot, wid))
+                continue
+            forked, progress_fd = outcome
+            self._add(slot, forked, progress_fd)
+            workers.append(forked)
+        return workers
+
+    def _exec(self, slot: Slot, worker_id: int) -> WorkerProcess:
+        opts = self.options
         env = self._worker_env()
         env["KAMEO_WORKER_ID"] = str(worker_id)
         env["KAMEO_PARENT_PID"] = str(os.getpid())

@@ -27,17 +27,24 @@ its children and exits.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import importlib
-import json
 import os
 import select
-import signal
-import socket
 import sys
 import time
-import traceback
-from typing import Any
+from array import array
+
+from kameo import _native
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+# The zygote imports neither json, socket, signal nor traceback (with what they pull in, ~8 ms
+# before it is ready): messages are kameo's own encoding, descriptors go through _socket.
+SIGKILL = 9  # Linux's (this module is Linux-only: pidfds)
 
 #: Largest control message (a fork request: a few variables).
 MAX_MESSAGE = 1 << 16
@@ -45,12 +52,28 @@ MAX_MESSAGE = 1 << 16
 FORK_FDS = 4
 
 
-def send(ctl: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
-    data = json.dumps(msg).encode()
+def send(ctl: _socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = _native.encode(msg)
     if fds:
-        socket.send_fds(ctl, [data], fds)
+        ctl.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array("i", fds))])
     else:
         ctl.send(data)
+
+
+def receive(ctl: _socket.socket, size: int, max_fds: int) -> tuple[bytes, list[int]]:
+    """One message and the descriptors that came with it."""
+    fds = array("i")
+    data, ancillary, _, _ = ctl.recvmsg(size, _socket.CMSG_LEN(max_fds * fds.itemsize))
+    for level, kind, payload in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
+
+
+def env_list(name: str) -> list[str]:
+    """A list the pool put in the environment (``_zygote_client.env_value``)."""
+    value = os.environ.pop(name, "")
+    return list(_native.decode(bytes.fromhex(value))) if value else []
 
 
 def other_threads() -> list[str]:
@@ -106,11 +129,8 @@ class Child:
 
 
 def reseed() -> None:
-    """A fresh seed for the random generators a fork copies (``random`` reseeds itself at
-    fork; ``numpy.random``'s global generator does not)."""
-    import random
-
-    random.seed()
+    """A fresh seed for numpy's global generator, which a fork copies (``random`` reseeds
+    itself in a forked child, and is not imported here for it)."""
     nprandom = sys.modules.get("numpy.random")
     if nprandom is not None:
         with contextlib.suppress(Exception):  # an old or unusual numpy: leave it
@@ -131,12 +151,18 @@ def preload(modules: list[str]) -> dict[str, Any] | None:
             "module": current,
             "type": type(exc).__name__,
             "message": str(exc),
-            "traceback": traceback.format_exc(),
+            "traceback": _traceback(exc),
         }
     threads = other_threads()
     if threads:
         return {"why": "threads", "module": current, "threads": threads}
     return None
+
+
+def _traceback(exc: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(exc))
 
 
 def main() -> int | Child:
@@ -145,23 +171,20 @@ def main() -> int | Child:
     os.close(int(env.pop("KAMEO_PROGRESS_FD")))
     env.pop("KAMEO_SECRET_FD", None)
     parent = int(env.pop("KAMEO_PARENT_PID", "0"))
-    modules = json.loads(env.pop("KAMEO_PRELOAD", "[]"))
-    for path in reversed(json.loads(env.pop("KAMEO_SYS_PATH", "[]"))):
+    modules = env_list("KAMEO_PRELOAD")
+    for path in reversed(env_list("KAMEO_SYS_PATH")):
         if path not in sys.path:
             sys.path.insert(0, path)  # as the worker does with WELCOME's, before the imports
     pool = sys.argv[1] if len(sys.argv) >= 2 else "kameo"
-    from kameo import _native
-
     if parent and not _native.die_with_parent(parent):
         return 1
-    boot = socket.socket(fileno=boot_fd)
-    boot.setblocking(True)
+    boot = _socket.socket(fileno=boot_fd)
     boot.settimeout(30)
-    _, fds, _, _ = socket.recv_fds(boot, 16, 1)
+    _, fds = receive(boot, 16, 1)
     boot.close()
     if len(fds) != 1:
         return 2
-    ctl = socket.socket(fileno=fds[0])
+    ctl = _socket.socket(fileno=fds[0])
     ctl.setblocking(True)
     started = time.monotonic()
     refused = preload(modules)
@@ -175,7 +198,7 @@ def main() -> int | Child:
     return serve(ctl)
 
 
-def serve(ctl: socket.socket) -> int | Child:
+def serve(ctl: _socket.socket) -> int | Child:
     """Fork on request, reap and report; until the control socket closes."""
     children: dict[int, int] = {}  # pidfd -> pid
     poller = select.poll()
@@ -186,19 +209,19 @@ def serve(ctl: socket.socket) -> int | Child:
                 reap(ctl, poller, children, fd)
                 continue
             try:
-                data, fds, _, _ = socket.recv_fds(ctl, MAX_MESSAGE, FORK_FDS)
+                data, fds = receive(ctl, MAX_MESSAGE, FORK_FDS)
             except OSError:
                 data, fds = b"", []
             if not data:
                 stop(children)
                 return 0
-            child = fork(ctl, poller, children, json.loads(data), fds)
+            child = fork(ctl, poller, children, _native.decode(data), fds)
             if child is not None:
                 return child
 
 
 def fork(
-    ctl: socket.socket,
+    ctl: _socket.socket,
     poller: select.poll,
     children: dict[int, int],
     req: dict[str, Any],
@@ -243,13 +266,13 @@ def fork(
     return None
 
 
-def reap(ctl: socket.socket, poller: select.poll, children: dict[int, int], pidfd: int) -> None:
+def reap(ctl: _socket.socket, poller: select.poll, children: dict[int, int], pidfd: int) -> None:
     """A child exited: kill what is left in its process group (while its pid cannot be
     reused), collect its status and tell the pool."""
     pid = children.pop(pidfd)
     poller.unregister(pidfd)
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pid, SIGKILL)
     try:
         _, status = os.waitpid(pid, 0)
     except ChildProcessError:
@@ -264,7 +287,7 @@ def stop(children: dict[int, int]) -> None:
     for pid in children.values():
         for kill in (os.killpg, os.kill):
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                kill(pid, signal.SIGKILL)
+                kill(pid, SIGKILL)
     for pidfd, pid in children.items():
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)

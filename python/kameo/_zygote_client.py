@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import select
@@ -45,6 +44,11 @@ BLAS_THREAD_VARS = (
     "VECLIB_MAXIMUM_THREADS",
     "NUMEXPR_NUM_THREADS",
 )
+
+
+def env_value(items: list[str]) -> str:
+    """A list of strings as an environment variable (``_zygote.env_list`` reads it)."""
+    return _native.encode(items).hex()
 
 
 class ZygoteError(Exception):
@@ -94,8 +98,8 @@ class Zygote:
         (its workers are then exec'd). WorkerStartupError if the preload takes longer than
         ``timeout``."""
         env = dict(self.env)
-        env["KAMEO_PRELOAD"] = json.dumps(self.preload)
-        env["KAMEO_SYS_PATH"] = json.dumps(self.sys_path)
+        env["KAMEO_PRELOAD"] = env_value(self.preload)
+        env["KAMEO_SYS_PATH"] = env_value(self.sys_path)
         env["KAMEO_PARENT_PID"] = str(os.getpid())
         argv = [*self.python, "-m", "kameo._zygote", self.pool]
         try:
@@ -156,60 +160,98 @@ class Zygote:
         data = self.ctl.recv(MAX_MESSAGE)
         if not data:
             raise ZygoteError(f"it closed its socket during its preload{self._tail()}")
-        return json.loads(data)  # type: ignore[no-any-return]
+        return _native.decode(data)  # type: ignore[no-any-return]
 
     # ----------------------------------------------------------------- fork
 
     def fork(self, worker_id: int, slot: int, secret: bytes) -> tuple[ForkedProcess, int]:
         """Fork a worker (blocks for the fork only, at most FORK_TIMEOUT): it, and its
         progress page for the core."""
-        if not self.ready or self.ctl is None:
-            raise ZygoteError(f"the {self.describe()} is not running")
-        parent_sock, stderr_read, progress, child_sock, stderr_write, secret_fd = (
-            _native.worker_fds(secret)
-        )
-        ours = [parent_sock, stderr_read, progress]
-        try:
-            request = {"worker_id": worker_id, "pool": self.pool}
-            try:
-                socket.send_fds(
-                    self.ctl,
-                    [json.dumps(request).encode()],
-                    [child_sock, stderr_write, progress, secret_fd],
-                )
-            except OSError as exc:
-                raise ZygoteError(f"cannot reach the {self.describe()}: {exc}") from None
-            finally:
-                for fd in (child_sock, stderr_write, secret_fd):
-                    os.close(fd)
-            msg, fds = self._await_forked(worker_id)
-        except BaseException:
-            for fd in ours:
-                os.close(fd)
-            raise
-        if "fork_failed" in msg:
-            for fd in ours + fds:
-                os.close(fd)
-            raise ZygoteError(f"the {self.describe()} could not fork: {msg.get('message')}")
-        pid = int(msg["pid"])
-        w = ForkedProcess(
-            self.loop, worker_id, slot, pid, parent_sock, stderr_read, self.pool, fds[0]
-        )
-        self.workers[pid] = w
-        return w, progress
+        (outcome,) = self.fork_many([(worker_id, slot)], secret)
+        if isinstance(outcome, ZygoteError):
+            raise outcome
+        return outcome
 
-    def _await_forked(self, worker_id: int) -> tuple[dict[str, Any], list[int]]:
-        """The zygote's answer to our fork request (exit reports that come first are
-        handled on the way)."""
+    def fork_many(
+        self, workers: list[tuple[int, int]], secret: bytes
+    ) -> list[tuple[ForkedProcess, int] | ZygoteError]:
+        """Fork a worker for each (worker id, slot): every request is sent before the first
+        answer is awaited (the zygote forks the next while the pool takes in the last), then
+        the answers are collected, all within FORK_TIMEOUT. Each worker with its progress
+        page, or why it was not forked."""
+        if not self.ready or self.ctl is None:
+            return [ZygoteError(f"the {self.describe()} is not running") for _ in workers]
+        ours: dict[int, list[int]] = {}  # worker id -> parent_sock, stderr_read, progress
+        outcomes: dict[int, tuple[ForkedProcess, int] | ZygoteError] = {}
+        try:
+            for worker_id, _ in workers:
+                parent_sock, stderr_read, progress, child_sock, stderr_write, secret_fd = (
+                    _native.worker_fds(secret)
+                )
+                ours[worker_id] = [parent_sock, stderr_read, progress]
+                request = {"worker_id": worker_id, "pool": self.pool}
+                try:
+                    socket.send_fds(
+                        self.ctl,
+                        [_native.encode(request)],
+                        [child_sock, stderr_write, progress, secret_fd],
+                    )
+                except OSError as exc:
+                    outcomes[worker_id] = ZygoteError(f"cannot reach the {self.describe()}: {exc}")
+                    break
+                finally:
+                    for fd in (child_sock, stderr_write, secret_fd):
+                        os.close(fd)
+            answers, missing = self._await_forked({wid for wid in ours if wid not in outcomes})
+        except BaseException:
+            for fds in ours.values():
+                for fd in fds:
+                    os.close(fd)
+            raise
+        for worker_id, slot in workers:
+            mine = ours.get(worker_id)
+            if mine is None:  # not sent: the socket broke before its turn
+                outcomes[worker_id] = ZygoteError(f"the {self.describe()} is gone")
+                continue
+            answer = answers.get(worker_id)
+            if answer is None or "fork_failed" in answer[0]:
+                for fd in mine + (answer[1] if answer else []):
+                    os.close(fd)
+                if worker_id in outcomes:
+                    continue
+                outcomes[worker_id] = ZygoteError(
+                    f"the {self.describe()} could not fork: {answer[0].get('message')}"
+                    if answer
+                    else missing
+                )
+                continue
+            msg, fds = answer
+            parent_sock, stderr_read, progress = mine
+            pid = int(msg["pid"])
+            w = ForkedProcess(
+                self.loop, worker_id, slot, pid, parent_sock, stderr_read, self.pool, fds[0]
+            )
+            self.workers[pid] = w
+            outcomes[worker_id] = (w, progress)
+        return [outcomes[worker_id] for worker_id, _ in workers]
+
+    def _await_forked(
+        self, ids: set[int]
+    ) -> tuple[dict[int, tuple[dict[str, Any], list[int]]], str]:
+        """The zygote's answers to our fork requests for workers ``ids`` (exit reports that
+        come first are handled on the way), and why any are missing."""
         assert self.ctl is not None
+        answers: dict[int, tuple[dict[str, Any], list[int]]] = {}
+        missing = "no answer"
         deadline = time.monotonic() + FORK_TIMEOUT
         poller = select.poll()
         poller.register(self.ctl.fileno(), select.POLLIN)
-        while True:
+        while len(answers) < len(ids):
             left = deadline - time.monotonic()
             if left <= 0 or not poller.poll(left * 1000):
                 self._broken(f"did not fork within {FORK_TIMEOUT}s")
-                raise ZygoteError(f"the {self.describe()} did not fork within {FORK_TIMEOUT}s")
+                missing = f"the {self.describe()} did not fork within {FORK_TIMEOUT}s"
+                break
             try:
                 data, fds, _, _ = socket.recv_fds(self.ctl, MAX_MESSAGE, 1)
             except BlockingIOError:
@@ -219,18 +261,22 @@ class Zygote:
                 log.debug("zygote control socket: %s", exc)
             if not data:
                 self._closed()
-                raise ZygoteError(f"the {self.describe()} is gone")
-            msg = json.loads(data)
-            if msg.get("forked") == worker_id or msg.get("fork_failed") == worker_id:
+                missing = f"the {self.describe()} is gone"
+                break
+            msg = _native.decode(data)
+            worker_id = msg.get("forked", msg.get("fork_failed"))
+            if worker_id in ids:
                 if "forked" in msg and len(fds) != 1:
                     for fd in fds:
                         os.close(fd)
                     msg = {"fork_failed": worker_id, "message": "no pidfd came"}
                     fds = []
-                return msg, fds
+                answers[worker_id] = (msg, fds)
+                continue
             for fd in fds:
                 os.close(fd)
             self._handle(msg)
+        return answers, missing
 
     # ----------------------------------------------------------------- messages
 
@@ -250,7 +296,7 @@ class Zygote:
             if not data:
                 self._closed()
                 return
-            self._handle(json.loads(data))
+            self._handle(_native.decode(data))
 
     def _handle(self, msg: dict[str, Any]) -> None:
         if "exited" in msg:
