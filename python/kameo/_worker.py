@@ -247,12 +247,12 @@ def start_heartbeat_thread(chan: Any, interval: float) -> None:
     threading.Thread(target=beat, name="kameo-heartbeat", daemon=True).start()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _is_awaitable(value: object) -> bool:
     """``inspect.isawaitable`` (inspect imported only for an init hook that returned a value)."""
     import inspect
 
     return inspect.isawaitable(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
