@@ -122,6 +122,9 @@ class WorkerProcess:
         self.ready: asyncio.Future[Any] = loop.create_future()
         self.exited: asyncio.Future[int] = loop.create_future()
         self.lost = False
+        #: Its loss was counted against its slot's crash loop, and its replacement started,
+        #: when it was lost (Supervisor._replace_at_once).
+        self.replaced = False
         self.retiring = False
         self.hung = False
         self.stopping = False  # the pool is stopping it (close): what it had fails as PoolClosed

@@ -24,7 +24,7 @@ from typing import Any
 
 from kameo import _native
 from kameo._process import ForkedProcess, WorkerProcess, exit_text
-from kameo._zygote_client import Zygote, ZygoteError
+from kameo._zygote_client import FORK_TIMEOUT, Zygote, ZygoteError
 from kameo.errors import PoolClosed, WorkerCrashed, WorkerStartupError
 from kameo.events import Emitter, WorkerExited, WorkerStarted
 
@@ -87,6 +87,11 @@ class Slot:
         self.last_pid = 0
         self.failures = 0  # consecutive replacements that failed to start
         self.respawning = False
+        #: Losses of its workers not yet accounted (Supervisor._finish_loss), and the READY
+        #: of a replacement started meanwhile, held until they are: a replacement is never
+        #: ready before its predecessor's exit is reported.
+        self.losing = 0
+        self.held_ready: list[tuple[WorkerProcess, Any]] = []
 
 
 class Supervisor:
@@ -136,7 +141,7 @@ class Supervisor:
         within ``startup_timeout`` otherwise), then supervise them."""
         if self.options.start == "zygote":
             await self._start_zygote()
-        workers = self._spawn_all(self.slots)
+        workers = await self._spawn_all(self.slots)
         await self._await_ready(workers)
         self.phase = "running"
         self._background_task(self._supervise())
@@ -190,31 +195,47 @@ class Supervisor:
                 return
 
     def _spawn(self, slot: Slot) -> WorkerProcess:
-        (w,) = self._spawn_all([slot])
-        return w
+        """A worker started in ``slot`` now: forked by the zygote (waiting for its answer
+        here, bounded), else exec'd."""
+        worker_id = self._next_worker_id
+        self._next_worker_id += 1
+        zygote = self.zygote
+        if zygote is not None and zygote.ready:
+            try:
+                forked, progress_fd = zygote.fork(worker_id, slot.index, self.options.secret)
+            except ZygoteError as exc:
+                self._fork_failed(exc, worker_id)
+            else:
+                self._add(slot, forked, progress_fd)
+                return forked
+        return self._exec(slot, worker_id)
 
-    def _spawn_all(self, slots: list[Slot]) -> list[WorkerProcess]:
-        """A worker started in each slot: forked by the zygote (all requests sent at once),
-        else exec'd."""
-        opts = self.options
-        ids = list(range(self._next_worker_id, self._next_worker_id + len(slots)))
-        self._next_worker_id += len(slots)
+    async def _spawn_all(self, slots: list[Slot]) -> list[WorkerProcess]:
+        """A worker started in each slot. With a zygote, every fork request goes at once,
+        and each worker is taken in as its answer comes (its handshake can run while the
+        zygote forks the next); a worker it does not fork is exec'd."""
         zygote = self.zygote
         if zygote is None or not zygote.ready:
-            return [self._exec(slot, wid) for slot, wid in zip(slots, ids, strict=True)]
-        outcomes = zygote.fork_many(
-            [(wid, slot.index) for slot, wid in zip(slots, ids, strict=True)], opts.secret
-        )
+            return [self._spawn(slot) for slot in slots]
+        ids = list(range(self._next_worker_id, self._next_worker_id + len(slots)))
+        self._next_worker_id += len(slots)
+        pairs = list(zip(slots, ids, strict=True))
+        forks = zygote.forks([(wid, slot.index) for slot, wid in pairs], self.options.secret)
+        deadline = self.loop.time() + FORK_TIMEOUT
         workers: list[WorkerProcess] = []
-        for slot, wid, outcome in zip(slots, ids, outcomes, strict=True):
-            if isinstance(outcome, ZygoteError):
-                log.warning("pool %s: %s; exec'ing worker %d instead", opts.name, outcome, wid)
+        for (slot, wid), forking in zip(pairs, forks, strict=True):
+            try:
+                forked, progress_fd = await zygote.wait_forked(forking, deadline)
+            except ZygoteError as exc:
+                self._fork_failed(exc, wid)
                 workers.append(self._exec(slot, wid))
-                continue
-            forked, progress_fd = outcome
-            self._add(slot, forked, progress_fd)
-            workers.append(forked)
+            else:
+                self._add(slot, forked, progress_fd)
+                workers.append(forked)
         return workers
+
+    def _fork_failed(self, exc: ZygoteError, worker_id: int) -> None:
+        log.warning("pool %s: %s; exec'ing worker %d instead", self.options.name, exc, worker_id)
 
     def _exec(self, slot: Slot, worker_id: int) -> WorkerProcess:
         opts = self.options
@@ -268,6 +289,10 @@ class Supervisor:
 
     def ready(self, w: WorkerProcess, payload: Any) -> None:
         """READY: the worker loaded its target; queued requests may go to it."""
+        slot = self.slots[w.slot]
+        if slot.losing and not w.lost:
+            slot.held_ready.append((w, payload))  # until its predecessor's loss is accounted
+            return
         if not w.ready.done():
             w.ready.set_result(payload)
             if self.events.active:
@@ -397,9 +422,39 @@ class Supervisor:
         w.killed = w.killed or killed
         w.exit_reason = _exit_reason(w)
         self.loop.remove_reader(w.sock_fd)
+        self.slots[w.slot].losing += 1
+        self._replace_at_once(w)
         self._background_task(self._finish_loss(w, reason))
 
+    def _replace_at_once(self, w: WorkerProcess) -> None:
+        """A ready worker lost while the pool runs: its replacement starts now, not once its
+        exit status is in (a forked worker's comes from its zygote), unless its slot is in a
+        crash loop (then _finish_loss starts it after the back-off, as for any other)."""
+        slot = self.slots[w.slot]
+        ready = w.ready.done() and w.ready.exception() is None
+        if self.phase != "running" or w.retiring or slot.respawning or not ready:
+            return
+        completed = next((row[4] for row in self.core.worker_stats() if row[0] == w.id), 0)
+        if not completed:
+            slot.crashes.append(time.monotonic())
+            if self._backoff_delay(slot):
+                slot.crashes.pop()  # counted, with the back-off, in _finish_loss
+                return
+        w.replaced = True
+        self._schedule_replace(slot, 0.0)
+
     async def _finish_loss(self, w: WorkerProcess, reason: str) -> None:
+        slot = self.slots[w.slot]
+        try:
+            await self._account_loss(w, reason)
+        finally:
+            slot.losing -= 1
+            if not slot.losing:
+                held, slot.held_ready = slot.held_ready, []
+                for successor, payload in held:
+                    self.ready(successor, payload)
+
+    async def _account_loss(self, w: WorkerProcess, reason: str) -> None:
         opts = self.options
         if not await w.wait_exit(LOSS_EXIT_WAIT if self.phase != "closing" else EXIT_WAIT):
             w.kill(signal.SIGKILL)
@@ -455,13 +510,13 @@ class Supervisor:
             self.crashes += 1
             slot.restarts += 1
             slot.last_exit = what
-            if not completed:
+            if not completed and not w.replaced:
                 # A worker that dies before finishing a single request is what a crash loop
                 # looks like (a broken handler or environment); one killed after doing work
                 # (OOM, an operator, chaos) is replaced at once.
                 slot.crashes.append(time.monotonic())
             log.warning("%s %s; starting a replacement", w.describe(), what)
-        if running and not slot.respawning:
+        if running and not slot.respawning and not w.replaced:
             self._schedule_replace(slot, self._backoff(slot))
         if not any(not x.lost for x in self.workers.values()) and not self._respawn_pending():
             core.fail_queued(exc)
@@ -471,7 +526,8 @@ class Supervisor:
 
     # ----------------------------------------------------------------- replacement
 
-    def _backoff(self, slot: Slot) -> float:
+    def _backoff_delay(self, slot: Slot) -> float:
+        """How long the slot's next start waits (0 outside a crash loop)."""
         now = time.monotonic()
         recent = sum(1 for t in slot.crashes if now - t < CRASH_WINDOW)
         delay = 0.0
@@ -479,7 +535,13 @@ class Supervisor:
             delay = min(0.1 * 2 ** (recent - CRASH_FREE_RESTARTS), MAX_BACKOFF)
         if slot.failures:
             delay = max(delay, min(0.1 * 2**slot.failures, MAX_BACKOFF))
+        return delay
+
+    def _backoff(self, slot: Slot) -> float:
+        delay = self._backoff_delay(slot)
         if delay:
+            now = time.monotonic()
+            recent = sum(1 for t in slot.crashes if now - t < CRASH_WINDOW)
             slot.last_exit = (
                 f"{slot.last_exit or 'crashed'}; crash loop: next start in {delay:.1f}s"
             )

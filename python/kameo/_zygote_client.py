@@ -46,6 +46,30 @@ BLAS_THREAD_VARS = (
 )
 
 
+#: A fork request's outcome: the worker and its progress page (or a ZygoteError).
+Forking = asyncio.Future[tuple[ForkedProcess, int]]
+
+
+class _Pending:
+    """A fork request sent: the pool's ends of the worker's descriptors, until it is
+    answered."""
+
+    __slots__ = ("forking", "progress", "slot", "sock", "stderr")
+
+    def __init__(self, slot: int, sock: int, stderr: int, progress: int, forking: Forking) -> None:
+        self.slot = slot
+        self.sock = sock
+        self.stderr = stderr
+        self.progress = progress
+        self.forking = forking
+
+    def fail(self, exc: ZygoteError) -> None:
+        for fd in (self.sock, self.stderr, self.progress):
+            os.close(fd)
+        if not self.forking.done():
+            self.forking.set_exception(exc)
+
+
 def env_value(items: list[str]) -> str:
     """A list of strings as an environment variable (``_zygote.env_list`` reads it)."""
     return _native.encode(items).hex()
@@ -86,6 +110,7 @@ class Zygote:
         self.pidfd: int | None = None
         self.ready = False
         self.workers: dict[int, ForkedProcess] = {}  # pid -> worker
+        self._pending: dict[int, _Pending] = {}  # worker id -> its fork request
         self.died: asyncio.Future[str] = loop.create_future()
 
     def describe(self) -> str:
@@ -167,136 +192,122 @@ class Zygote:
     def fork(self, worker_id: int, slot: int, secret: bytes) -> tuple[ForkedProcess, int]:
         """Fork a worker (blocks for the fork only, at most FORK_TIMEOUT): it, and its
         progress page for the core."""
-        (outcome,) = self.fork_many([(worker_id, slot)], secret)
-        if isinstance(outcome, ZygoteError):
-            raise outcome
-        return outcome
+        (forking,) = self.forks([(worker_id, slot)], secret)
+        self._wait_sync(forking)
+        return forking.result()
 
-    def fork_many(
-        self, workers: list[tuple[int, int]], secret: bytes
-    ) -> list[tuple[ForkedProcess, int] | ZygoteError]:
-        """Fork a worker for each (worker id, slot): every request is sent before the first
-        answer is awaited (the zygote forks the next while the pool takes in the last), then
-        the answers are collected, all within FORK_TIMEOUT. Each worker with its progress
-        page, or why it was not forked."""
-        if not self.ready or self.ctl is None:
-            return [ZygoteError(f"the {self.describe()} is not running") for _ in workers]
-        ours: dict[int, list[int]] = {}  # worker id -> parent_sock, stderr_read, progress
-        outcomes: dict[int, tuple[ForkedProcess, int] | ZygoteError] = {}
-        try:
-            for worker_id, _ in workers:
-                parent_sock, stderr_read, progress, child_sock, stderr_write, secret_fd = (
-                    _native.worker_fds(secret)
-                )
-                ours[worker_id] = [parent_sock, stderr_read, progress]
-                request = {"worker_id": worker_id, "pool": self.pool}
-                try:
-                    socket.send_fds(
-                        self.ctl,
-                        [_native.encode(request)],
-                        [child_sock, stderr_write, progress, secret_fd],
-                    )
-                except OSError as exc:
-                    outcomes[worker_id] = ZygoteError(f"cannot reach the {self.describe()}: {exc}")
-                    break
-                finally:
-                    for fd in (child_sock, stderr_write, secret_fd):
-                        os.close(fd)
-            answers, missing = self._await_forked({wid for wid in ours if wid not in outcomes})
-        except BaseException:
-            for fds in ours.values():
-                for fd in fds:
-                    os.close(fd)
-            raise
+    def forks(self, workers: list[tuple[int, int]], secret: bytes) -> list[Forking]:
+        """Ask for a worker for each (worker id, slot), every request sent at once: the
+        zygote forks the next while the pool takes in the last. Each future is done when the
+        zygote answers, by the loop's reader (an await) or :meth:`fork`'s wait: the worker
+        and its progress page, or a ZygoteError saying why there is none."""
+        out = []
         for worker_id, slot in workers:
-            mine = ours.get(worker_id)
-            if mine is None:  # not sent: the socket broke before its turn
-                outcomes[worker_id] = ZygoteError(f"the {self.describe()} is gone")
+            forking: Forking = self.loop.create_future()
+            out.append(forking)
+            if not self.ready or self.ctl is None:
+                forking.set_exception(ZygoteError(f"the {self.describe()} is not running"))
                 continue
-            answer = answers.get(worker_id)
-            if answer is None or "fork_failed" in answer[0]:
-                for fd in mine + (answer[1] if answer else []):
-                    os.close(fd)
-                if worker_id in outcomes:
-                    continue
-                outcomes[worker_id] = ZygoteError(
-                    f"the {self.describe()} could not fork: {answer[0].get('message')}"
-                    if answer
-                    else missing
-                )
-                continue
-            msg, fds = answer
-            parent_sock, stderr_read, progress = mine
-            pid = int(msg["pid"])
-            w = ForkedProcess(
-                self.loop, worker_id, slot, pid, parent_sock, stderr_read, self.pool, fds[0]
+            parent_sock, stderr_read, progress, child_sock, stderr_write, secret_fd = (
+                _native.worker_fds(secret)
             )
-            self.workers[pid] = w
-            outcomes[worker_id] = (w, progress)
-        return [outcomes[worker_id] for worker_id, _ in workers]
+            request = {"worker_id": worker_id, "pool": self.pool}
+            try:
+                socket.send_fds(
+                    self.ctl,
+                    [_native.encode(request)],
+                    [child_sock, stderr_write, progress, secret_fd],
+                )
+            except OSError as exc:
+                for fd in (parent_sock, stderr_read, progress):
+                    os.close(fd)
+                forking.set_exception(ZygoteError(f"cannot reach the {self.describe()}: {exc}"))
+            else:
+                self._pending[worker_id] = _Pending(
+                    slot, parent_sock, stderr_read, progress, forking
+                )
+            finally:
+                for fd in (child_sock, stderr_write, secret_fd):
+                    os.close(fd)
+        return out
 
-    def _await_forked(
-        self, ids: set[int]
-    ) -> tuple[dict[int, tuple[dict[str, Any], list[int]]], str]:
-        """The zygote's answers to our fork requests for workers ``ids`` (exit reports that
-        come first are handled on the way), and why any are missing."""
-        assert self.ctl is not None
-        answers: dict[int, tuple[dict[str, Any], list[int]]] = {}
-        missing = "no answer"
+    async def wait_forked(self, forking: Forking, deadline: float) -> tuple[ForkedProcess, int]:
+        """The answer to one of :meth:`forks`' requests, by ``deadline`` (loop time); past
+        it the zygote counts as broken."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(forking), deadline - self.loop.time())
+        except TimeoutError:
+            self._broken(f"did not fork within {FORK_TIMEOUT}s")
+            return forking.result()  # _broken failed it
+
+    def _wait_sync(self, forking: Forking) -> None:
+        """Read the zygote's messages here, not from the loop, until ``forking`` is done
+        (other messages are handled on the way), at most FORK_TIMEOUT."""
         deadline = time.monotonic() + FORK_TIMEOUT
-        poller = select.poll()
-        poller.register(self.ctl.fileno(), select.POLLIN)
-        while len(answers) < len(ids):
+        while not forking.done():
+            ctl = self.ctl
+            assert ctl is not None  # while a request is pending; _broken fails them all
             left = deadline - time.monotonic()
+            poller = select.poll()
+            poller.register(ctl.fileno(), select.POLLIN)
             if left <= 0 or not poller.poll(left * 1000):
                 self._broken(f"did not fork within {FORK_TIMEOUT}s")
-                missing = f"the {self.describe()} did not fork within {FORK_TIMEOUT}s"
-                break
-            try:
-                data, fds, _, _ = socket.recv_fds(self.ctl, MAX_MESSAGE, 1)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                data, fds = b"", []
-                log.debug("zygote control socket: %s", exc)
-            if not data:
-                self._closed()
-                missing = f"the {self.describe()} is gone"
-                break
-            msg = _native.decode(data)
-            worker_id = msg.get("forked", msg.get("fork_failed"))
-            if worker_id in ids:
-                if "forked" in msg and len(fds) != 1:
-                    for fd in fds:
-                        os.close(fd)
-                    msg = {"fork_failed": worker_id, "message": "no pidfd came"}
-                    fds = []
-                answers[worker_id] = (msg, fds)
-                continue
-            for fd in fds:
-                os.close(fd)
-            self._handle(msg)
-        return answers, missing
+                return
+            self._read(ctl)
 
     # ----------------------------------------------------------------- messages
 
     def _on_messages(self) -> None:
-        ctl = self.ctl
-        if ctl is None:
-            return
-        while True:
+        if self.ctl is not None:
+            self._read(self.ctl)
+
+    def _read(self, ctl: socket.socket) -> None:
+        """Handle the messages waiting on the control socket."""
+        while self.ctl is ctl:
             try:
                 data, fds, _, _ = socket.recv_fds(ctl, MAX_MESSAGE, 1)
             except BlockingIOError:
                 return
-            except OSError:
+            except OSError as exc:
                 data, fds = b"", []
-            for fd in fds:  # only answers to fork requests carry one; those are read there
-                os.close(fd)
+                log.debug("zygote control socket: %s", exc)
             if not data:
+                for fd in fds:
+                    os.close(fd)
                 self._closed()
                 return
-            self._handle(_native.decode(data))
+            self._deliver(_native.decode(data), fds)
+
+    def _deliver(self, msg: dict[str, Any], fds: list[int]) -> None:
+        """A message from the zygote: the answer to a fork request (with the worker's pidfd),
+        or a report of a worker's exit."""
+        answer = msg.get("forked", msg.get("fork_failed"))
+        worker_id = answer if isinstance(answer, int) else -1
+        pending = self._pending.pop(worker_id, None)
+        if pending is None:
+            for fd in fds:  # only answers to fork requests carry one
+                os.close(fd)
+            self._handle(msg)
+            return
+        if "forked" in msg and len(fds) == 1:
+            pid = int(msg["pid"])
+            w = ForkedProcess(
+                self.loop,
+                worker_id,
+                pending.slot,
+                pid,
+                pending.sock,
+                pending.stderr,
+                self.pool,
+                fds[0],
+            )
+            self.workers[pid] = w
+            pending.forking.set_result((w, pending.progress))
+            return
+        for fd in fds:
+            os.close(fd)
+        why = msg.get("message") if "fork_failed" in msg else "no pidfd came"
+        pending.fail(ZygoteError(f"the {self.describe()} could not fork: {why}"))
 
     def _handle(self, msg: dict[str, Any]) -> None:
         if "exited" in msg:
@@ -360,6 +371,9 @@ class Zygote:
         for w in list(self.workers.values()):
             w.orphan(f"its {self.describe()} {why}")
         self.workers.clear()
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            p.fail(ZygoteError(f"the {self.describe()} {why}"))
 
     def kill(self) -> None:
         if self.pidfd is not None:
