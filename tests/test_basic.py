@@ -441,3 +441,44 @@ def test_pool_stats_and_ask_future_are_exported():
     assert kameo.PoolStats is kameo.pool.PoolStats
     assert issubclass(kameo.AskFuture, asyncio.Future)
     assert "PoolStats" in kameo.__all__ and "AskFuture" in kameo.__all__
+
+
+#: What a sync worker serving a plain function does not need, so does not import: the
+#: modules each cost a fresh worker (and the zygote) a few milliseconds before it is ready.
+NOT_IMPORTED_BY_A_SYNC_WORKER = {
+    "asyncio",
+    "collections",
+    "contextlib",
+    "dataclasses",
+    "functools",
+    "inspect",
+    "json",
+    "logging",
+    "pickle",
+    "socket",
+    "subprocess",
+    "threading",
+    "traceback",
+    "typing",
+}
+
+
+async def test_a_sync_worker_imports_only_what_it_needs():
+    """Beyond what the interpreter imports by itself (this venv's site included), a worker
+    serving a sync function imports none of NOT_IMPORTED_BY_A_SYNC_WORKER (in both start
+    modes: a zygote imports them no more than the workers it forks)."""
+    import subprocess
+    import sys
+
+    bare = subprocess.run(
+        [sys.executable, "-c", "import sys; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split()
+    async with kameo.Pool("handlers.logs_late:modules", size=1) as pool:
+        modules = set(await pool.ask(None, timeout=10))
+        assert await pool.ask(None, timeout=10)  # and it serves a second request alike
+    assert "kameo._worker" in modules
+    assert sorted((modules - set(bare)) & NOT_IMPORTED_BY_A_SYNC_WORKER) == []

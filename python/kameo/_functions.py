@@ -35,7 +35,6 @@ A target travels as it is in the "call" op (``kameo._calls``): a ``str`` or, pic
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.machinery
 import os
@@ -133,6 +132,8 @@ def load_pickled(data: bytes) -> Callable[..., Any]:
 
 def _by_name(fn: Any) -> tuple[str | None, str]:
     """(``"module:qualname"``, "") or (None, why not)."""
+    import functools  # the parent's (a worker imports kameo._functions without it)
+
     if isinstance(fn, functools.partial):
         return None, (
             "a functools.partial has no importable name; pass its arguments in the call "

@@ -13,12 +13,11 @@ Both the worker's async server (requests) and the parent's :class:`~kameo.callba
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import os
-import queue
-import threading
 import types
+
+from kameo._lean import suppress
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -103,8 +102,12 @@ class Threads:
         self.loop = loop
         self.max_threads = max(1, max_threads)
         self.name = name
+        import queue  # here: a sync worker runs no handler threads
+        import threading
+
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.lock = threading.Lock()
+        self.thread = threading.Thread
         self.started = 0
         self.idle = 0  # threads waiting for a job that no submitted job has claimed yet
 
@@ -125,7 +128,7 @@ class Threads:
             if self.started >= self.max_threads:
                 return  # the next thread to finish takes it
             self.started = n = self.started + 1
-        threading.Thread(target=self._work, name=f"{self.name}-{n}", daemon=True).start()
+        self.thread(target=self._work, name=f"{self.name}-{n}", daemon=True).start()
 
     def call(
         self, ctx: contextvars.Context, fn: Callable[[Any], Any], arg: Any
@@ -264,6 +267,8 @@ async def produce(
     runs) however this ends. The caller sends END or the error."""
     if kind == ASYNCGEN:
         agen = fn(data)
+        import contextlib  # the async server's loop has imported it
+
         async with contextlib.aclosing(agen):
             async for item in agen:
                 await flow.put(item)
@@ -280,5 +285,5 @@ async def produce(
     finally:
         # In a thread: its finally may block. If a step still runs (cancelled while waiting
         # for it), the generator cannot be closed now; it is closed when collected.
-        with contextlib.suppress(ValueError):
+        with suppress(ValueError):
             await threads.call(ctx, _close, gen)

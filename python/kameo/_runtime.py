@@ -8,24 +8,26 @@ feeds it frames; handlers reach it through ``kameo.<module>.<Type>(data)`` and
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import threading
-import weakref
-from collections import deque
+from _thread import get_ident
+from _weakref import ref as weakref_ref
 
-from kameo import _error_info, _functions, _native, _otel, _worker_log
+from kameo import _error_info, _functions, _native, _worker_log
 from kameo._calls import Calls, kind_of
 from kameo._context import current_request, traceparent
 from kameo._handler import NONE
+from kameo._lean import deque, suppress
 from kameo.errors import CallbackNotFound, HandlerTypeError, KameoError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
+    import weakref
     from collections.abc import Callable, Generator, Iterator
     from typing import Any, Protocol
+
+    from kameo import _otel
 
 __all__ = ["CallbackCall", "Runtime", "current", "current_request", "traceparent"]
 
@@ -182,6 +184,8 @@ class Runtime:
     def trace_requests(self) -> Any:
         """After the init hook: trace requests if OpenTelemetry is set up now; the channel
         the server answers on (one that marks a request's span failed on its error)."""
+        from kameo import _otel
+
         self.otel = _otel.for_worker(self.pool, self.worker_id, os.getpid())
         return self.chan if self.otel is None else _otel.traced_channel(self.chan, self.otel)
 
@@ -213,7 +217,7 @@ class Runtime:
         read (sync mode: ``recv`` writes everything queued before it waits)."""
         self._next_cid = cid = self._next_cid + 1
         self.chan.callback(cid, call.path, call.data, call.request_id, call.trace)
-        self.calls[cid] = weakref.ref(call, self._on_drop)
+        self.calls[cid] = weakref_ref(call, self._on_drop)
         call.data = None  # sent: do not keep it alive for as long as the call
         if flush:
             self.flush()
@@ -223,7 +227,7 @@ class Runtime:
         """A call was collected while still open (its handler left the loop): cancel it in the
         parent. (A finished call is no longer in ``calls``: its reference died with the entry,
         so this is not called for it.)"""
-        with contextlib.suppress(Exception):  # interpreter shutdown
+        with suppress(Exception):  # interpreter shutdown
             for cid, other in list(self.calls.items()):
                 if other is ref:
                     del self.calls[cid]
@@ -402,7 +406,7 @@ class CallbackCall:
     def __next__(self) -> Any:
         rt = self.rt
         if rt.loop is not None:
-            if threading.get_ident() == rt.loop_thread:
+            if get_ident() == rt.loop_thread:
                 raise KameoError(
                     f"callback {self.path}: use 'async for' inside an async handler, not 'for'"
                 )
@@ -511,7 +515,7 @@ class CallbackCall:
         """Stop the call: the parent handler is cancelled (its ``finally`` runs)."""
         if self.cid and not self.done:
             self._abandon()
-            with contextlib.suppress(OSError):
+            with suppress(OSError):
                 self.rt.flush()
         self.done = True
 

@@ -7,12 +7,11 @@ make no Python call per request beyond the handler's.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections import deque
 
 from kameo import _calls, _context, _error_info
 from kameo._handler import ASYNC, ASYNCGEN, SYNC
+from kameo._lean import deque, suppress
 from kameo._runtime import (
     CALL,
     END,
@@ -264,7 +263,7 @@ class SyncServer:
                     break
         except BaseException as exc:
             if gen is not None:
-                with contextlib.suppress(BaseException):
+                with suppress(BaseException):
                     gen.close()
             chan.error(rid, _error_info.from_exception(exc))
             return

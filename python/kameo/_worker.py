@@ -23,15 +23,13 @@ loop stops them), from a thread in sync mode (a long sync handler is not a hang)
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import sys
-import threading
 import time
 
 from kameo import _calls, _functions, _native, _worker_log
 from kameo._handler import GEN, NONE, SYNC, handler_kind
+from kameo._lean import start_thread, suppress
 from kameo._runtime import Runtime, install
 from kameo._serve_sync import SyncServer
 
@@ -94,7 +92,7 @@ def set_process_name(name: str) -> None:
         return
     except OSError:
         pass
-    with contextlib.suppress(Exception):  # no /proc: prctl(PR_SET_NAME) through libc
+    with suppress(Exception):  # no /proc: prctl(PR_SET_NAME) through libc
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
@@ -170,7 +168,7 @@ def serve() -> int:
             except BaseException as exc:
                 rt.startup_failed(exc, "decode the initargs of", rt.init)
                 return 3
-        init = functools.partial(init_fn, *initargs) if initargs else init_fn
+        init = (lambda: init_fn(*initargs)) if initargs else init_fn
     adapter_class = isinstance(handler, type)
     if handler is None:
         kind = NONE
@@ -244,7 +242,7 @@ def start_heartbeat_thread(chan: Any, interval: float) -> None:
             except Exception:
                 return
 
-    threading.Thread(target=beat, name="kameo-heartbeat", daemon=True).start()
+    start_thread(beat)
 
 
 def _is_awaitable(value: object) -> bool:

@@ -24,10 +24,11 @@ Records still buffered when the worker exits normally are sent first (within
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
+
+from kameo._lean import suppress
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -168,7 +169,7 @@ def _install(chan: Any, levels: dict[str, Any]) -> None:
 
     root = logging.getLogger()
     for name, level in levels.items():
-        with contextlib.suppress(TypeError, ValueError):
+        with suppress(TypeError, ValueError):
             (logging.getLogger(name) if name else root).setLevel(int(level))
     forwarder = _forwarder = Forwarder(chan)
     root.addHandler(forwarder)
@@ -186,7 +187,7 @@ class _AfterImport:
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
         if name != self.name:
             return None
-        with contextlib.suppress(ValueError):
+        with suppress(ValueError):
             sys.meta_path.remove(self)
         spec: ModuleSpec | None = None
         for finder in sys.meta_path:

@@ -11,10 +11,8 @@ docs/protocol.md), which is why it is registered with the codec at import.
 
 from __future__ import annotations
 
-import contextlib
-from collections import deque
-
 from kameo import _native
+from kameo._lean import deque, suppress
 from kameo.errors import RefError
 
 TYPE_CHECKING = False
@@ -65,7 +63,7 @@ class RefTable:
             self.flushing = True
             loop = self.loop
             if loop is not None:
-                with contextlib.suppress(RuntimeError):  # the loop is closed
+                with suppress(RuntimeError):  # the loop is closed
                     loop.call_soon_threadsafe(self.flush)
 
     def flush(self) -> None:
@@ -200,7 +198,7 @@ class Ref:
     def __del__(self) -> None:
         pool = getattr(self, "_pool", None)
         if pool is not None and not getattr(self, "_released", True):
-            with contextlib.suppress(Exception):
+            with suppress(Exception):
                 pool._refs.dropped(self._wid, self._num)
 
     def __reduce__(self) -> Any:

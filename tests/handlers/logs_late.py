@@ -1,11 +1,15 @@
-"""A handler module that imports ``logging`` only when asked to log (kameo defers its log
-forwarding until then)."""
+"""A handler module that imports nothing but ``sys``, and ``logging`` only when asked to log
+(kameo defers its log forwarding until then)."""
 
 import sys
 
 
 def imported(_msg=None):
     return sorted(m for m in ("logging", "traceback", "inspect", "typing") if m in sys.modules)
+
+
+def modules(_msg=None):
+    return sorted(sys.modules)
 
 
 def log_now(msg):
