@@ -28,23 +28,27 @@ its children and exits.
 from __future__ import annotations
 
 import _socket
-import contextlib
 import importlib
 import os
 import select
 import sys
 import time
-from array import array
 
 from kameo import _native
+from kameo._lean import suppress
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-# The zygote imports neither json, socket, signal nor traceback (with what they pull in, ~8 ms
-# before it is ready): messages are kameo's own encoding, descriptors go through _socket.
+# The zygote imports neither json, socket, signal, array nor traceback (with what they pull
+# in, ~8 ms before it is ready): messages are kameo's own encoding, descriptors go through
+# _socket.
 SIGKILL = 9  # Linux's (this module is Linux-only: pidfds)
+#: Seconds without a fork request after which the zygote forks its spare.
+SPARE_AFTER = 0.02
+#: Bytes of a C int, as SCM_RIGHTS carries descriptors (array would import collections).
+INT = 4
 
 #: Largest control message (a fork request: a few variables).
 MAX_MESSAGE = 1 << 16
@@ -55,19 +59,25 @@ FORK_FDS = 4
 def send(ctl: _socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
     data = _native.encode(msg)
     if fds:
-        ctl.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array("i", fds))])
+        send_raw(ctl, data, fds)
     else:
         ctl.send(data)
 
 
+def send_raw(sock: _socket.socket, data: bytes, fds: list[int]) -> None:
+    ints = b"".join(fd.to_bytes(INT, sys.byteorder, signed=True) for fd in fds)
+    sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, ints)])
+
+
 def receive(ctl: _socket.socket, size: int, max_fds: int) -> tuple[bytes, list[int]]:
     """One message and the descriptors that came with it."""
-    fds = array("i")
-    data, ancillary, _, _ = ctl.recvmsg(size, _socket.CMSG_LEN(max_fds * fds.itemsize))
+    data, ancillary, _, _ = ctl.recvmsg(size, _socket.CMSG_LEN(max_fds * INT))
+    fds = []
     for level, kind, payload in ancillary:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    return data, list(fds)
+            for i in range(0, len(payload) - INT + 1, INT):
+                fds.append(int.from_bytes(payload[i : i + INT], sys.byteorder, signed=True))
+    return data, fds
 
 
 def env_list(name: str) -> list[str]:
@@ -133,7 +143,7 @@ def reseed() -> None:
     itself in a forked child, and is not imported here for it)."""
     nprandom = sys.modules.get("numpy.random")
     if nprandom is not None:
-        with contextlib.suppress(Exception):  # an old or unusual numpy: leave it
+        with suppress(Exception):  # an old or unusual numpy: leave it
             nprandom.seed()
 
 
@@ -200,98 +210,189 @@ def main() -> int | Child:
 
 def serve(ctl: _socket.socket) -> int | Child:
     """Fork on request, reap and report; until the control socket closes."""
-    children: dict[int, int] = {}  # pidfd -> pid
-    poller = select.poll()
-    poller.register(ctl.fileno(), select.POLLIN)
-    while True:
-        for fd, _ in poller.poll():
-            if fd != ctl.fileno():
-                reap(ctl, poller, children, fd)
+    return Forker(ctl).serve()
+
+
+class Forker:
+    """The zygote's loop: forks on request and reaps. Between requests it keeps one *spare*
+    forked ahead (made once no request has come for :data:`SPARE_AFTER` seconds), waiting on
+    a socket of its own: a request it can take is handed to it (the fork and the child's
+    first page faults are paid before the crash that needs a replacement); else, or if it is
+    gone, the zygote forks."""
+
+    def __init__(self, ctl: _socket.socket) -> None:
+        self.ctl = ctl
+        self.children: dict[int, int] = {}  # pidfd -> pid
+        self.poller = select.poll()
+        self.poller.register(ctl.fileno(), select.POLLIN)
+        self.spare: Spare | None = None
+
+    def serve(self) -> int | Child:
+        ctl = self.ctl
+        while True:
+            events = self.poller.poll(None if self.spare is not None else SPARE_AFTER * 1000)
+            if not events:
+                as_spare = self.make_spare()
+                if as_spare is not None:  # this process is the spare, and its wait is over
+                    return as_spare
                 continue
+            for fd, _ in events:
+                if fd != ctl.fileno():
+                    self.reap(fd)
+                    continue
+                try:
+                    data, fds = receive(ctl, MAX_MESSAGE, FORK_FDS)
+                except OSError:
+                    data, fds = b"", []
+                if not data:
+                    self.stop()
+                    return 0
+                child = self.answer(_native.decode(data), data, fds)
+                if child is not None:
+                    return child
+
+    def answer(self, req: dict[str, Any], data: bytes, fds: list[int]) -> Child | None:
+        """A fork request: handed to the spare if there is one, else forked."""
+        wid = req.get("worker_id")
+        threads = other_threads()
+        if len(fds) != FORK_FDS or threads:
+            for fd in fds:
+                os.close(fd)
+            why = (
+                f"the zygote runs other threads ({', '.join(threads)}): kameo never forks a "
+                "threaded process"
+                if threads
+                else f"a fork request came with {len(fds)} descriptors, not {FORK_FDS}"
+            )
+            send(self.ctl, {"fork_failed": wid, "message": why})
+            return None
+        spare, self.spare = self.spare, None
+        if spare is not None:
             try:
-                data, fds = receive(ctl, MAX_MESSAGE, FORK_FDS)
+                send_raw(spare.sock, data, fds)
             except OSError:
-                data, fds = b"", []
-            if not data:
-                stop(children)
-                return 0
-            child = fork(ctl, poller, children, _native.decode(data), fds)
-            if child is not None:
-                return child
-
-
-def fork(
-    ctl: _socket.socket,
-    poller: select.poll,
-    children: dict[int, int],
-    req: dict[str, Any],
-    fds: list[int],
-) -> Child | None:
-    wid = req.get("worker_id")
-    threads = other_threads()
-    if len(fds) != FORK_FDS or threads:
+                pass  # it has just died (reaped when its pidfd says so): fork instead
+            else:
+                spare.sock.close()
+                for fd in fds:
+                    os.close(fd)
+                send(self.ctl, {"forked": wid, "pid": spare.pid}, [spare.pidfd])
+                return None
+            finally:
+                if spare.sock.fileno() >= 0:
+                    spare.sock.close()
+        try:
+            pid = self.fork()
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            send(self.ctl, {"fork_failed": wid, "message": f"fork failed: {exc}"})
+            return None
+        if pid == 0:
+            return Child(req, fds)
         for fd in fds:
             os.close(fd)
-        why = (
-            f"the zygote runs other threads ({', '.join(threads)}): kameo never forks a "
-            "threaded process"
-            if threads
-            else f"a fork request came with {len(fds)} descriptors, not {FORK_FDS}"
-        )
-        send(ctl, {"fork_failed": wid, "message": why})
+        send(self.ctl, {"forked": wid, "pid": pid}, [self.watch(pid)])
         return None
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()  # or the child writes what is buffered again
-    try:
+
+    def fork(self) -> int:
+        """``os.fork()``; in the child, none of the zygote's own descriptors (the control
+        socket, the pidfds of the other children, the spare's socket) stays open."""
+        for stream in (sys.stdout, sys.stderr):
+            with suppress(Exception):
+                stream.flush()  # or the child writes what is buffered again
         pid = os.fork()
-    except OSError as exc:
+        if pid == 0:
+            self.ctl.close()
+            for pidfd in self.children:
+                os.close(pidfd)
+            if self.spare is not None:
+                self.spare.sock.close()
+        return pid
+
+    def watch(self, pid: int) -> int:
+        pidfd = os.pidfd_open(pid)
+        self.children[pidfd] = pid
+        self.poller.register(pidfd, select.POLLIN)
+        return pidfd
+
+    def make_spare(self) -> Child | int | None:
+        """Fork the spare (not while another thread runs): None in the zygote. In the spare,
+        once its wait is over: the worker it is to be (a Child), or 0 (exit: the zygote went
+        first)."""
+        if other_threads():
+            return None
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+        try:
+            pid = self.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return None
+        if pid == 0:
+            ours.close()
+            return wait_as_spare(theirs)
+        theirs.close()
+        self.spare = Spare(pid, self.watch(pid), ours)
+        return None
+
+    def reap(self, pidfd: int) -> None:
+        """A child exited: kill what is left in its process group (while its pid cannot be
+        reused), collect its status and tell the pool (not for a spare: no worker yet)."""
+        pid = self.children.pop(pidfd)
+        self.poller.unregister(pidfd)
+        spare = self.spare
+        if spare is not None and spare.pid == pid:
+            self.spare = None
+            spare.sock.close()
+        else:
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, SIGKILL)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            status = -1
+        os.close(pidfd)
+        if spare is None or spare.pid != pid:
+            with suppress(OSError):
+                send(self.ctl, {"exited": pid, "status": status})
+
+    def stop(self) -> None:
+        """The pool has gone: kill and reap every child."""
+        for pid in self.children.values():
+            for kill in (os.killpg, os.kill):
+                with suppress(ProcessLookupError, PermissionError):
+                    kill(pid, SIGKILL)
+        for pidfd, pid in self.children.items():
+            with suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            os.close(pidfd)
+
+
+class Spare:
+    """The child forked ahead: its pid, the zygote's pidfd of it, and the socket it waits on."""
+
+    __slots__ = ("pid", "pidfd", "sock")
+
+    def __init__(self, pid: int, pidfd: int, sock: _socket.socket) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.sock = sock
+
+
+def wait_as_spare(sock: _socket.socket) -> Child | int:
+    """In the spare: the fork request the zygote hands over (then it is that worker), or
+    0 when the zygote closes the socket (it is stopping, or has died)."""
+    try:
+        data, fds = receive(sock, MAX_MESSAGE, FORK_FDS)
+    except OSError:
+        data, fds = b"", []
+    sock.close()
+    if not data or len(fds) != FORK_FDS:
         for fd in fds:
             os.close(fd)
-        send(ctl, {"fork_failed": wid, "message": f"fork failed: {exc}"})
-        return None
-    if pid == 0:
-        # The child: none of the zygote's own descriptors (the control socket, the pidfds
-        # of the other workers) stays open.
-        ctl.close()
-        for pidfd in children:
-            os.close(pidfd)
-        return Child(req, fds)
-    for fd in fds:
-        os.close(fd)
-    pidfd = os.pidfd_open(pid)
-    children[pidfd] = pid
-    poller.register(pidfd, select.POLLIN)
-    send(ctl, {"forked": wid, "pid": pid}, [pidfd])
-    return None
-
-
-def reap(ctl: _socket.socket, poller: select.poll, children: dict[int, int], pidfd: int) -> None:
-    """A child exited: kill what is left in its process group (while its pid cannot be
-    reused), collect its status and tell the pool."""
-    pid = children.pop(pidfd)
-    poller.unregister(pidfd)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, SIGKILL)
-    try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:
-        status = -1
-    os.close(pidfd)
-    with contextlib.suppress(OSError):
-        send(ctl, {"exited": pid, "status": status})
-
-
-def stop(children: dict[int, int]) -> None:
-    """The pool has gone: kill and reap every child."""
-    for pid in children.values():
-        for kill in (os.killpg, os.kill):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                kill(pid, SIGKILL)
-    for pidfd, pid in children.items():
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        os.close(pidfd)
+        return 0
+    return Child(_native.decode(data), fds)
 
 
 if __name__ == "__main__":
