@@ -304,7 +304,7 @@ async def test_process_names() -> None:
         if start_mode() == "exec":
             assert argv[-3:-1] in ([b"pricing", b"w0"], [b"pricing", b"w1"])
         else:  # a fork keeps its zygote's command line (`ps -f`); its name is its own
-            assert argv[-3:-1] == [b"kameo._zygote", b"pricing"]
+            assert argv[-2] == b"pricing" and b"kameo._zygote" in argv[-3]
         # the handler sees a plain sys.argv
         assert await pool.call("sys:argv.__len__") == 1
     async with kameo.Pool(f"{BASIC}:cmd", size=1, name="api") as pool:

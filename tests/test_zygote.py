@@ -176,3 +176,54 @@ async def test_start_and_preload_are_checked():
         kameo.Pool(CRASHY, start="fork")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="preload must be a list"):
         kameo.Pool(CRASHY, preload="handlers.basic")
+
+
+def children_of(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+async def spare_of(pool: kameo.Pool, zygote: int, not_: set[int] = frozenset()) -> int:
+    """The zygote's spare: its one child that is not a worker (once it has made it)."""
+    workers = {w.pid for w in pool.workers}
+
+    def spares() -> set[int]:
+        return children_of(zygote) - workers - not_
+
+    assert await async_wait_until(lambda: len(spares()) == 1, 10), (children_of(zygote), workers)
+    (spare,) = spares()
+    return spare
+
+
+async def test_a_replacement_is_the_spare_the_zygote_forked_ahead():
+    async with kameo.Pool(PRELOADED, size=2, start="zygote") as pool:
+        zygote = zygote_pid(pool)
+        spare = await spare_of(pool, zygote)
+        with open(f"/proc/{spare}/comm") as f:
+            assert f.read().strip() == "handlers zygote"  # not a worker yet
+        victim = pool.workers[0].pid
+        os.kill(victim, signal.SIGKILL)
+        assert await async_wait_until(
+            lambda: spare in {w.pid for w in pool.workers if w.state == "ready"}, 10
+        ), pool.workers
+        infos = await info_of_each(pool)
+        assert infos[spare]["ppid"] == zygote and infos[spare]["pgid"] == spare
+        assert infos[spare]["imported_by"] == zygote
+        # its own descriptors only, as a worker forked on request
+        links = infos[spare]["fds"].values()
+        assert len([link for link in links if link.startswith("socket:")]) == 1, links
+        # and the zygote forks the next spare
+        assert await spare_of(pool, zygote, {spare, victim}) not in {spare, victim}
+
+
+async def test_a_spare_that_dies_is_made_again_and_no_call_notices():
+    async with kameo.Pool(PRELOADED, size=2, start="zygote") as pool:
+        zygote = zygote_pid(pool)
+        before = [(w.id, w.pid) for w in pool.workers]
+        spare = await spare_of(pool, zygote)
+        os.kill(spare, signal.SIGKILL)
+        again = await spare_of(pool, zygote, {spare})
+        assert again != spare and not pid_alive(spare)  # reaped by the zygote
+        assert [(w.id, w.pid) for w in pool.workers] == before
+        assert all(w.restarts == 0 for w in pool.workers)
+        assert (await pool.ask("x"))["ppid"] == zygote

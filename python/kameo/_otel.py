@@ -28,14 +28,14 @@ after its init hook ran (the place to set up its own provider and exporter).
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import weakref
 
 from kameo import _error_info
+from kameo._lean import suppress
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import weakref
     from typing import Any
 
     from kameo.pool import Pool
@@ -139,6 +139,8 @@ class _Metrics:
         self.duration = meter.create_histogram(
             "kameo.call.duration", unit="s", description="from the call to its answer"
         )
+        import weakref  # parent side (a worker imports this module without it)
+
         self.pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
         def telemetry() -> list[PoolTelemetry]:
@@ -387,7 +389,7 @@ class WorkerTelemetry:
         if entry is None:
             return
         span, token = entry
-        with contextlib.suppress(Exception):  # the span ends even if the context moved
+        with suppress(Exception):  # the span ends even if the context moved
             _api().context.detach(token)
         span.end()
 

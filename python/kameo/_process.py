@@ -12,7 +12,22 @@ import time
 from collections import deque
 from typing import Any
 
-__all__ = ["STDERR_TAIL_LINES", "ForkedProcess", "StderrPipe", "WorkerProcess", "exit_text"]
+__all__ = [
+    "STDERR_TAIL_LINES",
+    "WORKER_CODE",
+    "ZYGOTE_CODE",
+    "ForkedProcess",
+    "StderrPipe",
+    "WorkerProcess",
+    "exit_text",
+]
+
+#: How a pool runs a worker (``python -c WORKER_CODE <pool> w<id>``) and its zygote
+#: (``python -c ZYGOTE_CODE <pool>``). Not ``-m kameo._worker``: runpy imports importlib.util
+#: and with it contextlib, collections and functools, ~3 ms of every start (``-m`` still works,
+#: and the Rust host uses it).
+WORKER_CODE = "import kameo._worker as w; w.run()"
+ZYGOTE_CODE = "import kameo._zygote as z; z.run()"
 
 STDERR_TAIL_LINES = 20
 worker_log = logging.getLogger("kameo.worker")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kameo import _native
-from kameo._process import ForkedProcess, WorkerProcess, exit_text
+from kameo._process import WORKER_CODE, ForkedProcess, WorkerProcess, exit_text
 from kameo._zygote_client import FORK_TIMEOUT, Zygote, ZygoteError
 from kameo.errors import PoolClosed, WorkerCrashed, WorkerStartupError
 from kameo.events import Emitter, WorkerExited, WorkerStarted
@@ -244,7 +244,7 @@ class Supervisor:
         env["KAMEO_PARENT_PID"] = str(os.getpid())
         # The pool's name and the worker's id after the module: `ps -f` shows them (the worker
         # takes them out of its sys.argv, and names its process after them).
-        argv = [opts.python, *opts.python_flags, "-m", "kameo._worker", opts.name, f"w{worker_id}"]
+        argv = [opts.python, *opts.python_flags, "-c", WORKER_CODE, opts.name, f"w{worker_id}"]
         try:
             pid, sock_fd, stderr_fd, progress_fd = _native.spawn_worker(
                 argv, list(env.items()), opts.cwd, opts.secret

@@ -245,6 +245,13 @@ def start_heartbeat_thread(chan: Any, interval: float) -> None:
     start_thread(beat)
 
 
+def run() -> None:
+    """A worker's entry point (``_process.WORKER_CODE``; ``-m kameo._worker`` works too)."""
+    if sys.path and sys.path[0] == "":
+        sys.path[0] = os.getcwd()  # what ``-m`` would have put first
+    sys.exit(main())
+
+
 def _is_awaitable(value: object) -> bool:
     """``inspect.isawaitable`` (inspect imported only for an init hook that returned a value)."""
     import inspect

@@ -28,6 +28,7 @@ its children and exits.
 from __future__ import annotations
 
 import _socket
+import _thread
 import importlib
 import os
 import select
@@ -89,11 +90,10 @@ def env_list(name: str) -> list[str]:
 def other_threads() -> list[str]:
     """Names of this process's threads other than the calling one (from /proc: threads a C
     library started count as much as Python's)."""
-    import threading  # kameo._worker has imported it
-
-    me = str(threading.get_native_id())
+    me = str(_thread.get_native_id())
+    threading = sys.modules.get("threading")  # not imported: no Python thread has a name
+    python_names = {t.native_id: t.name for t in threading.enumerate()} if threading else {}
     names = []
-    python_names = {t.native_id: t.name for t in threading.enumerate()}
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
@@ -395,8 +395,14 @@ def wait_as_spare(sock: _socket.socket) -> Child | int:
     return Child(_native.decode(data), fds)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The zygote's entry point (``_process.ZYGOTE_CODE``), and each forked worker's way out
+    of it."""
+    if sys.path and sys.path[0] == "":
+        sys.path[0] = os.getcwd()  # what ``-m`` would have put first
     outcome = main()
-    if isinstance(outcome, Child):
-        sys.exit(outcome.run())
-    sys.exit(outcome)
+    sys.exit(outcome.run() if isinstance(outcome, Child) else outcome)
+
+
+if __name__ == "__main__":
+    run()

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from kameo import _native
-from kameo._process import ForkedProcess, StderrPipe, exit_text
+from kameo._process import ZYGOTE_CODE, ForkedProcess, StderrPipe, exit_text
 from kameo.errors import WorkerStartupError
 
 __all__ = ["BLAS_THREAD_VARS", "Zygote", "ZygoteError"]
@@ -126,7 +126,7 @@ class Zygote:
         env["KAMEO_PRELOAD"] = env_value(self.preload)
         env["KAMEO_SYS_PATH"] = env_value(self.sys_path)
         env["KAMEO_PARENT_PID"] = str(os.getpid())
-        argv = [*self.python, "-m", "kameo._zygote", self.pool]
+        argv = [*self.python, "-c", ZYGOTE_CODE, self.pool]
         try:
             pid, sock_fd, stderr_fd, progress_fd = _native.spawn_worker(
                 argv, list(env.items()), self.cwd, None

@@ -789,7 +789,7 @@ def _packaging() -> Callable[[str], Any]:
 
 
 class Launch:
-    """How a pool starts its workers: ``[python, *flags, "-m", "kameo._worker"]`` with the
+    """How a pool starts its workers: ``[python, *flags, "-c", WORKER_CODE]`` with the
     parent's environment less ``unset``, plus ``env``; ``sys_path`` goes in WELCOME (the
     worker puts it first on its ``sys.path``). A plain class: no dataclass to build at
     ``import kameo``."""
